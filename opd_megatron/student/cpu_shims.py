@@ -1,0 +1,268 @@
+"""Everything megatron-core 0.16.1 needs to train on a machine without CUDA, in one place.
+
+megatron-core is written for GPUs: a handful of calls hard-code `device="cuda"`, the CUDA RNG tracker or CUDA
+synchronisation. Each shim below redirects exactly one such call to the CPU, says why, and carries a `probe` that
+shows the failure it fixes. `tests/student/test_cpu_shims.py` runs every probe in a fresh process with that shim
+left out: if a newer megatron-core no longer fails there the test fails (drop the shim), and the model, optimizer
+and checkpoint tests fail if a new CUDA call appears (add one). Measurements: ../shared/docs/megatron-on-cpu.md.
+
+`apply_cpu_shims()` does nothing when CUDA is available: GPU runs use megatron-core unmodified.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import types
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+
+@dataclass(frozen=True)
+class Shim:
+    name: str
+    why: str
+    apply: Callable[[], None]
+    probe: Callable[[], None]   # exercises the megatron call the shim fixes; raises if it fails
+
+
+_CPU = torch.device("cpu")
+_FACTORIES = ("tensor", "zeros", "ones", "empty", "full", "arange", "zeros_like", "ones_like", "empty_like")
+
+
+def _to_cpu(device):
+    if device is None:
+        return None
+    if isinstance(device, int) or (isinstance(device, str) and device.startswith("cuda")) or (
+            isinstance(device, torch.device) and device.type == "cuda"):
+        return _CPU
+    return device
+
+
+class _CudaNamespaceOnCpu(types.SimpleNamespace):
+    """Stands in for `torch.cuda` inside one megatron module: synchronisation is a no-op on the CPU."""
+
+    def __getattr__(self, name):
+        return getattr(torch.cuda, name)
+
+    @staticmethod
+    def synchronize(*args, **kwargs):
+        return None
+
+    @staticmethod
+    def current_device():
+        return _CPU
+
+
+class _TorchWithCpuFactories(types.ModuleType):
+    """Stands in for `torch` inside one megatron module: tensor factories asked for `device="cuda"` build on the
+    CPU, and `torch.cuda` is `_CudaNamespaceOnCpu`. Everything else is the real torch."""
+
+    def __init__(self):
+        super().__init__("torch")
+        self.cuda = _CudaNamespaceOnCpu()
+        for name in _FACTORIES:
+            setattr(self, name, self._redirect(getattr(torch, name)))
+
+    @staticmethod
+    def _redirect(factory):
+        @functools.wraps(factory)
+        def build(*args, **kwargs):
+            if "device" in kwargs:
+                kwargs["device"] = _to_cpu(kwargs["device"])
+            return factory(*args, **kwargs)
+        return build
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+
+def _redirect_module_to_cpu(module_name: str) -> None:
+    module = importlib.import_module(module_name)
+    if not isinstance(module.torch, _TorchWithCpuFactories):
+        module.torch = _TorchWithCpuFactories()
+
+
+# -- 1. torch.cuda.current_device -------------------------------------------------------------------------------
+def _apply_current_device():
+    # GlobalMemoryBuffer.get_tensor (dot-product attention), DDP's grad buffers and p2p shape exchange pass
+    # `device=torch.cuda.current_device()`; on a CUDA-less torch that raises. "cpu" makes them allocate on the CPU.
+    torch.cuda.current_device = lambda: _CPU
+
+
+def _probe_current_device():
+    from megatron.core.utils import GlobalMemoryBuffer
+    GlobalMemoryBuffer().get_tensor((2, 2), torch.float32, "probe")
+
+
+# -- 2. the model-parallel RNG tracker ----------------------------------------------------------------------------
+class CpuRNGStatesTracker:
+    """megatron's CudaRNGStatesTracker over the CPU generator: named RNG streams (one per TP rank for dropout in
+    tensor-parallel regions) that `fork()` swaps in and out, as the CUDA tracker does with CUDA generators."""
+
+    def __init__(self, *args, **kwargs):
+        self.reset()
+
+    def reset(self):
+        self.states_: dict[str, torch.Tensor] = {}
+        self.seeds_: set[int] = set()
+        self._is_initialized = False
+
+    def is_initialized(self):
+        return self._is_initialized
+
+    def get_states(self):
+        return dict(self.states_)
+
+    def set_states(self, states):
+        self._is_initialized = True
+        self.states_ = dict(states)
+
+    def add(self, name, seed):
+        if seed in self.seeds_:
+            raise RuntimeError(f"seed {seed} already exists")
+        if name in self.states_:
+            raise RuntimeError(f"rng state {name} already exists")
+        self._is_initialized = True
+        self.seeds_.add(seed)
+        self.states_[name] = torch.Generator().manual_seed(seed).get_state()
+
+    @contextlib.contextmanager
+    def fork(self, name="model-parallel-rng"):
+        if name not in self.states_:
+            raise RuntimeError(f"rng state {name} is not added")
+        outer = torch.get_rng_state()
+        torch.set_rng_state(self.states_[name])
+        try:
+            yield
+        finally:
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(outer)
+
+
+def _apply_rng_tracker():
+    # model_parallel_cuda_manual_seed seeds CUDA generators and the stock tracker's fork() swaps CUDA RNG states:
+    # neither exists without CUDA. Install a tracker over the CPU generator and mark it initialised so that
+    # megatron's initialize_rng_tracker() keeps it.
+    from megatron.core.tensor_parallel import random as mrandom
+    mrandom.CudaRNGStatesTracker = CpuRNGStatesTracker
+    if not isinstance(mrandom._CUDA_RNG_STATE_TRACKER, CpuRNGStatesTracker):
+        mrandom._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
+    mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+
+
+def _probe_rng_tracker():
+    from megatron.core.tensor_parallel import random as mrandom
+    mrandom.initialize_rng_tracker(force_reset=True)
+    mrandom.get_cuda_rng_tracker().add("probe-rng", 1234)
+    with mrandom.get_cuda_rng_tracker().fork("probe-rng"):
+        torch.rand(1)
+
+
+def seed_model_parallel_rng(seed: int, tp_rank: int, ep_rank: int = 0, etp_rank: int = 0) -> None:
+    """CPU twin of megatron's `model_parallel_cuda_manual_seed`, with the same seed offsets (2718 + tp_rank for
+    the tensor-parallel stream) so dropout streams line up with what megatron does on the GPU."""
+    from megatron.core.tensor_parallel import random as mrandom
+    tracker = mrandom.get_cuda_rng_tracker()
+    tracker.reset()
+    tracker.add(mrandom._DATA_PARALLEL_RNG_TRACKER_NAME, seed)
+    tracker.add(mrandom._MODEL_PARALLEL_RNG_TRACKER_NAME, seed + 2718 + tp_rank)
+    tracker.add(mrandom._EXPERT_PARALLEL_RNG_TRACKER_NAME, seed + 1024 + 100 * ep_rank + etp_rank)
+
+
+# -- 3. the default causal mask -----------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=8)
+def _causal_mask_cpu(sq: int) -> torch.Tensor:
+    return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
+
+
+def _apply_causal_mask():
+    # FusedScaleMaskSoftmax builds the causal mask with torch.ones(sq, sq, device="cuda") when the model is called
+    # with attention_mask=None (the causal case); fused_softmax imported the function by name, so patch it there.
+    from megatron.core.fusions import fused_softmax
+    fused_softmax.get_default_causal_mask = _causal_mask_cpu
+
+
+def _probe_causal_mask():
+    from megatron.core.fusions import fused_softmax
+    fused_softmax.get_default_causal_mask(4)
+
+
+# -- 4. device="cuda" tensor factories in the schedules, p2p, optimizer and grad-norm code ------------------------
+_CUDA_FACTORY_MODULES = (
+    "megatron.core.pipeline_parallel.schedules",       # total_num_tokens = torch.zeros([], device="cuda")
+    "megatron.core.pipeline_parallel.p2p_communication",  # torch.cuda.synchronize() after batched p2p
+    "megatron.core.optimizer.optimizer",               # found_inf / _scale_one buffers on "cuda"
+    "megatron.core.optimizer.clip_grads",              # grad-norm all-reduce buffers on "cuda"
+    "megatron.core.utils",                             # local_multi_tensor_l2_norm returns a "cuda" tensor
+    "megatron.core.distributed.param_and_grad_buffer",  # a warm-up tensor on "cuda"
+)
+
+
+def _apply_cuda_factories():
+    # Only inside these modules: a module-local `torch` whose factories map device="cuda" to the CPU.
+    for name in _CUDA_FACTORY_MODULES:
+        _redirect_module_to_cpu(name)
+
+
+def _probe_cuda_factories():
+    from megatron.core.optimizer import clip_grads
+    clip_grads.torch.zeros(1, dtype=torch.int, device="cuda")
+
+
+# -- 5. clip_grad_by_total_norm_fp32 --------------------------------------------------------------------------------
+def _clip_grad_by_total_norm_fp32_cpu(parameters, max_norm, total_norm, use_decoupled_grad=False):
+    """megatron's clip_grad_by_total_norm_fp32 without its `grad.type() == 'torch.cuda.FloatTensor'` assert:
+    the same scale (max_norm / (total_norm + 1e-6), applied only when < 1) with torch._foreach_mul_."""
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    attr = "decoupled_grad" if use_decoupled_grad else "grad"
+    grads = [getattr(p, attr).detach() for p in parameters if getattr(p, attr, None) is not None]
+    clip_coeff = max_norm / (total_norm + 1.0e-6)
+    if clip_coeff < 1.0 and grads:
+        torch._foreach_mul_(grads, clip_coeff)
+
+
+def _apply_clip_grad():
+    # The non-distributed optimizer's clip_grad_norm calls this; it asserts CUDA float grads. Both the module
+    # and the optimizer module (which imported it by name) get the CPU version.
+    from megatron.core.optimizer import clip_grads, optimizer
+    clip_grads.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32_cpu
+    optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32_cpu
+
+
+def _probe_clip_grad():
+    from megatron.core.optimizer import optimizer
+    p = torch.nn.Parameter(torch.ones(2))
+    p.grad = torch.ones(2)
+    optimizer.clip_grad_by_total_norm_fp32([p], 1.0, 10.0)
+
+
+SHIMS: tuple[Shim, ...] = (
+    Shim("current_device", "torch.cuda.current_device() raises without CUDA", _apply_current_device,
+         _probe_current_device),
+    Shim("rng_tracker", "the model-parallel RNG tracker forks CUDA generators", _apply_rng_tracker,
+         _probe_rng_tracker),
+    Shim("causal_mask", "the default causal mask is built on device='cuda'", _apply_causal_mask,
+         _probe_causal_mask),
+    Shim("cuda_factories", "schedules/p2p/optimizer/grad-norm build tensors on device='cuda'", _apply_cuda_factories,
+         _probe_cuda_factories),
+    Shim("clip_grad", "clip_grad_by_total_norm_fp32 asserts torch.cuda.FloatTensor grads", _apply_clip_grad,
+         _probe_clip_grad),
+)
+
+_applied: set[str] = set()
+
+
+def apply_cpu_shims(skip: tuple[str, ...] = ()) -> list[str]:
+    """Apply every shim (except `skip`, used by the tests) when CUDA is absent. Returns the names applied."""
+    if torch.cuda.is_available():
+        return []
+    for shim in SHIMS:
+        if shim.name not in skip and shim.name not in _applied:
+            shim.apply()
+            _applied.add(shim.name)
+    return sorted(_applied)

@@ -1,0 +1,116 @@
+"""The student: a megatron-core GPTModel built from the model and parallel sections of the run config.
+
+Layer spec: TransformerEngine's when TE imports and a GPU is present, megatron-core's local spec otherwise.
+Weights are initialised on the CPU from the full (unsplit) tensor on the CPU path (`use_cpu_initialization`), so
+the same seed gives the same model at every TP/PP layout; GPU runs initialise on the device (megatron's default).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer import TransformerConfig
+
+from opd_megatron.config import ModelSection, ParallelSection
+
+VOCAB_PAD_MULTIPLE = 128  # padded vocab is a multiple of lcm(128, tp): identical at every tp <= 128 that divides it
+
+
+def padded_vocab_size(vocab_size: int, tp: int) -> int:
+    """Round the tokenizer's vocabulary up so every TP rank holds an equal shard. The pad multiple does not depend
+    on tp for tp in {1, 2, 4, ..., 128}, so checkpoints reshard between layouts without changing the embedding."""
+    multiple = math.lcm(VOCAB_PAD_MULTIPLE, tp)
+    return ((vocab_size + multiple - 1) // multiple) * multiple
+
+
+def transformer_engine_available() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def build_transformer_config(model: ModelSection, parallel: ParallelSection, on_gpu: bool) -> TransformerConfig:
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[model.dtype]
+    return TransformerConfig(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        ffn_hidden_size=model.ffn_hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.query_groups,
+        kv_channels=model.head_dim,
+        normalization=model.normalization,
+        layernorm_epsilon=model.norm_epsilon,
+        gated_linear_unit=model.activation == "swiglu",
+        activation_func=F.silu if model.activation == "swiglu" else F.gelu,
+        add_bias_linear=model.add_bias_linear,
+        qk_layernorm=model.qk_layernorm,
+        init_method_std=model.init_method_std,
+        hidden_dropout=model.hidden_dropout,
+        attention_dropout=model.attention_dropout,
+        tensor_model_parallel_size=parallel.tp,
+        pipeline_model_parallel_size=parallel.pp,
+        sequence_parallel=parallel.sequence_parallel,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=model.dtype == "bf16",
+        fp16=model.dtype == "fp16",
+        # The loss function returns (sum of token losses, number of tokens); megatron's schedule and
+        # finalize_model_grads divide by the global token count, so the update is a per-token mean over the
+        # whole global batch whatever the micro-batching and data parallelism.
+        calculate_per_token_loss=True,
+        use_cpu_initialization=not on_gpu,
+        # Fused CUDA kernels exist only on the GPU path.
+        bias_activation_fusion=on_gpu and model.add_bias_linear,
+        bias_dropout_fusion=on_gpu,
+        masked_softmax_fusion=on_gpu,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+    )
+
+
+def layer_spec(model: ModelSection, use_te: bool):
+    if use_te:
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=model.qk_layernorm)
+    return get_gpt_layer_local_spec(qk_layernorm=model.qk_layernorm, normalization=model.normalization)
+
+
+@dataclass(frozen=True)
+class StudentModel:
+    """The local pipeline stage of the student, and what a caller needs to use it."""
+    module: GPTModel
+    config: TransformerConfig
+    vocab_size: int          # the tokenizer's true size: ids >= this are padding and carry no mass
+    padded_vocab_size: int
+
+
+def build_student(model: ModelSection, parallel: ParallelSection, device: torch.device) -> StudentModel:
+    """Build this rank's pipeline stage. Needs megatron's model-parallel state initialised."""
+    on_gpu = device.type == "cuda"
+    config = build_transformer_config(model, parallel, on_gpu)
+    padded = padded_vocab_size(model.vocab_size, parallel.tp)
+    module = GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(model, transformer_engine_available() and on_gpu),
+        vocab_size=padded,
+        max_sequence_length=model.max_position_embeddings,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        share_embeddings_and_output_weights=model.tie_embeddings,
+        position_embedding_type=model.position_embedding,
+        rotary_base=model.rotary_base,
+        parallel_output=True,  # logits stay vocab-sharded [B, S, V/tp]
+    )
+    module.to(device)
+    return StudentModel(module=module, config=config, vocab_size=model.vocab_size, padded_vocab_size=padded)
