@@ -199,6 +199,9 @@ _CUDA_FACTORY_MODULES = (
     "megatron.core.optimizer.clip_grads",              # grad-norm all-reduce buffers on "cuda"
     "megatron.core.utils",                             # local_multi_tensor_l2_norm returns a "cuda" tensor
     "megatron.core.distributed.param_and_grad_buffer",  # a warm-up tensor on "cuda"
+    "megatron.core.dist_checkpointing.strategies.filesystem_async",  # torch.cuda.synchronize() before writing
+    "megatron.core.dist_checkpointing.strategies.async_utils",  # torch.cuda.synchronize() in the sync save path
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver",  # a "cuda" flag tensor when reusing plans
 )
 
 
@@ -211,6 +214,8 @@ def _apply_cuda_factories():
 def _probe_cuda_factories():
     from megatron.core.optimizer import clip_grads
     clip_grads.torch.zeros(1, dtype=torch.int, device="cuda")
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+    filesystem_async.torch.cuda.synchronize()
 
 
 # -- 5. clip_grad_by_total_norm_fp32 --------------------------------------------------------------------------------

@@ -1,0 +1,77 @@
+"""`opd-megatron` command line: train, dry-run, preprocess.
+
+    opd-megatron train --config configs/sft_tiny.yaml parallel.tp=2 optim.lr=1e-4
+    torchrun --nproc_per_node 2 -m opd_megatron train --config configs/sft_tiny.yaml parallel.tp=2
+    opd-megatron dry-run --config configs/llama3_8b.yaml --world-size 64 --gpu-memory-gb 80
+    opd-megatron preprocess --input corpus.jsonl --output-prefix data/corpus --tokenizer path/to/tokenizer
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from opd_megatron.config import ConfigError, load_config
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="opd-megatron", description="On-policy distillation on megatron-core")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train the student (run.algorithm: sft)")
+    train.add_argument("--config", help="YAML run config")
+    train.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. parallel.tp=2")
+
+    dry = sub.add_parser("dry-run", help="validate a config and print layout, parameters and memory per GPU")
+    dry.add_argument("--config", help="YAML run config")
+    dry.add_argument("--world-size", type=int, default=None, help="number of GPUs (default tp x pp)")
+    dry.add_argument("--gpu-memory-gb", type=float, default=80.0, help="memory of one GPU, for the fit check")
+    dry.add_argument("overrides", nargs="*")
+
+    pre = sub.add_parser("preprocess", help="tokenize a JSONL corpus into megatron's indexed .bin/.idx format")
+    pre.add_argument("--input", required=True, help="JSONL file")
+    pre.add_argument("--output-prefix", required=True, help="writes PREFIX.bin and PREFIX.idx")
+    pre.add_argument("--tokenizer", default="byte", help="'byte' or an HF tokenizer directory / tokenizer.json")
+    pre.add_argument("--text-key", default="text")
+    pre.add_argument("--prompt-key", default="prompt")
+    pre.add_argument("--response-key", default="response")
+    pre.add_argument("--apply-chat-template", action="store_true")
+    pre.add_argument("--skip-malformed", action="store_true", help="skip and count malformed lines")
+    pre.add_argument("--no-eod", action="store_true", help="do not append the end-of-document token")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=os.environ.get("OPD_LOG_LEVEL", "WARNING"),
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        if args.command == "train":
+            from opd_megatron.train import train
+            cfg = load_config(args.config, args.overrides)
+            result = train(cfg)
+            if int(os.environ.get("RANK", "0")) == 0:
+                print(f"[opd-megatron] done: steps {result.start_step}->{result.final_step}, "
+                      f"loss {result.losses[0] if result.losses else float('nan'):.4f} -> "
+                      f"{result.losses[-1] if result.losses else float('nan'):.4f}, {result.wall_s:.1f} s, "
+                      f"checkpoint {result.checkpoint}", flush=True)
+        elif args.command == "dry-run":
+            from opd_megatron.dry_run import run_dry_run
+            print(run_dry_run(args.config, args.overrides, args.world_size, args.gpu_memory_gb))
+        elif args.command == "preprocess":
+            from opd_megatron.data.indexed import preprocess_jsonl
+            from opd_megatron.data.tokenizer import load_tokenizer
+            stats = preprocess_jsonl(args.input, args.output_prefix, load_tokenizer(args.tokenizer),
+                                     text_key=args.text_key, prompt_key=args.prompt_key,
+                                     response_key=args.response_key, append_eod=not args.no_eod,
+                                     apply_chat_template=args.apply_chat_template,
+                                     skip_malformed=args.skip_malformed)
+            print(f"[opd-megatron] wrote {stats['documents']} documents, {stats['tokens']} tokens "
+                  f"({stats['dtype']}) to {stats['bin_path']} / {stats['idx_path']}; skipped {stats['skipped']}")
+    except (ConfigError, ValueError, FileNotFoundError) as exc:
+        # Bad input: one clear line, no traceback. Anything else is a bug and keeps its traceback.
+        print(f"opd-megatron {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0

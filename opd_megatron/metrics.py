@@ -1,0 +1,65 @@
+"""Run outputs on the logging rank: a progress bar (tqdm), `metrics.jsonl` (one JSON object per logged step) and
+TensorBoard scalars (torch.utils.tensorboard), all under the run directory."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from tqdm import tqdm
+
+
+class MetricsWriter:
+    def __init__(self, run_dir: Path, total_steps: int, start_step: int, enabled: bool, tensorboard: bool,
+                 progress_bar: bool):
+        self.enabled = enabled
+        self._jsonl = None
+        self._tb = None
+        self._bar: Optional[tqdm] = None
+        if not enabled:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        # Appending keeps the steps of an interrupted run; a resumed run continues the same file.
+        self._jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+        if progress_bar:
+            self._bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+        self._started = time.perf_counter()
+
+    def log(self, step: int, scalars: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        record: dict[str, Any] = {"step": step, "time": round(time.time(), 3)}
+        record.update({k: (v if math.isfinite(v) else str(v)) for k, v in scalars.items()})
+        self._jsonl.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            for key, value in scalars.items():
+                self._tb.add_scalar(key, value, step)
+        if self._bar is not None:
+            self._bar.set_postfix(loss=f"{scalars.get('loss', float('nan')):.4f}",
+                                  tok_s=f"{scalars.get('tokens_per_s', 0.0):.0f}", refresh=False)
+
+    def advance(self, n: int = 1) -> None:
+        if self._bar is not None:
+            self._bar.update(n)
+
+    def message(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._jsonl is not None:
+            self._jsonl.close()
