@@ -84,8 +84,9 @@ class HFTokenizer:
         self.eos_id: int = int(eos_id)
         self.bos_id: Optional[int] = None if bos_id is None else int(bos_id)
         self.pad_id: int = self.eos_id if pad_id is None else int(pad_id)
-        # len() counts added tokens too (the tokenizer's own `vocab_size` does not); ids are 0..len-1.
-        self.vocab_size: int = len(hf_tokenizer)
+        # len() counts added tokens too (the tokenizer's own `vocab_size` does not); the max() covers a file
+        # whose added-token ids leave a gap above the base vocabulary.
+        self.vocab_size: int = max(len(hf_tokenizer), max(hf_tokenizer.added_tokens_decoder, default=-1) + 1)
 
     def encode(self, text: str) -> list[int]:
         return list(self.hf.encode(text, add_special_tokens=False))
