@@ -88,14 +88,16 @@ def _redirect_module_to_cpu(module_name: str) -> None:
 
 # -- 1. torch.cuda.current_device -------------------------------------------------------------------------------
 def _apply_current_device():
-    # GlobalMemoryBuffer.get_tensor (dot-product attention), DDP's grad buffers and p2p shape exchange pass
-    # `device=torch.cuda.current_device()`; on a CUDA-less torch that raises. "cpu" makes them allocate on the CPU.
+    # RotaryEmbedding (inv_freq and the position table), GlobalMemoryBuffer.get_tensor (dot-product attention)
+    # and DDP's grad buffers pass `device=torch.cuda.current_device()`; on a CUDA-less torch that raises.
+    # Returning the CPU device makes them allocate on the CPU. This one is global: the calls are spread over
+    # many modules (a module-local redirect is used below where a module also needs other CUDA calls).
     torch.cuda.current_device = lambda: _CPU
 
 
 def _probe_current_device():
-    from megatron.core.utils import GlobalMemoryBuffer
-    GlobalMemoryBuffer().get_tensor((2, 2), torch.float32, "probe")
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+    RotaryEmbedding(kv_channels=8, rotary_percent=1.0)(4)
 
 
 # -- 2. the model-parallel RNG tracker ----------------------------------------------------------------------------
@@ -246,6 +248,45 @@ def _probe_clip_grad():
     optimizer.clip_grad_by_total_norm_fp32([p], 1.0, 10.0)
 
 
+# -- 6. the tied embedding copy on the last pipeline stage -----------------------------------------------------
+@contextlib.contextmanager
+def _tensor_cuda_is_identity():
+    original = torch.Tensor.cuda
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+    try:
+        yield
+    finally:
+        torch.Tensor.cuda = original
+
+
+def _apply_tied_embedding_copy():
+    # With tied embeddings and pp > 1, LanguageModule.setup_embeddings_and_output_layer moves the last stage's copy
+    # of the embedding to CUDA (`weight.data = weight.data.cuda()`) before all-reducing it with the first stage.
+    # Run that method with Tensor.cuda as the identity (only for the duration of the call).
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+    original = LanguageModule.setup_embeddings_and_output_layer
+    if getattr(original, "_opd_cpu_shim", False):
+        return
+
+    @functools.wraps(original)
+    def setup_embeddings_and_output_layer(self, *args, **kwargs):
+        with _tensor_cuda_is_identity():
+            return original(self, *args, **kwargs)
+
+    setup_embeddings_and_output_layer._opd_cpu_shim = True
+    LanguageModule.setup_embeddings_and_output_layer = setup_embeddings_and_output_layer
+
+
+def _probe_tied_embedding_copy():
+    # Reaching the call needs two pipeline stages; the PP=2 tied-embedding parity test runs it for real.
+    # Here: does the method megatron would run still call Tensor.cuda?
+    import inspect
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+    method = LanguageModule.setup_embeddings_and_output_layer
+    if not getattr(method, "_opd_cpu_shim", False) and ".cuda()" in inspect.getsource(method):
+        raise RuntimeError("LanguageModule.setup_embeddings_and_output_layer calls Tensor.cuda() (no CUDA here)")
+
+
 SHIMS: tuple[Shim, ...] = (
     Shim("current_device", "torch.cuda.current_device() raises without CUDA", _apply_current_device,
          _probe_current_device),
@@ -257,6 +298,8 @@ SHIMS: tuple[Shim, ...] = (
          _probe_cuda_factories),
     Shim("clip_grad", "clip_grad_by_total_norm_fp32 asserts torch.cuda.FloatTensor grads", _apply_clip_grad,
          _probe_clip_grad),
+    Shim("tied_embedding_copy", "the last stage's tied embedding copy is moved with Tensor.cuda()",
+         _apply_tied_embedding_copy, _probe_tied_embedding_copy),
 )
 
 _applied: set[str] = set()

@@ -7,6 +7,7 @@ the same seed gives the same model at every TP/PP layout; GPU runs initialise on
 
 from __future__ import annotations
 
+import importlib
 import math
 from dataclasses import dataclass
 
@@ -33,7 +34,7 @@ def transformer_engine_available() -> bool:
     if not torch.cuda.is_available():
         return False
     try:
-        import transformer_engine  # noqa: F401
+        importlib.import_module("transformer_engine.pytorch")
     except ImportError:
         return False
     return True

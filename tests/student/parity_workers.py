@@ -68,16 +68,18 @@ def _gather_vocab(logits: torch.Tensor) -> torch.Tensor:
 
 
 def train_layout(tp: int, pp: int, init: Optional[str], save_to: Optional[str], steps: int,
-                 extra: tuple[str, ...] = ()) -> dict:
+                 extra: tuple[str, ...] = (), load_optimizer: bool = False, first_step: int = 0) -> dict:
+    """Train `steps` steps on the batches of steps first_step.. and report losses and eval logits.
+    `init`: a checkpoint to start from: weights only (an initial model), or with optimizer and schedule (a resume)."""
     cfg = tiny_config(tp, pp, extra)
     ctx = init_parallel(cfg)
     trainable = wrap_for_training(build_student(cfg.model, cfg.parallel, ctx.device), cfg.optim, cfg.model, 10)
     if init is not None:
-        # The initial checkpoint holds weights only: a fresh optimizer has no state yet.
-        load_checkpoint(resolve_checkpoint(init), trainable, ctx, load_optimizer=False)
+        # An initial checkpoint holds weights only: a fresh optimizer has no state yet.
+        load_checkpoint(resolve_checkpoint(init), trainable, ctx, load_optimizer=load_optimizer)
     mbs = cfg.parallel.micro_batch_size
     losses = []
-    for step in range(steps):
+    for step in range(first_step, first_step + steps):
         zero_grads(trainable)
         loss_sum, tokens = forward_backward(trainable.ddp, _micro_batches(global_batch(step), ctx, mbs),
                                             _loss_fn(), SEQ, mbs)
@@ -93,7 +95,7 @@ def train_layout(tp: int, pp: int, init: Optional[str], save_to: Optional[str], 
         if ctx.tp_rank == 0 and ctx.dp_rank == 0:
             logits = full
     if save_to is not None:
-        save_checkpoint(save_to, steps, trainable, ctx, {}, cfg.to_dict())
+        save_checkpoint(save_to, first_step + steps, trainable, ctx, {}, cfg.to_dict())
     return {"losses": losses, "logits": logits, "lr": trainable.optimizer.param_groups[0]["lr"]}
 
 

@@ -8,6 +8,8 @@ from tests.harness import run_distributed
 from tests.student import parity_workers as w
 
 LAYOUTS = {"tp1": (1, 1, 1), "tp2": (2, 1, 2), "pp2": (1, 2, 2), "tp2pp2": (2, 2, 4), "dp2": (1, 1, 2)}
+# Tied input/output embeddings: at PP=2 megatron keeps a copy on the last stage and all-reduces its gradient.
+TIED = ("model.tie_embeddings=true",)
 STEPS = 3
 
 
@@ -30,6 +32,12 @@ def parity_runs(tmp_path_factory):
     weights = run_distributed(w.full_weights, 1, args=([runs[n]["ckpt"] for n in LAYOUTS],), timeout_s=120)[0]
     for name, state in zip(LAYOUTS, weights):
         runs[name]["weights"] = state
+    tied_init = str(root / "tied_init")
+    run_distributed(w.train_layout, 1, args=(1, 1, None, tied_init, 0, TIED), timeout_s=120)
+    for name, (tp, pp, world) in {"tied_tp1": (1, 1, 1), "tied_pp2": (1, 2, 2)}.items():
+        results = run_distributed(w.train_layout, world, args=(tp, pp, tied_init, None, STEPS, TIED), timeout_s=240)
+        runs[name] = {"losses": results[0]["losses"],
+                      "logits": next(r["logits"] for r in results if r["logits"] is not None)}
     return runs
 
 
@@ -58,3 +66,11 @@ def test_logits_after_training_match_tp1(parity_runs, layout):
     got = parity_runs[layout]["logits"]
     assert got.shape == ref.shape == (2, w.SEQ, w.VOCAB)
     assert _rel(got, ref) <= 1e-5
+
+
+def test_tied_embeddings_pp2_matches_tp1(parity_runs):
+    ref, got = parity_runs["tied_tp1"], parity_runs["tied_pp2"]
+    for step, (a, b) in enumerate(zip(got["losses"], ref["losses"])):
+        assert abs(a - b) <= 1e-5 * abs(b), f"tied PP=2 step {step}: loss {a} vs TP=1 {b}"
+    assert ref["losses"] != parity_runs["tp1"]["losses"]  # tying changed the model
+    assert _rel(got["logits"], ref["logits"]) <= 1e-5
