@@ -409,5 +409,6 @@ def _require(ok: bool, key: str, expected: str, got: Any) -> None:
 
 
 def _did_you_mean(word: str, options, prefix: str = "") -> str:
-    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.5)
-    return f" (did you mean {prefix + close[0]!r}?)" if close else ""
+    by_lower = {str(option).lower(): str(option) for option in options}
+    close = difflib.get_close_matches(word.lower(), list(by_lower), n=1, cutoff=0.5)
+    return f" (did you mean {prefix + by_lower[close[0]]!r}?)" if close else ""

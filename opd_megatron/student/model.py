@@ -2,7 +2,10 @@
 
 Layer spec: TransformerEngine's when TE imports and a GPU is present, megatron-core's local spec otherwise.
 Weights are initialised on the CPU from the full (unsplit) tensor on the CPU path (`use_cpu_initialization`), so
-the same seed gives the same model at every TP/PP layout; GPU runs initialise on the device (megatron's default).
+the same seed gives the same model at every TP layout. Pipeline stages draw their layers from the same seed in
+parallel, so a PP>1 run started from scratch is a different (equally valid) model: to start several layouts from the
+same weights, initialise once and load the checkpoint (`checkpoint.load`), as the parity tests do. GPU runs
+initialise on the device (megatron's default).
 """
 
 from __future__ import annotations

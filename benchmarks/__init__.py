@@ -1,0 +1,1 @@
+"""Performance benchmarks (run as modules, e.g. `python -m benchmarks.student_step`); see benchmarks/README.md."""
