@@ -14,6 +14,7 @@ import os
 import sys
 
 from opd_megatron.config import ConfigError, load_config
+from opd_megatron.errors import NonFiniteLossError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -70,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
                                      skip_malformed=args.skip_malformed)
             print(f"[opd-megatron] wrote {stats['documents']} documents, {stats['tokens']} tokens "
                   f"({stats['dtype']}) to {stats['bin_path']} / {stats['idx_path']}; skipped {stats['skipped']}")
+    except NonFiniteLossError as exc:
+        print(f"opd-megatron {args.command}: error: {exc}", file=sys.stderr)
+        return 3
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         # Bad input: one clear line, no traceback. Anything else is a bug and keeps its traceback.
         print(f"opd-megatron {args.command}: error: {exc}", file=sys.stderr)

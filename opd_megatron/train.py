@@ -26,6 +26,7 @@ from opd_megatron.data import build_dataset
 from opd_megatron.data.jsonl import collate
 from opd_megatron.data.sampler import GlobalBatchSampler, split_for_rank
 from opd_megatron.data.tokenizer import check_vocab_fits, load_tokenizer
+from opd_megatron.errors import NonFiniteLossError
 from opd_megatron.metrics import MetricsWriter
 from opd_megatron.student.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
 from opd_megatron.student.distributed import destroy_parallel, init_parallel
@@ -35,10 +36,6 @@ from opd_megatron.student.optimizer import current_lr, optimizer_step, wrap_for_
 from opd_megatron.student.schedule import forward_backward
 
 log = logging.getLogger("opd_megatron.train")
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN/inf; the last checkpoint is kept and nothing is saved over it."""
 
 
 class StopRequest:

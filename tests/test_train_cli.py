@@ -123,3 +123,41 @@ def test_resume_after_a_crash_repeats_the_uninterrupted_losses_exactly(tmp_path)
     assert [m["step"] for m in after_resume] == list(range(start + 1, 25))
     for m in after_resume:
         assert m["loss"] == reference[m["step"]], f"step {m['step']}: {m['loss']} vs {reference[m['step']]}"
+
+
+def test_train_with_an_hf_tokenizer_and_its_chat_template(tmp_path, bpe_paths):
+    result = _run(_train_cmd(tmp_path, f"data.tokenizer={bpe_paths['dir']}", "data.apply_chat_template=true",
+                             "model.vocab_size=320", "data.seq_length=48", "run.train_steps=3"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [m["step"] for m in _metrics(tmp_path / "sft_tiny")] == [1, 2, 3]
+
+
+def test_tokenizer_larger_than_the_model_vocabulary_is_refused(tmp_path):
+    result = _run(_train_cmd(tmp_path, "model.vocab_size=200"))
+    assert result.returncode == 2
+    assert "tokenizer vocab_size 259 exceeds model.vocab_size 200" in result.stderr
+
+
+def test_preprocess_then_train_on_the_indexed_dataset(tmp_path):
+    prefix = tmp_path / "indexed" / "sort"
+    pre = _run([sys.executable, "-m", "opd_megatron", "preprocess", "--input", "configs/data/sort_digits.jsonl",
+                "--output-prefix", str(prefix), "--tokenizer", "byte"])
+    assert pre.returncode == 0, pre.stderr[-3000:]
+    assert "wrote 2000 documents" in pre.stdout
+    assert prefix.with_suffix(".bin").is_file() and prefix.with_suffix(".idx").is_file()
+    result = _run(_train_cmd(tmp_path, "data.format=indexed", f"data.path={prefix}", "run.train_steps=3"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(_metrics(tmp_path / "sft_tiny")) == 3
+
+
+def test_non_finite_loss_stops_without_saving_over_the_last_checkpoint(tmp_path):
+    # Adam moves every weight by ~lr per step: lr 1e25 overflows the logits within a few steps.
+    result = _run(_train_cmd(tmp_path, "optim.lr=1e25", "optim.clip_grad=0", "optim.warmup_steps=0",
+                             "optim.decay_style=constant", "run.train_steps=20", "checkpoint.save_interval=1",
+                             "checkpoint.keep_last=0"))
+    assert result.returncode == 3, result.stderr[-3000:]
+    assert "(non-finite); not saving over the last checkpoint" in result.stderr
+    run_dir = tmp_path / "sft_tiny"
+    bad_step = len(_metrics(run_dir)) + 1
+    assert 2 <= bad_step <= 20
+    assert (run_dir / "checkpoints" / "latest").read_text() == str(bad_step - 1)
