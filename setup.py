@@ -25,7 +25,7 @@ setup(
         "transformers>=4.45",
     ],
     extras_require={
-        "test": ["pytest>=8.0", "pytest-timeout>=2.3"],
+        "test": ["pytest>=8.0", "pytest-timeout>=2.3", "hypothesis>=6.100"],
         "gpu": ["transformer-engine[pytorch]>=2.0"],
         "sglang": ["httpx>=0.27", "aiohttp>=3.9"],
     },
