@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Iterable
 
 import torch
@@ -48,3 +49,43 @@ def require_positive_int(name: str, value: int, at_most: int | None = None, what
     if not isinstance(value, int) or value < 1 or (at_most is not None and value > at_most):
         bound = f" and at most {at_most}{' (' + what + ')' if what else ''}" if at_most is not None else ""
         raise MathInputError(f"{name}: expected an integer >= 1{bound}, got {value!r}")
+
+
+def require_positive(name: str, value: float) -> None:
+    """A finite scalar > 0 (a temperature, a normalising constant)."""
+    if not (float(value) > 0 and math.isfinite(float(value))):
+        raise MathInputError(f"{name}: expected a finite value > 0, got {value}")
+
+
+def require_binary_mask(name: str, mask: torch.Tensor) -> torch.Tensor:
+    """A token mask holds only 0/1 (bool or numeric); returns it as bool."""
+    if mask.dtype == torch.bool:
+        return mask
+    if not ((mask == 0) | (mask == 1)).all():
+        raise MathInputError(f"{name}: expected a 0/1 (or bool) token mask, found other values")
+    return mask != 0
+
+
+def require_finite_where(name: str, tensor: torch.Tensor, mask: torch.Tensor) -> None:
+    """NaN anywhere is an error; +-inf is an error where `mask` is set (padding may hold -inf log-probs)."""
+    nan = torch.isnan(tensor)
+    bad = nan | (torch.isinf(tensor) & mask)
+    if bad.any():
+        raise MathInputError(f"{name}: expected finite values on unmasked positions (and no NaN anywhere), "
+                             f"found {int(nan.sum())} NaN and {int((torch.isinf(tensor) & mask).sum())} "
+                             f"+-inf on unmasked positions")
+
+
+def require_floating(name: str, tensor: torch.Tensor) -> None:
+    """A floating-point tensor (logits, log-probs, advantages)."""
+    if not tensor.is_floating_point():
+        raise MathInputError(f"{name}: expected a floating-point tensor, got dtype {tensor.dtype}")
+
+
+def require_token_ids(name: str, ids: torch.Tensor, vocab_size: int) -> None:
+    """An integer tensor of token ids, each in [0, vocab_size)."""
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise MathInputError(f"{name}: expected an integer tensor of token ids, got dtype {ids.dtype}")
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+        raise MathInputError(f"{name}: expected token ids in [0, {vocab_size}) (the vocabulary), got values in "
+                             f"[{int(ids.min())}, {int(ids.max())}]")
