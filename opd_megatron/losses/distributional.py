@@ -239,7 +239,7 @@ def reduce_loss(per_position: torch.Tensor, mask: torch.Tensor, normalizer: str 
     kept = torch.where(mask, per_position, torch.zeros_like(per_position))
     if normalizer == "constant":
         batch, length = per_position.shape
-        return kept.sum() / (batch * (max_length or length))
+        return kept.sum() / max(batch * (max_length or length), 1)  # an empty batch gives 0, not NaN
     if normalizer == "token_mean":
         return kept.sum() / mask.sum().clamp_min(1).to(kept.dtype)
     counts = mask.sum(dim=1).to(kept.dtype)
