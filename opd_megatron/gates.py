@@ -16,6 +16,7 @@ from typing import Optional
 
 import torch
 
+from opd_megatron.losses.regularizers import entropy
 from opd_megatron.tensor_checks import (MathInputError, require_binary_mask, require_choice, require_finite,
                                         require_floating, require_mask_shape, require_positive)
 
@@ -90,13 +91,6 @@ def _require_is_interval(name: str, interval: tuple[float, float]) -> None:
                              f"on-policy ratio 1), got ({low}, {high})")
 
 
-def _entropy(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """`H(p) = -sum_v p_v log p_v`, `p = softmax(z / tau)`, `[...]` from `[..., V]`; `0 log 0 = 0`."""
-    logp = torch.log_softmax(logits / temperature, dim=-1)
-    p = logp.exp()
-    return -torch.where(p > 0, p * logp, 0.0).sum(dim=-1)
-
-
 def _check_logits(name: str, logits: torch.Tensor, temperature: float, temperature_name: str) -> None:
     require_floating(name, logits)
     require_finite(name, logits)
@@ -128,7 +122,7 @@ def teacher_entropy_gate(teacher_logits: torch.Tensor, max_entropy: float,
     """Keep `H(q) <= h`, `[...]` bool from `teacher_logits [..., V]`. [Survey] Needs the full distribution: a
     top-k answer only bounds `H(q)`, so sparse teacher input is not accepted here."""
     _check_logits("teacher_logits", teacher_logits, teacher_temperature, "teacher_temperature")
-    return _entropy(teacher_logits, teacher_temperature) <= max_entropy
+    return entropy(teacher_logits, teacher_temperature) <= max_entropy
 
 
 @torch.no_grad()
@@ -144,8 +138,8 @@ def student_entropy_gate(student_logits: torch.Tensor, threshold: float, keep: s
     """
     _check_logits("student_logits", student_logits, student_temperature, "student_temperature")
     require_choice("keep", keep, ENTROPY_KEEPS)
-    entropy = _entropy(student_logits, student_temperature)
-    return entropy >= threshold if keep == "high" else entropy <= threshold
+    student_entropy = entropy(student_logits, student_temperature)
+    return student_entropy >= threshold if keep == "high" else student_entropy <= threshold
 
 
 @torch.no_grad()

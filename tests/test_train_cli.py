@@ -8,7 +8,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "configs" / "sft_tiny.yaml")
