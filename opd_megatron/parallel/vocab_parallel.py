@@ -1,0 +1,448 @@
+"""Vocab-parallel twins of the Route A math (`losses/distributional.py`, `losses/regularizers.py::entropy`) on
+tensor-parallel-sharded logits, never gathering the vocabulary.
+
+Layout (megatron's `ColumnParallelLinear` output): TP rank `r` of `tp` holds logits `[..., V/tp]` for the
+contiguous slice `[r * V/tp, (r + 1) * V/tp)` of the padded vocabulary. Ids `>= true_vocab_size` are padding:
+they are set to -inf before any arithmetic, so they carry no probability mass and receive zero gradient.
+
+Communication: only all-reduces of `[N]`-sized statistics over the TP group (MAX of the row maxima, SUM of the
+exp-sums, SUM of per-rank partial sums), the pattern of megatron-core's `tensor_parallel/cross_entropy.py`.
+
+Gradient convention (megatron's): every result is replicated on all TP ranks and the caller forms the same loss
+on each; the gradient that reaches each rank's shard is the gradient of that one loss wrt the shard. Two
+autograd ops follow from it [Ours]:
+- `_ReduceFromTP` (forward all-reduce SUM of per-rank partial sums, backward identity): the output is used
+  identically on every rank, so its gradient is already the full one on each rank, and the partial sum of rank
+  `r` only depends on rank `r`'s shard (plus replicated statistics).
+- `_CopyToTP` (forward identity, backward all-reduce SUM): a replicated statistic (the normaliser) consumed by
+  rank-local partial terms; each rank's gradient wrt it is only its own terms' share, so the shares are summed.
+
+Chunking: every function takes `chunk_size` (rows of `[N, V/tp]` at a time), so float temporaries are
+`chunk x V/tp`. What each op saves for backward:
+- token log-probs (`_TokenLogProbs`): the logits shard (a reference to the caller's tensor, no copy), the token ids
+  and the normaliser `[N]`; backward recomputes the softmax per chunk. No communication in backward.
+- reverse KL (`_ReverseKL`): both logits shards (references), the two normalisers and the per-position loss
+  `[N]`; backward recomputes per chunk, using `d RKL / d z_v = pi_v (log pi_v - log q_v - RKL) / tau_S`.
+  No communication in backward.
+- log-normaliser (`_LogNormalizer`): the logits shard (reference) and the normaliser `[N]`.
+- the other divergences and the entropy go through autograd on `[chunk, V/tp]` pieces: with `chunk_size` set
+  and gradient enabled, each chunk runs under activation checkpointing (saves only its inputs, recomputes the
+  chunk, all-reduces included, in backward); without `chunk_size`, autograd keeps its `[N, V/tp]` temporaries.
+
+Inputs `[N, V/tp]` or `[B, T, V/tp]` (leading dims are flattened and restored). Half precision is computed in
+float32, float64 stays float64, as in the references. Outside an initialised megatron model-parallel state (and
+without `group`) the functions run as tp=1 without communication.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+from torch.utils.checkpoint import checkpoint
+
+from opd_megatron.losses.distributional import compute_dtype, divergence_from_log_probs
+from opd_megatron.tensor_checks import (MathInputError, require_in_range, require_positive,
+                                        require_positive_int)
+
+# ---------------------------------------------------------------------------------------------------------------
+# Layout and input checks
+
+
+class _Shard:
+    """Where this rank's vocabulary slice sits: `start`, the local width, `tp`, and the local padding mask."""
+
+    def __init__(self, width: int, true_vocab_size: Optional[int], group) -> None:
+        self.group = group
+        if group is None:
+            from megatron.core import parallel_state
+            if parallel_state.model_parallel_is_initialized():
+                self.group = parallel_state.get_tensor_model_parallel_group()
+        distributed = self.group is not None and dist.is_available() and dist.is_initialized()
+        self.tp = dist.get_world_size(self.group) if distributed else 1
+        self.rank = dist.get_rank(self.group) if distributed else 0
+        self.width = width
+        self.start = self.rank * width
+        padded = self.tp * width
+        self.true_vocab_size = padded if true_vocab_size is None else true_vocab_size
+        if not isinstance(self.true_vocab_size, int) or not 1 <= self.true_vocab_size <= padded:
+            raise MathInputError(f"true_vocab_size: expected an integer in [1, {padded}] (tp x shard width "
+                                 f"{self.tp} x {width}), got {true_vocab_size!r}")
+        self.valid_width = min(max(self.true_vocab_size - self.start, 0), width)  # local columns that are real
+
+    def all_reduce(self, tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+        if self.tp > 1:
+            dist.all_reduce(tensor, op=op, group=self.group)
+        return tensor
+
+    def scaled(self, logits: torch.Tensor, temperature: float, dtype: torch.dtype) -> torch.Tensor:
+        """`logits / temperature` in `dtype`, padding columns -inf (a new tensor; differentiable)."""
+        z = logits.to(dtype) / temperature
+        if self.valid_width < self.width:
+            pad = torch.zeros(self.width, dtype=torch.bool, device=z.device)
+            pad[self.valid_width:] = True
+            z = z.masked_fill(pad, float("-inf"))
+        return z
+
+
+def _flatten(name: str, logits: torch.Tensor) -> torch.Tensor:
+    if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
+        raise MathInputError(f"{name}: expected a floating-point tensor [..., V/tp]")
+    if logits.dim() < 2 or logits.shape[-1] < 1:
+        raise MathInputError(f"{name}: expected shape [N, V/tp] or [B, T, V/tp], got {tuple(logits.shape)}")
+    return logits.reshape(-1, logits.shape[-1])
+
+
+def _check_inputs(shard: _Shard, logits: dict[str, torch.Tensor], token_ids: Optional[torch.Tensor] = None) -> None:
+    """Checks agreed on by all TP ranks with one small all-reduce, so a bad shard on one rank makes every rank
+    raise the same error instead of leaving the others waiting in a collective: shapes equal across ranks and
+    between student and teacher, no NaN/+inf, token ids in `[0, true_vocab_size)`."""
+    names = list(logits)
+    shapes = [tuple(t.shape) for t in logits.values()]
+    if len(set(shapes)) > 1:
+        raise MathInputError("expected equal shapes, got " + ", ".join(f"{n} {s}" for n, s in zip(names, shapes)))
+    rows, width = shapes[0]
+    bad = [float(bool((torch.isnan(t) | torch.isposinf(t)).any())) for t in logits.values()]
+    ids_bad = 0.0
+    if token_ids is not None:
+        if token_ids.is_floating_point() or token_ids.is_complex() or token_ids.dtype == torch.bool:
+            raise MathInputError(f"token_ids: expected an integer tensor of token ids, got dtype {token_ids.dtype}")
+        if token_ids.numel() != rows:
+            raise MathInputError(f"token_ids: expected {rows} ids (the positions of the logits), got shape "
+                                 f"{tuple(token_ids.shape)}")
+        ids_bad = float(bool(token_ids.numel()) and (int(token_ids.min()) < 0
+                                                    or int(token_ids.max()) >= shard.true_vocab_size))
+    flags = torch.tensor(bad + [ids_bad, rows, width, -rows, -width], dtype=torch.float64)
+    shard.all_reduce(flags, dist.ReduceOp.MAX)
+    if flags[-4] != -flags[-2] or flags[-3] != -flags[-1]:
+        raise MathInputError(f"{names[0]}: expected the same shard shape [N, V/tp] on every TP rank; this rank "
+                             f"has {(rows, width)}, the ranks' N range over [{-int(flags[-2])}, {int(flags[-4])}] "
+                             f"and V/tp over [{-int(flags[-1])}, {int(flags[-3])}]")
+    for name, flag in zip(names, flags[:len(names)]):
+        if flag:
+            raise MathInputError(f"{name}: expected finite values (or -inf for masked entries), found NaN/+inf "
+                                 "on some TP rank")
+    if flags[len(names)]:
+        raise MathInputError(f"token_ids: expected token ids in [0, {shard.true_vocab_size}) (the true "
+                             f"vocabulary), got values in [{int(token_ids.min())}, {int(token_ids.max())}]")
+
+
+def _chunks(rows: int, chunk_size: Optional[int]) -> list[slice]:
+    if chunk_size is None:
+        return [slice(0, rows)]
+    require_positive_int("chunk_size", chunk_size)
+    return [slice(i, min(i + chunk_size, rows)) for i in range(0, rows, chunk_size)] or [slice(0, 0)]
+
+
+def _normalizer(shard: _Shard, logits: torch.Tensor, temperature: float, dtype: torch.dtype,
+                chunk_size: Optional[int]) -> torch.Tensor:
+    """`logsumexp_v(z_v / tau)` over the whole vocabulary `[N]` (no gradient): local max -> all-reduce MAX ->
+    local exp-sum -> all-reduce SUM, each local step on `[chunk, V/tp]`."""
+    rows = logits.shape[0]
+    row_max = torch.empty(rows, dtype=dtype, device=logits.device)
+    with torch.no_grad():
+        for piece in _chunks(rows, chunk_size):
+            row_max[piece] = shard.scaled(logits[piece], temperature, dtype).amax(dim=-1)
+        shard.all_reduce(row_max, dist.ReduceOp.MAX)
+        if torch.isneginf(row_max).any():
+            raise MathInputError("logits: every logit of the (unpadded) vocabulary is -inf at some position "
+                                 "(no distribution there)")
+        sum_exp = torch.empty_like(row_max)
+        for piece in _chunks(rows, chunk_size):
+            z = shard.scaled(logits[piece], temperature, dtype)
+            sum_exp[piece] = (z - row_max[piece, None]).exp().sum(dim=-1)
+        shard.all_reduce(sum_exp)
+    return row_max + sum_exp.log()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Autograd ops
+
+
+class _ReduceFromTP(torch.autograd.Function):
+    """All-reduce SUM of per-rank partial sums; backward identity (module docstring)."""
+
+    @staticmethod
+    def forward(ctx, partial: torch.Tensor, shard: _Shard) -> torch.Tensor:
+        return shard.all_reduce(partial.clone())
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
+
+
+class _CopyToTP(torch.autograd.Function):
+    """Identity on a replicated statistic; backward all-reduce SUM of the ranks' gradient shares."""
+
+    @staticmethod
+    def forward(ctx, replicated: torch.Tensor, shard: _Shard) -> torch.Tensor:
+        ctx.shard = shard
+        return replicated.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return ctx.shard.all_reduce(grad.clone()), None
+
+
+class _LogNormalizer(torch.autograd.Function):
+    """`logsumexp(z / tau)` `[N]`, replicated; gradient `softmax(z / tau) / tau` on the shard. Saves the logits
+    shard (reference) and the normaliser; backward recomputes the softmax per chunk, no communication."""
+
+    @staticmethod
+    def forward(ctx, logits, shard: _Shard, temperature: float, chunk_size: Optional[int]):
+        dtype = compute_dtype(logits)
+        lse = _normalizer(shard, logits, temperature, dtype, chunk_size)
+        ctx.save_for_backward(logits, lse)
+        ctx.shard, ctx.temperature, ctx.chunk_size = shard, temperature, chunk_size
+        return lse
+
+    @staticmethod
+    def backward(ctx, grad_lse):
+        logits, lse = ctx.saved_tensors
+        grad = torch.empty_like(logits)
+        for piece in _chunks(logits.shape[0], ctx.chunk_size):
+            z = ctx.shard.scaled(logits[piece], ctx.temperature, lse.dtype)
+            probs = (z - lse[piece, None]).exp()
+            grad[piece] = (probs * (grad_lse[piece, None] / ctx.temperature)).to(grad.dtype)
+        return grad, None, None, None
+
+
+class _TokenLogProbs(torch.autograd.Function):
+    """`log p(y) = z_y / tau - logsumexp(z / tau)` `[N]`, replicated. Forward: local max -> all-reduce MAX ->
+    one all-reduce SUM of the stacked `[2, N]` (local exp-sums, the owning rank's `z_y`). Saves the logits shard
+    (reference), the ids and the normaliser `[N]`; backward `(onehot(y) - softmax) / tau` per chunk, no
+    communication (the output is replicated, so each rank's gradient is already the full one)."""
+
+    @staticmethod
+    def forward(ctx, logits, token_ids, shard: _Shard, temperature: float, chunk_size: Optional[int]):
+        dtype = compute_dtype(logits)
+        lse = _normalizer(shard, logits, temperature, dtype, chunk_size)
+        local = token_ids - shard.start
+        owned = (local >= 0) & (local < shard.width)
+        rows = torch.arange(logits.shape[0], device=logits.device)
+        picked = torch.zeros(logits.shape[0], dtype=dtype, device=logits.device)
+        picked[owned] = logits[rows[owned], local[owned]].to(dtype) / temperature
+        shard.all_reduce(picked)
+        ctx.save_for_backward(logits, token_ids, lse)
+        ctx.shard, ctx.temperature, ctx.chunk_size = shard, temperature, chunk_size
+        return picked - lse
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        logits, token_ids, lse = ctx.saved_tensors
+        shard, tau = ctx.shard, ctx.temperature
+        grad = torch.empty_like(logits)
+        for piece in _chunks(logits.shape[0], ctx.chunk_size):
+            z = shard.scaled(logits[piece], tau, lse.dtype)
+            g = grad_out[piece].to(lse.dtype) / tau
+            chunk_grad = -(z - lse[piece, None]).exp() * g[:, None]
+            local = token_ids[piece] - shard.start
+            owned = (local >= 0) & (local < shard.width)
+            rows = torch.arange(chunk_grad.shape[0], device=grad.device)
+            chunk_grad[rows[owned], local[owned]] += g[owned]
+            grad[piece] = chunk_grad.to(grad.dtype)
+        return grad, None, None, None, None
+
+
+class _ReverseKL(torch.autograd.Function):
+    """`RKL = sum_v pi_v (log pi_v - log q_v)` `[N]`, replicated. Forward: the two normalisers, the local partial
+    sums, one all-reduce SUM. Saves both logits shards (references), the normalisers and RKL `[N]`; backward per
+    chunk `pi_v (log pi_v - log q_v - RKL) / tau_S` [Ours: `d log pi_u / d z_v = (delta_uv - pi_v) / tau_S` and
+    `sum_u pi_u (delta_uv - pi_v) = 0`], no communication. Where `pi_v = 0` the term is 0."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, shard: _Shard, student_temperature: float, teacher_temperature: float,
+                chunk_size: Optional[int]):
+        dtype = compute_dtype(student, teacher)
+        lse_s = _normalizer(shard, student, student_temperature, dtype, chunk_size)
+        lse_t = _normalizer(shard, teacher, teacher_temperature, dtype, chunk_size)
+        partial = torch.empty_like(lse_s)
+        for piece in _chunks(student.shape[0], chunk_size):
+            lp = shard.scaled(student[piece], student_temperature, dtype) - lse_s[piece, None]
+            lq = shard.scaled(teacher[piece], teacher_temperature, dtype) - lse_t[piece, None]
+            partial[piece] = divergence_from_log_probs("reverse_kl", lp, lq)
+        rkl = shard.all_reduce(partial)
+        ctx.save_for_backward(student, teacher, lse_s, lse_t, rkl)
+        ctx.shard, ctx.temperatures, ctx.chunk_size = shard, (student_temperature, teacher_temperature), chunk_size
+        return rkl
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        student, teacher, lse_s, lse_t, rkl = ctx.saved_tensors
+        shard, (tau_s, tau_t) = ctx.shard, ctx.temperatures
+        grad = torch.empty_like(student)
+        for piece in _chunks(student.shape[0], ctx.chunk_size):
+            lp = shard.scaled(student[piece], tau_s, lse_s.dtype) - lse_s[piece, None]
+            lq = shard.scaled(teacher[piece], tau_t, lse_s.dtype) - lse_t[piece, None]
+            zero = torch.isneginf(lp)
+            excess = (lp - lq).masked_fill(zero, 0.0) - rkl[piece, None]
+            chunk_grad = (lp.exp() * excess).masked_fill(zero, 0.0)
+            grad[piece] = (chunk_grad * (grad_out[piece].to(lse_s.dtype) / tau_s)[:, None]).to(grad.dtype)
+        return grad, None, None, None, None, None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Public API
+
+
+def vocab_parallel_log_normalizer(logits_shard: torch.Tensor, temperature: float = 1.0,
+                                  true_vocab_size: Optional[int] = None, *, group=None,
+                                  chunk_size: Optional[int] = None) -> torch.Tensor:
+    """`log sum_v exp(z_v / tau)` over the whole (unpadded) vocabulary, logits `[..., V/tp]` -> `[...]`,
+    replicated on the TP ranks, with gradient `softmax / tau` into the shard."""
+    require_positive("temperature", temperature)
+    flat = _flatten("logits_shard", logits_shard)
+    shard = _Shard(flat.shape[-1], true_vocab_size, group)
+    _check_inputs(shard, {"logits_shard": flat})
+    return _LogNormalizer.apply(flat, shard, float(temperature), chunk_size).reshape(logits_shard.shape[:-1])
+
+
+def vocab_parallel_token_logprobs(logits_shard: torch.Tensor, token_ids: torch.Tensor, temperature: float = 1.0,
+                                  true_vocab_size: Optional[int] = None, *, group=None,
+                                  chunk_size: Optional[int] = None) -> torch.Tensor:
+    """`log softmax(z / tau)[y]` of the tokens `y` (global vocabulary ids `[...]`), logits `[..., V/tp]` ->
+    `[...]`, with gradient into the shard (call under `torch.no_grad()` for a teacher). Equals
+    `-vocab_parallel_cross_entropy` of megatron-core on the same shards (padding set to -inf)."""
+    require_positive("temperature", temperature)
+    flat = _flatten("logits_shard", logits_shard)
+    shard = _Shard(flat.shape[-1], true_vocab_size, group)
+    if not isinstance(token_ids, torch.Tensor):
+        raise MathInputError(f"token_ids: expected an integer tensor, got {type(token_ids).__name__}")
+    if tuple(token_ids.shape) != tuple(logits_shard.shape[:-1]):
+        raise MathInputError(f"token_ids: expected shape {tuple(logits_shard.shape[:-1])} (the positions of the "
+                             f"logits), got {tuple(token_ids.shape)}")
+    ids = token_ids.reshape(-1)
+    _check_inputs(shard, {"logits_shard": flat}, ids)
+    out = _TokenLogProbs.apply(flat, ids.to(torch.long), shard, float(temperature), chunk_size)
+    return out.reshape(logits_shard.shape[:-1])
+
+
+def _entropy_terms(lp: torch.Tensor, _unused: torch.Tensor) -> torch.Tensor:
+    """Local partial `-sum_v pi_v log pi_v`, `0 log 0 = 0` (as `regularizers.entropy`)."""
+    zero = torch.isneginf(lp)
+    safe = lp.masked_fill(zero, 0.0)
+    return -(safe.exp() * safe).masked_fill(zero, 0.0).sum(dim=-1)
+
+
+def _autograd_path(terms: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], student: torch.Tensor,
+                   teacher: Optional[torch.Tensor], shard: _Shard, student_temperature: float,
+                   teacher_temperature: float, chunk_size: Optional[int]) -> torch.Tensor:
+    """Per-position `sum_v term(log pi_v, log q_v)` through autograd, chunk by chunk: the student's normaliser
+    is differentiable (`_LogNormalizer`, then `_CopyToTP` since the local terms use it), the teacher's is not;
+    the local partial sums are summed over the ranks by `_ReduceFromTP`."""
+    dtype = compute_dtype(student) if teacher is None else compute_dtype(student, teacher)
+    teacher_lse = None if teacher is None else _normalizer(shard, teacher, teacher_temperature, dtype, chunk_size)
+
+    def one_chunk(student_piece: torch.Tensor, teacher_piece: Optional[torch.Tensor],
+                  teacher_lse_piece: Optional[torch.Tensor]) -> torch.Tensor:
+        lse = _CopyToTP.apply(_LogNormalizer.apply(student_piece, shard, student_temperature, None), shard)
+        lp = shard.scaled(student_piece, student_temperature, dtype) - lse[:, None]
+        lq = lp if teacher_piece is None else (
+            shard.scaled(teacher_piece, teacher_temperature, dtype) - teacher_lse_piece[:, None])
+        return _ReduceFromTP.apply(terms(lp, lq), shard)
+
+    outputs = []
+    for piece in _chunks(student.shape[0], chunk_size):
+        args = (student[piece], None if teacher is None else teacher[piece],
+                None if teacher_lse is None else teacher_lse[piece])
+        if chunk_size is not None and torch.is_grad_enabled() and student.requires_grad:
+            # Saves only the chunk's inputs; backward recomputes the chunk (its all-reduces included: every rank
+            # runs the same graph, so the recomputed collectives meet in the same order on all ranks).
+            outputs.append(checkpoint(one_chunk, *args, use_reentrant=False))
+        else:
+            outputs.append(one_chunk(*args))
+    return torch.cat(outputs) if outputs else student.new_zeros(0, dtype=dtype)
+
+
+def vocab_parallel_entropy(logits_shard: torch.Tensor, temperature: float = 1.0,
+                           true_vocab_size: Optional[int] = None, *, group=None,
+                           chunk_size: Optional[int] = None) -> torch.Tensor:
+    """Entropy `-sum_v pi_v log pi_v` of `softmax(z / tau)` over the whole vocabulary, logits `[..., V/tp]` ->
+    `[...]`, with gradient; twin of `regularizers.entropy`."""
+    require_positive("temperature", temperature)
+    flat = _flatten("logits_shard", logits_shard)
+    shard = _Shard(flat.shape[-1], true_vocab_size, group)
+    _check_inputs(shard, {"logits_shard": flat})
+    out = _autograd_path(_entropy_terms, flat, None, shard, float(temperature), 1.0, chunk_size)
+    return out.reshape(logits_shard.shape[:-1])
+
+
+def _divergence(kind: str, student_logits_shard: torch.Tensor, teacher_logits_shard: torch.Tensor,
+                student_temperature: float, teacher_temperature: float, true_vocab_size: Optional[int], group,
+                chunk_size: Optional[int], beta: Optional[float] = None,
+                alpha: Optional[float] = None) -> torch.Tensor:
+    require_positive("student_temperature", student_temperature)
+    require_positive("teacher_temperature", teacher_temperature)
+    for name, value in (("beta", beta), ("alpha", alpha)):
+        if value is not None:
+            require_in_range(name, float(value), 0.0, 1.0)
+    student = _flatten("student_logits_shard", student_logits_shard)
+    teacher = _flatten("teacher_logits_shard", teacher_logits_shard).detach()
+    shard = _Shard(student.shape[-1], true_vocab_size, group)
+    _check_inputs(shard, {"student_logits_shard": student, "teacher_logits_shard": teacher})
+    tau_s, tau_t = float(student_temperature), float(teacher_temperature)
+    if kind == "reverse_kl":
+        out = _ReverseKL.apply(student, teacher, shard, tau_s, tau_t, chunk_size)
+    else:
+        def terms(lp: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
+            # Every divergence is a sum over v of a term in (pi_v, q_v): the shard's sum is an exact partial.
+            return divergence_from_log_probs(kind, lp, lq, beta=beta, alpha=alpha)
+        out = _autograd_path(terms, student, teacher, shard, tau_s, tau_t, chunk_size)
+    return out.reshape(student_logits_shard.shape[:-1])
+
+
+def vocab_parallel_forward_kl(student_logits_shard: torch.Tensor, teacher_logits_shard: torch.Tensor, *,
+                              student_temperature: float = 1.0, teacher_temperature: float = 1.0,
+                              true_vocab_size: Optional[int] = None, group=None,
+                              chunk_size: Optional[int] = None) -> torch.Tensor:
+    """Forward KL `KL(q || pi)` `[...]` from sharded logits `[..., V/tp]`; twin of `distributional.forward_kl`."""
+    return _divergence("forward_kl", student_logits_shard, teacher_logits_shard, student_temperature,
+                       teacher_temperature, true_vocab_size, group, chunk_size)
+
+
+def vocab_parallel_reverse_kl(student_logits_shard: torch.Tensor, teacher_logits_shard: torch.Tensor, *,
+                              student_temperature: float = 1.0, teacher_temperature: float = 1.0,
+                              true_vocab_size: Optional[int] = None, group=None,
+                              chunk_size: Optional[int] = None) -> torch.Tensor:
+    """Reverse KL `KL(pi || q)` `[...]` from sharded logits `[..., V/tp]` (dedicated autograd Function, chunked
+    backward); twin of `distributional.reverse_kl`."""
+    return _divergence("reverse_kl", student_logits_shard, teacher_logits_shard, student_temperature,
+                       teacher_temperature, true_vocab_size, group, chunk_size)
+
+
+def vocab_parallel_generalized_jsd(student_logits_shard: torch.Tensor, teacher_logits_shard: torch.Tensor,
+                                   beta: float, *, student_temperature: float = 1.0,
+                                   teacher_temperature: float = 1.0, true_vocab_size: Optional[int] = None,
+                                   group=None, chunk_size: Optional[int] = None) -> torch.Tensor:
+    """Generalized JSD, GKD/TRL convention (`beta = 0` IS forward KL, `beta = 1` IS reverse KL); twin of
+    `distributional.generalized_jsd`. The mixture `log M_v` is local given both log-probs."""
+    return _divergence("generalized_jsd", student_logits_shard, teacher_logits_shard, student_temperature,
+                       teacher_temperature, true_vocab_size, group, chunk_size, beta=beta)
+
+
+def vocab_parallel_skew_forward_kl(student_logits_shard: torch.Tensor, teacher_logits_shard: torch.Tensor,
+                                   alpha: float, *, student_temperature: float = 1.0,
+                                   teacher_temperature: float = 1.0, true_vocab_size: Optional[int] = None,
+                                   group=None, chunk_size: Optional[int] = None) -> torch.Tensor:
+    """Skew forward KL `KL(q || alpha q + (1 - alpha) pi)`; twin of `distributional.skew_forward_kl`."""
+    return _divergence("skew_forward_kl", student_logits_shard, teacher_logits_shard, student_temperature,
+                       teacher_temperature, true_vocab_size, group, chunk_size, alpha=alpha)
+
+
+def vocab_parallel_skew_reverse_kl(student_logits_shard: torch.Tensor, teacher_logits_shard: torch.Tensor,
+                                   alpha: float, *, student_temperature: float = 1.0,
+                                   teacher_temperature: float = 1.0, true_vocab_size: Optional[int] = None,
+                                   group=None, chunk_size: Optional[int] = None) -> torch.Tensor:
+    """Skew reverse KL `KL(pi || alpha pi + (1 - alpha) q)`; twin of `distributional.skew_reverse_kl`."""
+    return _divergence("skew_reverse_kl", student_logits_shard, teacher_logits_shard, student_temperature,
+                       teacher_temperature, true_vocab_size, group, chunk_size, alpha=alpha)
+
+
+def vocab_parallel_total_variation(student_logits_shard: torch.Tensor, teacher_logits_shard: torch.Tensor, *,
+                                   student_temperature: float = 1.0, teacher_temperature: float = 1.0,
+                                   true_vocab_size: Optional[int] = None, group=None,
+                                   chunk_size: Optional[int] = None) -> torch.Tensor:
+    """Total variation `1/2 sum_v |q_v - pi_v|`; twin of `distributional.total_variation`."""
+    return _divergence("total_variation", student_logits_shard, teacher_logits_shard, student_temperature,
+                       teacher_temperature, true_vocab_size, group, chunk_size)
