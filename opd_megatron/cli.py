@@ -12,6 +12,7 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 
 from opd_megatron.config import ConfigError, load_config
 from opd_megatron.errors import NonFiniteLossError
@@ -46,6 +47,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    # megatron-core announces at import time every optional GPU package it did not find (TransformerEngine, apex):
+    # expected on a CPU machine, and noise in every run's log. Set OPD_SHOW_IMPORT_WARNINGS=1 to see them.
+    if not os.environ.get("OPD_SHOW_IMPORT_WARNINGS"):
+        warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex|apex|transformer_engine).*")
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"megatron\..*")
     logging.basicConfig(level=os.environ.get("OPD_LOG_LEVEL", "WARNING"),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:

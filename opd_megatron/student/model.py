@@ -80,6 +80,8 @@ def build_transformer_config(model: ModelSection, parallel: ParallelSection, on_
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
+        # megatron's default ("full") is deprecated in favour of [] (the same meaning) and warns on every build.
+        cuda_graph_scope=[],
     )
 
 
