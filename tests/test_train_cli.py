@@ -160,3 +160,9 @@ def test_non_finite_loss_stops_without_saving_over_the_last_checkpoint(tmp_path)
     bad_step = len(_metrics(run_dir)) + 1
     assert 2 <= bad_step <= 20
     assert (run_dir / "checkpoints" / "latest").read_text() == str(bad_step - 1)
+
+
+def test_sequence_parallel_without_transformer_engine_is_refused_clearly(tmp_path):
+    result = _run(_train_cmd(tmp_path, "parallel.tp=2", "parallel.sequence_parallel=true", nproc=2))
+    assert result.returncode != 0
+    assert "parallel.sequence_parallel=true needs TransformerEngine's layer spec" in result.stderr

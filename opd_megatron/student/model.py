@@ -21,7 +21,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
 
-from opd_megatron.config import ModelSection, ParallelSection
+from opd_megatron.config import ConfigError, ModelSection, ParallelSection
 
 VOCAB_PAD_MULTIPLE = 128  # padded vocab is a multiple of lcm(128, tp): identical at every tp <= 128 that divides it
 
@@ -104,11 +104,18 @@ class StudentModel:
 def build_student(model: ModelSection, parallel: ParallelSection, device: torch.device) -> StudentModel:
     """Build this rank's pipeline stage. Needs megatron's model-parallel state initialised."""
     on_gpu = device.type == "cuda"
+    use_te = transformer_engine_available() and on_gpu
+    if parallel.sequence_parallel and not use_te:
+        # megatron-core's local spec uses torch norms, which assert `not config.sequence_parallel` (their weight
+        # gradients would need the TP all-reduce that TE's and apex's norms mark themselves for).
+        raise ConfigError("parallel.sequence_parallel=true needs TransformerEngine's layer spec (a GPU with the "
+                          "`gpu` extra installed); megatron-core's local spec used here does not support it: set "
+                          "parallel.sequence_parallel=false")
     config = build_transformer_config(model, parallel, on_gpu)
     padded = padded_vocab_size(model.vocab_size, parallel.tp)
     module = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(model, transformer_engine_available() and on_gpu),
+        transformer_layer_spec=layer_spec(model, use_te),
         vocab_size=padded,
         max_sequence_length=model.max_position_embeddings,
         pre_process=parallel_state.is_pipeline_first_stage(),
