@@ -1,0 +1,169 @@
+"""Process bodies for `test_parallel_supports.py` (importable: spawned processes load them).
+
+`all_checks(tp)` runs every check of one TP size in one process group and returns the number of checks made.
+Every rank builds the same full logits from a fixed seed, pads the vocabulary (37) to a multiple of tp with LARGE
+values (a padding id would win every top-k if it were not masked), keeps its contiguous shard, and compares the
+vocab-parallel result with the single-device reference on the unpadded logits: values, and the gradient wrt the
+student logits gathered from all ranks' shards (padding columns must receive exactly 0)."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from opd_megatron.diagnostics import batch_diagnostics
+from opd_megatron.gates import teacher_confidence_gate, teacher_entropy_gate
+from opd_megatron.losses.regularizers import entropy as ref_entropy
+from opd_megatron.losses.supports import (SparseTeacherLogprobs, build_support, divergence_on_support,
+                                          top_k_positions)
+from opd_megatron.parallel.stats import (vocab_parallel_student_mass_on_teacher_support,
+                                         vocab_parallel_teacher_confidence, vocab_parallel_topk_overlap,
+                                         vocab_parallel_vocab_entropy)
+from opd_megatron.parallel.supports import vocab_parallel_build_support
+
+N, VOCAB = 6, 37
+KS = (1, 5, 12, VOCAB)  # 12 > V/tp = 10 at tp = 4; k = V covers the vocabulary (empty tail)
+K_SERVED = 12
+SUPPORTS = ("teacher_topk", "student_topk", "union")
+MODES = ("renormalized", "tail")
+KINDS = ("forward_kl", "reverse_kl")
+TAU_S, TAU_T = 0.7, 1.3
+TOL = 1e-10
+
+
+def random_logits(seed: int) -> torch.Tensor:
+    return torch.randn(N, VOCAB, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)) * 2
+
+
+def tied_logits(seed: int) -> torch.Tensor:
+    """Few distinct values: ties at the k-th place, across shard boundaries."""
+    return torch.randint(0, 3, (N, VOCAB), generator=torch.Generator().manual_seed(seed)).double()
+
+
+def shard_of(full: torch.Tensor, tp: int, rank: int, pad_value: float = 1e3) -> torch.Tensor:
+    padded_vocab = -(-VOCAB // tp) * tp
+    padded = torch.cat([full, torch.full((N, padded_vocab - VOCAB), pad_value, dtype=full.dtype)], dim=-1)
+    width = padded_vocab // tp
+    return padded[:, rank * width:(rank + 1) * width].contiguous()
+
+
+def gather_shards(shard: torch.Tensor, tp: int) -> torch.Tensor:
+    """The padded `[N, tp * V/tp]` from every rank's shard."""
+    pieces = [torch.empty_like(shard) for _ in range(tp)]
+    dist.all_gather(pieces, shard.contiguous())
+    return torch.cat(pieces, dim=-1)
+
+
+def assert_close(name: str, got: torch.Tensor, want: torch.Tensor) -> None:
+    """Equal -inf/+inf pattern, finite entries within TOL."""
+    assert got.shape == want.shape, (name, got.shape, want.shape)
+    assert torch.equal(torch.isinf(got), torch.isinf(want)) and torch.equal(got[torch.isinf(got)],
+                                                                            want[torch.isinf(want)]), name
+    finite = ~torch.isinf(want)
+    assert not torch.isnan(got).any(), name
+    err = float((got[finite] - want[finite]).abs().max()) if finite.any() else 0.0
+    assert err <= TOL, (name, err)
+
+
+def sparse_teacher(teacher_full: torch.Tensor, student_full: torch.Tensor) -> SparseTeacherLogprobs:
+    """A server's answer: the teacher's top-K_SERVED ids in a scrambled order with their log-probs, plus its
+    log-probs on the student's top-K_SERVED ids as extras."""
+    logq = torch.log_softmax(teacher_full, dim=-1)
+    ids = top_k_positions(teacher_full, K_SERVED).flip(-1)
+    extra = top_k_positions(student_full, K_SERVED)
+    return SparseTeacherLogprobs(ids, logq.gather(-1, ids), extra, logq.gather(-1, extra))
+
+
+def _init(tp: int) -> int:
+    from opd_megatron.student.cpu_shims import apply_cpu_shims
+    apply_cpu_shims()
+    dist.init_process_group("gloo")
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
+    return parallel_state.get_tensor_model_parallel_rank()
+
+
+def _check_support(student_full, teacher_full, sparse: bool, support: str, k: int, mode: str, tp: int,
+                   rank: int) -> int:
+    tau_t = 1.0 if sparse and mode == "tail" else TAU_T
+    teacher_ref = sparse_teacher(teacher_full, student_full) if sparse else teacher_full
+    teacher_vp = teacher_ref if sparse else shard_of(teacher_full, tp, rank)
+    weights = torch.rand(N, dtype=torch.float64, generator=torch.Generator().manual_seed(k)) + 0.5
+    checks = 0
+    for kind in KINDS:
+        leaf = shard_of(student_full, tp, rank).requires_grad_(True)
+        got = vocab_parallel_build_support(leaf, teacher_vp, support, k, mode, student_temperature=TAU_S,
+                                           teacher_temperature=tau_t, true_vocab_size=VOCAB)
+        full_leaf = student_full.clone().requires_grad_(True)
+        want = build_support(full_leaf, teacher_ref, support, k, mode, student_temperature=TAU_S,
+                             teacher_temperature=tau_t)
+        case = f"{'sparse' if sparse else 'dense'} {want.name} {kind}"
+        assert got.name == want.name and got.sparse_teacher == sparse, case
+        assert torch.equal(got.ids, want.ids), case
+        assert int(got.ids.max()) < VOCAB, case
+        assert_close(case + " student_logp", got.student_logp.detach(), want.student_logp.detach())
+        assert_close(case + " teacher_logp", got.teacher_logp, want.teacher_logp)
+        loss = divergence_on_support(kind, got)
+        ref_loss = divergence_on_support(kind, want)
+        assert_close(case + " loss", loss.detach(), ref_loss.detach())
+        (loss * weights).sum().backward()
+        (ref_loss * weights).sum().backward()
+        grad = gather_shards(leaf.grad, tp)
+        assert_close(case + " grad", grad[:, :VOCAB], full_leaf.grad)
+        assert bool((grad[:, VOCAB:] == 0).all()), case + " padding grad"
+        checks += 1
+    return checks
+
+
+def _check_stats(student_full, teacher_full, tp: int, rank: int) -> int:
+    student, teacher = shard_of(student_full, tp, rank), shard_of(teacher_full, tp, rank)
+    logq = torch.log_softmax(teacher_full / TAU_T, dim=-1)
+    confidence = vocab_parallel_teacher_confidence(teacher, TAU_T, VOCAB)
+    assert_close("confidence", confidence, logq.max(dim=-1).values.exp())
+    for threshold in (0.2, 0.5):
+        assert torch.equal(confidence >= threshold, teacher_confidence_gate(
+            threshold, teacher_logits=teacher_full, teacher_temperature=TAU_T)), threshold
+    teacher_entropy = vocab_parallel_vocab_entropy(teacher, TAU_T, VOCAB)
+    student_entropy = vocab_parallel_vocab_entropy(student, TAU_S, VOCAB)
+    assert_close("teacher entropy", teacher_entropy, ref_entropy(teacher_full, TAU_T))
+    assert_close("student entropy", student_entropy, ref_entropy(student_full, TAU_S))
+    for max_entropy in (1.5, 2.5):
+        assert torch.equal(teacher_entropy <= max_entropy, teacher_entropy_gate(teacher_full, max_entropy, TAU_T))
+    checks = 2
+    served = sparse_teacher(teacher_full, student_full)
+    for k in (1, 5, K_SERVED):
+        ref = batch_diagnostics(student_logits=student_full, teacher_logits=teacher_full, top_k=k,
+                                student_temperature=TAU_S, teacher_temperature=TAU_T)
+        ref_served = batch_diagnostics(student_logits=student_full, teacher_topk_ids=served.ids,
+                                       teacher_topk_logprobs=served.logprobs, top_k=k, student_temperature=TAU_S)
+        assert abs(ref["entropy/teacher"] - float(teacher_entropy.mean())) <= TOL
+        assert abs(ref["entropy/student"] - float(student_entropy.mean())) <= TOL
+        for teacher_vp, want in ((teacher, ref), (served, ref_served)):
+            overlap = vocab_parallel_topk_overlap(student, teacher_vp, k, VOCAB)
+            mass = vocab_parallel_student_mass_on_teacher_support(student, teacher_vp, k, TAU_S, VOCAB)
+            # per position, the definitions of diagnostics.py
+            in_teacher = torch.zeros(N, VOCAB, dtype=torch.bool).scatter_(-1, top_k_positions(teacher_full, k), True)
+            in_student = torch.zeros_like(in_teacher).scatter_(-1, top_k_positions(student_full, k), True)
+            assert_close(f"overlap {k}", overlap, (in_teacher & in_student).sum(-1).double() / k)
+            pi = torch.softmax(student_full / TAU_S, dim=-1)
+            assert_close(f"mass {k}", mass, torch.where(in_teacher, pi, 0.0).sum(-1))
+            assert abs(want["agreement/topk_overlap"] - float(overlap.mean())) <= TOL, k
+            assert abs(want["agreement/student_mass_on_teacher_support"] - float(mass.mean())) <= TOL, k
+            checks += 1
+    return checks
+
+
+def all_checks(tp: int) -> int:
+    rank = _init(tp)
+    checks = 0
+    cases = [(random_logits(0), random_logits(1), KS), (tied_logits(2), tied_logits(3), (5, 12))]
+    for student_full, teacher_full, ks in cases:
+        for sparse in (False, True):
+            for support in SUPPORTS:
+                for k in ks:
+                    if sparse and (k > K_SERVED or (k == VOCAB)):
+                        continue
+                    for mode in MODES:
+                        checks += _check_support(student_full, teacher_full, sparse, support, k, mode, tp, rank)
+    checks += _check_stats(random_logits(4), random_logits(5), tp, rank)
+    return checks
