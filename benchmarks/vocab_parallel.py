@@ -1,0 +1,192 @@
+"""Vocab-parallel losses against megatron-core's `vocab_parallel_cross_entropy`: time ratios and peak memory.
+
+Every row is one forward + backward on this rank's shards, timed in the same run as its baseline:
+- on a given logits shard `[N, V/tp]`: megatron CE (the 1.00x baseline), our sampled-token log-prob
+  (`vocab_parallel_token_logprobs`, the route-B hot path) and the full-vocabulary reverse KL
+  (`vocab_parallel_reverse_kl`, against a teacher shard);
+- from the hidden states `[N, H]` and the output-layer shard `[V/tp, H]` (the matmul included): matmul + megatron CE
+  (the 1.00x baseline, materialises the logits), matmul + our chunked token log-prob, and the fused paths
+  (`fused_token_logprobs`, `fused_reverse_kl`) that never hold `[N, V/tp]`.
+Hidden-input rows wrap `hidden` in megatron's `copy_to_tensor_model_parallel_region` (as megatron's output layer
+does) except the fused ones, which all-reduce their hidden gradient themselves: one `[N, H]` all-reduce each.
+
+Peak memory: the growth of the process's peak resident set (`VmHWM`, reset through `/proc/self/clear_refs`)
+over its resident size just before the row's first forward + backward, with the inputs already resident; so it
+counts everything the row allocates (logits, softmax, saved tensors, gradients including `grad_weight_shard`),
+not the inputs. glibc is told to serve every allocation over 64 KiB with its own mmap
+(`MALLOC_MMAP_THRESHOLD_`), so freed tensors leave the resident set and earlier rows do not hide later ones.
+Hidden-input rows are measured at N and N/2 to show whether memory grows with the number of tokens.
+
+    python -m benchmarks.vocab_parallel                       # defaults: N=2048, H=256, V=32000 and 152064
+    python -m benchmarks.vocab_parallel --tokens 4096 --vocab 32000 --json runs/vocab_parallel.json
+
+TP=1 runs one process with all `--threads`; TP=2 runs two gloo processes with one thread each
+(`tests/harness.py`'s `run_distributed`). A multi-process row counts its slowest rank and its largest peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Callable
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+warnings.filterwarnings("ignore", module=r"megatron\..*")
+
+import torch  # noqa: E402
+
+from tests.harness import run_distributed  # noqa: E402
+
+MMAP_THRESHOLD = "65536"
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _measure(step: Callable[[], None], reps: int, barrier: Callable[[], None]) -> tuple[float, float]:
+    """(best seconds over `reps` runs, peak RSS growth in MiB of the first run). `step` does its own setup
+    outside the timed call by returning the timed closure."""
+    best, peak = float("inf"), 0.0
+    for rep in range(reps):
+        timed = step()
+        barrier()
+        if rep == 0:
+            Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+            base = _status_kib("VmRSS")
+        start = time.perf_counter()
+        timed()
+        best = min(best, time.perf_counter() - start)
+        if rep == 0:
+            peak = (_status_kib("VmHWM") - base) / 1024
+        del timed
+    return best, peak
+
+
+def bench_worker(tp: int, tokens: int, hidden_size: int, vocab: int, chunk_size: int, reps: int,
+                 threads: int) -> dict[str, list[float]]:
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region, vocab_parallel_cross_entropy
+
+    from opd_megatron.parallel import fused
+    from opd_megatron.parallel import vocab_parallel as vp
+    from opd_megatron.student.cpu_shims import apply_cpu_shims
+
+    apply_cpu_shims()
+    torch.set_num_threads(threads)
+    dist.init_process_group("gloo")
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    width = vocab // tp
+    gen = torch.Generator().manual_seed(0)
+    # Only this rank's shard is drawn (a full [V, H] draw per rank would dominate memory at V=152k).
+    gen.manual_seed(1 + rank)
+    weight = 0.05 * torch.randn(width, hidden_size, generator=gen)
+    gen.manual_seed(0)
+    hidden_all = torch.randn(tokens, hidden_size, generator=gen)
+    ids_all = torch.randint(0, vocab, (tokens,), generator=gen)
+    with torch.no_grad():
+        logits = hidden_all @ weight.T
+        teacher = logits + 0.5 * torch.randn(logits.shape, generator=gen)
+    barrier = dist.barrier
+
+    def on_logits(loss: Callable[[torch.Tensor], torch.Tensor], clone: bool) -> Callable[[], Callable[[], None]]:
+        def setup():
+            z = (logits.clone() if clone else logits).requires_grad_(True)  # megatron CE works in place
+            return lambda: loss(z).sum().backward()
+        return setup
+
+    def on_hidden(loss: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+                  rows: int) -> Callable[[], Callable[[], None]]:
+        def setup():
+            h = hidden_all[:rows].clone().requires_grad_(True)
+            w = weight.clone().requires_grad_(True)
+            ids = ids_all[:rows]
+            return lambda: loss(h, w, ids).sum().backward()
+        return setup
+
+    def mm(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return copy_to_tensor_model_parallel_region(h) @ w.T
+
+    ids = ids_all
+    logit_rows = {
+        "megatron CE": on_logits(lambda z: vocab_parallel_cross_entropy(z, ids), clone=True),
+        "token log-prob": on_logits(lambda z: -vp.vocab_parallel_token_logprobs(z, ids, chunk_size=chunk_size),
+                                    clone=False),
+        "reverse KL": on_logits(lambda z: vp.vocab_parallel_reverse_kl(z, teacher, chunk_size=chunk_size),
+                                clone=False),
+    }
+
+    def hidden_rows(rows: int):
+        t = teacher[:rows]
+        return {
+            "matmul + megatron CE": on_hidden(lambda h, w, i: vocab_parallel_cross_entropy(mm(h, w), i), rows),
+            "matmul + token log-prob": on_hidden(
+                lambda h, w, i: -vp.vocab_parallel_token_logprobs(mm(h, w), i, chunk_size=chunk_size), rows),
+            "fused token log-prob": on_hidden(
+                lambda h, w, i: -fused.fused_token_logprobs(h, w, i, chunk_size=chunk_size), rows),
+            "fused reverse KL": on_hidden(
+                lambda h, w, i: fused.fused_reverse_kl(h, w, t, chunk_size=chunk_size), rows),
+        }
+
+    out: dict[str, list[float]] = {}
+    for name, setup in {**logit_rows, **hidden_rows(tokens)}.items():
+        out[name] = list(_measure(setup, reps, barrier))
+    for name, setup in hidden_rows(tokens // 2).items():
+        out[name].append(_measure(setup, 1, barrier)[1])
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tokens", type=int, default=2048)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--vocab", type=int, nargs="+", default=[32000, 152064])
+    parser.add_argument("--tp", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--chunk-size", type=int, default=512)
+    parser.add_argument("--reps", type=int, default=2, help="timed runs per row; the fastest is kept")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="threads of the TP=1 process")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = MMAP_THRESHOLD  # inherited by the spawned workers
+
+    results = {}
+    print(f"N={args.tokens} H={args.hidden} chunk={args.chunk_size} float32, torch {torch.__version__}, "
+          f"best of {args.reps}; memory: peak RSS growth (MiB) of the slowest/largest rank at N and N/2\n")
+    print("| V | tp | row | ms | vs baseline | peak MiB (N) | peak MiB (N/2) |")
+    print("|---:|---:|---|---:|---:|---:|---:|")
+    for vocab in args.vocab:
+        for tp in args.tp:
+            if vocab % tp:
+                raise SystemExit(f"--vocab {vocab} is not divisible by tp {tp} (megatron CE knows no padding)")
+            ranks = run_distributed(bench_worker, world_size=tp, timeout_s=1200,
+                                    args=(tp, args.tokens, args.hidden, vocab, args.chunk_size, args.reps,
+                                          args.threads if tp == 1 else 1))
+            rows = {name: [max(r[name][i] for r in ranks) for i in range(len(ranks[0][name]))]
+                    for name in ranks[0]}
+            results[f"V={vocab},tp={tp}"] = rows
+            for name, values in rows.items():
+                base = rows["megatron CE" if name in ("token log-prob", "reverse KL", "megatron CE")
+                            else "matmul + megatron CE"][0]
+                half = f"{values[2]:,.0f}" if len(values) > 2 else ""
+                print(f"| {vocab:,} | {tp} | {name} | {values[0] * 1e3:,.0f} | {values[0] / base:.2f}x | "
+                      f"{values[1]:,.0f} | {half} |", flush=True)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results},
+                                        indent=2))
+
+
+if __name__ == "__main__":
+    main()
