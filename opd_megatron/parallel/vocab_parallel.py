@@ -77,7 +77,11 @@ class _Shard:
         return tensor
 
     def scaled(self, logits: torch.Tensor, temperature: float, dtype: torch.dtype) -> torch.Tensor:
-        """`logits / temperature` in `dtype`, padding columns -inf (a new tensor; differentiable)."""
+        """`logits / temperature` in `dtype`, padding columns -inf (differentiable). When there is nothing to do
+        (tau = 1, same dtype, no padding on this rank) it is the input itself, not a copy: callers never write
+        into it."""
+        if temperature == 1.0 and logits.dtype == dtype and self.valid_width == self.width:
+            return logits
         z = logits.to(dtype) / temperature
         if self.valid_width < self.width:
             pad = torch.zeros(self.width, dtype=torch.bool, device=z.device)
@@ -103,7 +107,8 @@ def _check_inputs(shard: _Shard, logits: dict[str, torch.Tensor], token_ids: Opt
     if len(set(shapes)) > 1:
         raise MathInputError("expected equal shapes, got " + ", ".join(f"{n} {s}" for n, s in zip(names, shapes)))
     rows, width = shapes[0]
-    bad = [float(bool((torch.isnan(t) | torch.isposinf(t)).any())) for t in logits.values()]
+    # One reduction pass per tensor and no [N, V/tp] temporaries: max() propagates NaN, and +inf is the max.
+    bad = [float(bool(t.numel()) and not bool(t.max() < float("inf"))) for t in logits.values()]
     ids_bad = 0.0
     if token_ids is not None:
         if token_ids.is_floating_point() or token_ids.is_complex() or token_ids.dtype == torch.bool:
@@ -150,8 +155,8 @@ def _normalizer(shard: _Shard, logits: torch.Tensor, temperature: float, dtype: 
                                  "(no distribution there)")
         sum_exp = torch.empty_like(row_max)
         for piece in _chunks(rows, chunk_size):
-            z = shard.scaled(logits[piece], temperature, dtype)
-            sum_exp[piece] = (z - row_max[piece, None]).exp().sum(dim=-1)
+            shifted = shard.scaled(logits[piece], temperature, dtype) - row_max[piece, None]
+            sum_exp[piece] = shifted.exp_().sum(dim=-1)  # in place: one [chunk, V/tp] temporary, not two
         shard.all_reduce(sum_exp)
     return row_max + sum_exp.log()
 
@@ -236,12 +241,16 @@ class _TokenLogProbs(torch.autograd.Function):
         for piece in _chunks(logits.shape[0], ctx.chunk_size):
             z = shard.scaled(logits[piece], tau, lse.dtype)
             g = grad_out[piece].to(lse.dtype) / tau
-            chunk_grad = -(z - lse[piece, None]).exp() * g[:, None]
+            # -softmax * g written in place into the output chunk (no extra [chunk, V/tp] temporaries).
+            chunk_grad = grad[piece] if grad.dtype == lse.dtype else torch.empty_like(z)
+            torch.sub(z, lse[piece, None], out=chunk_grad)
+            chunk_grad.exp_().mul_(-g[:, None])
             local = token_ids[piece] - shard.start
             owned = (local >= 0) & (local < shard.width)
             rows = torch.arange(chunk_grad.shape[0], device=grad.device)
             chunk_grad[rows[owned], local[owned]] += g[owned]
-            grad[piece] = chunk_grad.to(grad.dtype)
+            if chunk_grad.data_ptr() != grad[piece].data_ptr():
+                grad[piece] = chunk_grad.to(grad.dtype)
         return grad, None, None, None, None
 
 
