@@ -161,6 +161,22 @@ def _normalizer(shard: _Shard, logits: torch.Tensor, temperature: float, dtype: 
     return row_max + sum_exp.log()
 
 
+def _reverse_kl_terms(shard: _Shard, student: torch.Tensor, teacher: torch.Tensor, lse_s: torch.Tensor,
+                      lse_t: torch.Tensor, tau_s: float, tau_t: float, dtype: torch.dtype, keep_factors: bool = False):
+    """Per-entry reverse-KL terms `pi_v (log pi_v - log q_v)` of one chunk `[chunk, V/tp]`, computed with three
+    `[chunk, V/tp]` buffers reused in place; `pi_v = 0` (padding, -inf logits) contributes exactly 0, and
+    `q_v = 0` where `pi_v > 0` gives +inf (the true value). With keep_factors, also returns the log-ratio
+    `log pi - log q` (0 where pi = 0) and `pi`, for the backward pass; then the terms are not returned."""
+    log_pi = shard.scaled(student, tau_s, dtype) - lse_s[:, None]
+    ratio = shard.scaled(teacher, tau_t, dtype) - lse_t[:, None]
+    torch.sub(log_pi, ratio, out=ratio)                  # ratio = log pi - log q
+    probs = log_pi.exp_()                                 # log_pi's buffer now holds pi
+    ratio.masked_fill_(probs == 0, 0.0)
+    if keep_factors:
+        return None, ratio, probs
+    return ratio.mul_(probs), None, None
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Autograd ops
 
@@ -268,9 +284,8 @@ class _ReverseKL(torch.autograd.Function):
         lse_t = _normalizer(shard, teacher, teacher_temperature, dtype, chunk_size)
         partial = torch.empty_like(lse_s)
         for piece in _chunks(student.shape[0], chunk_size):
-            lp = shard.scaled(student[piece], student_temperature, dtype) - lse_s[piece, None]
-            lq = shard.scaled(teacher[piece], teacher_temperature, dtype) - lse_t[piece, None]
-            partial[piece] = divergence_from_log_probs("reverse_kl", lp, lq)
+            partial[piece] = _reverse_kl_terms(shard, student[piece], teacher[piece], lse_s[piece], lse_t[piece],
+                                               student_temperature, teacher_temperature, dtype)[0].sum(dim=-1)
         rkl = shard.all_reduce(partial)
         ctx.save_for_backward(student, teacher, lse_s, lse_t, rkl)
         ctx.shard, ctx.temperatures, ctx.chunk_size = shard, (student_temperature, teacher_temperature), chunk_size
@@ -282,12 +297,11 @@ class _ReverseKL(torch.autograd.Function):
         shard, (tau_s, tau_t) = ctx.shard, ctx.temperatures
         grad = torch.empty_like(student)
         for piece in _chunks(student.shape[0], ctx.chunk_size):
-            lp = shard.scaled(student[piece], tau_s, lse_s.dtype) - lse_s[piece, None]
-            lq = shard.scaled(teacher[piece], tau_t, lse_s.dtype) - lse_t[piece, None]
-            zero = torch.isneginf(lp)
-            excess = (lp - lq).masked_fill(zero, 0.0) - rkl[piece, None]
-            chunk_grad = (lp.exp() * excess).masked_fill(zero, 0.0)
-            grad[piece] = (chunk_grad * (grad_out[piece].to(lse_s.dtype) / tau_s)[:, None]).to(grad.dtype)
+            _, excess, probs = _reverse_kl_terms(shard, student[piece], teacher[piece], lse_s[piece], lse_t[piece],
+                                                 tau_s, tau_t, lse_s.dtype, keep_factors=True)
+            # pi_v (log pi_v - log q_v - RKL) g / tau_S, in place in the factors (pi_v = 0 gives 0).
+            excess.sub_(rkl[piece, None]).mul_(probs).mul_((grad_out[piece].to(lse_s.dtype) / tau_s)[:, None])
+            grad[piece] = excess.to(grad.dtype)
         return grad, None, None, None, None, None
 
 
