@@ -124,6 +124,9 @@ def bench_worker(tp: int, tokens: int, hidden_size: int, vocab: int, chunk_size:
         "megatron CE": on_logits(lambda z: vocab_parallel_cross_entropy(z, ids), clone=True),
         "token log-prob": on_logits(lambda z: -vp.vocab_parallel_token_logprobs(z, ids, chunk_size=chunk_size),
                                     clone=False),
+        "token log-prob (keep softmax)": on_logits(
+            lambda z: -vp.vocab_parallel_token_logprobs(z, ids, chunk_size=chunk_size, keep_softmax=True),
+            clone=False),
         "reverse KL": on_logits(lambda z: vp.vocab_parallel_reverse_kl(z, teacher, chunk_size=chunk_size),
                                 clone=False),
     }
@@ -177,7 +180,8 @@ def main() -> None:
                     for name in ranks[0]}
             results[f"V={vocab},tp={tp}"] = rows
             for name, values in rows.items():
-                base = rows["megatron CE" if name in ("token log-prob", "reverse KL", "megatron CE")
+                base = rows["megatron CE" if name in ("token log-prob", "token log-prob (keep softmax)",
+                                                      "reverse KL", "megatron CE")
                             else "matmul + megatron CE"][0]
                 half = f"{values[2]:,.0f}" if len(values) > 2 else ""
                 print(f"| {vocab:,} | {tp} | {name} | {values[0] * 1e3:,.0f} | {values[0] / base:.2f}x | "

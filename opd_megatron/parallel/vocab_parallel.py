@@ -177,6 +177,30 @@ def _reverse_kl_terms(shard: _Shard, student: torch.Tensor, teacher: torch.Tenso
     return ratio.mul_(probs), None, None
 
 
+def _normalizer_keeping_softmax(shard: _Shard, logits: torch.Tensor, temperature: float, dtype: torch.dtype,
+                                chunk_size: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_normalizer` that also returns `softmax(z / tau)` `[N, V/tp]` (megatron CE's trade: one exp pass in all,
+    the softmax held until backward), built in one buffer: shifted logits, exp in place, divided in place."""
+    rows = logits.shape[0]
+    row_max = torch.empty(rows, dtype=dtype, device=logits.device)
+    softmax = torch.empty(logits.shape, dtype=dtype, device=logits.device)
+    with torch.no_grad():
+        for piece in _chunks(rows, chunk_size):
+            row_max[piece] = shard.scaled(logits[piece], temperature, dtype).amax(dim=-1)
+        shard.all_reduce(row_max, dist.ReduceOp.MAX)
+        if torch.isneginf(row_max).any():
+            raise MathInputError("logits: every logit of the (unpadded) vocabulary is -inf at some position "
+                                 "(no distribution there)")
+        sum_exp = torch.empty_like(row_max)
+        for piece in _chunks(rows, chunk_size):
+            out = softmax[piece]
+            torch.sub(shard.scaled(logits[piece], temperature, dtype), row_max[piece, None], out=out)
+            sum_exp[piece] = out.exp_().sum(dim=-1)
+        shard.all_reduce(sum_exp)
+        softmax.div_(sum_exp[:, None])
+    return row_max + sum_exp.log(), softmax
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Autograd ops
 
@@ -236,9 +260,14 @@ class _TokenLogProbs(torch.autograd.Function):
     communication (the output is replicated, so each rank's gradient is already the full one)."""
 
     @staticmethod
-    def forward(ctx, logits, token_ids, shard: _Shard, temperature: float, chunk_size: Optional[int]):
+    def forward(ctx, logits, token_ids, shard: _Shard, temperature: float, chunk_size: Optional[int],
+                keep_softmax: bool = False):
         dtype = compute_dtype(logits)
-        lse = _normalizer(shard, logits, temperature, dtype, chunk_size)
+        ctx.softmax = None
+        if keep_softmax:
+            lse, ctx.softmax = _normalizer_keeping_softmax(shard, logits, temperature, dtype, chunk_size)
+        else:
+            lse = _normalizer(shard, logits, temperature, dtype, chunk_size)
         local = token_ids - shard.start
         owned = (local >= 0) & (local < shard.width)
         rows = torch.arange(logits.shape[0], device=logits.device)
@@ -253,21 +282,26 @@ class _TokenLogProbs(torch.autograd.Function):
     def backward(ctx, grad_out):
         logits, token_ids, lse = ctx.saved_tensors
         shard, tau = ctx.shard, ctx.temperature
-        grad = torch.empty_like(logits)
+        softmax, ctx.softmax = ctx.softmax, None  # consumed: it becomes the gradient (megatron CE does the same)
+        grad = softmax if softmax is not None and softmax.dtype == logits.dtype else torch.empty_like(logits)
         for piece in _chunks(logits.shape[0], ctx.chunk_size):
-            z = shard.scaled(logits[piece], tau, lse.dtype)
             g = grad_out[piece].to(lse.dtype) / tau
             # -softmax * g written in place into the output chunk (no extra [chunk, V/tp] temporaries).
-            chunk_grad = grad[piece] if grad.dtype == lse.dtype else torch.empty_like(z)
-            torch.sub(z, lse[piece, None], out=chunk_grad)
-            chunk_grad.exp_().mul_(-g[:, None])
+            chunk_grad = grad[piece] if grad.dtype == lse.dtype else torch.empty(
+                grad[piece].shape, dtype=lse.dtype, device=grad.device)
+            if softmax is None:
+                torch.sub(shard.scaled(logits[piece], tau, lse.dtype), lse[piece, None], out=chunk_grad)
+                chunk_grad.exp_()
+            elif chunk_grad.data_ptr() != softmax[piece].data_ptr():
+                chunk_grad.copy_(softmax[piece])
+            chunk_grad.mul_(-g[:, None])
             local = token_ids[piece] - shard.start
             owned = (local >= 0) & (local < shard.width)
             rows = torch.arange(chunk_grad.shape[0], device=grad.device)
             chunk_grad[rows[owned], local[owned]] += g[owned]
             if chunk_grad.data_ptr() != grad[piece].data_ptr():
                 grad[piece] = chunk_grad.to(grad.dtype)
-        return grad, None, None, None, None
+        return grad, None, None, None, None, None
 
 
 class _ReverseKL(torch.autograd.Function):
@@ -323,10 +357,14 @@ def vocab_parallel_log_normalizer(logits_shard: torch.Tensor, temperature: float
 
 def vocab_parallel_token_logprobs(logits_shard: torch.Tensor, token_ids: torch.Tensor, temperature: float = 1.0,
                                   true_vocab_size: Optional[int] = None, *, group=None,
-                                  chunk_size: Optional[int] = None) -> torch.Tensor:
+                                  chunk_size: Optional[int] = None, keep_softmax: bool = False) -> torch.Tensor:
     """`log softmax(z / tau)[y]` of the tokens `y` (global vocabulary ids `[...]`), logits `[..., V/tp]` ->
     `[...]`, with gradient into the shard (call under `torch.no_grad()` for a teacher). Equals
-    `-vocab_parallel_cross_entropy` of megatron-core on the same shards (padding set to -inf)."""
+    `-vocab_parallel_cross_entropy` of megatron-core on the same shards (padding set to -inf).
+
+    keep_softmax: False (default) saves only `[N]` statistics and recomputes the softmax per chunk in backward
+    (memory flat in the chunk, two exp passes); True holds the `[N, V/tp]` softmax until backward and turns it
+    into the gradient in place (megatron CE's trade: one exp pass, one `[N, V/tp]` buffer; backward only once)."""
     require_positive("temperature", temperature)
     flat = _flatten("logits_shard", logits_shard)
     shard = _Shard(flat.shape[-1], true_vocab_size, group)
@@ -337,7 +375,8 @@ def vocab_parallel_token_logprobs(logits_shard: torch.Tensor, token_ids: torch.T
                              f"logits), got {tuple(token_ids.shape)}")
     ids = token_ids.reshape(-1)
     _check_inputs(shard, {"logits_shard": flat}, ids)
-    out = _TokenLogProbs.apply(flat, ids.to(torch.long), shard, float(temperature), chunk_size)
+    keep = keep_softmax and torch.is_grad_enabled() and flat.requires_grad
+    out = _TokenLogProbs.apply(flat, ids.to(torch.long), shard, float(temperature), chunk_size, keep)
     return out.reshape(logits_shard.shape[:-1])
 
 

@@ -34,6 +34,9 @@ def _cases(ids: torch.Tensor, tau_s: float, tau_t: float) -> dict[str, tuple[Cal
     cases = {
         "token_logprobs": (lambda s, t, **kw: vp.vocab_parallel_token_logprobs(s, ids, tau_s, **kw),
                            lambda s, t: torch.log_softmax(s / tau_s, -1).gather(-1, ids[:, None])[:, 0]),
+        "token_logprobs_keep_softmax": (
+            lambda s, t, **kw: vp.vocab_parallel_token_logprobs(s, ids, tau_s, keep_softmax=True, **kw),
+            lambda s, t: torch.log_softmax(s / tau_s, -1).gather(-1, ids[:, None])[:, 0]),
         "log_normalizer": (lambda s, t, **kw: vp.vocab_parallel_log_normalizer(s, tau_s, **kw),
                            lambda s, t: torch.logsumexp(s / tau_s, -1)),
         "entropy": (lambda s, t, **kw: vp.vocab_parallel_entropy(s, tau_s, **kw),
