@@ -18,6 +18,7 @@ it. With `k = V` every support equals the full vocabulary and the losses equal t
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -146,6 +147,19 @@ def _lookup(query_ids: torch.Tensor, ids: torch.Tensor, values: torch.Tensor) ->
     return values.gather(-1, first), match.any(dim=-1)
 
 
+def support_ids(support: str, teacher_ids: Optional[torch.Tensor],
+                student_ids: Optional[torch.Tensor]) -> torch.Tensor:
+    """The ids `[..., K]` a top-k support holds, from the teacher's and the student's top-k ids `[..., k]`:
+    one of them, or for `union` the teacher's k followed by the student's k with the ids the teacher already
+    holds replaced by -1 (an unused slot, -inf on both sides: it adds 0). Shared by the vocab-parallel twin."""
+    if support == "teacher_topk":
+        return teacher_ids
+    if support == "student_topk":
+        return student_ids
+    taken = (student_ids.unsqueeze(-1) == teacher_ids.unsqueeze(-2)).any(dim=-1)
+    return torch.cat([teacher_ids, student_ids.masked_fill(taken, -1)], dim=-1)
+
+
 def build_support(student_logits: torch.Tensor, teacher: torch.Tensor | SparseTeacherLogprobs,
                   support: str = "full", k: int | None = None, mode: str = "renormalized", *,
                   student_temperature: float = 1.0, teacher_temperature: float = 1.0) -> SupportedDistributions:
@@ -214,6 +228,7 @@ def build_support(student_logits: torch.Tensor, teacher: torch.Tensor | SparseTe
                                  f"'renormalized'")
 
     # Rank by the raw logits (a temperature does not change the order, its rounding could break ties).
+    teacher_ids = student_ids = None
     if support in ("teacher_topk", "union"):
         if sparse:
             # Sort the returned slots by id so that the position tie rule of top_k_positions is the id rule.
@@ -225,13 +240,7 @@ def build_support(student_logits: torch.Tensor, teacher: torch.Tensor | SparseTe
             teacher_ids = top_k_positions(teacher.detach(), k)
     if support in ("student_topk", "union"):
         student_ids = top_k_positions(student_logits.detach(), k)
-    if support == "teacher_topk":
-        ids = teacher_ids
-    elif support == "student_topk":
-        ids = student_ids
-    else:
-        taken = (student_ids.unsqueeze(-1) == teacher_ids.unsqueeze(-2)).any(dim=-1)
-        ids = torch.cat([teacher_ids, student_ids.masked_fill(taken, -1)], dim=-1)
+    ids = support_ids(support, teacher_ids, student_ids)
     valid = ids >= 0
     safe_ids = ids.clamp_min(0)
 

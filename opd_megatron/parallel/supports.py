@@ -28,7 +28,7 @@ import torch.distributed as dist
 from opd_megatron.losses.distributional import compute_dtype
 from opd_megatron.losses.supports import (MODES, SparseTeacherLogprobs, SupportedDistributions,
                                           _check_sparse_teacher, _log_normalize, _lookup, _safe_logsumexp,
-                                          top_k_positions)
+                                          support_ids, top_k_positions)
 from opd_megatron.parallel.topk import gather_owned, scatter_sparse_to_shards, vocab_parallel_topk
 from opd_megatron.parallel.vocab_parallel import (_check_inputs, _flatten, _ReduceFromTP, _Shard,
                                                   vocab_parallel_log_normalizer)
@@ -121,18 +121,13 @@ def vocab_parallel_build_support(student_logits_shard: torch.Tensor,
     group = shard.group
 
     # Support ids `[N, K]`, replicated: ranked by the raw logits, as the reference.
+    teacher_ids = student_ids = None
     if support in ("teacher_topk", "union"):
         teacher_ids = (_sparse_teacher_topk(teacher, k).reshape(-1, k) if sparse
                        else vocab_parallel_topk(teacher_flat, k, vocab, group)[1])
     if support in ("student_topk", "union"):
         student_ids = vocab_parallel_topk(student.detach(), k, vocab, group)[1]
-    if support == "teacher_topk":
-        ids = teacher_ids
-    elif support == "student_topk":
-        ids = student_ids
-    else:
-        taken = (student_ids.unsqueeze(-1) == teacher_ids.unsqueeze(-2)).any(dim=-1)
-        ids = torch.cat([teacher_ids, student_ids.masked_fill(taken, -1)], dim=-1)
+    ids = support_ids(support, teacher_ids, student_ids)
     valid = ids >= 0
     safe_ids = ids.clamp_min(0)
     neg_inf = float("-inf")

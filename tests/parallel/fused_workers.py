@@ -10,23 +10,15 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
 
 from opd_megatron.losses import distributional as ref
 from opd_megatron.parallel import fused
 from opd_megatron.parallel import vocab_parallel as vp
-from opd_megatron.tensor_checks import MathInputError
+from tests.parallel.vocab_parallel_workers import _err, _init, _raises
 
 ROWS, HIDDEN, VOCAB = 12, 8, 37  # 37 is not divisible by 2: the padded vocabulary has a padding row
-
-
-def _init(tp: int) -> None:
-    from opd_megatron.student.cpu_shims import apply_cpu_shims
-    apply_cpu_shims()
-    dist.init_process_group("gloo")
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
 
 
 def _value_and_grads(fn: Callable, hidden: torch.Tensor, weight: torch.Tensor):
@@ -37,18 +29,6 @@ def _value_and_grads(fn: Callable, hidden: torch.Tensor, weight: torch.Tensor):
     weights = torch.linspace(0.5, 1.5, value.numel(), dtype=value.dtype).reshape(value.shape)
     (value * weights).sum().backward()
     return value.detach(), hidden.grad.detach(), weight.grad.detach()
-
-
-def _err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
-
-
-def _raises(name: str, call: Callable) -> bool:
-    try:
-        call()
-    except MathInputError as error:
-        return name in str(error)
-    return False
 
 
 def fused_worker(tp: int) -> dict[str, float | bool]:
