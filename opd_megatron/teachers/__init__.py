@@ -1,0 +1,1 @@
+"""Teachers: one interface (`base.Teacher`) scoring student rollouts, one result (`base.TeacherScores`)."""

@@ -1,0 +1,75 @@
+"""Tiny random Hugging Face checkpoints and tokenizers written by the tests (no model hub here).
+
+`write_tiny_checkpoint(dir, arch)` saves a random Llama / Qwen2 / Qwen3 causal LM (safetensors + config.json) and a
+matching WordLevel tokenizer (tokenizer.json + tokenizer_config.json) that `AutoTokenizer`, `transformers`, vLLM
+and our loaders read from the directory. Shapes respect vLLM-CPU's limits (head_dim 32, see
+shared/docs/teacher-servers.md: a head_dim of 16 kills the server).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
+
+
+def tiny_vocab(vocab_size: int) -> list[str]:
+    """Special tokens, then single characters, then filler word pieces, `vocab_size` in all."""
+    chars = [chr(c) for c in range(ord("a"), ord("z") + 1)] + [str(d) for d in range(10)] + list("=+-*$ .,?")
+    words = SPECIAL_TOKENS + chars
+    words += [f"w{i}" for i in range(vocab_size - len(words))]
+    return words[:vocab_size]
+
+
+def write_tiny_tokenizer(directory: Path, vocab_size: int = 512) -> None:
+    """A WordLevel tokenizer over `tiny_vocab`, whitespace pre-tokenised, saved as a fast tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {word: i for i, word in enumerate(tiny_vocab(vocab_size))}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
+                                        unk_token="<unk>", pad_token="<pad>")
+    tokenizer.save_pretrained(str(directory))
+
+
+def tiny_config(arch: str = "llama", vocab_size: int = 512, hidden_size: int = 128, num_layers: int = 2,
+                num_heads: int = 4, num_kv_heads: int = 2, intermediate_size: int = 256, tie: bool = False,
+                max_position_embeddings: int = 256):
+    """A transformers config of the given architecture (`llama`, `qwen2`, `qwen3`) with head_dim 32."""
+    import transformers
+
+    common = dict(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
+                  num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
+                  max_position_embeddings=max_position_embeddings, rms_norm_eps=1e-6, tie_word_embeddings=tie,
+                  bos_token_id=1, eos_token_id=2, pad_token_id=0, dtype="float32")
+    if arch == "llama":
+        return transformers.LlamaConfig(rope_theta=10000.0, attention_bias=False, mlp_bias=False, **common)
+    if arch == "qwen2":
+        return transformers.Qwen2Config(rope_theta=1000000.0, **common)
+    if arch == "qwen3":
+        return transformers.Qwen3Config(rope_theta=1000000.0, head_dim=hidden_size // num_heads, **common)
+    raise ValueError(f"unknown tiny architecture {arch!r}; expected llama, qwen2 or qwen3")
+
+
+def write_tiny_checkpoint(directory: Path | str, arch: str = "llama", seed: int = 0, **config_kwargs) -> Path:
+    """Save a random causal LM of `arch` and its tokenizer into `directory`; returns the directory."""
+    import transformers
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = tiny_config(arch, **config_kwargs)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    # Random init of transformers is std 0.02: logits near uniform. Widen it so that distributions are peaked
+    # enough for top-k order and KLs to be informative in the tests.
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() >= 2:
+                param.normal_(0.0, 0.08)
+    model.save_pretrained(str(directory), safe_serialization=True)
+    write_tiny_tokenizer(directory, config.vocab_size)
+    return directory
