@@ -1,0 +1,481 @@
+"""The shared transport of served teachers (SGLang, vLLM): balancing over several servers, bounded in-flight
+requests, batching by a token budget, timeouts, retries with backoff, and one base class that turns per-row
+server replies into label-aligned `TeacherScores`.
+
+Fault behaviour (docs/teachers.md): connection errors, timeouts, 429 and 502/503/504 are retried with exponential
+backoff and jitter (a Retry-After header is honoured), on another server where there is one, until `max_retries`
+or `max_retry_time_s` is spent; then a `TeacherError` names the URL and the failure. Any other HTTP error fails at
+once. A failure of any request fails the whole `score()` call: a partial result is never returned.
+
+The API key is read from the environment variable whose *name* is configured; it is sent as a Bearer header and is
+kept out of reprs, logs and error messages.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import email.utils
+import math
+import os
+import random
+import threading
+import time
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from typing import Any, Literal, Mapping, Optional, Sequence
+
+import httpx
+import torch
+
+from opd_megatron.config import ConfigError, _build, _require
+from opd_megatron.teachers.base import Teacher, TeacherError, TeacherRequest, TeacherScores
+
+#: HTTP statuses worth retrying: overload (429), a proxy/router without a healthy backend (502, 504), a server
+#: that is starting or draining (503). Anything else (400 on a bad id, 401 on a bad key, 500) fails at once.
+RETRY_STATUSES = frozenset({429, 502, 503, 504})
+
+
+@dataclass
+class HTTPTeacherConfig:
+    """A served teacher: where it is, what it serves, and the transport knobs."""
+    urls: list[str] = field(default_factory=list)  # base URLs, e.g. ["http://10.0.0.5:30000"]; a router is one URL
+    model: str = ""                  # served model name (vLLM's "model"; checked against the server's identity)
+    vocab_size: int = 0              # the tokenizer's true size (not a padded embedding's, e.g. 151936 not 152064)
+    temperature: float = 1.0         # the teacher's temperature, independent of the rollout temperature
+    max_topk: Optional[int] = None   # cap on top-k (vLLM: the server's --max-logprobs, 20 by default)
+    max_extra_ids: int = 256         # SGLang: bound on the distinct extra ids (student top-k) sent per row
+    timeout_s: float = 120.0         # per request (read/write/pool)
+    connect_timeout_s: float = 5.0
+    max_retries: int = 4             # retries after the first attempt
+    backoff_s: float = 0.5           # first retry waits ~backoff_s, doubling, jittered in [0.5, 1] x
+    backoff_max_s: float = 10.0
+    max_retry_time_s: float = 300.0  # a request gives up once this much time has passed since its first attempt
+    max_inflight: int = 8            # concurrent requests, all servers together
+    max_tokens_per_request: int = 32768  # rows are packed into one request up to this many tokens
+    max_rows_per_request: int = 64
+    balance: Literal["least_inflight", "round_robin"] = "least_inflight"
+    api_key_env: Optional[str] = None    # NAME of the environment variable holding the API key (Bearer)
+    check_on_start: bool = True      # health + identity of every URL at construction
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any], prefix: str = "teacher.") -> "HTTPTeacherConfig":
+        """Build from a mapping (a YAML section); an unknown key or bad value is a ConfigError naming it."""
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"{prefix.rstrip('.')}: expected a mapping of keys, got {type(raw).__name__}")
+        raw = dict(raw)
+        # config._coerce has no list type; urls is the one list here, checked by validate().
+        urls = raw.pop("urls", [])
+        cfg = _build(cls, raw, prefix)
+        cfg.urls = [urls] if isinstance(urls, str) else urls
+        return cfg.validate(prefix)
+
+    def validate(self, prefix: str = "teacher.") -> "HTTPTeacherConfig":
+        urls = self.urls
+        _require(isinstance(urls, (list, tuple)) and len(urls) > 0
+                 and all(isinstance(u, str) and u.startswith(("http://", "https://")) for u in urls),
+                 f"{prefix}urls", "a non-empty list of http(s):// base URLs", urls)
+        self.urls = [u.rstrip("/") for u in urls]
+        _require(isinstance(self.vocab_size, int) and self.vocab_size >= 1, f"{prefix}vocab_size",
+                 "the teacher tokenizer's true vocabulary size (an integer >= 1)", self.vocab_size)
+        _require(math.isfinite(self.temperature) and self.temperature > 0, f"{prefix}temperature",
+                 "a positive number", self.temperature)
+        _require(self.max_topk is None or self.max_topk >= 0, f"{prefix}max_topk", "None or an integer >= 0",
+                 self.max_topk)
+        for key in ("max_extra_ids", "max_inflight", "max_tokens_per_request", "max_rows_per_request"):
+            _require(getattr(self, key) >= 1, f"{prefix}{key}", "an integer >= 1", getattr(self, key))
+        _require(self.max_retries >= 0, f"{prefix}max_retries", "an integer >= 0", self.max_retries)
+        for key in ("timeout_s", "connect_timeout_s", "backoff_max_s", "max_retry_time_s"):
+            _require(getattr(self, key) > 0, f"{prefix}{key}", "a positive number of seconds", getattr(self, key))
+        _require(self.backoff_s >= 0, f"{prefix}backoff_s", "a number of seconds >= 0", self.backoff_s)
+        _require(self.api_key_env is None or (bool(self.api_key_env) and "=" not in self.api_key_env),
+                 f"{prefix}api_key_env", "None or the NAME of an environment variable", self.api_key_env)
+        return self
+
+
+def as_config(config: HTTPTeacherConfig | Mapping[str, Any]) -> HTTPTeacherConfig:
+    if isinstance(config, HTTPTeacherConfig):
+        return dataclasses.replace(config).validate()
+    return HTTPTeacherConfig.from_dict(config)
+
+
+def pack_rows(lengths: Sequence[int], max_tokens: int, max_rows: int) -> list[list[int]]:
+    """Group row indices (in order) into requests of at most `max_rows` rows and `max_tokens` tokens; a row longer
+    than the budget goes alone (the server decides whether it fits)."""
+    groups: list[list[int]] = []
+    current: list[int] = []
+    tokens = 0
+    for row, length in enumerate(lengths):
+        if current and (tokens + length > max_tokens or len(current) >= max_rows):
+            groups.append(current)
+            current, tokens = [], 0
+        current.append(row)
+        tokens += length
+    if current:
+        groups.append(current)
+    return groups
+
+
+def retry_after_s(value: Optional[str]) -> Optional[float]:
+    """Retry-After as seconds: either a number or an HTTP date (RFC 9110 §10.2.3); None if absent or unreadable."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+class _Retryable(Exception):
+    def __init__(self, message: str, wait_s: Optional[float] = None):
+        super().__init__(message)
+        self.wait_s = wait_s
+
+
+class HTTPTransport:
+    """POSTs JSON to a pool of servers, at most `max_inflight` at a time, with retries; see the module docstring."""
+
+    def __init__(self, config: HTTPTeacherConfig, name: str):
+        self.config = config
+        self.name = name
+        self._api_key = _read_api_key(config.api_key_env)
+        headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
+        timeout = httpx.Timeout(config.timeout_s, connect=config.connect_timeout_s)
+        limits = httpx.Limits(max_connections=config.max_inflight, max_keepalive_connections=config.max_inflight)
+        self._client = httpx.Client(headers=headers, timeout=timeout, limits=limits, trust_env=False)
+        self._pool = ThreadPoolExecutor(max_workers=config.max_inflight, thread_name_prefix=f"{name}-http")
+        self._lock = threading.Lock()
+        self._inflight = {url: 0 for url in config.urls}
+        self._next = 0
+        self._random = random.Random()
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return (f"HTTPTransport(name={self.name!r}, urls={self.config.urls}, max_inflight={self.config.max_inflight}, "
+                f"api_key={'<from $' + self.config.api_key_env + '>' if self._api_key else None})")
+
+    # -- one request ------------------------------------------------------------------------------------------
+
+    def get(self, url: str, path: str) -> httpx.Response:
+        """One GET (health, identity) on one server, no retries: a refused connection names the URL at once."""
+        try:
+            return self._client.get(url + path)
+        except httpx.HTTPError as exc:
+            raise TeacherError(self._scrub(f"{self.name}: GET {url}{path} failed: {_describe(exc)}"
+                                           f"{_hint(exc)}")) from None
+
+    def get_json(self, url: str, path: str) -> Any:
+        reply = self.get(url, path)
+        if reply.status_code != 200:
+            raise TeacherError(self._scrub(f"{self.name}: GET {url}{path} returned HTTP {reply.status_code}: "
+                                           f"{_snippet(reply.text)}"))
+        try:
+            return reply.json()
+        except ValueError:
+            raise TeacherError(f"{self.name}: GET {url}{path} did not return JSON: {_snippet(reply.text)}") from None
+
+    def post(self, path: str, payload: dict, stop: Optional[threading.Event] = None) -> tuple[str, Any]:
+        """POST with retries; returns (the URL that answered, its JSON reply) or raises TeacherError."""
+        cfg = self.config
+        start = time.monotonic()
+        tried: list[str] = []
+        failure = ""
+        for attempt in range(cfg.max_retries + 1):
+            url = self._acquire(avoid=tried[-1] if tried else None)
+            tried.append(url)
+            try:
+                return url, self._post_once(url, path, payload)
+            except _Retryable as exc:
+                failure = f"{url}{path}: {exc}"
+                wait_s = exc.wait_s
+            finally:
+                self._release(url)
+            if attempt == cfg.max_retries:
+                break
+            backoff = min(cfg.backoff_max_s, cfg.backoff_s * 2 ** attempt) * (0.5 + 0.5 * self._random.random())
+            wait_s = backoff if wait_s is None else max(wait_s, backoff)
+            elapsed = time.monotonic() - start
+            if elapsed + wait_s > cfg.max_retry_time_s:
+                failure += f" (next retry in {wait_s:.2f}s would pass max_retry_time_s={cfg.max_retry_time_s})"
+                break
+            if stop is not None and stop.wait(wait_s):
+                raise TeacherError(f"{self.name}: POST {url}{path} abandoned: another request of the batch failed")
+            if stop is None:
+                time.sleep(wait_s)
+        raise TeacherError(self._scrub(
+            f"{self.name}: POST failed after {len(tried)} attempt(s) over {time.monotonic() - start:.2f}s "
+            f"(servers tried: {', '.join(dict.fromkeys(tried))}); last failure: {failure}"))
+
+    def _post_once(self, url: str, path: str, payload: dict) -> Any:
+        try:
+            reply = self._client.post(url + path, json=payload)
+        except httpx.TimeoutException as exc:
+            raise _Retryable(f"timed out ({type(exc).__name__}, timeout_s={self.config.timeout_s})") from None
+        except httpx.TransportError as exc:
+            raise _Retryable(_describe(exc)) from None
+        if reply.status_code in RETRY_STATUSES:
+            raise _Retryable(f"HTTP {reply.status_code}: {_snippet(reply.text)}",
+                             retry_after_s(reply.headers.get("retry-after")))
+        if reply.status_code != 200:
+            raise TeacherError(self._scrub(f"{self.name}: POST {url}{path} returned HTTP {reply.status_code}: "
+                                           f"{_snippet(reply.text)}"))
+        try:
+            return reply.json()
+        except ValueError:
+            raise TeacherError(f"{self.name}: POST {url}{path} returned a reply that is not JSON: "
+                               f"{_snippet(reply.text)}") from None
+
+    # -- many requests ----------------------------------------------------------------------------------------
+
+    def post_all(self, path: str, payloads: Sequence[dict]) -> list[tuple[str, Any]]:
+        """POST every payload (at most max_inflight at a time); all replies in order, or the first TeacherError."""
+        if self._closed:
+            raise TeacherError(f"{self.name}: the client is closed")
+        stop = threading.Event()
+        futures = [self._pool.submit(self.post, path, payload, stop) for payload in payloads]
+        done, pending = wait(futures, return_when=FIRST_EXCEPTION)
+        failed = [f for f in futures if f in done and f.exception() is not None]
+        if failed:
+            stop.set()
+            for future in pending:
+                future.cancel()
+            raise failed[0].exception()
+        return [f.result() for f in futures]
+
+    def _acquire(self, avoid: Optional[str]) -> str:
+        urls = self.config.urls
+        with self._lock:
+            candidates = [u for u in urls if u != avoid] or urls
+            if self.config.balance == "round_robin":
+                url = candidates[self._next % len(candidates)]
+                self._next += 1
+            else:  # least in-flight; ties rotate so idle servers share the load
+                self._next += 1
+                rotated = candidates[self._next % len(candidates):] + candidates[:self._next % len(candidates)]
+                url = min(rotated, key=lambda u: self._inflight[u])
+            self._inflight[url] += 1
+        return url
+
+    def _release(self, url: str) -> None:
+        with self._lock:
+            self._inflight[url] -= 1
+
+    def _scrub(self, message: str) -> str:
+        return message.replace(self._api_key, "<api key>") if self._api_key else message
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._client.close()
+
+
+def _read_api_key(env_name: Optional[str]) -> Optional[str]:
+    if env_name is None:
+        return None
+    key = os.environ.get(env_name, "").strip()
+    if not key:
+        raise ConfigError(f"teacher.api_key_env: the environment variable {env_name!r} is not set or empty")
+    return key
+
+
+def _describe(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def _hint(exc: Exception) -> str:
+    if isinstance(exc, httpx.ConnectError):
+        return " (connection refused or host unreachable: is the teacher server running at this address?)"
+    return ""
+
+
+def _snippet(text: str, limit: int = 300) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Served teachers: request -> payloads -> replies -> label-aligned TeacherScores.
+# ---------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class RowScores:
+    """One row's scores at its scored columns score_start .. lengths-2 (n of them), parsed from a reply.
+    extra: per column, teacher logprobs keyed by token id (SGLang's token_ids_logprob), or None."""
+    sampled: list[float]
+    topk_ids: Optional[list[list[int]]] = None
+    topk_logprobs: Optional[list[list[float]]] = None
+    extra: Optional[list[dict[int, float]]] = None
+
+
+class ServedTeacher(Teacher):
+    """A teacher behind HTTP. Subclasses say how a group of rows becomes a request and how a reply becomes
+    `RowScores`; packing, transport, alignment into `[B, L-1]` columns and the checks are here."""
+
+    health_path: str = "/health"
+    score_path: str = ""
+    #: the top-k cap when teacher.max_topk is not set (None = any)
+    default_max_topk: Optional[int] = None
+
+    def __init__(self, config: HTTPTeacherConfig | Mapping[str, Any]):
+        self.config = as_config(config)
+        self.name = self.config.model or type(self).__name__
+        self.max_topk = self.config.max_topk if self.config.max_topk is not None else self.default_max_topk
+        self.transport = HTTPTransport(self.config, self.name)
+        try:
+            self._check_temperature()
+            if self.config.check_on_start:
+                for url in self.config.urls:
+                    self.transport.get(url, self.health_path).raise_for_status()
+                self.start_checks()
+        except httpx.HTTPStatusError as exc:
+            self.close()
+            raise TeacherError(f"{self.name}: health check {exc.request.url} returned HTTP "
+                               f"{exc.response.status_code}") from None
+        except BaseException:
+            self.close()
+            raise
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(urls={self.config.urls}, model={self.config.model!r}, " \
+               f"vocab_size={self.config.vocab_size})"
+
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    def close(self) -> None:
+        self.transport.close()
+
+    # -- what a subclass provides -----------------------------------------------------------------------------
+
+    def start_checks(self) -> None:
+        """Identity checks on every server at start (model name, consistent servers)."""
+
+    @abc.abstractmethod
+    def payload(self, request: TeacherRequest, rows: list[int]) -> dict:
+        """The JSON body scoring `rows` of `request`."""
+
+    @abc.abstractmethod
+    def parse(self, request: TeacherRequest, rows: list[int], reply: Any, where: str) -> list[RowScores]:
+        """One RowScores per row of `rows`; a malformed reply raises TeacherError mentioning `where`."""
+
+    def _check_temperature(self) -> None:
+        # Both SGLang 0.5.23 and vLLM compute prompt logprobs from the raw logits (docs/teachers.md): a teacher
+        # temperature other than 1 would silently be ignored, so it is refused.
+        if self.config.temperature != 1.0:
+            raise ConfigError(f"teacher.temperature: {type(self).__name__} scores prompt tokens from the raw logits "
+                              f"(the server ignores sampling temperature there); expected 1.0, got "
+                              f"{self.config.temperature}. Use an in-process or colocated teacher for T != 1.")
+
+    # -- the shared path --------------------------------------------------------------------------------------
+
+    def score(self, request: TeacherRequest) -> TeacherScores:
+        vocab = self.vocab_size()
+        request.validate(vocab)
+        if self.max_topk is not None and request.topk > self.max_topk:
+            raise TeacherError(f"{self.name}: top-{request.topk} asked, but this server returns at most "
+                               f"top-{self.max_topk} (teacher.max_topk)")
+        if request.extra_ids is not None:
+            if not self.scores_extra_ids:
+                raise TeacherError(f"{self.name}: {type(self).__name__} cannot score extra ids (the student's "
+                                   f"top-k); use a teacher with scores_extra_ids=True (e.g. SGLang) or drop them")
+            used = request.extra_ids[request.extra_ids >= 0]
+            if used.numel() and int(used.max()) >= vocab:
+                raise ValueError(f"TeacherRequest.extra_ids: ids must lie in [-1, {vocab}), got max {int(used.max())}")
+        lengths = [int(n) for n in request.lengths.tolist()]
+        groups = pack_rows(lengths, self.config.max_tokens_per_request, self.config.max_rows_per_request)
+        replies = self.transport.post_all(self.score_path, [self.payload(request, rows) for rows in groups])
+
+        b, columns, k = request.batch_size, request.columns, request.topk
+        sampled = torch.zeros(b, columns, dtype=torch.float32)
+        topk_ids = torch.zeros(b, columns, k, dtype=torch.int64) if k else None
+        topk_logprobs = torch.zeros(b, columns, k, dtype=torch.float32) if k else None
+        extra = None if request.extra_ids is None else torch.zeros(request.extra_ids.shape, dtype=torch.float32)
+        for rows, (url, reply) in zip(groups, replies):
+            where = f"{self.name} ({url}{self.score_path})"
+            parsed = self.parse(request, rows, reply, where)
+            if len(parsed) != len(rows):
+                raise TeacherError(f"{where}: {len(parsed)} rows in the reply, expected {len(rows)}")
+            for row, scores in zip(rows, parsed):
+                start, stop = int(request.score_start[row]), lengths[row] - 1
+                self._check_row(scores, stop - start, k, vocab, f"{where} row {row}")
+                sampled[row, start:stop] = torch.tensor(scores.sampled, dtype=torch.float32)
+                if k:
+                    topk_ids[row, start:stop] = torch.tensor(scores.topk_ids, dtype=torch.int64).view(-1, k)
+                    topk_logprobs[row, start:stop] = torch.tensor(scores.topk_logprobs,
+                                                                  dtype=torch.float32).view(-1, k)
+                if extra is not None:
+                    extra[row, start:stop] = _pick_extra(request.extra_ids[row, start:stop], scores.extra,
+                                                         f"{where} row {row}", start)
+        result = TeacherScores(sampled_logprobs=sampled, valid=request.valid_mask(), topk_ids=topk_ids,
+                               topk_logprobs=topk_logprobs, extra_logprobs=extra, teacher_name=self.name)
+        return result.check(request, vocab)
+
+    @staticmethod
+    def _check_row(scores: RowScores, n: int, k: int, vocab: int, where: str) -> None:
+        """Lengths, ranges and values, with the server named (TeacherScores.check repeats the value checks)."""
+        if len(scores.sampled) != n:
+            raise TeacherError(f"{where}: {len(scores.sampled)} scored positions in the reply, expected {n}")
+        values = list(scores.sampled)
+        if k:
+            if len(scores.topk_ids) != n or any(len(ids) != k for ids in scores.topk_ids):
+                raise TeacherError(f"{where}: top-k reply is not {n} positions x {k} entries")
+            for ids in scores.topk_ids:
+                bad = [i for i in ids if not 0 <= i < vocab]
+                if bad:
+                    raise TeacherError(f"{where}: top-k ids {bad[:5]} outside [0, {vocab}) (teacher.vocab_size: "
+                                       f"is the server's tokenizer the student's?)")
+            values += [v for row in scores.topk_logprobs for v in row]
+        bad_values = [v for v in values if not math.isfinite(v) or v > 1e-4]
+        if bad_values:
+            raise TeacherError(f"{where}: {len(bad_values)} logprobs that are NaN/inf or positive "
+                               f"(first {bad_values[0]!r}); expected finite values <= 0")
+
+
+def _pick_extra(extra_ids: torch.Tensor, maps: Optional[list[dict[int, float]]], where: str,
+                start: int) -> torch.Tensor:
+    """`[n, E]` logprobs of the requested extra ids, from per-column id -> logprob maps (-1 ids give 0)."""
+    if maps is None or len(maps) != extra_ids.shape[0]:
+        raise TeacherError(f"{where}: extra-id logprobs missing or of the wrong length")
+    out = torch.zeros(extra_ids.shape, dtype=torch.float32)
+    for j, (ids, by_id) in enumerate(zip(extra_ids.tolist(), maps)):
+        for e, token in enumerate(ids):
+            if token < 0:
+                continue
+            if token not in by_id:
+                raise TeacherError(f"{where}: no logprob for extra id {token} at column {start + j}")
+            value = by_id[token]
+            if not math.isfinite(value) or value > 1e-4:
+                raise TeacherError(f"{where}: extra-id logprob {value!r} at column {start + j} is NaN/inf or "
+                                   f"positive")
+            out[j, e] = value
+    return out
+
+
+def logprob_value(value: Any, where: str) -> float:
+    """A logprob from a reply: a number (NaN/inf allowed here, rejected by the row check), never null/text."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TeacherError(f"{where}: expected a logprob number, got {value!r}")
+    return float(value)
+
+
+def token_id(value: Any, where: str) -> int:
+    """A token id from a reply: an integer, or (vLLM's dict keys) its decimal string."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.isdigit():
+        return int(value)
+    raise TeacherError(f"{where}: expected a token id, got {value!r}")
+
+
+def top_k(entries: list[tuple[int, float]], k: int, where: str) -> tuple[list[int], list[float]]:
+    """The k best (id, logprob) by descending logprob, ties to the lower id."""
+    if len(entries) < k:
+        raise TeacherError(f"{where}: {len(entries)} top-logprob entries, expected at least {k}")
+    best = sorted(entries, key=lambda e: (-e[1] if not math.isnan(e[1]) else math.inf, e[0]))[:k]
+    return [i for i, _ in best], [v for _, v in best]

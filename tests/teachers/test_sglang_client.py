@@ -1,0 +1,105 @@
+"""SGLangTeacher against a local fake SGLang server: label-column alignment, top-k, extra ids, batching, checks."""
+
+import pytest
+import torch
+
+from opd_megatron.config import ConfigError
+from opd_megatron.teachers.base import TeacherError
+from opd_megatron.teachers.sglang import SGLangTeacher
+from tests.teachers.fake_server import VOCAB, FakeServer, Reply, expected_scores, make_request, sglang_generate, \
+    sglang_routes
+
+
+def teacher(server, **knobs):
+    return SGLangTeacher({"urls": [server.url], "vocab_size": VOCAB, "backoff_s": 0.01, "timeout_s": 5, **knobs})
+
+
+@pytest.mark.parametrize("topk,extra", [(0, 0), (3, 0), (4, 3)])
+def test_scores_are_label_aligned(topk, extra):
+    request = make_request(topk=topk, extra=extra)
+    with FakeServer(sglang_routes()) as server, teacher(server) as t:
+        scores = t.score(request)
+    sampled, topk_ids, topk_lp, extra_lp = expected_scores(request)
+    assert torch.equal(scores.valid, request.valid_mask())
+    torch.testing.assert_close(scores.sampled_logprobs, sampled)
+    if topk:
+        assert torch.equal(scores.topk_ids, topk_ids)
+        torch.testing.assert_close(scores.topk_logprobs, topk_lp)
+    else:
+        assert scores.topk_ids is None
+    if extra:
+        torch.testing.assert_close(scores.extra_logprobs, extra_lp)
+
+
+def test_request_fields():
+    request = make_request(topk=2, extra=3)
+    with FakeServer(sglang_routes()) as server, teacher(server) as t:
+        t.score(request)
+        body, = server.posts("/generate")
+    assert body["input_ids"] == [request.row(b) for b in range(3)]  # pads never sent
+    assert body["sampling_params"] == {"max_new_tokens": 0, "temperature": 1.0}
+    assert body["return_logprob"] is True and body["top_logprobs_num"] == 2
+    assert body["logprob_start_len"] == [4, 1, 7]
+    for b, ids in enumerate(body["token_ids_logprob"]):  # the union of the row's scored columns' extra ids
+        start, stop = int(request.score_start[b]), int(request.lengths[b]) - 1
+        used = request.extra_ids[b, start:stop]
+        assert ids == sorted(set(used[used >= 0].tolist()))
+
+
+def test_extra_id_union_is_bounded():
+    with FakeServer(sglang_routes()) as server, teacher(server, max_extra_ids=2) as t:
+        with pytest.raises(TeacherError, match="max_extra_ids=2"):
+            t.score(make_request(extra=3))
+        assert server.posts("/generate") == []
+
+
+def test_misaligned_reply_is_rejected():
+    def shifted(body, headers):  # a server that answers as if logprob_start_len were one less
+        return sglang_generate({**body, "logprob_start_len": [s - 1 for s in body["logprob_start_len"]]})
+    with FakeServer(sglang_routes(shifted)) as server, teacher(server) as t:
+        with pytest.raises(TeacherError, match="entries, expected"):
+            t.score(make_request())
+
+
+def test_model_identity_checked_at_start():
+    with FakeServer(sglang_routes(model_path="org/other")) as server:
+        with pytest.raises(TeacherError, match="not teacher.model='org/teacher'"):
+            teacher(server, model="org/teacher")
+        with teacher(server, model="org/other") as t:
+            assert t.name == "org/other"
+
+
+def test_servers_with_different_models_are_refused():
+    with FakeServer(sglang_routes(model_path="a")) as one, FakeServer(sglang_routes(model_path="b")) as two:
+        with pytest.raises(TeacherError, match="different models"):
+            SGLangTeacher({"urls": [one.url, two.url], "vocab_size": VOCAB})
+
+
+def test_temperature_other_than_one_is_refused():
+    with FakeServer(sglang_routes()) as server:
+        with pytest.raises(ConfigError, match="teacher.temperature"):
+            teacher(server, temperature=0.7)
+
+
+def test_unknown_config_key_is_named():
+    with pytest.raises(ConfigError, match="unknown config key 'teacher.timeout'.*did you mean 'teacher.timeout_s'"):
+        SGLangTeacher({"urls": ["http://127.0.0.1:1"], "vocab_size": VOCAB, "timeout": 3})
+    with pytest.raises(ConfigError, match="teacher.vocab_size"):
+        SGLangTeacher({"urls": ["http://127.0.0.1:1"]})
+    with pytest.raises(ConfigError, match="teacher.urls"):
+        SGLangTeacher({"urls": ["127.0.0.1:1"], "vocab_size": VOCAB})
+
+
+def test_last_vocab_id_reported_as_zero_is_accepted():
+    # SGLang reports input token ids >= its model vocab - 1 as 0 (logprob_result_processor.py); unpadded models hit it.
+    request = make_request(lengths=(5,), score_start=(1,), length=5)
+    request.tokens[0, 3] = VOCAB - 1
+
+    def clipped(body, headers):
+        reply = sglang_generate(body)
+        for entry in reply[0]["meta_info"]["input_token_logprobs"]:
+            entry[1] = 0 if entry[1] >= VOCAB - 1 else entry[1]
+        return reply
+    with FakeServer(sglang_routes(clipped)) as server, teacher(server) as t:
+        scores = t.score(request)
+    torch.testing.assert_close(scores.sampled_logprobs, expected_scores(request)[0])
