@@ -110,6 +110,7 @@ class ModelSection:
     rotary_base: int = 10000
     tie_embeddings: bool = False
     add_bias_linear: bool = False
+    add_qkv_bias: bool = False               # bias on Q/K/V only (Qwen2); implied by add_bias_linear
     qk_layernorm: bool = False
     init_method_std: float = 0.02
     hidden_dropout: float = 0.0

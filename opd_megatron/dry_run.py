@@ -122,7 +122,7 @@ def layer_count(cfg: RunConfig) -> Count:
     qkv_width = q_width + 2 * kv_width                      # GQA: query heads + one K and one V per group
     fc1_width = 2 * m.ffn_hidden_size if m.activation == "swiglu" else m.ffn_hidden_size  # gate and up in one
     count = _norm(cfg, h) * 2                                # input_layernorm, pre_mlp_layernorm
-    count += Count(sharded=qkv_width * h + (qkv_width if bias else 0))     # linear_qkv: column-parallel
+    count += Count(sharded=qkv_width * h + (qkv_width if bias or m.add_qkv_bias else 0))  # linear_qkv: column-par.
     count += Count(sharded=h * q_width, replicated=h if bias else 0)       # linear_proj: row-parallel
     count += Count(sharded=fc1_width * h + (fc1_width if bias else 0))     # linear_fc1: column-parallel
     count += Count(sharded=h * m.ffn_hidden_size, replicated=h if bias else 0)  # linear_fc2: row-parallel

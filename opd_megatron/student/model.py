@@ -57,6 +57,7 @@ def build_transformer_config(model: ModelSection, parallel: ParallelSection, on_
         gated_linear_unit=model.activation == "swiglu",
         activation_func=F.silu if model.activation == "swiglu" else F.gelu,
         add_bias_linear=model.add_bias_linear,
+        add_qkv_bias=model.add_qkv_bias,
         qk_layernorm=model.qk_layernorm,
         init_method_std=model.init_method_std,
         hidden_dropout=model.hidden_dropout,
