@@ -170,14 +170,7 @@ class HTTPTransport:
                                            f"{_hint(exc)}")) from None
 
     def get_json(self, url: str, path: str) -> Any:
-        reply = self.get(url, path)
-        if reply.status_code != 200:
-            raise TeacherError(self._scrub(f"{self.name}: GET {url}{path} returned HTTP {reply.status_code}: "
-                                           f"{_snippet(reply.text)}"))
-        try:
-            return reply.json()
-        except ValueError:
-            raise TeacherError(f"{self.name}: GET {url}{path} did not return JSON: {_snippet(reply.text)}") from None
+        return self._json(self.get(url, path), f"GET {url}{path}")
 
     def post(self, path: str, payload: dict, stop: Optional[threading.Event] = None) -> tuple[str, Any]:
         """POST with retries; returns (the URL that answered, its JSON reply) or raises TeacherError."""
@@ -221,14 +214,18 @@ class HTTPTransport:
         if reply.status_code in RETRY_STATUSES:
             raise _Retryable(f"HTTP {reply.status_code}: {_snippet(reply.text)}",
                              retry_after_s(reply.headers.get("retry-after")))
+        return self._json(reply, f"POST {url}{path}")
+
+    def _json(self, reply: httpx.Response, what: str) -> Any:
+        """The JSON of a 200 reply; any other status (or a body that is not JSON) is a TeacherError."""
         if reply.status_code != 200:
-            raise TeacherError(self._scrub(f"{self.name}: POST {url}{path} returned HTTP {reply.status_code}: "
+            raise TeacherError(self._scrub(f"{self.name}: {what} returned HTTP {reply.status_code}: "
                                            f"{_snippet(reply.text)}"))
         try:
             return reply.json()
         except ValueError:
-            raise TeacherError(f"{self.name}: POST {url}{path} returned a reply that is not JSON: "
-                               f"{_snippet(reply.text)}") from None
+            raise TeacherError(self._scrub(f"{self.name}: {what} returned a reply that is not JSON: "
+                                           f"{_snippet(reply.text)}")) from None
 
     # -- many requests ----------------------------------------------------------------------------------------
 

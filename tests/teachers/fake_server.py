@@ -228,3 +228,18 @@ def expected_scores(request):
                 for e, t in enumerate(request.extra_ids[row, c].tolist()):
                     extra[row, c, e] = lp[t] if t >= 0 else 0.0
     return sampled, topk_ids, topk_lp, extra
+
+
+def assert_matches_toy(scores, request) -> None:
+    """`scores` equal the toy model's expected_scores at every label column (and are zero elsewhere)."""
+    import torch
+    sampled, topk_ids, topk_lp, extra = expected_scores(request)
+    assert torch.equal(scores.valid, request.valid_mask())
+    torch.testing.assert_close(scores.sampled_logprobs, sampled)
+    if request.topk:
+        assert torch.equal(scores.topk_ids, topk_ids)
+        torch.testing.assert_close(scores.topk_logprobs, topk_lp)
+    else:
+        assert scores.topk_ids is None and scores.topk_logprobs is None
+    if extra is not None:
+        torch.testing.assert_close(scores.extra_logprobs, extra)

@@ -6,7 +6,7 @@ import torch
 from opd_megatron.config import ConfigError
 from opd_megatron.teachers.base import TeacherError
 from opd_megatron.teachers.sglang import SGLangTeacher
-from tests.teachers.fake_server import VOCAB, FakeServer, Reply, expected_scores, make_request, sglang_generate, \
+from tests.teachers.fake_server import VOCAB, FakeServer, assert_matches_toy, expected_scores, make_request, sglang_generate, \
     sglang_routes
 
 
@@ -19,16 +19,7 @@ def test_scores_are_label_aligned(topk, extra):
     request = make_request(topk=topk, extra=extra)
     with FakeServer(sglang_routes()) as server, teacher(server) as t:
         scores = t.score(request)
-    sampled, topk_ids, topk_lp, extra_lp = expected_scores(request)
-    assert torch.equal(scores.valid, request.valid_mask())
-    torch.testing.assert_close(scores.sampled_logprobs, sampled)
-    if topk:
-        assert torch.equal(scores.topk_ids, topk_ids)
-        torch.testing.assert_close(scores.topk_logprobs, topk_lp)
-    else:
-        assert scores.topk_ids is None
-    if extra:
-        torch.testing.assert_close(scores.extra_logprobs, extra_lp)
+    assert_matches_toy(scores, request)
 
 
 def test_request_fields():

@@ -5,7 +5,7 @@ import torch
 
 from opd_megatron.teachers.base import TeacherError
 from opd_megatron.teachers.vllm import VLLMTeacher
-from tests.teachers.fake_server import VOCAB, FakeServer, expected_scores, make_request, vllm_completions, \
+from tests.teachers.fake_server import VOCAB, FakeServer, assert_matches_toy, expected_scores, make_request, vllm_completions, \
     vllm_routes
 
 
@@ -20,12 +20,7 @@ def test_scores_are_label_aligned(topk):
     with FakeServer(vllm_routes()) as server, teacher(server) as t:
         scores = t.score(request)
         body, = server.posts("/v1/completions")
-    sampled, topk_ids, topk_lp, _ = expected_scores(request)
-    assert torch.equal(scores.valid, request.valid_mask())
-    torch.testing.assert_close(scores.sampled_logprobs, sampled)
-    if topk:
-        assert torch.equal(scores.topk_ids, topk_ids)
-        torch.testing.assert_close(scores.topk_logprobs, topk_lp)
+    assert_matches_toy(scores, request)
     assert body["prompt"] == [request.row(b) for b in range(3)]
     assert body["model"] == "teacher" and body["max_tokens"] == 0 and body["echo"] is True
     assert body["prompt_logprobs"] == max(topk, 1) and body["temperature"] == 1.0
