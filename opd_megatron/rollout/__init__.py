@@ -1,0 +1,1 @@
+"""Rollouts: prompts, generation from the student (behind the `RolloutEngine` interface), the batch structure."""

@@ -1,0 +1,46 @@
+"""The rollout engine interface: prompts in, a `RolloutBatch` with behaviour log-probs out.
+
+The training loop only sees this interface, so generation can move from the megatron student in-process
+(`MegatronRolloutEngine`) to an inference server holding a copy of the student's weights (SGLang/vLLM, with weight
+sync after each update) without touching the loop.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Optional, Sequence
+
+from opd_megatron.rollout.batch import RolloutBatch
+from opd_megatron.rollout.sampler import MegatronSampler, SamplingConfig
+
+
+class RolloutEngine(abc.ABC):
+    @abc.abstractmethod
+    def generate(self, prompts_ids: Sequence[Sequence[int]], config: SamplingConfig,
+                 prompts: Optional[list[str]] = None, policy_version: int = 0) -> RolloutBatch:
+        """`config.n` samples per prompt, rows prompt-major, with behaviour log-probs."""
+
+    def sync_weights(self, policy_version: int) -> None:
+        """Make the engine sample from the student's current weights (a no-op when it shares them)."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class MegatronRolloutEngine(RolloutEngine):
+    """Samples from the training student itself (same weights, same TP/PP layout); see `rollout/sampler.py`."""
+
+    def __init__(self, module, vocab_size: int, pad_id: int, max_sequence_length: int, seed: int):
+        self.sampler = MegatronSampler(module, vocab_size, pad_id, max_sequence_length, seed)
+
+    def generate(self, prompts_ids, config, prompts=None, policy_version=0) -> RolloutBatch:
+        return self.sampler.generate(prompts_ids, config, prompts=prompts, policy_version=policy_version)
+
+    def state_dict(self) -> dict:
+        return {"calls": self.sampler.calls}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.calls = int(state.get("calls", 0))
