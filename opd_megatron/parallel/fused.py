@@ -24,7 +24,7 @@ Composition with megatron's tensor parallelism. Each rank's `grad_hidden` from i
 the backward all-reduce of `copy_to_tensor_model_parallel_region` (or the reduce-scatter of
 `gather_from_sequence_parallel_region` under sequence parallelism). Hence `reduce_grad_hidden`:
 - `True` (default): the op all-reduces `grad_hidden` over the TP group itself, so `hidden` is used as a plain
-  replicated tensor and its gradient is the full one on every rank (as for `_ReduceFromTP`'s replicated outputs).
+  replicated tensor and its gradient is the full one on every rank (as for `ReduceFromTP`'s replicated outputs).
 - `False`: the op returns this rank's partial, for a caller that passes `hidden` through megatron's
   `copy_to_tensor_model_parallel_region(hidden)` (or, with sequence parallelism,
   `gather_from_sequence_parallel_region(hidden)`), whose backward does the sum. Doing both would sum twice.
@@ -44,7 +44,7 @@ import torch
 import torch.distributed as dist
 
 from opd_megatron.losses.distributional import compute_dtype
-from opd_megatron.parallel.vocab_parallel import _chunks, _normalizer, _Shard
+from opd_megatron.parallel.vocab_parallel import row_chunks, global_log_normalizer, Shard
 from opd_megatron.tensor_checks import MathInputError, require_positive, require_positive_int
 
 DEFAULT_CHUNK_SIZE = 1024  # tokens per chunk: 1024 x V/tp floats of logits live at a time
@@ -53,13 +53,13 @@ DEFAULT_CHUNK_SIZE = 1024  # tokens per chunk: 1024 x V/tp floats of logits live
 # Shared pieces
 
 
-def _logits(shard: _Shard, hidden: torch.Tensor, weight: torch.Tensor, piece: slice, temperature: float,
+def _logits(shard: Shard, hidden: torch.Tensor, weight: torch.Tensor, piece: slice, temperature: float,
             dtype: torch.dtype) -> torch.Tensor:
     """`hidden[piece] @ weight_valid.T / tau` `[chunk, valid_width]` in `dtype` (padding rows never computed)."""
     return (hidden[piece] @ weight[:shard.valid_width].T).to(dtype) / temperature
 
 
-def _global_normalizer(shard: _Shard, local_max: torch.Tensor, local_sums: torch.Tensor,
+def _global_normalizer(shard: Shard, local_max: torch.Tensor, local_sums: torch.Tensor,
                        plain: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """From per-rank `m_r` `[N]` and sums relative to it `[k, N]`: the global max `M` and the sums rescaled to
     `M` and summed over the ranks `[k, N]`, plus the rank sums of `plain` `[j, N]` (not rescaled) stacked below
@@ -72,7 +72,7 @@ def _global_normalizer(shard: _Shard, local_max: torch.Tensor, local_sums: torch
     return global_max, shard.all_reduce(stacked)
 
 
-def _backward(shard: _Shard, hidden: torch.Tensor, weight: torch.Tensor, chunk_size: Optional[int],
+def _backward(shard: Shard, hidden: torch.Tensor, weight: torch.Tensor, chunk_size: Optional[int],
               reduce_grad_hidden: bool, logits_grad: Callable[[slice, torch.Tensor], torch.Tensor]):
     """Recompute each chunk's logits `z`, ask `logits_grad(piece, z)` for `d loss / d (hidden @ W.T)` of the
     chunk, and accumulate the gradients of `hidden` (this rank's partial, all-reduced if asked) and of the weight
@@ -81,7 +81,7 @@ def _backward(shard: _Shard, hidden: torch.Tensor, weight: torch.Tensor, chunk_s
     valid = weight[:shard.valid_width]
     grad_hidden = torch.zeros_like(hidden)
     grad_valid = torch.zeros(valid.shape, dtype=dtype, device=weight.device)
-    for piece in _chunks(hidden.shape[0], chunk_size):
+    for piece in row_chunks(hidden.shape[0], chunk_size):
         dz = logits_grad(piece, (hidden[piece] @ valid.T).to(dtype)).to(hidden.dtype)
         grad_hidden[piece] = dz @ valid
         grad_valid += (dz.T @ hidden[piece]).to(dtype)
@@ -94,7 +94,7 @@ def _backward(shard: _Shard, hidden: torch.Tensor, weight: torch.Tensor, chunk_s
 
 def _prepare(hidden: torch.Tensor, weight_shard: torch.Tensor, true_vocab_size: Optional[int], group,
              chunk_size: Optional[int], others: dict[str, torch.Tensor],
-             token_ids: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, _Shard]:
+             token_ids: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Shard]:
     """Flatten `hidden` to `[N, H]` and check the inputs; the checks that can differ between ranks (shapes, NaN,
     ids) are agreed on with one small all-reduce, so every rank raises the same error."""
     for name, tensor in (("hidden", hidden), ("weight_shard", weight_shard)):
@@ -108,7 +108,7 @@ def _prepare(hidden: torch.Tensor, weight_shard: torch.Tensor, true_vocab_size: 
     if chunk_size is not None:
         require_positive_int("chunk_size", chunk_size)
     flat = hidden.reshape(-1, hidden.shape[-1])
-    shard = _Shard(weight_shard.shape[0], true_vocab_size, group)
+    shard = Shard(weight_shard.shape[0], true_vocab_size, group)
     rows, width = flat.shape[0], weight_shard.shape[0]
     for name, tensor in others.items():
         if tuple(tensor.shape) != (rows, width):
@@ -151,7 +151,7 @@ class _FusedTokenLogProbs(torch.autograd.Function):
     `dz = (onehot(y) - softmax) * grad / tau` on the recomputed logits."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, token_ids, shard: _Shard, temperature: float, chunk_size: Optional[int],
+    def forward(ctx, hidden, weight, token_ids, shard: Shard, temperature: float, chunk_size: Optional[int],
                 reduce_grad_hidden: bool):
         dtype = compute_dtype(hidden, weight)
         rows = hidden.shape[0]
@@ -160,7 +160,7 @@ class _FusedTokenLogProbs(torch.autograd.Function):
         local_ids = token_ids - shard.start
         owned = (local_ids >= 0) & (local_ids < shard.valid_width)
         if shard.valid_width > 0:
-            for piece in _chunks(rows, chunk_size):
+            for piece in row_chunks(rows, chunk_size):
                 z = _logits(shard, hidden, weight, piece, temperature, dtype)
                 local_max[piece] = z.amax(dim=-1)
                 sums[0, piece] = (z - local_max[piece, None]).exp().sum(dim=-1)
@@ -198,15 +198,15 @@ class _FusedReverseKL(torch.autograd.Function):
     `dz = pi (log pi - log q - RKL) * grad / tau_S` (as `vocab_parallel._ReverseKL`)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, teacher, shard: _Shard, tau_s: float, tau_t: float, chunk_size: Optional[int],
+    def forward(ctx, hidden, weight, teacher, shard: Shard, tau_s: float, tau_t: float, chunk_size: Optional[int],
                 reduce_grad_hidden: bool):
         dtype = compute_dtype(hidden, weight, teacher)
         rows = hidden.shape[0]
-        lse_t = _normalizer(shard, teacher, tau_t, dtype, chunk_size)
+        lse_t = global_log_normalizer(shard, teacher, tau_t, dtype, chunk_size)
         local_max = torch.full((rows,), float("-inf"), dtype=dtype, device=hidden.device)
         sums = torch.zeros(2, rows, dtype=dtype, device=hidden.device)  # [s_r, a_r], both relative to m_r
         if shard.valid_width > 0:
-            for piece in _chunks(rows, chunk_size):
+            for piece in row_chunks(rows, chunk_size):
                 z = _logits(shard, hidden, weight, piece, tau_s, dtype)
                 log_q = teacher[piece, :shard.valid_width].to(dtype) / tau_t - lse_t[piece, None]
                 local_max[piece] = z.amax(dim=-1)

@@ -14,8 +14,8 @@ How each piece is formed:
   rank keeps the ids it owns.
 - `C_t = Supp_T & Reach_S` minus `y_t`, local. `|C_t|`, the routing weights' normaliser over `C_t`,
   `P_t = sum_S pi`, `pi(y_t)`, `pi^S(y_t)` and the logsumexp over `S_t` are `[N]` all-reduces.
-- the restricted KL over `S_t` is a per-rank partial sum, all-reduced by `_ReduceFromTP`; the logsumexp over
-  `S_t` is replicated and enters the per-rank terms through `_CopyToTP`, so each rank's shard receives
+- the restricted KL over `S_t` is a per-rank partial sum, all-reduced by `ReduceFromTP`; the logsumexp over
+  `S_t` is replicated and enters the per-rank terms through `CopyToTP`, so each rank's shard receives
   `|A_t| (pi_v - p~_v)` on its own members of `S_t` and exactly 0 elsewhere (the terms read only `z_S`).
 - the fallback `-A_t log pi(y_t)` uses the full-vocabulary logsumexp (partial exp-sums all-reduced) and the
   owning rank's `z_{y_t}`.
@@ -24,6 +24,7 @@ Communication: `[N]`-sized all-reduces and the top-k all-gathers (`[tp, N, k]`);
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Optional
 
@@ -32,13 +33,14 @@ import torch.distributed as dist
 
 from opd_megatron.losses.distributional import compute_dtype
 from opd_megatron.parallel.topk import scatter_sparse_to_shards, vocab_parallel_top_p_mask, vocab_parallel_topk
-from opd_megatron.parallel.vocab_parallel import _check_inputs, _CopyToTP, _flatten, _ReduceFromTP, _Shard
+from opd_megatron.parallel.vocab_parallel import (check_inputs, chunked_rows, CopyToTP, flatten_rows, ReduceFromTP,
+                                                  Shard)
 from opd_megatron.routing import RoutingConfig, RoutingStats
 from opd_megatron.tensor_checks import (MathInputError, require_binary_mask, require_floating, require_positive,
                                         require_positive_int)
 
 
-def _local_mask(shard: _Shard, ids: torch.Tensor, chosen: Optional[torch.Tensor] = None) -> torch.Tensor:
+def _local_mask(shard: Shard, ids: torch.Tensor, chosen: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Boolean `[N, V/tp]`: this rank's columns among the global `ids [N, k]` (only where `chosen` is set).
     Entries this rank does not own are written to a scratch column that is dropped."""
     local = ids - shard.start
@@ -50,16 +52,16 @@ def _local_mask(shard: _Shard, ids: torch.Tensor, chosen: Optional[torch.Tensor]
     return members[:, :shard.width]
 
 
-def _at_ids(shard: _Shard, values: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+def _at_ids(shard: Shard, values: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """`values [N, V/tp]` at the global ids `[N]`, replicated: the owner's entry, all-reduced (differentiable, the
     gradient reaching only the owner's column)."""
     local = ids - shard.start
     owned = (local >= 0) & (local < shard.width)
     picked = values.gather(-1, local.clamp(0, shard.width - 1).unsqueeze(-1)).squeeze(-1)
-    return _ReduceFromTP.apply(torch.where(owned, picked, torch.zeros_like(picked)), shard)
+    return ReduceFromTP.apply(torch.where(owned, picked, torch.zeros_like(picked)), shard)
 
 
-def _logsumexp(shard: _Shard, z: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
+def _logsumexp(shard: Shard, z: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
     """`log sum_{v in members} exp(z_v)` over all ranks, `[N]`, replicated and differentiable (gradient
     `softmax` over the members, only into each rank's own members). A row without members gives -inf (only
     used without gradient)."""
@@ -68,10 +70,10 @@ def _logsumexp(shard: _Shard, z: torch.Tensor, members: torch.Tensor) -> torch.T
         shift = shard.all_reduce(masked.amax(dim=-1), dist.ReduceOp.MAX)
         shift = shift.masked_fill(torch.isneginf(shift), 0.0)
     partial = (masked - shift.unsqueeze(-1)).exp().sum(dim=-1)
-    return shift + _ReduceFromTP.apply(partial, shard).log()
+    return shift + ReduceFromTP.apply(partial, shard).log()
 
 
-def _teacher_support(shard: _Shard, config: RoutingConfig, keep: torch.Tensor, *,
+def _teacher_support(shard: Shard, config: RoutingConfig, keep: torch.Tensor, *,
                      teacher_logits: Optional[torch.Tensor], teacher_topk_ids: Optional[torch.Tensor],
                      teacher_topk_logprobs: Optional[torch.Tensor], teacher_temperature: float,
                      dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,7 +103,7 @@ def _teacher_support(shard: _Shard, config: RoutingConfig, keep: torch.Tensor, *
     return support & (logq > -math.inf), logq
 
 
-def _student_reach(shard: _Shard, config: RoutingConfig, logits: torch.Tensor, logp: torch.Tensor
+def _student_reach(shard: Shard, config: RoutingConfig, logits: torch.Tensor, logp: torch.Tensor
                    ) -> torch.Tensor:
     """Local `Reach_S [N, V/tp]` from the tempered student logits and log-probs (no gradient), as
     `routing.student_reach`. top_p: the nucleus from the student's top-k, k doubled until every row's top-k
@@ -130,7 +132,7 @@ def vocab_parallel_cr_opd_loss(student_logits_shard: torch.Tensor, sampled_ids: 
                                teacher_topk_logprobs: Optional[torch.Tensor] = None,
                                config: RoutingConfig = RoutingConfig(), student_temperature: float = 1.0,
                                teacher_temperature: float = 1.0, true_vocab_size: Optional[int] = None,
-                               group=None) -> tuple[torch.Tensor, RoutingStats]:
+                               group=None, chunk_size: Optional[int] = None) -> tuple[torch.Tensor, RoutingStats]:
     """Per-position CR-OPD loss `[...]` and its `RoutingStats`, from TP-sharded logits; twin of
     `routing.cr_opd_loss` (same value, same gradient wrt the student logits, same statistics), replicated on
     every TP rank.
@@ -145,12 +147,15 @@ def vocab_parallel_cr_opd_loss(student_logits_shard: torch.Tensor, sampled_ids: 
     Gradient: routed positions send `|A_t| (pi - p~_t)` into each rank's own columns of `S_t = {y_t} U C_t` and
     exactly 0 to every other column; fallback positions (`A_t >= 0` or `C_t` empty) `-A_t (e_{y_t} - pi)`;
     masked positions nothing.
+
+    chunk_size: rows at a time (`vocab_parallel.chunked_rows`): the `[chunk, V/tp]` temporaries of one chunk live
+    at a time, and with gradient each chunk is recomputed in backward, so memory does not grow with N.
     """
-    # --- argument checks (those needing other ranks' data agree through `_check_inputs`) ----------------------
+    # --- argument checks (those needing other ranks' data agree through `check_inputs`) ----------------------
     require_floating("student_logits_shard", student_logits_shard)
-    flat = _flatten("student_logits_shard", student_logits_shard)
+    flat = flatten_rows("student_logits_shard", student_logits_shard)
     leading, width = tuple(student_logits_shard.shape[:-1]), flat.shape[-1]
-    shard = _Shard(width, true_vocab_size, group)
+    shard = Shard(width, true_vocab_size, group)
     n = flat.shape[0]
     for name, tensor in (("sampled_ids", sampled_ids), ("advantages", advantages)):
         if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != leading:
@@ -175,8 +180,8 @@ def vocab_parallel_cr_opd_loss(student_logits_shard: torch.Tensor, sampled_ids: 
     shards = {"student_logits_shard": flat}
     if dense:
         require_floating("teacher_logits_shard", teacher_logits_shard)
-        shards["teacher_logits_shard"] = _flatten("teacher_logits_shard", teacher_logits_shard)
-    _check_inputs(shard, shards, ids)
+        shards["teacher_logits_shard"] = flatten_rows("teacher_logits_shard", teacher_logits_shard)
+    check_inputs(shard, shards, ids)
     if config.student_reach == "topk":
         require_positive_int("student_top_k", config.student_top_k, at_most=shard.true_vocab_size,
                              what="the vocabulary size V")
@@ -207,6 +212,21 @@ def vocab_parallel_cr_opd_loss(student_logits_shard: torch.Tensor, sampled_ids: 
         teacher = dict(teacher_logits=None, teacher_topk_ids=teacher_topk_ids.reshape(n, k),
                        teacher_topk_logprobs=teacher_topk_logprobs.reshape(n, k).detach())
 
+    def rows(piece: slice) -> tuple[torch.Tensor, RoutingStats]:
+        rows_teacher = {name: None if value is None else value[piece] for name, value in teacher.items()}
+        return _routed_rows(shard, config, flat[piece], ids[piece], adv[piece], keep[piece], rows_teacher,
+                            float(student_temperature), float(teacher_temperature))
+
+    loss, stats = chunked_rows(rows, n, chunk_size, flat.requires_grad)
+    return loss.reshape(leading), dataclasses.replace(stats, **{
+        field.name: getattr(stats, field.name).reshape(leading) for field in dataclasses.fields(stats)})
+
+
+def _routed_rows(shard: Shard, config: RoutingConfig, flat: torch.Tensor, ids: torch.Tensor, adv: torch.Tensor,
+                 keep: torch.Tensor, teacher: dict, student_temperature: float, teacher_temperature: float
+                 ) -> tuple[torch.Tensor, RoutingStats]:
+    """The CR-OPD loss `[n]` and its statistics on `n` rows of checked, flattened inputs (`ids`, `adv` zero on
+    masked rows); rows are independent, so `vocab_parallel_cr_opd_loss` runs this on chunks of rows."""
     # --- the student: masked rows become zeros (as in the reference), padding -inf ----------------------------
     dtype = compute_dtype(flat)
     z = shard.scaled(torch.where(keep.unsqueeze(-1), flat, 0.0), student_temperature, dtype)
@@ -253,15 +273,14 @@ def vocab_parallel_cr_opd_loss(student_logits_shard: torch.Tensor, sampled_ids: 
         target_s = pi_s + moved_s.unsqueeze(-1) * (rho - onehot.to(dtype))
 
     # Restricted routed loss: per-rank partial KL over this rank's members of S, all-reduced; the logsumexp over
-    # S is replicated, so its gradient shares are summed over the ranks (`_CopyToTP`).
-    log_norm_s = _CopyToTP.apply(_logsumexp(shard, z, in_s), shard)
+    # S is replicated, so its gradient shares are summed over the ranks (`CopyToTP`).
+    log_norm_s = CopyToTP.apply(_logsumexp(shard, z, in_s), shard)
     logp_s = torch.where(in_s, z, -math.inf) - log_norm_s.unsqueeze(-1)
     kl_partial = torch.where(in_s, torch.xlogy(target_s, target_s) - target_s * logp_s, 0.0).sum(dim=-1)
-    routed_loss = adv.abs() * mass_s * _ReduceFromTP.apply(kl_partial, shard)
+    routed_loss = adv.abs() * mass_s * ReduceFromTP.apply(kl_partial, shard)
     pg_loss = -adv * logp_sampled
     loss = torch.where(keep, torch.where(routed, routed_loss, pg_loss), 0.0)
 
-    stats = RoutingStats(routed_mass=delta.reshape(leading), candidate_count=count.reshape(leading),
-                         empty_candidates=(keep & (count == 0)).reshape(leading), routed=routed.reshape(leading),
-                         negative_advantage=negative.reshape(leading))
-    return loss.reshape(leading), stats
+    stats = RoutingStats(routed_mass=delta, candidate_count=count, empty_candidates=keep & (count == 0),
+                         routed=routed, negative_advantage=negative)
+    return loss, stats

@@ -28,7 +28,7 @@ from opd_megatron.losses.distributional import compute_dtype
 from opd_megatron.losses.supports import SparseTeacherLogprobs, _check_sparse_teacher
 from opd_megatron.parallel.supports import _at_ids, _sparse_teacher_topk
 from opd_megatron.parallel.topk import vocab_parallel_topk
-from opd_megatron.parallel.vocab_parallel import (_check_inputs, _flatten, _normalizer, _Shard,
+from opd_megatron.parallel.vocab_parallel import (check_inputs, flatten_rows, global_log_normalizer, Shard,
                                                   vocab_parallel_entropy)
 from opd_megatron.tensor_checks import MathInputError, require_positive, require_positive_int
 
@@ -39,11 +39,11 @@ def vocab_parallel_teacher_confidence(teacher_logits_shard: torch.Tensor, teache
     """`max_v q_v` of `q = softmax(z^T / tau_T)`, teacher logits `[..., V/tp]` -> `[...]` in (0, 1]; the
     `teacher_confidence_gate` keeps positions with `>= c`."""
     require_positive("teacher_temperature", teacher_temperature)
-    flat = _flatten("teacher_logits_shard", teacher_logits_shard)
-    shard = _Shard(flat.shape[-1], true_vocab_size, group)
-    _check_inputs(shard, {"teacher_logits_shard": flat})
+    flat = flatten_rows("teacher_logits_shard", teacher_logits_shard)
+    shard = Shard(flat.shape[-1], true_vocab_size, group)
+    check_inputs(shard, {"teacher_logits_shard": flat})
     dtype = compute_dtype(flat)
-    lse = _normalizer(shard, flat, float(teacher_temperature), dtype, None)
+    lse = global_log_normalizer(shard, flat, float(teacher_temperature), dtype, None)
     top1 = shard.all_reduce(shard.scaled(flat, teacher_temperature, dtype).amax(dim=-1), dist.ReduceOp.MAX)
     return (top1 - lse).exp().reshape(teacher_logits_shard.shape[:-1])
 
@@ -57,12 +57,12 @@ def vocab_parallel_vocab_entropy(logits_shard: torch.Tensor, temperature: float 
     return vocab_parallel_entropy(logits_shard, temperature, true_vocab_size, group=group, chunk_size=chunk_size)
 
 
-def _teacher_topk_ids(shard: _Shard, teacher: torch.Tensor | SparseTeacherLogprobs, student: torch.Tensor,
+def _teacher_topk_ids(shard: Shard, teacher: torch.Tensor | SparseTeacherLogprobs, student: torch.Tensor,
                       k: int, leading: tuple[int, ...]) -> torch.Tensor:
     """Checks both inputs and returns the teacher's top-k ids `[N, k]` (ascending, replicated)."""
     vocab = shard.true_vocab_size
     if isinstance(teacher, SparseTeacherLogprobs):
-        _check_inputs(shard, {"student_logits_shard": student})
+        check_inputs(shard, {"student_logits_shard": student})
         _check_sparse_teacher(teacher, leading, vocab)
         require_positive_int("k", k, at_most=teacher.ids.shape[-1],
                              what="the teacher top-k returned (teacher.ids per position)")
@@ -70,8 +70,8 @@ def _teacher_topk_ids(shard: _Shard, teacher: torch.Tensor | SparseTeacherLogpro
     if not isinstance(teacher, torch.Tensor):
         raise MathInputError(f"teacher: expected a teacher logits shard [..., V/tp] (a tensor) or "
                              f"SparseTeacherLogprobs, got {type(teacher).__name__}")
-    teacher_flat = _flatten("teacher", teacher)
-    _check_inputs(shard, {"student_logits_shard": student, "teacher_logits_shard": teacher_flat})
+    teacher_flat = flatten_rows("teacher", teacher)
+    check_inputs(shard, {"student_logits_shard": student, "teacher_logits_shard": teacher_flat})
     require_positive_int("k", k, at_most=vocab, what=f"the vocabulary size V = {vocab}")
     return vocab_parallel_topk(teacher_flat, k, vocab, shard.group)[1]
 
@@ -82,8 +82,8 @@ def vocab_parallel_topk_overlap(student_logits_shard: torch.Tensor,
                                 true_vocab_size: Optional[int] = None, *, group=None) -> torch.Tensor:
     """`|topk_q & topk_pi| / k` `[...]` from student logits `[..., V/tp]` and the teacher (logits shard, or a
     server's top-k answer with at least k ids). Rankings by the raw logits (a temperature does not change them)."""
-    student = _flatten("student_logits_shard", student_logits_shard)
-    shard = _Shard(student.shape[-1], true_vocab_size, group)
+    student = flatten_rows("student_logits_shard", student_logits_shard)
+    shard = Shard(student.shape[-1], true_vocab_size, group)
     teacher_ids = _teacher_topk_ids(shard, teacher, student, k, tuple(student_logits_shard.shape[:-1]))
     student_ids = vocab_parallel_topk(student, k, shard.true_vocab_size, shard.group)[1]
     shared = (student_ids.unsqueeze(-1) == teacher_ids.unsqueeze(-2)).any(dim=-1).sum(dim=-1)
@@ -99,10 +99,10 @@ def vocab_parallel_student_mass_on_teacher_support(student_logits_shard: torch.T
     """`sum_{v in topk_q} pi_v` `[...]`, `pi = softmax(z^S / tau_S)` from student logits `[..., V/tp]`, over the
     teacher's top-k ids (from its logits shard, or among a server's answer)."""
     require_positive("student_temperature", student_temperature)
-    student = _flatten("student_logits_shard", student_logits_shard)
-    shard = _Shard(student.shape[-1], true_vocab_size, group)
+    student = flatten_rows("student_logits_shard", student_logits_shard)
+    shard = Shard(student.shape[-1], true_vocab_size, group)
     teacher_ids = _teacher_topk_ids(shard, teacher, student, k, tuple(student_logits_shard.shape[:-1]))
     dtype = compute_dtype(student)
-    lse = _normalizer(shard, student, float(student_temperature), dtype, None)
+    lse = global_log_normalizer(shard, student, float(student_temperature), dtype, None)
     at_ids = _at_ids(shard, shard.scaled(student, student_temperature, dtype), teacher_ids)
     return (at_ids - lse.unsqueeze(-1)).exp().sum(dim=-1).reshape(student_logits_shard.shape[:-1])

@@ -8,7 +8,7 @@ How each piece is formed (layout and gradient convention as in `vocab_parallel.p
   per rank; ascending ids, ties to the lower id, as `top_k_positions`), or for a sparse teacher the reference's
   selection on the server answer, which every rank holds;
 - the logits at the ids: `scatter_sparse_to_shards` + `gather_owned(fill=0)` on each rank, then an all-reduce SUM
-  (`_ReduceFromTP`: backward identity, so the gradient of a support slot reaches only the rank owning its id);
+  (`ReduceFromTP`: backward identity, so the gradient of a support slot reaches only the rank owning its id);
 - tail mode: the global normaliser (`vocab_parallel_log_normalizer`, gradient `softmax / tau` into the shard) and
   the complement mass `sum_{v not in S} exp(z_v / tau)`: a local partial over this rank's columns outside S, one
   all-reduce MAX (shift) and one all-reduce SUM, both `[N]`.
@@ -30,21 +30,21 @@ from opd_megatron.losses.supports import (MODES, SparseTeacherLogprobs, Supporte
                                           _check_sparse_teacher, _log_normalize, _lookup, _safe_logsumexp,
                                           support_ids, top_k_positions)
 from opd_megatron.parallel.topk import gather_owned, scatter_sparse_to_shards, vocab_parallel_topk
-from opd_megatron.parallel.vocab_parallel import (_check_inputs, _flatten, _ReduceFromTP, _Shard,
+from opd_megatron.parallel.vocab_parallel import (check_inputs, flatten_rows, ReduceFromTP, Shard,
                                                   vocab_parallel_log_normalizer)
 from opd_megatron.tensor_checks import MathInputError, require_choice, require_positive, require_positive_int
 
 TOPK_SUPPORTS = ("teacher_topk", "student_topk", "union")
 
 
-def _at_ids(shard: _Shard, logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+def _at_ids(shard: Shard, logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """`logits[n, ids[n, j]]` `[N, K]` over the whole vocabulary from this rank's `logits [N, V/tp]` (ids valid,
     `< true_vocab_size`), replicated; gradient (if any) only into the owned entries of this rank's shard."""
     owned = scatter_sparse_to_shards(ids, ids, shard.start, shard.start + shard.width, shard.true_vocab_size)
-    return _ReduceFromTP.apply(gather_owned(logits, owned.local_positions, owned.owned, fill=0.0), shard)
+    return ReduceFromTP.apply(gather_owned(logits, owned.local_positions, owned.owned, fill=0.0), shard)
 
 
-def _complement_logsumexp(shard: _Shard, scaled: torch.Tensor, ids: torch.Tensor,
+def _complement_logsumexp(shard: Shard, scaled: torch.Tensor, ids: torch.Tensor,
                           valid: torch.Tensor) -> torch.Tensor:
     """`log sum_{v not in S} exp(scaled_v)` `[N, 1]` over the unpadded vocabulary (padding is -inf in `scaled`),
     S = `ids[valid]`; -inf with zero gradient where S covers the vocabulary (as `_safe_logsumexp`)."""
@@ -56,7 +56,7 @@ def _complement_logsumexp(shard: _Shard, scaled: torch.Tensor, ids: torch.Tensor
     shift = rest.detach().amax(dim=-1, keepdim=True)
     shard.all_reduce(shift, dist.ReduceOp.MAX)
     shift = shift.masked_fill(torch.isneginf(shift), 0.0)
-    total = _ReduceFromTP.apply((rest - shift).exp().sum(dim=-1, keepdim=True), shard)
+    total = ReduceFromTP.apply((rest - shift).exp().sum(dim=-1, keepdim=True), shard)
     empty = total == 0
     return torch.where(empty, torch.full_like(total, float("-inf")),
                        shift + torch.log(torch.where(empty, torch.ones_like(total), total)))
@@ -92,18 +92,18 @@ def vocab_parallel_build_support(student_logits_shard: torch.Tensor,
     require_choice("mode", mode, MODES)
     require_positive("student_temperature", student_temperature)
     require_positive("teacher_temperature", teacher_temperature)
-    student = _flatten("student_logits_shard", student_logits_shard)
+    student = flatten_rows("student_logits_shard", student_logits_shard)
     leading = tuple(student_logits_shard.shape[:-1])
-    shard = _Shard(student.shape[-1], true_vocab_size, group)
+    shard = Shard(student.shape[-1], true_vocab_size, group)
     vocab = shard.true_vocab_size
     sparse = isinstance(teacher, SparseTeacherLogprobs)
     if sparse:
-        _check_inputs(shard, {"student_logits_shard": student})
+        check_inputs(shard, {"student_logits_shard": student})
         _check_sparse_teacher(teacher, leading, vocab)
         dtype = compute_dtype(student, teacher.logprobs)
     elif isinstance(teacher, torch.Tensor):
-        teacher_flat = _flatten("teacher", teacher).detach()
-        _check_inputs(shard, {"student_logits_shard": student, "teacher_logits_shard": teacher_flat})
+        teacher_flat = flatten_rows("teacher", teacher).detach()
+        check_inputs(shard, {"student_logits_shard": student, "teacher_logits_shard": teacher_flat})
         dtype = compute_dtype(student, teacher_flat)
     else:
         raise MathInputError(f"teacher: expected a teacher logits shard [..., V/tp] (a tensor) or "

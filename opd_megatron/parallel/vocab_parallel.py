@@ -11,19 +11,21 @@ exp-sums, SUM of per-rank partial sums), the pattern of megatron-core's `tensor_
 Gradient convention (megatron's): every result is replicated on all TP ranks and the caller forms the same loss
 on each; the gradient that reaches each rank's shard is the gradient of that one loss wrt the shard. Two
 autograd ops follow from it [Ours]:
-- `_ReduceFromTP` (forward all-reduce SUM of per-rank partial sums, backward identity): the output is used
+- `ReduceFromTP` (forward all-reduce SUM of per-rank partial sums, backward identity): the output is used
   identically on every rank, so its gradient is already the full one on each rank, and the partial sum of rank
   `r` only depends on rank `r`'s shard (plus replicated statistics).
-- `_CopyToTP` (forward identity, backward all-reduce SUM): a replicated statistic (the normaliser) consumed by
+- `CopyToTP` (forward identity, backward all-reduce SUM): a replicated statistic (the normaliser) consumed by
   rank-local partial terms; each rank's gradient wrt it is only its own terms' share, so the shares are summed.
 
 Chunking: every function takes `chunk_size` (rows of `[N, V/tp]` at a time), so float temporaries are
 `chunk x V/tp`. What each op saves for backward:
 - token log-probs (`_TokenLogProbs`): the logits shard (a reference to the caller's tensor, no copy), the token ids
   and the normaliser `[N]`; backward recomputes the softmax per chunk. No communication in backward.
-- reverse KL (`_ReverseKL`): both logits shards (references), the two normalisers and the per-position loss
-  `[N]`; backward recomputes per chunk, using `d RKL / d z_v = pi_v (log pi_v - log q_v - RKL) / tau_S`.
-  No communication in backward.
+- reverse KL (`_ReverseKL`): both logits shards (references) and `[N]` statistics (the loss, the per-row
+  corrections to the local normalisers); one pass over each chunk forward (local log-softmaxes, no separate
+  normaliser passes), backward recomputes it per chunk, using `d RKL / d z_v = pi_v (log pi_v - log q_v - RKL)
+  / tau_S`; with keep_softmax, `pi` and the log-ratio `[N, V/tp]` are kept instead and become the gradient in
+  place. No communication in backward.
 - log-normaliser (`_LogNormalizer`): the logits shard (reference) and the normaliser `[N]`.
 - the other divergences and the entropy go through autograd on `[chunk, V/tp]` pieces: with `chunk_size` set
   and gradient enabled, each chunk runs under activation checkpointing (saves only its inputs, recomputes the
@@ -36,11 +38,12 @@ without `group`) the functions run as tp=1 without communication.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+import dataclasses
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
 from opd_megatron.losses.distributional import compute_dtype, divergence_from_log_probs
 from opd_megatron.tensor_checks import (MathInputError, require_in_range, require_positive,
@@ -50,7 +53,7 @@ from opd_megatron.tensor_checks import (MathInputError, require_in_range, requir
 # Layout and input checks
 
 
-class _Shard:
+class Shard:
     """Where this rank's vocabulary slice sits: `start`, the local width, `tp`, and the local padding mask."""
 
     def __init__(self, width: int, true_vocab_size: Optional[int], group) -> None:
@@ -90,7 +93,7 @@ class _Shard:
         return z
 
 
-def _flatten(name: str, logits: torch.Tensor) -> torch.Tensor:
+def flatten_rows(name: str, logits: torch.Tensor) -> torch.Tensor:
     if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
         raise MathInputError(f"{name}: expected a floating-point tensor [..., V/tp]")
     if logits.dim() < 2 or logits.shape[-1] < 1:
@@ -98,17 +101,20 @@ def _flatten(name: str, logits: torch.Tensor) -> torch.Tensor:
     return logits.reshape(-1, logits.shape[-1])
 
 
-def _check_inputs(shard: _Shard, logits: dict[str, torch.Tensor], token_ids: Optional[torch.Tensor] = None) -> None:
+def check_inputs(shard: Shard, logits: dict[str, torch.Tensor], token_ids: Optional[torch.Tensor] = None,
+                 check_values: bool = True) -> None:
     """Checks agreed on by all TP ranks with one small all-reduce, so a bad shard on one rank makes every rank
     raise the same error instead of leaving the others waiting in a collective: shapes equal across ranks and
-    between student and teacher, no NaN/+inf, token ids in `[0, true_vocab_size)`."""
+    between student and teacher, no NaN/+inf, token ids in `[0, true_vocab_size)`. check_values=False skips the
+    NaN/+inf pass (one read of each tensor), for an op whose replicated result turns NaN on bad values and that
+    calls the full check only then."""
     names = list(logits)
     shapes = [tuple(t.shape) for t in logits.values()]
     if len(set(shapes)) > 1:
         raise MathInputError("expected equal shapes, got " + ", ".join(f"{n} {s}" for n, s in zip(names, shapes)))
     rows, width = shapes[0]
     # One reduction pass per tensor and no [N, V/tp] temporaries: max() propagates NaN, and +inf is the max.
-    bad = [float(bool(t.numel()) and not bool(t.max() < float("inf"))) for t in logits.values()]
+    bad = [float(check_values and bool(t.numel()) and not bool(t.max() < float("inf"))) for t in logits.values()]
     ids_bad = 0.0
     if token_ids is not None:
         if token_ids.is_floating_point() or token_ids.is_complex() or token_ids.dtype == torch.bool:
@@ -133,66 +139,50 @@ def _check_inputs(shard: _Shard, logits: dict[str, torch.Tensor], token_ids: Opt
                              f"vocabulary), got values in [{int(token_ids.min())}, {int(token_ids.max())}]")
 
 
-def _chunks(rows: int, chunk_size: Optional[int]) -> list[slice]:
+def row_chunks(rows: int, chunk_size: Optional[int]) -> list[slice]:
     if chunk_size is None:
         return [slice(0, rows)]
     require_positive_int("chunk_size", chunk_size)
     return [slice(i, min(i + chunk_size, rows)) for i in range(0, rows, chunk_size)] or [slice(0, 0)]
 
 
-def _normalizer(shard: _Shard, logits: torch.Tensor, temperature: float, dtype: torch.dtype,
+def global_log_normalizer(shard: Shard, logits: torch.Tensor, temperature: float, dtype: torch.dtype,
                 chunk_size: Optional[int]) -> torch.Tensor:
     """`logsumexp_v(z_v / tau)` over the whole vocabulary `[N]` (no gradient): local max -> all-reduce MAX ->
     local exp-sum -> all-reduce SUM, each local step on `[chunk, V/tp]`."""
     rows = logits.shape[0]
     row_max = torch.empty(rows, dtype=dtype, device=logits.device)
     with torch.no_grad():
-        for piece in _chunks(rows, chunk_size):
+        for piece in row_chunks(rows, chunk_size):
             row_max[piece] = shard.scaled(logits[piece], temperature, dtype).amax(dim=-1)
         shard.all_reduce(row_max, dist.ReduceOp.MAX)
         if torch.isneginf(row_max).any():
             raise MathInputError("logits: every logit of the (unpadded) vocabulary is -inf at some position "
                                  "(no distribution there)")
         sum_exp = torch.empty_like(row_max)
-        for piece in _chunks(rows, chunk_size):
+        for piece in row_chunks(rows, chunk_size):
             shifted = shard.scaled(logits[piece], temperature, dtype) - row_max[piece, None]
             sum_exp[piece] = shifted.exp_().sum(dim=-1)  # in place: one [chunk, V/tp] temporary, not two
         shard.all_reduce(sum_exp)
     return row_max + sum_exp.log()
 
 
-def _reverse_kl_terms(shard: _Shard, student: torch.Tensor, teacher: torch.Tensor, lse_s: torch.Tensor,
-                      lse_t: torch.Tensor, tau_s: float, tau_t: float, dtype: torch.dtype, keep_factors: bool = False):
-    """Per-entry reverse-KL terms `pi_v (log pi_v - log q_v)` of one chunk `[chunk, V/tp]`, computed with three
-    `[chunk, V/tp]` buffers reused in place; `pi_v = 0` (padding, -inf logits) contributes exactly 0, and
-    `q_v = 0` where `pi_v > 0` gives +inf (the true value). With keep_factors, also returns the log-ratio
-    `log pi - log q` (0 where pi = 0) and `pi`, for the backward pass; then the terms are not returned."""
-    log_pi = shard.scaled(student, tau_s, dtype) - lse_s[:, None]
-    ratio = shard.scaled(teacher, tau_t, dtype) - lse_t[:, None]
-    torch.sub(log_pi, ratio, out=ratio)                  # ratio = log pi - log q
-    probs = log_pi.exp_()                                 # log_pi's buffer now holds pi
-    ratio.masked_fill_(probs == 0, 0.0)
-    if keep_factors:
-        return None, ratio, probs
-    return ratio.mul_(probs), None, None
-
-
-def _normalizer_keeping_softmax(shard: _Shard, logits: torch.Tensor, temperature: float, dtype: torch.dtype,
+def _normalizer_keeping_softmax(shard: Shard, logits: torch.Tensor, temperature: float, dtype: torch.dtype,
                                 chunk_size: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """`_normalizer` that also returns `softmax(z / tau)` `[N, V/tp]` (megatron CE's trade: one exp pass in all,
+    """`global_log_normalizer` that also returns `softmax(z / tau)` `[N, V/tp]` (megatron CE's trade: one exp pass in all,
     the softmax held until backward), built in one buffer: shifted logits, exp in place, divided in place."""
     rows = logits.shape[0]
     row_max = torch.empty(rows, dtype=dtype, device=logits.device)
     softmax = torch.empty(logits.shape, dtype=dtype, device=logits.device)
     with torch.no_grad():
-        for piece in _chunks(rows, chunk_size):
+        for piece in row_chunks(rows, chunk_size):
             row_max[piece] = shard.scaled(logits[piece], temperature, dtype).amax(dim=-1)
         shard.all_reduce(row_max, dist.ReduceOp.MAX)
         if torch.isneginf(row_max).any():
             raise MathInputError("logits: every logit of the (unpadded) vocabulary is -inf at some position "
                                  "(no distribution there)")
         sum_exp = torch.empty_like(row_max)
-        for piece in _chunks(rows, chunk_size):
+        for piece in row_chunks(rows, chunk_size):
             out = softmax[piece]
             torch.sub(shard.scaled(logits[piece], temperature, dtype), row_max[piece, None], out=out)
             sum_exp[piece] = out.exp_().sum(dim=-1)
@@ -205,11 +195,11 @@ def _normalizer_keeping_softmax(shard: _Shard, logits: torch.Tensor, temperature
 # Autograd ops
 
 
-class _ReduceFromTP(torch.autograd.Function):
+class ReduceFromTP(torch.autograd.Function):
     """All-reduce SUM of per-rank partial sums; backward identity (module docstring)."""
 
     @staticmethod
-    def forward(ctx, partial: torch.Tensor, shard: _Shard) -> torch.Tensor:
+    def forward(ctx, partial: torch.Tensor, shard: Shard) -> torch.Tensor:
         return shard.all_reduce(partial.clone())
 
     @staticmethod
@@ -217,11 +207,11 @@ class _ReduceFromTP(torch.autograd.Function):
         return grad, None
 
 
-class _CopyToTP(torch.autograd.Function):
+class CopyToTP(torch.autograd.Function):
     """Identity on a replicated statistic; backward all-reduce SUM of the ranks' gradient shares."""
 
     @staticmethod
-    def forward(ctx, replicated: torch.Tensor, shard: _Shard) -> torch.Tensor:
+    def forward(ctx, replicated: torch.Tensor, shard: Shard) -> torch.Tensor:
         ctx.shard = shard
         return replicated.clone()
 
@@ -235,9 +225,9 @@ class _LogNormalizer(torch.autograd.Function):
     shard (reference) and the normaliser; backward recomputes the softmax per chunk, no communication."""
 
     @staticmethod
-    def forward(ctx, logits, shard: _Shard, temperature: float, chunk_size: Optional[int]):
+    def forward(ctx, logits, shard: Shard, temperature: float, chunk_size: Optional[int]):
         dtype = compute_dtype(logits)
-        lse = _normalizer(shard, logits, temperature, dtype, chunk_size)
+        lse = global_log_normalizer(shard, logits, temperature, dtype, chunk_size)
         ctx.save_for_backward(logits, lse)
         ctx.shard, ctx.temperature, ctx.chunk_size = shard, temperature, chunk_size
         return lse
@@ -246,7 +236,7 @@ class _LogNormalizer(torch.autograd.Function):
     def backward(ctx, grad_lse):
         logits, lse = ctx.saved_tensors
         grad = torch.empty_like(logits)
-        for piece in _chunks(logits.shape[0], ctx.chunk_size):
+        for piece in row_chunks(logits.shape[0], ctx.chunk_size):
             z = ctx.shard.scaled(logits[piece], ctx.temperature, lse.dtype)
             probs = (z - lse[piece, None]).exp()
             grad[piece] = (probs * (grad_lse[piece, None] / ctx.temperature)).to(grad.dtype)
@@ -260,14 +250,14 @@ class _TokenLogProbs(torch.autograd.Function):
     communication (the output is replicated, so each rank's gradient is already the full one)."""
 
     @staticmethod
-    def forward(ctx, logits, token_ids, shard: _Shard, temperature: float, chunk_size: Optional[int],
+    def forward(ctx, logits, token_ids, shard: Shard, temperature: float, chunk_size: Optional[int],
                 keep_softmax: bool = False):
         dtype = compute_dtype(logits)
         ctx.softmax = None
         if keep_softmax:
             lse, ctx.softmax = _normalizer_keeping_softmax(shard, logits, temperature, dtype, chunk_size)
         else:
-            lse = _normalizer(shard, logits, temperature, dtype, chunk_size)
+            lse = global_log_normalizer(shard, logits, temperature, dtype, chunk_size)
         local = token_ids - shard.start
         owned = (local >= 0) & (local < shard.width)
         rows = torch.arange(logits.shape[0], device=logits.device)
@@ -284,7 +274,7 @@ class _TokenLogProbs(torch.autograd.Function):
         shard, tau = ctx.shard, ctx.temperature
         softmax, ctx.softmax = ctx.softmax, None  # consumed: it becomes the gradient (megatron CE does the same)
         grad = softmax if softmax is not None and softmax.dtype == logits.dtype else torch.empty_like(logits)
-        for piece in _chunks(logits.shape[0], ctx.chunk_size):
+        for piece in row_chunks(logits.shape[0], ctx.chunk_size):
             g = grad_out[piece].to(lse.dtype) / tau
             # -softmax * g written in place into the output chunk (no extra [chunk, V/tp] temporaries).
             chunk_grad = grad[piece] if grad.dtype == lse.dtype else torch.empty(
@@ -304,39 +294,148 @@ class _TokenLogProbs(torch.autograd.Function):
         return grad, None, None, None, None, None
 
 
+def _local_log_softmax(shard: Shard, logits: torch.Tensor, temperature: float, out: torch.Tensor,
+                       scratch: torch.Tensor) -> Optional[torch.Tensor]:
+    """`log_softmax` of `logits / tau` over this rank's real columns only, written into `out [chunk, valid]`
+    (padding columns are never read). Returns this rank's log-normaliser `lse_r [chunk]` when tp > 1 (None at
+    tp = 1, where the local normaliser is the global one): `max_v z_v - max_v out_v` (the largest local log-prob
+    is `-log sum_v exp(z_v - max)`, so no extra exp pass). A row that is all -inf here gets `out = -inf` and
+    `lse_r = -inf` (no mass on this rank)."""
+    x = logits[:, :shard.valid_width]
+    if temperature != 1.0 or x.dtype != out.dtype or not x.is_contiguous():
+        scratch.copy_(x)
+        if temperature != 1.0:
+            scratch.div_(temperature)
+        x = scratch
+    torch.log_softmax(x, -1, out=out)
+    if shard.tp == 1:
+        return None
+    lse = x.amax(dim=-1)
+    empty = torch.isneginf(lse)
+    lse.sub_(out.amax(dim=-1))
+    if bool(empty.any()):
+        out[empty] = float("-inf")
+        lse[empty] = float("-inf")
+    return lse
+
+
+def _reverse_kl_chunk(shard: Shard, student: torch.Tensor, teacher: torch.Tensor, taus: tuple[float, float],
+                      probs: torch.Tensor, ratio: torch.Tensor, scratch: torch.Tensor):
+    """One chunk of `_ReverseKL` in three buffers `[chunk, valid]`: `probs = exp(a)` and `ratio = a - b` with
+    `a`, `b` this rank's local log-softmaxes of student and teacher, and `S1 = sum_v exp(a_v) (a_v - b_v)`
+    `[chunk]`, plus the local normalisers (tp > 1). Where `exp(a_v) = 0` (masked or padded student entries,
+    underflow) the ratio is set to 0, so `0 * inf` never makes a NaN; the cheap test is a NaN in `S1`, and only
+    those rows are fixed (a NaN that stays comes from NaN/+inf inputs and is reported by the caller)."""
+    lse_s = _local_log_softmax(shard, student, taus[0], probs, scratch)
+    lse_t = _local_log_softmax(shard, teacher, taus[1], ratio, scratch)
+    torch.sub(probs, ratio, out=ratio)
+    probs.exp_()
+    s1 = torch.mul(probs, ratio, out=scratch).sum(dim=-1)
+    bad = torch.isnan(s1)
+    if bool(bad.any()):
+        fixed = ratio[bad].masked_fill_(probs[bad] == 0, 0.0)
+        ratio[bad] = fixed
+        s1[bad] = (probs[bad] * fixed).sum(dim=-1)
+    return s1, lse_s, lse_t
+
+
 class _ReverseKL(torch.autograd.Function):
-    """`RKL = sum_v pi_v (log pi_v - log q_v)` `[N]`, replicated. Forward: the two normalisers, the local partial
-    sums, one all-reduce SUM. Saves both logits shards (references), the normalisers and RKL `[N]`; backward per
-    chunk `pi_v (log pi_v - log q_v - RKL) / tau_S` [Ours: `d log pi_u / d z_v = (delta_uv - pi_v) / tau_S` and
-    `sum_u pi_u (delta_uv - pi_v) = 0`], no communication. Where `pi_v = 0` the term is 0."""
+    """`RKL = sum_v pi_v (log pi_v - log q_v)` `[N]`, replicated, in one pass over each chunk (no separate
+    normaliser passes). Each rank works with its local log-softmaxes `a = z - lse_r^S`, `b = t - lse_r^T`; with
+    the corrections `c = lse - lse_r` to the global normalisers, `log pi = a - c_S`, `log q = b - c_T` and
+    rank r's share of the sum is `exp(-c_S) (S1_r - (c_S - c_T))`, `S1_r = sum_v exp(a_v) (a_v - b_v)`, since
+    `sum_v exp(a_v) = 1` [Ours]. Communication: all-reduce MAX and SUM of the stacked `[2, N]` local normalisers,
+    one all-reduce SUM of the shares (none at tp = 1).
+
+    Backward: `pi_v (log pi_v - log q_v - RKL) g / tau_S` [Ours: `d log pi_u / d z_v = (delta_uv - pi_v) / tau_S`
+    and `sum_u pi_u (delta_uv - pi_v) = 0`] `= exp(a_v) (a_v - b_v - shift) * scale` with the per-row
+    `shift = c_S - c_T + RKL`, `scale = exp(-c_S) g / tau_S`. keep_softmax=False recomputes `exp(a)` and `a - b`
+    per chunk (memory: three `[chunk, V/tp]` buffers); True keeps both `[N, V/tp]` from the forward and turns
+    them into the gradient in place (megatron CE's trade, one pass over the logits in all). No communication."""
 
     @staticmethod
-    def forward(ctx, student, teacher, shard: _Shard, student_temperature: float, teacher_temperature: float,
-                chunk_size: Optional[int]):
+    def forward(ctx, student, teacher, shard: Shard, student_temperature: float, teacher_temperature: float,
+                chunk_size: Optional[int], keep_softmax: bool = False):
         dtype = compute_dtype(student, teacher)
-        lse_s = _normalizer(shard, student, student_temperature, dtype, chunk_size)
-        lse_t = _normalizer(shard, teacher, teacher_temperature, dtype, chunk_size)
-        partial = torch.empty_like(lse_s)
-        for piece in _chunks(student.shape[0], chunk_size):
-            partial[piece] = _reverse_kl_terms(shard, student[piece], teacher[piece], lse_s[piece], lse_t[piece],
-                                               student_temperature, teacher_temperature, dtype)[0].sum(dim=-1)
-        rkl = shard.all_reduce(partial)
-        ctx.save_for_backward(student, teacher, lse_s, lse_t, rkl)
-        ctx.shard, ctx.temperatures, ctx.chunk_size = shard, (student_temperature, teacher_temperature), chunk_size
+        rows, valid = student.shape[0], shard.valid_width
+        taus = (student_temperature, teacher_temperature)
+        pieces = row_chunks(rows, chunk_size)
+        span = max(piece.stop - piece.start for piece in pieces)
+        full = (rows, valid)
+        probs = torch.empty(full if keep_softmax else (span, valid), dtype=dtype, device=student.device)
+        ratio = torch.empty_like(probs)
+        scratch = torch.empty(span, valid, dtype=dtype, device=student.device)
+        s1 = torch.zeros(rows, dtype=dtype, device=student.device)
+        local_lse = torch.full((2, rows), float("-inf"), dtype=dtype, device=student.device)
+        if valid > 0:
+            for piece in pieces:
+                n = piece.stop - piece.start
+                p_buf, r_buf = (probs[piece], ratio[piece]) if keep_softmax else (probs[:n], ratio[:n])
+                s1[piece], lse_s, lse_t = _reverse_kl_chunk(shard, student[piece], teacher[piece], taus, p_buf,
+                                                            r_buf, scratch[:n])
+                if shard.tp > 1:
+                    local_lse[0, piece], local_lse[1, piece] = lse_s, lse_t
+        del scratch
+        correction = _normalizer_corrections(shard, local_lse)
+        if correction is None:
+            rkl, shift, scale = s1, torch.zeros_like(s1), torch.ones_like(s1)
+        else:
+            c_s, c_t = correction
+            here = ~torch.isneginf(local_lse[0])  # a rank without student mass on a row adds 0 there
+            shift = torch.where(here, c_s - c_t, 0.0)
+            scale = torch.where(here, (-c_s).exp(), 0.0)
+            rkl = shard.all_reduce(torch.where(here, scale * (s1 - shift), 0.0))
+        ctx.save_for_backward(student, teacher, rkl, shift, scale)
+        ctx.shard, ctx.taus, ctx.chunk_size = shard, taus, chunk_size
+        ctx.kept, ctx.keep_softmax = ((probs, ratio) if keep_softmax else None), keep_softmax
         return rkl
 
     @staticmethod
     def backward(ctx, grad_out):
-        student, teacher, lse_s, lse_t, rkl = ctx.saved_tensors
-        shard, (tau_s, tau_t) = ctx.shard, ctx.temperatures
-        grad = torch.empty_like(student)
-        for piece in _chunks(student.shape[0], ctx.chunk_size):
-            _, excess, probs = _reverse_kl_terms(shard, student[piece], teacher[piece], lse_s[piece], lse_t[piece],
-                                                 tau_s, tau_t, lse_s.dtype, keep_factors=True)
-            # pi_v (log pi_v - log q_v - RKL) g / tau_S, in place in the factors (pi_v = 0 gives 0).
-            excess.sub_(rkl[piece, None]).mul_(probs).mul_((grad_out[piece].to(lse_s.dtype) / tau_s)[:, None])
-            grad[piece] = excess.to(grad.dtype)
-        return grad, None, None, None, None, None
+        student, teacher, rkl, shift, scale = ctx.saved_tensors
+        shard, kept, ctx.kept = ctx.shard, ctx.kept, None  # the kept buffers become the gradient
+        if ctx.keep_softmax and kept is None:
+            raise RuntimeError("vocab_parallel_reverse_kl(keep_softmax=True): backward ran twice; its buffers "
+                               "became the first gradient (use keep_softmax=False to retain the graph)")
+        dtype, valid = rkl.dtype, shard.valid_width
+        row_shift = (shift + rkl)[:, None]
+        row_scale = (scale * grad_out.to(dtype) / ctx.taus[0])[:, None]
+        whole = valid == student.shape[1] and dtype == student.dtype
+        if kept is not None:
+            probs, ratio = kept
+            grad_valid = ratio.sub_(row_shift).mul_(probs).mul_(row_scale)
+            if whole:
+                return grad_valid, None, None, None, None, None, None
+            grad = torch.zeros_like(student)
+            grad[:, :valid] = grad_valid.to(student.dtype)
+            return grad, None, None, None, None, None, None
+        grad = torch.empty_like(student) if whole else torch.zeros_like(student)
+        pieces = row_chunks(student.shape[0], ctx.chunk_size)
+        span = max(piece.stop - piece.start for piece in pieces)
+        buffers = [torch.empty(span, valid, dtype=dtype, device=student.device) for _ in range(2 if whole else 3)]
+        for piece in pieces if valid > 0 else []:
+            n = piece.stop - piece.start
+            probs, scratch = buffers[0][:n], buffers[1][:n]
+            ratio = grad[piece] if whole else buffers[2][:n]
+            _reverse_kl_chunk(shard, student[piece], teacher[piece], ctx.taus, probs, ratio, scratch)
+            ratio.sub_(row_shift[piece]).mul_(probs).mul_(row_scale[piece])
+            if not whole:
+                grad[piece, :valid] = ratio.to(grad.dtype)
+        return grad, None, None, None, None, None, None
+
+
+def _normalizer_corrections(shard: Shard, local_lse: torch.Tensor) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """From the ranks' local log-normalisers `[k, N]` (-inf where a rank has no mass): the corrections
+    `c = lse - lse_r` `[k, N]` to the global normalisers (all-reduce MAX, then one all-reduce SUM); None at
+    tp = 1 (no correction). Raises where a distribution has no mass at all."""
+    if shard.tp == 1:
+        return None
+    top = shard.all_reduce(local_lse.clone(), dist.ReduceOp.MAX)
+    if torch.isneginf(top).any():
+        raise MathInputError("logits: every logit of the (unpadded) vocabulary is -inf at some position "
+                             "(no distribution there)")
+    total = top + shard.all_reduce(torch.where(torch.isneginf(local_lse), 0.0, (local_lse - top).exp())).log()
+    return total - local_lse
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -349,9 +448,9 @@ def vocab_parallel_log_normalizer(logits_shard: torch.Tensor, temperature: float
     """`log sum_v exp(z_v / tau)` over the whole (unpadded) vocabulary, logits `[..., V/tp]` -> `[...]`,
     replicated on the TP ranks, with gradient `softmax / tau` into the shard."""
     require_positive("temperature", temperature)
-    flat = _flatten("logits_shard", logits_shard)
-    shard = _Shard(flat.shape[-1], true_vocab_size, group)
-    _check_inputs(shard, {"logits_shard": flat})
+    flat = flatten_rows("logits_shard", logits_shard)
+    shard = Shard(flat.shape[-1], true_vocab_size, group)
+    check_inputs(shard, {"logits_shard": flat})
     return _LogNormalizer.apply(flat, shard, float(temperature), chunk_size).reshape(logits_shard.shape[:-1])
 
 
@@ -366,15 +465,15 @@ def vocab_parallel_token_logprobs(logits_shard: torch.Tensor, token_ids: torch.T
     (memory flat in the chunk, two exp passes); True holds the `[N, V/tp]` softmax until backward and turns it
     into the gradient in place (megatron CE's trade: one exp pass, one `[N, V/tp]` buffer; backward only once)."""
     require_positive("temperature", temperature)
-    flat = _flatten("logits_shard", logits_shard)
-    shard = _Shard(flat.shape[-1], true_vocab_size, group)
+    flat = flatten_rows("logits_shard", logits_shard)
+    shard = Shard(flat.shape[-1], true_vocab_size, group)
     if not isinstance(token_ids, torch.Tensor):
         raise MathInputError(f"token_ids: expected an integer tensor, got {type(token_ids).__name__}")
     if tuple(token_ids.shape) != tuple(logits_shard.shape[:-1]):
         raise MathInputError(f"token_ids: expected shape {tuple(logits_shard.shape[:-1])} (the positions of the "
                              f"logits), got {tuple(token_ids.shape)}")
     ids = token_ids.reshape(-1)
-    _check_inputs(shard, {"logits_shard": flat}, ids)
+    check_inputs(shard, {"logits_shard": flat}, ids)
     keep = keep_softmax and torch.is_grad_enabled() and flat.requires_grad
     out = _TokenLogProbs.apply(flat, ids.to(torch.long), shard, float(temperature), chunk_size, keep)
     return out.reshape(logits_shard.shape[:-1])
@@ -387,34 +486,68 @@ def _entropy_terms(lp: torch.Tensor, _unused: torch.Tensor) -> torch.Tensor:
     return -(safe.exp() * safe).masked_fill(zero, 0.0).sum(dim=-1)
 
 
-def _autograd_path(terms: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], student: torch.Tensor,
-                   teacher: Optional[torch.Tensor], shard: _Shard, student_temperature: float,
-                   teacher_temperature: float, chunk_size: Optional[int]) -> torch.Tensor:
-    """Per-position `sum_v term(log pi_v, log q_v)` through autograd, chunk by chunk: the student's normaliser
-    is differentiable (`_LogNormalizer`, then `_CopyToTP` since the local terms use it), the teacher's is not;
-    the local partial sums are summed over the ranks by `_ReduceFromTP`."""
-    dtype = compute_dtype(student) if teacher is None else compute_dtype(student, teacher)
-    teacher_lse = None if teacher is None else _normalizer(shard, teacher, teacher_temperature, dtype, chunk_size)
+def _concat(parts: list) -> Any:
+    """Concatenate per-chunk results along the rows: tensors, tuples of results, or a dataclass's tensor fields
+    (its other fields are the first chunk's)."""
+    first = parts[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(parts) if len(parts) > 1 else first
+    if dataclasses.is_dataclass(first):
+        return dataclasses.replace(first, **{field.name: _concat([getattr(part, field.name) for part in parts])
+                                            for field in dataclasses.fields(first)
+                                            if isinstance(getattr(first, field.name), torch.Tensor)})
+    if isinstance(first, tuple):
+        return tuple(_concat(list(column)) for column in zip(*parts))
+    return first
 
-    def one_chunk(student_piece: torch.Tensor, teacher_piece: Optional[torch.Tensor],
-                  teacher_lse_piece: Optional[torch.Tensor]) -> torch.Tensor:
-        lse = _CopyToTP.apply(_LogNormalizer.apply(student_piece, shard, student_temperature, None), shard)
+
+def chunked_rows(rows_fn: Callable[[slice], Any], rows: int, chunk_size: Optional[int],
+                 differentiable: bool) -> Any:
+    """`rows_fn(piece)` for each chunk of `chunk_size` rows, the results concatenated along the rows (tensors,
+    tuples of them, dataclass tensor fields): the chunking of every op whose rows are independent.
+
+    With `chunk_size` set and `differentiable` (an input needs a gradient, and gradient is enabled), each chunk
+    runs under activation checkpointing: autograd keeps only what the chunk reads from outside (references to
+    the caller's tensors), so memory stays at one chunk's temporaries whatever N, and backward recomputes the
+    chunk, its collectives included. Every rank runs the same chunks in the same order, and early stopping of
+    the recomputation is off, so the recomputed collectives meet on all ranks even where the ranks' graphs save
+    different tensors (padding is masked on the last rank only)."""
+    pieces = row_chunks(rows, chunk_size)
+    if chunk_size is None or not (differentiable and torch.is_grad_enabled()):
+        return _concat([rows_fn(piece) for piece in pieces])
+    with set_checkpoint_early_stop(False):
+        return _concat([checkpoint(rows_fn, piece, use_reentrant=False) for piece in pieces])
+
+
+def divergence_rows(terms: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                    student_rows: Callable[[slice], torch.Tensor], teacher: Optional[torch.Tensor], shard: Shard,
+                    student_temperature: float, teacher_temperature: float, rows: int, dtype: torch.dtype,
+                    chunk_size: Optional[int], differentiable: bool) -> torch.Tensor:
+    """Per-position `sum_v term(log pi_v, log q_v)` `[rows]` through autograd, chunk by chunk (`chunked_rows`):
+    `student_rows(piece)` gives the student's logits shard of the chunk (a slice of a given shard, or
+    `hidden @ W.T` of the fused path); its normaliser is differentiable (`_LogNormalizer`, then `CopyToTP` since
+    the local terms use it), the teacher's is not; the local partial sums are summed over the ranks by
+    `ReduceFromTP`."""
+    teacher_lse = None if teacher is None else global_log_normalizer(shard, teacher, teacher_temperature, dtype,
+                                                                      chunk_size)
+
+    def one_chunk(piece: slice) -> torch.Tensor:
+        student_piece = student_rows(piece)
+        lse = CopyToTP.apply(_LogNormalizer.apply(student_piece, shard, student_temperature, None), shard)
         lp = shard.scaled(student_piece, student_temperature, dtype) - lse[:, None]
-        lq = lp if teacher_piece is None else (
-            shard.scaled(teacher_piece, teacher_temperature, dtype) - teacher_lse_piece[:, None])
-        return _ReduceFromTP.apply(terms(lp, lq), shard)
+        lq = lp if teacher is None else (
+            shard.scaled(teacher[piece], teacher_temperature, dtype) - teacher_lse[piece, None])
+        return ReduceFromTP.apply(terms(lp, lq), shard)
 
-    outputs = []
-    for piece in _chunks(student.shape[0], chunk_size):
-        args = (student[piece], None if teacher is None else teacher[piece],
-                None if teacher_lse is None else teacher_lse[piece])
-        if chunk_size is not None and torch.is_grad_enabled() and student.requires_grad:
-            # Saves only the chunk's inputs; backward recomputes the chunk (its all-reduces included: every rank
-            # runs the same graph, so the recomputed collectives meet in the same order on all ranks).
-            outputs.append(checkpoint(one_chunk, *args, use_reentrant=False))
-        else:
-            outputs.append(one_chunk(*args))
-    return torch.cat(outputs) if outputs else student.new_zeros(0, dtype=dtype)
+    return chunked_rows(one_chunk, rows, chunk_size, differentiable)
+
+
+def _autograd_path(terms: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], student: torch.Tensor,
+                   teacher: Optional[torch.Tensor], shard: Shard, student_temperature: float,
+                   teacher_temperature: float, chunk_size: Optional[int]) -> torch.Tensor:
+    dtype = compute_dtype(student) if teacher is None else compute_dtype(student, teacher)
+    return divergence_rows(terms, lambda piece: student[piece], teacher, shard, student_temperature,
+                           teacher_temperature, student.shape[0], dtype, chunk_size, student.requires_grad)
 
 
 def vocab_parallel_entropy(logits_shard: torch.Tensor, temperature: float = 1.0,
@@ -423,9 +556,9 @@ def vocab_parallel_entropy(logits_shard: torch.Tensor, temperature: float = 1.0,
     """Entropy `-sum_v pi_v log pi_v` of `softmax(z / tau)` over the whole vocabulary, logits `[..., V/tp]` ->
     `[...]`, with gradient; twin of `regularizers.entropy`."""
     require_positive("temperature", temperature)
-    flat = _flatten("logits_shard", logits_shard)
-    shard = _Shard(flat.shape[-1], true_vocab_size, group)
-    _check_inputs(shard, {"logits_shard": flat})
+    flat = flatten_rows("logits_shard", logits_shard)
+    shard = Shard(flat.shape[-1], true_vocab_size, group)
+    check_inputs(shard, {"logits_shard": flat})
     out = _autograd_path(_entropy_terms, flat, None, shard, float(temperature), 1.0, chunk_size)
     return out.reshape(logits_shard.shape[:-1])
 
@@ -433,20 +566,29 @@ def vocab_parallel_entropy(logits_shard: torch.Tensor, temperature: float = 1.0,
 def _divergence(kind: str, student_logits_shard: torch.Tensor, teacher_logits_shard: torch.Tensor,
                 student_temperature: float, teacher_temperature: float, true_vocab_size: Optional[int], group,
                 chunk_size: Optional[int], beta: Optional[float] = None,
-                alpha: Optional[float] = None) -> torch.Tensor:
+                alpha: Optional[float] = None, keep_softmax: bool = False) -> torch.Tensor:
     require_positive("student_temperature", student_temperature)
     require_positive("teacher_temperature", teacher_temperature)
     for name, value in (("beta", beta), ("alpha", alpha)):
         if value is not None:
             require_in_range(name, float(value), 0.0, 1.0)
-    student = _flatten("student_logits_shard", student_logits_shard)
-    teacher = _flatten("teacher_logits_shard", teacher_logits_shard).detach()
-    shard = _Shard(student.shape[-1], true_vocab_size, group)
-    _check_inputs(shard, {"student_logits_shard": student, "teacher_logits_shard": teacher})
+    student = flatten_rows("student_logits_shard", student_logits_shard)
+    teacher = flatten_rows("teacher_logits_shard", teacher_logits_shard).detach()
+    shard = Shard(student.shape[-1], true_vocab_size, group)
+    tensors = {"student_logits_shard": student, "teacher_logits_shard": teacher}
     tau_s, tau_t = float(student_temperature), float(teacher_temperature)
     if kind == "reverse_kl":
-        out = _ReverseKL.apply(student, teacher, shard, tau_s, tau_t, chunk_size)
+        # Values are checked after the fact: NaN/+inf inputs (and only they, or a row with no mass) make the
+        # replicated result NaN on every rank, so the full check (one pass per tensor) runs only then.
+        check_inputs(shard, tensors, check_values=False)
+        keep = keep_softmax and torch.is_grad_enabled() and student.requires_grad
+        out = _ReverseKL.apply(student, teacher, shard, tau_s, tau_t, chunk_size, keep)
+        if bool(torch.isnan(out).any()):
+            check_inputs(shard, tensors)
+            raise MathInputError("logits: every logit of the (unpadded) vocabulary is -inf at some position "
+                                 "(no distribution there)")
     else:
+        check_inputs(shard, tensors)
         def terms(lp: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
             # Every divergence is a sum over v of a term in (pi_v, q_v): the shard's sum is an exact partial.
             return divergence_from_log_probs(kind, lp, lq, beta=beta, alpha=alpha)
@@ -466,11 +608,13 @@ def vocab_parallel_forward_kl(student_logits_shard: torch.Tensor, teacher_logits
 def vocab_parallel_reverse_kl(student_logits_shard: torch.Tensor, teacher_logits_shard: torch.Tensor, *,
                               student_temperature: float = 1.0, teacher_temperature: float = 1.0,
                               true_vocab_size: Optional[int] = None, group=None,
-                              chunk_size: Optional[int] = None) -> torch.Tensor:
-    """Reverse KL `KL(pi || q)` `[...]` from sharded logits `[..., V/tp]` (dedicated autograd Function, chunked
-    backward); twin of `distributional.reverse_kl`."""
+                              chunk_size: Optional[int] = None, keep_softmax: bool = False) -> torch.Tensor:
+    """Reverse KL `KL(pi || q)` `[...]` from sharded logits `[..., V/tp]` (dedicated autograd Function, one pass
+    over each chunk); twin of `distributional.reverse_kl`. keep_softmax: False (default) recomputes the chunk in
+    backward (memory three `[chunk, V/tp]` buffers); True keeps `pi` and `log pi - log q` (two `[N, V/tp]`
+    buffers) until backward, which turns them into the gradient in place (megatron CE's trade)."""
     return _divergence("reverse_kl", student_logits_shard, teacher_logits_shard, student_temperature,
-                       teacher_temperature, true_vocab_size, group, chunk_size)
+                       teacher_temperature, true_vocab_size, group, chunk_size, keep_softmax=keep_softmax)
 
 
 def vocab_parallel_generalized_jsd(student_logits_shard: torch.Tensor, teacher_logits_shard: torch.Tensor,

@@ -100,6 +100,32 @@ def parity_worker(tp: int) -> dict[str, float | bool]:
 
             out[f"{name}/value"] = _err(loss.detach(), ref_loss.detach())
             out[f"{name}/grad"] = _err(grad[:, :VOCAB], full.grad)
+            # Chunked along tokens (3 rows at a time, recomputed in backward) equals unchunked, stats included.
+            chunked = s_shard.clone().requires_grad_(True)
+            chunk_loss, chunk_stats = vocab_parallel_cr_opd_loss(chunked, ids, adv, mask, **vp_teacher, **kw,
+                                                                 true_vocab_size=VOCAB, chunk_size=3)
+            (chunk_loss * weights).sum().backward()
+            out[f"{name}/chunked_value"] = _err(chunk_loss.detach(), loss.detach())
+            out[f"{name}/chunked_grad"] = _err(chunked.grad, local.grad)
+            out[f"{name}/chunked_stats"] = all(bool((getattr(chunk_stats, f) == getattr(stats, f)).all())
+                                               for f in ("candidate_count", "routed", "empty_candidates"))
+            # float32 against the float32 reference, relative to the reference's largest magnitude.
+            ref32 = student.float().requires_grad_(True)
+            ref_teacher32 = {k: v.float() if v.is_floating_point() else v for k, v in ref_teacher.items()}
+            vp_teacher32 = {k: v.float() if v.is_floating_point() else v for k, v in vp_teacher.items()}
+            ref_loss32, _ = ref.cr_opd_loss(ref32, ids, adv.float(), mask, **ref_teacher32, **kw)
+            (ref_loss32 * weights.float()).sum().backward()
+            local32 = s_shard.float().requires_grad_(True)
+            loss32, _ = vocab_parallel_cr_opd_loss(local32, ids, adv.float(), mask, **vp_teacher32, **kw,
+                                                   true_vocab_size=VOCAB, chunk_size=4)
+            (loss32 * weights.float()).sum().backward()
+            shards32 = [torch.empty_like(local32.grad) for _ in range(tp)]
+            dist.all_gather(shards32, local32.grad.contiguous(), group=group)
+            out[f"{name}/float32_value_rel"] = (_err(loss32.detach(), ref_loss32.detach())
+                                                / ref_loss32.detach().abs().max().item())
+            out[f"{name}/float32_grad_rel"] = (_err(torch.cat(shards32, -1)[:, :VOCAB], ref32.grad)
+                                               / ref32.grad.abs().max().item())
+            out[f"{name}/float32_dtype"] = loss32.dtype == local32.grad.dtype == torch.float32
             out[f"{name}/padding_grad_zero"] = bool((grad[:, VOCAB:] == 0).all())
             for field in ("routed_mass", "candidate_count", "empty_candidates", "routed", "negative_advantage"):
                 ours, theirs = getattr(stats, field), getattr(ref_stats, field)
@@ -120,6 +146,15 @@ def parity_worker(tp: int) -> dict[str, float | bool]:
             if config.student_reach != "topk":  # a student top-k always reaches k tokens
                 out[f"{name}/empty_row_falls_back"] = bool(stats.empty_candidates[EMPTY_ROW]) and not bool(
                 routed[EMPTY_ROW])
+
+    # Every position masked: zero loss, zero gradient, nothing routed.
+    config = CONFIGS["topk_top_p_q"]
+    none = torch.zeros(ROWS, dtype=torch.bool)
+    local = s_shard.clone().requires_grad_(True)
+    loss, stats = vocab_parallel_cr_opd_loss(local, ids, adv, none, teacher_logits_shard=t_shard, config=config,
+                                             true_vocab_size=VOCAB, chunk_size=4)
+    loss.sum().backward()
+    out["all_masked/zero"] = bool((loss == 0).all() and (local.grad == 0).all() and not stats.routed.any())
 
     # Bad input: a MathInputError naming the argument, on every rank.
     try:

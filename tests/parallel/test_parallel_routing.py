@@ -1,5 +1,6 @@
 """Vocab-parallel CR-OPD (`parallel/routing.py`) equals the single-device reference `routing.cr_opd_loss`, value,
-gradient and statistics, at TP = 1, 2, 4 on gloo processes, for threshold / top-k teacher supports, top-p /
+gradient and statistics, at TP = 1, 2, 4 on gloo processes (float64 and float32; chunked along tokens equals
+unchunked; every position masked gives zero loss and gradient), for threshold / top-k teacher supports, top-p /
 top-k / threshold student reach, the three routing weights, and a dense or sparse teacher; on routed positions
 each rank's gradient is exactly 0 off `{y_t} U C_t`.
 
@@ -17,6 +18,7 @@ from tests.harness import run_distributed
 from tests.parallel import routing_workers as workers
 
 FLOAT64 = 1e-10
+FLOAT32_REL = 1e-5
 
 
 @pytest.mark.parametrize("tp", [1, 2, 4])
@@ -25,7 +27,7 @@ def test_parity_with_single_device_reference(tp):
     assert len(results) == tp and all(results)
     failures = [f"rank {rank}: {name} = {value}" for rank, result in enumerate(results)
                 for name, value in result.items()
-                if not (value if isinstance(value, bool) else value <= FLOAT64)]
+                if not (value if isinstance(value, bool) else value <= (FLOAT32_REL if "float32" in name else FLOAT64))]
     assert not failures, "\n".join(failures)
 
 
