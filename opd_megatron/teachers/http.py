@@ -471,8 +471,12 @@ def token_id(value: Any, where: str) -> int:
 
 
 def top_k(entries: list[tuple[int, float]], k: int, where: str) -> tuple[list[int], list[float]]:
-    """The k best (id, logprob) by descending logprob, ties to the lower id."""
+    """The k best (id, logprob) by descending logprob, ties to the lower id. Every entry must be a finite logprob
+    <= 0: garbage anywhere in a position's reply rejects it, even where it would not be picked."""
     if len(entries) < k:
         raise TeacherError(f"{where}: {len(entries)} top-logprob entries, expected at least {k}")
-    best = sorted(entries, key=lambda e: (-e[1] if not math.isnan(e[1]) else math.inf, e[0]))[:k]
+    bad = [v for _, v in entries if not math.isfinite(v) or v > 1e-4]
+    if bad:
+        raise TeacherError(f"{where}: logprob {bad[0]!r} is NaN/inf or positive; expected finite values <= 0")
+    best = sorted(entries, key=lambda e: (-e[1], e[0]))[:k]
     return [i for i, _ in best], [v for _, v in best]

@@ -97,6 +97,7 @@ class FakeServer:
         self.inflight = 0
         self.max_inflight = 0
         self._lock = threading.Lock()
+        self._connections: set = set()
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -104,6 +105,11 @@ class FakeServer:
 
             def log_message(self, *args):
                 pass
+
+            def setup(self):
+                super().setup()
+                with server._lock:
+                    server._connections.add(self.connection)
 
             def _handle(self, method: str) -> None:
                 length = int(self.headers.get("content-length") or 0)
@@ -154,8 +160,16 @@ class FakeServer:
         return [body for method, p, _, body in self.requests if method == "POST" and p == path]
 
     def stop(self) -> None:
+        """Stop listening and cut every open (keep-alive) connection, as a killed server would."""
         self.httpd.shutdown()
         self.httpd.server_close()
+        with self._lock:
+            for sock in self._connections:
+                try:
+                    sock.shutdown(2)
+                except OSError:
+                    pass
+            self._connections.clear()
 
     def __enter__(self) -> "FakeServer":
         return self

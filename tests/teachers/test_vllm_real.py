@@ -51,7 +51,8 @@ def test_raw_prompt_logprobs_equal_transformers(vllm_server, hf_teacher):
             want_logprobs, want_ids = reference[j].topk(TOPK)
             assert [t for _, t, _ in top] == want_ids.tolist(), f"row of {len(ids)}, column {j}"
             worst = max(worst, max(abs(lp - float(w)) for (_, _, lp), w in zip(top, want_logprobs)))
-    print(f"\nraw /v1/completions prompt_logprobs: max |vLLM - transformers| = {worst:.3g}")
+    print(f"\nserver healthy {vllm_server.start_seconds:.1f} s after its start; raw /v1/completions "
+          f"prompt_logprobs: max |vLLM - transformers| = {worst:.3g}")
     assert worst <= TOL
 
 
@@ -60,3 +61,93 @@ def test_raw_out_of_vocabulary_id_is_http_400(vllm_server):
     reply = httpx.post(f"{vllm_server.url}/v1/completions", json=body, timeout=60.0)
     assert reply.status_code == 400, reply.text
     assert httpx.get(f"{vllm_server.url}/health", timeout=10.0).status_code == 200  # and the server lives on
+
+
+# -- through our client --------------------------------------------------------------------------------------------
+
+def client(server, **knobs):
+    from opd_megatron.teachers.vllm import VLLMTeacher
+
+    return VLLMTeacher({"urls": [server.url], "model": SERVED_NAME, "vocab_size": VOCAB, **knobs})
+
+
+def padded_request(rows: list[list[int]], score_start: list[int], topk: int):
+    from opd_megatron.teachers.base import TeacherRequest
+
+    width = max(len(ids) for ids in rows) + 3  # extra right padding that must never be sent or read
+    tokens = torch.full((len(rows), width), 7, dtype=torch.int64)
+    for b, ids in enumerate(rows):
+        tokens[b, : len(ids)] = torch.tensor(ids)
+    return TeacherRequest(tokens=tokens, lengths=torch.tensor([len(ids) for ids in rows]),
+                          score_start=torch.tensor(score_start), topk=topk)
+
+
+def test_client_scores_equal_transformers_at_label_columns(vllm_server, hf_teacher):
+    rows = random_rows([2, 9, 40, 17, 128, 61], seed=2)
+    score_start = [0, 3, 0, 15, 100, 30]
+    request = padded_request(rows, score_start, topk=TOPK)
+    # 2 rows per request and 2 in flight: several requests whose rows must land in their own places.
+    with client(vllm_server, max_rows_per_request=2, max_inflight=2) as teacher:
+        scores = teacher.score(request)
+    assert torch.equal(scores.valid, request.valid_mask())
+    worst = 0.0
+    for b, ids in enumerate(rows):
+        reference = reference_logprobs(hf_teacher, ids)  # [len - 1, V], label-aligned
+        columns = slice(score_start[b], len(ids) - 1)
+        want_sampled = reference.gather(1, torch.tensor(ids[1:]).unsqueeze(1)).squeeze(1)[columns]
+        want_topk, want_ids = reference[columns].topk(TOPK, dim=-1)
+        assert torch.equal(scores.topk_ids[b, columns], want_ids), f"row {b}"
+        worst = max(worst, float((scores.sampled_logprobs[b, columns] - want_sampled).abs().max()),
+                    float((scores.topk_logprobs[b, columns] - want_topk).abs().max()))
+        outside = ~request.valid_mask()[b]
+        assert float(scores.sampled_logprobs[b, outside].abs().sum()) == 0.0
+        assert float(scores.topk_logprobs[b, outside].abs().sum()) == 0.0
+    print(f"\nVLLMTeacher: max |vLLM - transformers| = {worst:.3g} (sampled and top-{TOPK} logprobs)")
+    assert worst <= TOL
+
+
+def test_client_rejects_out_of_vocabulary_id_before_sending(vllm_server):
+    request = padded_request([[5, 6, 7, 8], [9, VOCAB, 11]], [0, 0], topk=0)
+    with client(vllm_server) as teacher:
+        before = vllm_server.count_scoring_posts()
+        with pytest.raises(ValueError, match=r"ids must lie in \[0, 512\)"):
+            teacher.score(request)
+    assert vllm_server.count_scoring_posts() == before  # nothing reached the server
+
+
+def test_client_fails_clearly_when_the_server_dies_mid_run(killable_vllm_server):
+    from opd_megatron.teachers.base import TeacherError
+
+    server = killable_vllm_server
+    # 48 one-row requests, one at a time: long enough that the kill lands while the call is running.
+    request = padded_request(random_rows([200] * 48, seed=3), [100] * 48, topk=2)
+    teacher = client(server, max_rows_per_request=1, max_inflight=1, max_retries=2, backoff_s=0.1,
+                     max_retry_time_s=10.0, timeout_s=30.0)
+    outcome: dict = {}
+
+    def score() -> None:
+        try:
+            outcome["scores"] = teacher.score(request)
+        except BaseException as error:  # the assertion below says what it was
+            outcome["error"] = error
+
+    import threading
+    import time
+
+    worker = threading.Thread(target=score)
+    worker.start()
+    deadline = time.monotonic() + 60.0
+    while server.count_scoring_posts() < 2 and worker.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert worker.is_alive(), f"the call ended before the kill: {outcome}"
+    server.kill()
+    worker.join(timeout=60.0)
+    teacher.close()
+    assert not worker.is_alive(), "score() did not return within 60 s of the server's death"
+    assert "scores" not in outcome, "a partial result was returned"
+    error = outcome.get("error")
+    assert isinstance(error, TeacherError), f"expected TeacherError, got {error!r}"
+    print(f"\nafter the kill: {error}")
+    assert server.url in str(error) and "attempt" in str(error), str(error)
+    with pytest.raises(TeacherError, match="is the teacher server running"):
+        client(server)  # a new client names the dead server at once

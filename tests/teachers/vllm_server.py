@@ -162,8 +162,10 @@ class VLLMServer:
     def start(self) -> "VLLMServer":
         env = _clean_env()
         # 1 GiB of KV cache is plenty for 256-token test sequences; in-process engine core (one process
-        # group to stop, no extra 2 GB worker); nothing leaves the machine.
+        # group to stop, no extra 2 GB worker); nothing leaves the machine; the log is unbuffered so that tests can
+        # watch the access lines as requests arrive.
         env.update(VLLM_CPU_KVCACHE_SPACE="1", VLLM_ENABLE_V1_MULTIPROCESSING="0", HF_HUB_OFFLINE="1",
+                   PYTHONUNBUFFERED="1",
                    TRANSFORMERS_OFFLINE="1", VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         begin = time.monotonic()
@@ -226,6 +228,13 @@ class VLLMServer:
             return _tail(self.log_path.read_text(errors="replace"), lines)
         except OSError:
             return "(no log)"
+
+    def count_scoring_posts(self) -> int:
+        """How many `POST /v1/completions` the server's access log shows so far."""
+        try:
+            return self.log_path.read_text(errors="replace").count('"POST /v1/completions HTTP/1.1"')
+        except OSError:
+            return 0
 
     def __enter__(self) -> "VLLMServer":
         return self.start()
