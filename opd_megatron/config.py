@@ -77,7 +77,7 @@ class RunSection:
     """What the run is and where it writes."""
     name: str = "run"
     output_dir: str = "runs"           # the run directory is output_dir/name
-    algorithm: Literal["sft"] = "sft"  # later issues add "opd"
+    algorithm: Literal["sft", "opd"] = "sft"  # sft: supervised on data.path; opd: on-policy distillation
     seed: int = 1234
     train_steps: int = 100
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA + NCCL where a GPU is present, else CPU + gloo
@@ -244,6 +244,209 @@ class LoggingSection:
 
 
 @dataclass
+class RolloutSection:
+    """Where OPD prompts come from and how the student samples (algorithm: opd).
+
+    source `task`: prompts of a synthetic task (`opd_megatron/tasks`), with its verifier as the outcome reward;
+    `jsonl`: prompts from `path` (key `prompt_key`), optional chat template. Each step samples
+    `prompts_per_step` prompts x `samples_per_prompt` responses = the global batch (parallel.global_batch_size)."""
+    source: Literal["task", "jsonl"] = "task"
+    task: str = "sort_digits"
+    task_options: dict[str, int] = field(default_factory=dict)   # e.g. {length: 8} for sort_digits
+    path: str = ""
+    prompt_key: str = "prompt"
+    answer_key: str = "response"        # jsonl: the reference response (fixed-dataset rows of on_policy_fraction)
+    apply_chat_template: bool = False
+    prompts_per_step: int = 16
+    samples_per_prompt: int = 4
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 16
+    stop_at_eos: bool = True
+    engine: Literal["megatron"] = "megatron"   # the RolloutEngine; a served student engine plugs in here
+
+    def validate(self) -> None:
+        for key in ("prompts_per_step", "samples_per_prompt", "max_new_tokens"):
+            _require(getattr(self, key) >= 1, f"rollout.{key}", "an integer >= 1", getattr(self, key))
+        _require(self.temperature > 0 and math.isfinite(self.temperature), "rollout.temperature",
+                 "a positive number (greedy rollouts are not on-policy samples)", self.temperature)
+        _require(0.0 < self.top_p <= 1.0, "rollout.top_p", "a float in (0, 1]", self.top_p)
+        _require(self.top_k >= 0, "rollout.top_k", "an integer >= 0 (0 = off)", self.top_k)
+        if self.source == "jsonl":
+            _require(bool(self.path), "rollout.path", "a JSONL prompt file with rollout.source=jsonl", self.path)
+        else:
+            from opd_megatron.tasks import TASKS
+            if self.task not in TASKS:
+                raise ConfigError(f"rollout.task: unknown task {self.task!r}; expected one of {sorted(TASKS)}"
+                                  f"{_did_you_mean(self.task, TASKS)}")
+
+
+@dataclass
+class TeacherSection:
+    """The teacher that scores the student's rollouts.
+
+    colocated: a frozen megatron GPTModel sharded like the student (full vocab-sharded logits: every loss and
+        support); `path` a megatron checkpoint of ours or an HF checkpoint directory, `model` its shape.
+    inprocess: a transformers model from the HF directory `path` (small runs).
+    sglang / vllm: a served teacher, `server` holds the client's keys (urls, model, vocab_size, timeouts, ...;
+        see teachers/http.py); gives sampled-token logprobs and top-`topk` (sparse supports only).
+    `overlap`: score the next batch (sampled with the weights before this update, so one update stale) while this
+    batch trains; staleness is reported every step. Only for served teachers."""
+    kind: Literal["colocated", "inprocess", "sglang", "vllm"] = "colocated"
+    path: str = ""
+    model: ModelSection = field(default_factory=ModelSection)
+    temperature: float = 1.0
+    topk: int = 0                     # served teachers: top-k logprobs per position (0 = sampled token only)
+    score_student_topk: int = 0       # SGLang: also score the student's top-k ids (student/union supports)
+    server: dict[str, Any] = field(default_factory=dict)
+    overlap: bool = False
+
+    def validate(self) -> None:
+        _require(self.temperature > 0, "teacher.temperature", "a positive number", self.temperature)
+        _require(self.topk >= 0 and self.score_student_topk >= 0, "teacher.topk",
+                 "integers >= 0 (teacher.topk, teacher.score_student_topk)", (self.topk, self.score_student_topk))
+        if self.kind in ("sglang", "vllm"):
+            from opd_megatron.teachers.http import HTTPTeacherConfig
+            HTTPTeacherConfig.from_dict(self.server, "teacher.server.")
+        else:
+            _require(bool(self.path), "teacher.path", f"a checkpoint directory for teacher.kind={self.kind}",
+                     self.path)
+            _require(not self.overlap, "teacher.overlap", "false for an in-process or colocated teacher (it runs "
+                     "on the training ranks; there is nothing to overlap with)", self.overlap)
+        if self.kind == "colocated":
+            self.model.validate()
+
+
+@dataclass
+class GatesSection:
+    """Token gates multiplied into w_t (see gates.GateConfig); null turns a gate off."""
+    teacher_confidence: Optional[float] = None
+    teacher_entropy: Optional[float] = None
+    student_entropy: Optional[float] = None
+    student_entropy_keep: Literal["high", "low"] = "high"
+    sign: Optional[Literal["negative", "positive"]] = None
+    log_ratio_clip: Optional[float] = None
+    log_ratio_clip_mode: Literal["drop", "clip"] = "drop"
+    truncated_is: Optional[tuple[float, float]] = None
+
+    def validate(self) -> None:
+        from opd_megatron.gates import GateConfig
+        try:
+            GateConfig(**dataclasses.asdict(self))
+        except ValueError as exc:
+            raise ConfigError(f"opd.gates: {exc}") from exc
+
+
+@dataclass
+class RoutingSection:
+    """CR-OPD candidate set and routing weights (see routing.RoutingConfig)."""
+    teacher_support: Literal["topk", "threshold"] = "topk"
+    teacher_top_k: int = 20
+    teacher_min_prob: float = 1e-3
+    student_reach: Literal["top_p", "topk", "threshold"] = "top_p"
+    student_top_p: float = 0.95
+    student_top_k: int = 20
+    student_min_prob: float = 1e-3
+    weights: Literal["q", "sqrt_q_pi", "uniform"] = "q"
+    eta: float = 1.0
+
+    def validate(self) -> None:
+        from opd_megatron.routing import RoutingConfig
+        try:
+            RoutingConfig(**dataclasses.asdict(self))
+        except ValueError as exc:
+            raise ConfigError(f"opd.routing: {exc}") from exc
+
+
+@dataclass
+class OpdSection:
+    """The OPD objective (shared/docs/opd-math.md).
+
+    loss `divergence` (route A): `divergence` on `support` (full needs dense teacher logits: colocated or
+        in-process); `policy_gradient` (route B): `estimator` credit on the log-ratio r_t, `ratio` form;
+        `cr_opd`: route B with CR-OPD vocabulary routing of negative advantages.
+    outcome_beta > 0 adds the verifier's reward: A = outcome_alpha * A_opd + outcome_beta * (R - b_R).
+    on_policy_fraction (GKD's lambda): the share of each batch sampled by the student; the rest are fixed rows
+        (the task's reference answers or rollout.answer_key), trained with the same loss (0 = offline logit
+        distillation on a corpus). value_* : GAE-OPD's value head (estimator gae, or baseline value)."""
+    loss: Literal["divergence", "policy_gradient", "cr_opd"] = "divergence"
+    divergence: Literal["reverse_kl", "forward_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tv"] = "reverse_kl"
+    jsd_beta: float = 0.5
+    skew_alpha: float = 0.1
+    support: Literal["full", "teacher_topk", "student_topk", "union"] = "full"
+    support_k: int = 16
+    support_mode: Literal["renormalized", "tail"] = "tail"
+    student_temperature: float = 1.0
+    estimator: Literal["immediate", "return_to_go", "discounted", "baseline", "gae"] = "immediate"
+    gamma: float = 1.0
+    gae_lambda: float = 0.95
+    baseline: Optional[Literal["group_mean", "batch_mean", "reverse_kl", "value"]] = None
+    ratio: Literal["logprob", "ppo"] = "logprob"
+    clip_eps_low: float = 0.2
+    clip_eps_high: float = 0.2
+    dual_clip: Optional[float] = None
+    kl_coef: float = 1.0                 # scales the OPD term (the log-ratio reward / the divergence)
+    normalizer: Literal["token_mean", "sequence_mean", "constant"] = "token_mean"
+    gates: GatesSection = field(default_factory=GatesSection)
+    routing: RoutingSection = field(default_factory=RoutingSection)
+    outcome_alpha: float = 1.0
+    outcome_beta: float = 0.0
+    entropy_coef: float = 0.0
+    on_policy_fraction: float = 1.0
+    value_lr: float = 1e-3
+    value_coef: float = 1.0
+    chunk_size: Optional[int] = None     # tokens per chunk of the vocab-parallel ops (None: all at once)
+    nonfinite: Literal["skip", "stop"] = "skip"
+    max_skipped_steps: int = 10
+
+    def validate(self) -> None:
+        self.gates.validate()
+        self.routing.validate()
+        _require(0.0 <= self.jsd_beta <= 1.0, "opd.jsd_beta", "a float in [0, 1]", self.jsd_beta)
+        _require(0.0 <= self.skew_alpha <= 1.0, "opd.skew_alpha", "a float in [0, 1]", self.skew_alpha)
+        _require(self.support_k >= 1, "opd.support_k", "an integer >= 1", self.support_k)
+        _require(self.student_temperature > 0, "opd.student_temperature", "a positive number",
+                 self.student_temperature)
+        _require(0.0 <= self.gamma <= 1.0, "opd.gamma", "a float in [0, 1]", self.gamma)
+        _require(0.0 <= self.gae_lambda <= 1.0, "opd.gae_lambda", "a float in [0, 1]", self.gae_lambda)
+        _require(0.0 <= self.on_policy_fraction <= 1.0, "opd.on_policy_fraction", "a float in [0, 1]",
+                 self.on_policy_fraction)
+        _require(self.kl_coef > 0, "opd.kl_coef", "a positive number", self.kl_coef)
+        _require(self.chunk_size is None or self.chunk_size >= 1, "opd.chunk_size", "null or an integer >= 1",
+                 self.chunk_size)
+        _require(self.max_skipped_steps >= 0, "opd.max_skipped_steps", "an integer >= 0", self.max_skipped_steps)
+        if self.estimator == "baseline":
+            _require(self.baseline is not None, "opd.baseline",
+                     "one of group_mean, batch_mean, reverse_kl, value with opd.estimator=baseline", None)
+        else:
+            _require(self.baseline is None, "opd.baseline", f"null with opd.estimator={self.estimator} (set "
+                     f"opd.estimator=baseline to subtract a baseline)", self.baseline)
+        if self.estimator == "return_to_go":
+            _require(self.gamma == 1.0, "opd.gamma", "1.0 with opd.estimator=return_to_go (use discounted)",
+                     self.gamma)
+
+    @property
+    def uses_value_head(self) -> bool:
+        return self.loss != "divergence" and (self.estimator == "gae" or self.baseline == "value")
+
+
+@dataclass
+class EvalSection:
+    """Held-out evaluation (task score and per-token reverse KL to the teacher): before, every `interval` steps
+    (0 = only before and after) and after training, on `prompts` held-out prompts, greedy."""
+    prompts: int = 200
+    interval: int = 0
+    max_new_tokens: Optional[int] = None   # default: rollout.max_new_tokens
+    batch_size: int = 100
+
+    def validate(self) -> None:
+        _require(self.prompts >= 1 and self.batch_size >= 1, "eval.prompts", "integers >= 1 (eval.prompts, "
+                 "eval.batch_size)", (self.prompts, self.batch_size))
+        _require(self.interval >= 0, "eval.interval", "an integer >= 0", self.interval)
+
+
+@dataclass
 class RunConfig:
     run: RunSection = field(default_factory=RunSection)
     model: ModelSection = field(default_factory=ModelSection)
@@ -252,11 +455,17 @@ class RunConfig:
     optim: OptimSection = field(default_factory=OptimSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
+    rollout: RolloutSection = field(default_factory=RolloutSection)
+    teacher: TeacherSection = field(default_factory=TeacherSection)
+    opd: OpdSection = field(default_factory=OpdSection)
+    eval: EvalSection = field(default_factory=EvalSection)
 
     def validate(self) -> "RunConfig":
         """Checks that need no world size: each section, then the cross-section rules."""
+        opd_only = ("rollout", "teacher", "opd", "eval")
         for f in dataclasses.fields(self):
-            getattr(self, f.name).validate()
+            if self.run.algorithm == "opd" or f.name not in opd_only:
+                getattr(self, f.name).validate()
         m, p = self.model, self.parallel
         _require(m.num_attention_heads % p.tp == 0, "parallel.tp",
                  f"a divisor of model.num_attention_heads={m.num_attention_heads}", p.tp)
@@ -270,6 +479,8 @@ class RunConfig:
         if p.sequence_parallel:
             _require(self.data.seq_length % p.tp == 0, "data.seq_length",
                      f"a multiple of parallel.tp={p.tp} with sequence parallelism", self.data.seq_length)
+        if self.run.algorithm == "opd":
+            self._validate_opd()
         if self.optim.use_distributed_optimizer or m.dtype != "fp32":
             # Measured: megatron's distributed optimizer and mixed precision do not run on the CPU
             # (docs/megatron-on-cpu.md). Caught here so a laptop dry-run still accepts them.
@@ -278,6 +489,54 @@ class RunConfig:
                                   "or auto on a GPU machine; with run.device=cpu use model.dtype=fp32 and "
                                   "optim.use_distributed_optimizer=false")
         return self
+
+    def _validate_opd(self) -> None:
+        """Combinations the OPD loop cannot run, rejected with what would work instead."""
+        r, t, o, p = self.rollout, self.teacher, self.opd, self.parallel
+        rows = r.prompts_per_step * r.samples_per_prompt
+        _require(p.global_batch_size == rows, "parallel.global_batch_size",
+                 f"rollout.prompts_per_step x rollout.samples_per_prompt = {r.prompts_per_step} x "
+                 f"{r.samples_per_prompt} = {rows} with run.algorithm=opd", p.global_batch_size)
+        dense = t.kind in ("colocated", "inprocess")
+        needs_dense = []
+        if o.loss == "divergence" and o.support == "full":
+            needs_dense.append(f"opd.support=full (the {o.divergence} over the whole vocabulary)")
+        if o.baseline == "reverse_kl":
+            needs_dense.append("opd.baseline=reverse_kl (the exact per-state reverse KL)")
+        if o.gates.teacher_entropy is not None:
+            needs_dense.append("opd.gates.teacher_entropy")
+        if o.loss == "cr_opd" and o.routing.teacher_support == "threshold":
+            needs_dense.append("opd.routing.teacher_support=threshold")
+        if needs_dense and not dense:
+            raise ConfigError(f"teacher.kind={t.kind} gives sampled-token and top-k logprobs only, but "
+                              f"{'; '.join(needs_dense)} needs the teacher's full distribution: use "
+                              f"teacher.kind=colocated (or inprocess), or a top-k support "
+                              f"(opd.support=teacher_topk with teacher.topk >= opd.support_k)")
+        if not dense:
+            need_k = 0
+            if o.loss == "divergence":
+                need_k = o.support_k if o.support in ("teacher_topk", "union") else 0
+            if o.loss == "cr_opd":
+                need_k = o.routing.teacher_top_k
+            if o.gates.teacher_confidence is not None:
+                need_k = max(need_k, 1)
+            _require(t.topk >= need_k, "teacher.topk", f">= {need_k} for the configured support/routing/gates "
+                     f"with a served teacher", t.topk)
+            if o.loss == "divergence" and o.support in ("student_topk", "union"):
+                _require(t.kind == "sglang" and t.score_student_topk >= o.support_k, "teacher.score_student_topk",
+                         f">= opd.support_k={o.support_k} with teacher.kind=sglang (the teacher's logprobs on the "
+                         f"student's top-k come from SGLang's token_ids_logprob; vLLM cannot score chosen ids)",
+                         t.score_student_topk)
+        if o.loss == "divergence":
+            _require(o.estimator == "immediate" and o.ratio == "logprob", "opd.estimator",
+                     "the default (immediate, ratio logprob) with opd.loss=divergence: credit estimators and "
+                     "ratios belong to opd.loss=policy_gradient or cr_opd", (o.estimator, o.ratio))
+        if o.outcome_beta > 0:
+            _require(r.source == "task", "opd.outcome_beta", "0 unless rollout.source=task (the verifier gives "
+                     "the outcome reward)", o.outcome_beta)
+        if t.kind == "colocated" and t.model.vocab_size != self.model.vocab_size:
+            raise ConfigError(f"teacher.model.vocab_size={t.model.vocab_size} differs from model.vocab_size="
+                              f"{self.model.vocab_size}: student and teacher must share one vocabulary")
 
     def validate_for_world(self, world_size: int) -> "RunConfig":
         """Checks that need the number of processes; run before any model is built."""
@@ -334,6 +593,14 @@ def from_dict(raw: dict[str, Any]) -> RunConfig:
             raise ConfigError(f"model.preset: unknown preset {preset!r}; expected one of "
                               f"{sorted(MODEL_PRESETS)}{_did_you_mean(preset, MODEL_PRESETS)}")
         raw["model"] = {**MODEL_PRESETS[preset], **model_raw}
+    teacher_raw = raw.get("teacher")
+    if isinstance(teacher_raw, dict) and isinstance(teacher_raw.get("model"), dict) \
+            and teacher_raw["model"].get("preset") is not None:
+        preset = teacher_raw["model"]["preset"]
+        if preset not in MODEL_PRESETS:
+            raise ConfigError(f"teacher.model.preset: unknown preset {preset!r}; expected one of "
+                              f"{sorted(MODEL_PRESETS)}{_did_you_mean(preset, MODEL_PRESETS)}")
+        raw["teacher"] = {**teacher_raw, "model": {**MODEL_PRESETS[preset], **teacher_raw["model"]}}
     return _build(RunConfig, raw, "")
 
 
@@ -374,6 +641,24 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
         if value is None:
             return None
         return _coerce(args[0], value, key)
+    if origin in (list, tuple):
+        if isinstance(value, (str, dict)) or not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        args = typing.get_args(hint)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"{key}: expected a list of {len(args)} values, got {value!r}")
+            return tuple(_coerce(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+        item = args[0] if args else Any
+        items = [v if item is Any else _coerce(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        _, item = typing.get_args(hint) or (str, Any)
+        return {str(k): v if item is Any else _coerce(item, v, f"{key}.{k}") for k, v in value.items()}
+    if hint is Any:
+        return value
     if origin is Literal:
         choices = typing.get_args(hint)
         if value not in choices:
