@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -102,8 +103,12 @@ class StudentModel:
     padded_vocab_size: int
 
 
-def build_student(model: ModelSection, parallel: ParallelSection, device: torch.device) -> StudentModel:
-    """Build this rank's pipeline stage. Needs megatron's model-parallel state initialised."""
+def build_student(model: ModelSection, parallel: ParallelSection, device: torch.device,
+                  pre_process: Optional[bool] = None, post_process: Optional[bool] = None) -> StudentModel:
+    """Build this rank's pipeline stage. Needs megatron's model-parallel state initialised.
+    pre_process / post_process (default: whether this rank is the first / last pipeline stage) say whether the
+    stage holds the embedding / the final norm and output layer; a whole model on one stage (a colocated
+    teacher, `parallel.pp == 1`) sets both, whatever the student's pipeline layout."""
     on_gpu = device.type == "cuda"
     use_te = transformer_engine_available() and on_gpu
     if parallel.sequence_parallel and not use_te:
@@ -119,8 +124,8 @@ def build_student(model: ModelSection, parallel: ParallelSection, device: torch.
         transformer_layer_spec=layer_spec(model, use_te),
         vocab_size=padded,
         max_sequence_length=model.max_position_embeddings,
-        pre_process=parallel_state.is_pipeline_first_stage(),
-        post_process=parallel_state.is_pipeline_last_stage(),
+        pre_process=parallel_state.is_pipeline_first_stage() if pre_process is None else pre_process,
+        post_process=parallel_state.is_pipeline_last_stage() if post_process is None else post_process,
         share_embeddings_and_output_weights=model.tie_embeddings,
         position_embedding_type=model.position_embedding,
         rotary_base=model.rotary_base,
