@@ -2,8 +2,9 @@
 
 Every row is one forward + backward on this rank's shards, timed in the same run as its baseline:
 - on a given logits shard `[N, V/tp]`: megatron CE (the 1.00x baseline), our sampled-token log-prob
-  (`vocab_parallel_token_logprobs`, the route-B hot path) and the full-vocabulary reverse KL
-  (`vocab_parallel_reverse_kl`, against a teacher shard);
+  (`vocab_parallel_token_logprobs`, the route-B hot path), the full-vocabulary reverse KL
+  (`vocab_parallel_reverse_kl`, against a teacher shard), each also with `keep_softmax`, and CR-OPD
+  (`vocab_parallel_cr_opd_loss`, dense teacher shard, default `RoutingConfig`, advantages ~ N(0, 1));
 - from the hidden states `[N, H]` and the output-layer shard `[V/tp, H]` (the matmul included): matmul + megatron CE
   (the 1.00x baseline, materialises the logits), matmul + our chunked token log-prob, and the fused paths
   (`fused_token_logprobs`, `fused_reverse_kl`) that never hold `[N, V/tp]`.
@@ -19,6 +20,7 @@ Hidden-input rows are measured at N and N/2 to show whether memory grows with th
 
     python -m benchmarks.vocab_parallel                       # defaults: N=2048, H=256, V=32000 and 152064
     python -m benchmarks.vocab_parallel --tokens 4096 --vocab 32000 --json runs/vocab_parallel.json
+    python -m benchmarks.vocab_parallel --vocab 152064 --tokens 1024 --reps 1   # the large vocabulary, shorter
 
 TP=1 runs one process with all `--threads`; TP=2 runs two gloo processes with one thread each
 (`tests/harness.py`'s `run_distributed`). A multi-process row counts its slowest rank and its largest peak.
@@ -74,13 +76,14 @@ def _measure(step: Callable[[], None], reps: int, barrier: Callable[[], None]) -
 
 
 def bench_worker(tp: int, tokens: int, hidden_size: int, vocab: int, chunk_size: int, reps: int,
-                 threads: int) -> dict[str, list[float]]:
+                 threads: int, with_hidden: bool = True) -> dict[str, list[float]]:
     import torch.distributed as dist
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region, vocab_parallel_cross_entropy
 
     from opd_megatron.parallel import fused
     from opd_megatron.parallel import vocab_parallel as vp
+    from opd_megatron.parallel.routing import vocab_parallel_cr_opd_loss
     from opd_megatron.student.cpu_shims import apply_cpu_shims
 
     apply_cpu_shims()
@@ -120,6 +123,7 @@ def bench_worker(tp: int, tokens: int, hidden_size: int, vocab: int, chunk_size:
         return copy_to_tensor_model_parallel_region(h) @ w.T
 
     ids = ids_all
+    advantages = torch.randn(tokens, generator=gen)  # about half negative: routed; the rest plain PG
     logit_rows = {
         "megatron CE": on_logits(lambda z: vocab_parallel_cross_entropy(z, ids), clone=True),
         "token log-prob": on_logits(lambda z: -vp.vocab_parallel_token_logprobs(z, ids, chunk_size=chunk_size),
@@ -129,6 +133,11 @@ def bench_worker(tp: int, tokens: int, hidden_size: int, vocab: int, chunk_size:
             clone=False),
         "reverse KL": on_logits(lambda z: vp.vocab_parallel_reverse_kl(z, teacher, chunk_size=chunk_size),
                                 clone=False),
+        "reverse KL (keep softmax)": on_logits(
+            lambda z: vp.vocab_parallel_reverse_kl(z, teacher, chunk_size=chunk_size, keep_softmax=True),
+            clone=False),
+        "CR-OPD": on_logits(lambda z: vocab_parallel_cr_opd_loss(z, ids, advantages, teacher_logits_shard=teacher,
+                                                                 chunk_size=chunk_size)[0], clone=False),
     }
 
     def hidden_rows(rows: int):
@@ -144,9 +153,9 @@ def bench_worker(tp: int, tokens: int, hidden_size: int, vocab: int, chunk_size:
         }
 
     out: dict[str, list[float]] = {}
-    for name, setup in {**logit_rows, **hidden_rows(tokens)}.items():
+    for name, setup in {**logit_rows, **(hidden_rows(tokens) if with_hidden else {})}.items():
         out[name] = list(_measure(setup, reps, barrier))
-    for name, setup in hidden_rows(tokens // 2).items():
+    for name, setup in (hidden_rows(tokens // 2) if with_hidden else {}).items():
         out[name].append(_measure(setup, 1, barrier)[1])
     return out
 
@@ -160,6 +169,7 @@ def main() -> None:
     parser.add_argument("--chunk-size", type=int, default=512)
     parser.add_argument("--reps", type=int, default=2, help="timed runs per row; the fastest is kept")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="threads of the TP=1 process")
+    parser.add_argument("--no-hidden", action="store_true", help="only the rows on a given logits shard")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     os.environ["MALLOC_MMAP_THRESHOLD_"] = MMAP_THRESHOLD  # inherited by the spawned workers
@@ -175,14 +185,12 @@ def main() -> None:
                 raise SystemExit(f"--vocab {vocab} is not divisible by tp {tp} (megatron CE knows no padding)")
             ranks = run_distributed(bench_worker, world_size=tp, timeout_s=1200,
                                     args=(tp, args.tokens, args.hidden, vocab, args.chunk_size, args.reps,
-                                          args.threads if tp == 1 else 1))
+                                          args.threads if tp == 1 else 1, not args.no_hidden))
             rows = {name: [max(r[name][i] for r in ranks) for i in range(len(ranks[0][name]))]
                     for name in ranks[0]}
             results[f"V={vocab},tp={tp}"] = rows
             for name, values in rows.items():
-                base = rows["megatron CE" if name in ("token log-prob", "token log-prob (keep softmax)",
-                                                      "reverse KL", "megatron CE")
-                            else "matmul + megatron CE"][0]
+                base = rows["matmul + megatron CE" if name.startswith(("matmul", "fused")) else "megatron CE"][0]
                 half = f"{values[2]:,.0f}" if len(values) > 2 else ""
                 print(f"| {vocab:,} | {tp} | {name} | {values[0] * 1e3:,.0f} | {values[0] / base:.2f}x | "
                       f"{values[1]:,.0f} | {half} |", flush=True)

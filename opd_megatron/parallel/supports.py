@@ -20,6 +20,7 @@ not offered here (its `[..., V]` result is what this module avoids): use `vocab_
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
@@ -30,7 +31,7 @@ from opd_megatron.losses.supports import (MODES, SparseTeacherLogprobs, Supporte
                                           _check_sparse_teacher, _log_normalize, _lookup, _safe_logsumexp,
                                           support_ids, top_k_positions)
 from opd_megatron.parallel.topk import gather_owned, scatter_sparse_to_shards, vocab_parallel_topk
-from opd_megatron.parallel.vocab_parallel import (check_inputs, flatten_rows, ReduceFromTP, Shard,
+from opd_megatron.parallel.vocab_parallel import (check_inputs, chunked_rows, flatten_rows, ReduceFromTP, Shard,
                                                   vocab_parallel_log_normalizer)
 from opd_megatron.tensor_checks import MathInputError, require_choice, require_positive, require_positive_int
 
@@ -74,7 +75,7 @@ def vocab_parallel_build_support(student_logits_shard: torch.Tensor,
                                  teacher: torch.Tensor | SparseTeacherLogprobs, support: str, k: int,
                                  mode: str = "renormalized", *, student_temperature: float = 1.0,
                                  teacher_temperature: float = 1.0, true_vocab_size: Optional[int] = None,
-                                 group=None) -> SupportedDistributions:
+                                 group=None, chunk_size: Optional[int] = None) -> SupportedDistributions:
     """`build_support` on TP shards: student logits `[..., V/tp]` (with gradient) and a teacher given either as
     its logits shard `[..., V/tp]` (a colocated teacher, detached) or as a `SparseTeacherLogprobs` (a server's
     answer, global ids, the same on every TP rank) -> `SupportedDistributions` with log-probs `[..., K(+1)]`,
@@ -83,7 +84,9 @@ def vocab_parallel_build_support(student_logits_shard: torch.Tensor,
 
     support: `teacher_topk`, `student_topk` or `union`; mode: `renormalized` or `tail`; the rules (k limits,
     sparse teacher needs, temperature with a sparse tail, ranking by the raw logits) are the reference's.
-    `true_vocab_size`: the unpadded vocabulary (default: tp x V/tp)."""
+    `true_vocab_size`: the unpadded vocabulary (default: tp x V/tp). chunk_size: rows at a time
+    (`vocab_parallel.chunked_rows`: one chunk's `[chunk, V/tp]` temporaries at a time; with gradient each chunk is
+    recomputed in backward, so memory does not grow with N)."""
     if support == "full":
         raise MathInputError("support: 'full' is not built vocab-parallel (it would be [..., V]); use the "
                              "full-vocabulary divergences of opd_megatron.parallel.vocab_parallel, or one of "
@@ -118,7 +121,34 @@ def vocab_parallel_build_support(student_logits_shard: torch.Tensor,
             raise MathInputError(f"teacher_temperature: a sparse teacher's tail mass is unknown at temperature "
                                  f"{teacher_temperature}; expected 1.0 with mode 'tail', or use mode "
                                  f"'renormalized'")
-    group = shard.group
+    taus = (float(student_temperature), float(teacher_temperature))
+    rows = student.shape[0]
+
+    def rows_of_inputs(piece: slice) -> SupportedDistributions:
+        if sparse:
+            piece_teacher = SparseTeacherLogprobs(*(None if t is None else t.reshape(rows, -1)[piece] for t in (
+                teacher.ids, teacher.logprobs, teacher.extra_ids, teacher.extra_logprobs)))
+        else:
+            piece_teacher = teacher_flat[piece]
+        return _support_rows(shard, support, k, mode, student[piece], piece_teacher, taus, dtype)
+
+    out = chunked_rows(rows_of_inputs, rows, chunk_size, student.requires_grad)
+    slots = out.student_logp.shape[-1]
+    return dataclasses.replace(out, student_logp=out.student_logp.reshape(*leading, slots),
+                               teacher_logp=out.teacher_logp.reshape(*leading, slots),
+                               ids=out.ids.reshape(*leading, out.ids.shape[-1]))
+
+
+def _support_rows(shard: Shard, support: str, k: int, mode: str, student: torch.Tensor,
+                  teacher: torch.Tensor | SparseTeacherLogprobs, taus: tuple[float, float],
+                  dtype: torch.dtype) -> SupportedDistributions:
+    """`vocab_parallel_build_support` on `n` rows of checked, flattened inputs (a sparse teacher's fields
+    `[n, k_t]`); rows are independent, so the public function runs this on chunks of rows."""
+    student_temperature, teacher_temperature = taus
+    sparse = isinstance(teacher, SparseTeacherLogprobs)
+    teacher_flat = None if sparse else teacher
+    vocab, group = shard.true_vocab_size, shard.group
+    neg_inf = float("-inf")
 
     # Support ids `[N, K]`, replicated: ranked by the raw logits, as the reference.
     teacher_ids = student_ids = None
@@ -130,7 +160,6 @@ def vocab_parallel_build_support(student_logits_shard: torch.Tensor,
     ids = support_ids(support, teacher_ids, student_ids)
     valid = ids >= 0
     safe_ids = ids.clamp_min(0)
-    neg_inf = float("-inf")
 
     # Student: scaled logits at the ids (renormalised: directly, as the reference, for precision), or global
     # log-probs (tail) with the complement bucket.
@@ -175,6 +204,4 @@ def vocab_parallel_build_support(student_logits_shard: torch.Tensor,
     else:
         lp_s = torch.cat([lp_s, tail_p], dim=-1)
         lq_s = torch.cat([lq_s, tail_q], dim=-1)
-    slots = lp_s.shape[-1]
-    return SupportedDistributions(lp_s.reshape(*leading, slots), lq_s.reshape(*leading, slots),
-                                  ids.reshape(*leading, ids.shape[-1]), support, k, mode, sparse)
+    return SupportedDistributions(lp_s, lq_s, ids, support, k, mode, sparse)

@@ -4,7 +4,8 @@
 Every rank builds the same full logits from a fixed seed, pads the vocabulary (37) to a multiple of tp with LARGE
 values (a padding id would win every top-k if it were not masked), keeps its contiguous shard, and compares the
 vocab-parallel result with the single-device reference on the unpadded logits: values, and the gradient wrt the
-student logits gathered from all ranks' shards (padding columns must receive exactly 0)."""
+student logits gathered from all ranks' shards (padding columns must receive exactly 0); chunked along tokens equals
+unchunked."""
 
 from __future__ import annotations
 
@@ -111,6 +112,15 @@ def _check_support(student_full, teacher_full, sparse: bool, support: str, k: in
         grad = gather_shards(leaf.grad, tp)
         assert_close(case + " grad", grad[:, :VOCAB], full_leaf.grad)
         assert bool((grad[:, VOCAB:] == 0).all()), case + " padding grad"
+        # Chunked along tokens (4 + 2 rows, recomputed in backward) equals unchunked.
+        chunked_leaf = shard_of(student_full, tp, rank).requires_grad_(True)
+        chunked = vocab_parallel_build_support(chunked_leaf, teacher_vp, support, k, mode, student_temperature=TAU_S,
+                                               teacher_temperature=tau_t, true_vocab_size=VOCAB, chunk_size=4)
+        assert torch.equal(chunked.ids, got.ids), case + " chunked ids"
+        chunked_loss = divergence_on_support(kind, chunked)
+        assert_close(case + " chunked loss", chunked_loss.detach(), loss.detach())
+        (chunked_loss * weights).sum().backward()
+        assert_close(case + " chunked grad", chunked_leaf.grad, leaf.grad)
         checks += 1
     return checks
 
