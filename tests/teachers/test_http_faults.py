@@ -30,7 +30,7 @@ def test_connection_refused_at_start_names_the_url():
     with pytest.raises(TeacherError, match=f"GET {url}/health_generate failed.*ConnectError.*is the teacher server "
                                            f"running"):
         sglang([url])
-    assert time.monotonic() - start < 3.0
+    assert time.monotonic() - start < 4.0  # one attempt, no retries
 
 
 def test_server_killed_mid_run_retries_then_fails_naming_the_url():
@@ -42,7 +42,7 @@ def test_server_killed_mid_run_retries_then_fails_naming_the_url():
     with pytest.raises(TeacherError, match=rf"after 3 attempt\(s\).*{server.url}/generate: ConnectError"):
         t.score(make_request())
     elapsed = time.monotonic() - start
-    assert 0.05 < elapsed < 4.0  # two backoffs (>= 0.025 + 0.05 with jitter), well under the retry budget
+    assert 0.07 < elapsed < FAST["max_retry_time_s"] + 2  # two backoffs (>= 0.025 + 0.05 with jitter)
     t.close()
 
 
@@ -77,7 +77,7 @@ def test_hung_request_times_out():
             start = time.monotonic()
             with pytest.raises(TeacherError, match=r"after 2 attempt\(s\).*timed out \(ReadTimeout, timeout_s=0.3\)"):
                 t.score(make_request(lengths=(6,), score_start=(2,), length=6))
-            assert time.monotonic() - start < 2.0
+            assert time.monotonic() - start < 2.8  # the server would have answered after 3 s
 
 
 def _mangled(routes, build, change):
