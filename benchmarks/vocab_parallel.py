@@ -4,7 +4,8 @@ Every row is one forward + backward on this rank's shards, timed in the same run
 - on a given logits shard `[N, V/tp]`: megatron CE (the 1.00x baseline), our sampled-token log-prob
   (`vocab_parallel_token_logprobs`, the route-B hot path), the full-vocabulary reverse KL
   (`vocab_parallel_reverse_kl`, against a teacher shard), each also with `keep_softmax`, and CR-OPD
-  (`vocab_parallel_cr_opd_loss`, dense teacher shard, default `RoutingConfig`, advantages ~ N(0, 1));
+  (`vocab_parallel_cr_opd_loss`, dense teacher shard, teacher top-20 support, student top-20 reach, weights q,
+  advantages ~ N(0, 1));
 - from the hidden states `[N, H]` and the output-layer shard `[V/tp, H]` (the matmul included): matmul + megatron CE
   (the 1.00x baseline, materialises the logits), matmul + our chunked token log-prob, and the fused paths
   (`fused_token_logprobs`, `fused_reverse_kl`) that never hold `[N, V/tp]`.
@@ -84,6 +85,7 @@ def bench_worker(tp: int, tokens: int, hidden_size: int, vocab: int, chunk_size:
     from opd_megatron.parallel import fused
     from opd_megatron.parallel import vocab_parallel as vp
     from opd_megatron.parallel.routing import vocab_parallel_cr_opd_loss
+    from opd_megatron.routing import RoutingConfig
     from opd_megatron.student.cpu_shims import apply_cpu_shims
 
     apply_cpu_shims()
@@ -124,6 +126,9 @@ def bench_worker(tp: int, tokens: int, hidden_size: int, vocab: int, chunk_size:
 
     ids = ids_all
     advantages = torch.randn(tokens, generator=gen)  # about half negative: routed; the rest plain PG
+    # Student reach by top-k: these random logits are nearly uniform over V, where a top-p nucleus would hold
+    # most of the vocabulary (a trained LM's is small); teacher top-20 support, weights q.
+    routing = RoutingConfig(student_reach="topk")
     logit_rows = {
         "megatron CE": on_logits(lambda z: vocab_parallel_cross_entropy(z, ids), clone=True),
         "token log-prob": on_logits(lambda z: -vp.vocab_parallel_token_logprobs(z, ids, chunk_size=chunk_size),
@@ -137,7 +142,8 @@ def bench_worker(tp: int, tokens: int, hidden_size: int, vocab: int, chunk_size:
             lambda z: vp.vocab_parallel_reverse_kl(z, teacher, chunk_size=chunk_size, keep_softmax=True),
             clone=False),
         "CR-OPD": on_logits(lambda z: vocab_parallel_cr_opd_loss(z, ids, advantages, teacher_logits_shard=teacher,
-                                                                 chunk_size=chunk_size)[0], clone=False),
+                                                                 config=routing, chunk_size=chunk_size)[0],
+                            clone=False),
     }
 
     def hidden_rows(rows: int):
@@ -155,6 +161,8 @@ def bench_worker(tp: int, tokens: int, hidden_size: int, vocab: int, chunk_size:
     out: dict[str, list[float]] = {}
     for name, setup in {**logit_rows, **(hidden_rows(tokens) if with_hidden else {})}.items():
         out[name] = list(_measure(setup, reps, barrier))
+        if rank == 0:
+            print(f"  V={vocab} tp={tp} {name}: {out[name][0] * 1e3:,.0f} ms", file=sys.stderr, flush=True)
     for name, setup in (hidden_rows(tokens // 2) if with_hidden else {}).items():
         out[name].append(_measure(setup, 1, barrier)[1])
     return out

@@ -44,7 +44,8 @@ import torch
 import torch.distributed as dist
 
 from opd_megatron.losses.distributional import compute_dtype
-from opd_megatron.parallel.vocab_parallel import row_chunks, global_log_normalizer, Shard
+from opd_megatron.parallel.vocab_parallel import (CopyToTP, divergence_rows, divergence_terms, global_log_normalizer,
+                                                  row_chunks, Shard)
 from opd_megatron.tensor_checks import MathInputError, require_positive, require_positive_int
 
 DEFAULT_CHUNK_SIZE = 1024  # tokens per chunk: 1024 x V/tp floats of logits live at a time
@@ -92,11 +93,37 @@ def _backward(shard: Shard, hidden: torch.Tensor, weight: torch.Tensor, chunk_si
     return grad_hidden, grad_weight
 
 
+class _GatherSequence(torch.autograd.Function):
+    """Megatron's sequence-parallel layout `[S/tp, B, H]` per rank -> the whole sequence `[S, B, H]`, replicated:
+    all-gather along dim 0 forward; backward reduce-scatter of the gradient (each rank's is a partial over its
+    vocabulary shard, summed, and each rank keeps its own sequence slice), as megatron's
+    `gather_from_sequence_parallel_region`. gloo has no reduce-scatter: there it is an all-reduce and a slice."""
+
+    @staticmethod
+    def forward(ctx, local: torch.Tensor, shard: Shard) -> torch.Tensor:
+        ctx.shard = shard
+        parts = [torch.empty_like(local) for _ in range(shard.tp)]
+        dist.all_gather(parts, local.contiguous(), group=shard.group)
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        shard = ctx.shard
+        grad = grad.contiguous()
+        rows = grad.shape[0] // shard.tp
+        if dist.get_backend(shard.group) == "gloo":
+            return shard.all_reduce(grad.clone())[shard.rank * rows:(shard.rank + 1) * rows], None
+        out = torch.empty((rows, *grad.shape[1:]), dtype=grad.dtype, device=grad.device)
+        dist.reduce_scatter_tensor(out, grad, group=shard.group)
+        return out, None
+
+
 def _prepare(hidden: torch.Tensor, weight_shard: torch.Tensor, true_vocab_size: Optional[int], group,
-             chunk_size: Optional[int], others: dict[str, torch.Tensor],
-             token_ids: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Shard]:
-    """Flatten `hidden` to `[N, H]` and check the inputs; the checks that can differ between ranks (shapes, NaN,
-    ids) are agreed on with one small all-reduce, so every rank raises the same error."""
+             chunk_size: Optional[int], others: dict[str, torch.Tensor], token_ids: Optional[torch.Tensor] = None,
+             sequence_parallel: bool = False) -> tuple[torch.Tensor, Shard, tuple[int, ...]]:
+    """Flatten `hidden` to `[N, H]` (after gathering the sequence under sequence parallelism) and check the
+    inputs; the checks that can differ between ranks (shapes, NaN, ids) are agreed on with small all-reduces, so
+    every rank raises the same error. Returns the flat hidden, the shard and the leading shape of the result."""
     for name, tensor in (("hidden", hidden), ("weight_shard", weight_shard)):
         if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
             raise MathInputError(f"{name}: expected a floating-point tensor")
@@ -107,8 +134,16 @@ def _prepare(hidden: torch.Tensor, weight_shard: torch.Tensor, true_vocab_size: 
                              f"size of hidden), got {tuple(weight_shard.shape)}")
     if chunk_size is not None:
         require_positive_int("chunk_size", chunk_size)
-    flat = hidden.reshape(-1, hidden.shape[-1])
     shard = Shard(weight_shard.shape[0], true_vocab_size, group)
+    if sequence_parallel and shard.tp > 1:
+        dims = torch.tensor([float(d) for d in hidden.shape] + [float(hidden.dim())], dtype=torch.float64)
+        low = shard.all_reduce(-dims.clone(), dist.ReduceOp.MAX)
+        high = shard.all_reduce(dims.clone(), dist.ReduceOp.MAX)
+        if not torch.equal(-low, high):
+            raise MathInputError(f"hidden: expected the same sequence-parallel shape [S/tp, B, H] on every TP "
+                                 f"rank; this rank has {tuple(hidden.shape)}")
+        hidden = _GatherSequence.apply(hidden, shard)
+    flat = hidden.reshape(-1, hidden.shape[-1])
     rows, width = flat.shape[0], weight_shard.shape[0]
     for name, tensor in others.items():
         if tuple(tensor.shape) != (rows, width):
@@ -139,7 +174,7 @@ def _prepare(hidden: torch.Tensor, weight_shard: torch.Tensor, true_vocab_size: 
     if flags[len(bad)]:
         raise MathInputError(f"token_ids: expected token ids in [0, {shard.true_vocab_size}) (the true "
                              f"vocabulary) on every TP rank")
-    return flat, shard
+    return flat, shard, tuple(hidden.shape[:-1])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -242,40 +277,78 @@ class _FusedReverseKL(torch.autograd.Function):
 def fused_token_logprobs(hidden: torch.Tensor, weight_shard: torch.Tensor, token_ids: torch.Tensor, *,
                          temperature: float = 1.0, true_vocab_size: Optional[int] = None,
                          chunk_size: Optional[int] = DEFAULT_CHUNK_SIZE, reduce_grad_hidden: bool = True,
-                         group=None) -> torch.Tensor:
+                         sequence_parallel: bool = False, group=None) -> torch.Tensor:
     """`log softmax(hidden @ W.T / tau)[y]` of the tokens `y` (global vocabulary ids `[...]`) from the hidden
     states `[..., H]` and this rank's output-layer shard `[V/tp, H]` -> `[...]`, replicated on the TP ranks, with
     gradients into `hidden` and `weight_shard` (module docstring for `reduce_grad_hidden`). Equals
-    `vocab_parallel_token_logprobs(hidden @ weight_shard.T, ...)` without holding that `[N, V/tp]` tensor."""
+    `vocab_parallel_token_logprobs(hidden @ weight_shard.T, ...)` without holding that `[N, V/tp]` tensor.
+
+    sequence_parallel: `hidden` is megatron's sequence-parallel layout `[S/tp, B, H]` (this rank's slice of the
+    sequence); the op all-gathers it to `[S, B, H]` and reduce-scatters the hidden gradient in backward, so the
+    gradient reaching `hidden` is the full one for this rank's slice (`reduce_grad_hidden` is then moot).
+    `token_ids [S, B]` and the result cover the whole sequence."""
     require_positive("temperature", temperature)
     if not isinstance(token_ids, torch.Tensor):
         raise MathInputError(f"token_ids: expected an integer tensor, got {type(token_ids).__name__}")
-    flat, shard = _prepare(hidden, weight_shard, true_vocab_size, group, chunk_size, {}, token_ids)
+    flat, shard, leading = _prepare(hidden, weight_shard, true_vocab_size, group, chunk_size, {}, token_ids,
+                                    sequence_parallel)
     ids = token_ids.reshape(-1).to(torch.long)
     out = _FusedTokenLogProbs.apply(flat, weight_shard, ids, shard, float(temperature), chunk_size,
-                                    bool(reduce_grad_hidden))
-    return out.reshape(hidden.shape[:-1])
+                                    bool(reduce_grad_hidden) and not sequence_parallel)
+    return out.reshape(leading)
+
+
+def _teacher_rows(teacher_logits_shard: torch.Tensor) -> torch.Tensor:
+    if not isinstance(teacher_logits_shard, torch.Tensor) or not teacher_logits_shard.is_floating_point() \
+            or teacher_logits_shard.dim() < 2:
+        raise MathInputError("teacher_logits_shard: expected a floating-point tensor [..., V/tp]")
+    return teacher_logits_shard.detach().reshape(-1, teacher_logits_shard.shape[-1])
 
 
 def fused_reverse_kl(hidden: torch.Tensor, weight_shard: torch.Tensor, teacher_logits_shard: torch.Tensor, *,
                      student_temperature: float = 1.0, teacher_temperature: float = 1.0,
                      true_vocab_size: Optional[int] = None, chunk_size: Optional[int] = DEFAULT_CHUNK_SIZE,
-                     reduce_grad_hidden: bool = True, group=None) -> torch.Tensor:
+                     reduce_grad_hidden: bool = True, sequence_parallel: bool = False, group=None) -> torch.Tensor:
     """Reverse KL `KL(pi || q)` `[...]` of the student `pi = softmax(hidden @ W.T / tau_S)` (hidden `[..., H]`,
     shard `[V/tp, H]`) from the teacher's logits shard `[..., V/tp]` (detached; a colocated teacher's own
     shard), with gradients into `hidden` and `weight_shard`. Equals
     `vocab_parallel_reverse_kl(hidden @ weight_shard.T, teacher_logits_shard, ...)` without holding the student's
-    `[N, V/tp]` logits or their gradient; the teacher's shard is the caller's tensor and is only read."""
+    `[N, V/tp]` logits or their gradient; the teacher's shard is the caller's tensor and is only read.
+    sequence_parallel: as `fused_token_logprobs` (the teacher shard covers the whole sequence)."""
     require_positive("student_temperature", student_temperature)
     require_positive("teacher_temperature", teacher_temperature)
-    if not isinstance(teacher_logits_shard, torch.Tensor) or not teacher_logits_shard.is_floating_point():
-        raise MathInputError("teacher_logits_shard: expected a floating-point tensor [..., V/tp]")
-    teacher = teacher_logits_shard.detach().reshape(-1, teacher_logits_shard.shape[-1])
-    if tuple(teacher_logits_shard.shape[:-1]) != tuple(hidden.shape[:-1]):
-        raise MathInputError(f"teacher_logits_shard: expected leading shape {tuple(hidden.shape[:-1])} (the "
-                             f"positions of hidden), got {tuple(teacher_logits_shard.shape)}")
-    flat, shard = _prepare(hidden, weight_shard, true_vocab_size, group, chunk_size,
-                           {"teacher_logits_shard": teacher})
+    teacher = _teacher_rows(teacher_logits_shard)
+    flat, shard, leading = _prepare(hidden, weight_shard, true_vocab_size, group, chunk_size,
+                                    {"teacher_logits_shard": teacher}, sequence_parallel=sequence_parallel)
     out = _FusedReverseKL.apply(flat, weight_shard, teacher, shard, float(student_temperature),
-                                float(teacher_temperature), chunk_size, bool(reduce_grad_hidden))
-    return out.reshape(hidden.shape[:-1])
+                                float(teacher_temperature), chunk_size,
+                                bool(reduce_grad_hidden) and not sequence_parallel)
+    return out.reshape(leading)
+
+
+def fused_divergence(kind: str, hidden: torch.Tensor, weight_shard: torch.Tensor,
+                     teacher_logits_shard: torch.Tensor, *, beta: Optional[float] = None,
+                     alpha: Optional[float] = None, student_temperature: float = 1.0,
+                     teacher_temperature: float = 1.0, true_vocab_size: Optional[int] = None,
+                     chunk_size: Optional[int] = DEFAULT_CHUNK_SIZE, reduce_grad_hidden: bool = True,
+                     sequence_parallel: bool = False, group=None) -> torch.Tensor:
+    """Any full-vocabulary divergence of `distributional` (`forward_kl`, `reverse_kl`, `generalized_jsd` with
+    `beta`, `skew_forward_kl` / `skew_reverse_kl` with `alpha`, `total_variation`) `[...]` of the student
+    `softmax(hidden @ W.T / tau_S)` against the teacher's logits shard `[..., V/tp]`, with gradients into
+    `hidden` and `weight_shard`; equals `vocab_parallel_<kind>(hidden @ weight_shard.T, teacher_logits_shard)`.
+
+    One generic path: `vocab_parallel.divergence_rows` with the chunk's logits computed from `hidden` inside each
+    chunk, so with `chunk_size` set only one chunk's `[chunk, V/tp]` logits and temporaries live at a time and
+    backward recomputes them (matmul included) through autograd. `fused_reverse_kl` is the dedicated (faster)
+    reverse KL. reduce_grad_hidden / sequence_parallel: as `fused_token_logprobs`."""
+    terms = divergence_terms(kind, student_temperature, teacher_temperature, beta, alpha)
+    teacher = _teacher_rows(teacher_logits_shard)
+    flat, shard, leading = _prepare(hidden, weight_shard, true_vocab_size, group, chunk_size,
+                                    {"teacher_logits_shard": teacher}, sequence_parallel=sequence_parallel)
+    # The hidden gradient of each rank is a partial over its vocabulary shard: CopyToTP sums it (backward).
+    replicated = CopyToTP.apply(flat, shard) if reduce_grad_hidden and not sequence_parallel else flat
+    out = divergence_rows(terms, lambda piece: replicated[piece] @ weight_shard.T, teacher, shard,
+                          float(student_temperature), float(teacher_temperature), flat.shape[0],
+                          compute_dtype(flat, weight_shard, teacher), chunk_size,
+                          flat.requires_grad or weight_shard.requires_grad)
+    return out.reshape(leading)

@@ -45,8 +45,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
-from opd_megatron.losses.distributional import compute_dtype, divergence_from_log_probs
-from opd_megatron.tensor_checks import (MathInputError, require_in_range, require_positive,
+from opd_megatron.losses.distributional import DIVERGENCES, compute_dtype, divergence_from_log_probs
+from opd_megatron.tensor_checks import (MathInputError, require_choice, require_in_range, require_positive,
                                         require_positive_int)
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -563,15 +563,26 @@ def vocab_parallel_entropy(logits_shard: torch.Tensor, temperature: float = 1.0,
     return out.reshape(logits_shard.shape[:-1])
 
 
-def _divergence(kind: str, student_logits_shard: torch.Tensor, teacher_logits_shard: torch.Tensor,
-                student_temperature: float, teacher_temperature: float, true_vocab_size: Optional[int], group,
-                chunk_size: Optional[int], beta: Optional[float] = None,
-                alpha: Optional[float] = None, keep_softmax: bool = False) -> torch.Tensor:
+def divergence_terms(kind: str, student_temperature: float, teacher_temperature: float,
+                     beta: Optional[float] = None,
+                     alpha: Optional[float] = None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Check a divergence's arguments and return its per-entry terms `(log pi, log q) [n, w] -> [n]` summed over
+    the given columns: every divergence of `distributional` is a sum over v of a term in `(pi_v, q_v)`, so a
+    shard's sum is an exact partial of the whole-vocabulary value."""
+    require_choice("kind", kind, DIVERGENCES)
     require_positive("student_temperature", student_temperature)
     require_positive("teacher_temperature", teacher_temperature)
     for name, value in (("beta", beta), ("alpha", alpha)):
         if value is not None:
             require_in_range(name, float(value), 0.0, 1.0)
+    return lambda lp, lq: divergence_from_log_probs(kind, lp, lq, beta=beta, alpha=alpha)
+
+
+def _divergence(kind: str, student_logits_shard: torch.Tensor, teacher_logits_shard: torch.Tensor,
+                student_temperature: float, teacher_temperature: float, true_vocab_size: Optional[int], group,
+                chunk_size: Optional[int], beta: Optional[float] = None,
+                alpha: Optional[float] = None, keep_softmax: bool = False) -> torch.Tensor:
+    terms = divergence_terms(kind, student_temperature, teacher_temperature, beta, alpha)
     student = flatten_rows("student_logits_shard", student_logits_shard)
     teacher = flatten_rows("teacher_logits_shard", teacher_logits_shard).detach()
     shard = Shard(student.shape[-1], true_vocab_size, group)
@@ -589,9 +600,6 @@ def _divergence(kind: str, student_logits_shard: torch.Tensor, teacher_logits_sh
                                  "(no distribution there)")
     else:
         check_inputs(shard, tensors)
-        def terms(lp: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
-            # Every divergence is a sum over v of a term in (pi_v, q_v): the shard's sum is an exact partial.
-            return divergence_from_log_probs(kind, lp, lq, beta=beta, alpha=alpha)
         out = _autograd_path(terms, student, teacher, shard, tau_s, tau_t, chunk_size)
     return out.reshape(student_logits_shard.shape[:-1])
 

@@ -2,8 +2,10 @@
 
 `fused_worker(tp)` runs every check of one TP size in one process group and returns, per rank, maximum errors
 (name -> float) and booleans (name -> passed). The reference is the unfused single-device path: the full logits
-`hidden @ W.T` over the true vocabulary, then `log_softmax` / `distributional.reverse_kl`; each rank compares its
-weight-shard gradient with the matching rows of the reference weight gradient (padding rows: 0)."""
+`hidden @ W.T` over the true vocabulary, then `log_softmax` / `distributional.<divergence>`; each rank compares its
+weight-shard gradient with the matching rows of the reference weight gradient (padding rows: 0). Covers the
+dedicated token log-prob and reverse KL, the generic `fused_divergence` for every divergence, and megatron's
+sequence-parallel hidden layout."""
 
 from __future__ import annotations
 
@@ -18,7 +20,10 @@ from opd_megatron.parallel import fused
 from opd_megatron.parallel import vocab_parallel as vp
 from tests.parallel.vocab_parallel_workers import _err, _init, _raises
 
-ROWS, HIDDEN, VOCAB = 12, 8, 37  # 37 is not divisible by 2: the padded vocabulary has a padding row
+ROWS, HIDDEN, VOCAB = 12, 8, 37  # 37 is not divisible by 2 or 4: the padded vocabulary has padding rows
+SEQ, BATCH = 4, 3  # ROWS as megatron's [S, B]: S/tp rows of the sequence per rank under sequence parallelism
+GENERIC = (("forward_kl", {}), ("reverse_kl", {}), ("generalized_jsd", {"beta": 0.3}),
+           ("skew_forward_kl", {"alpha": 0.2}), ("skew_reverse_kl", {"alpha": 0.2}), ("total_variation", {}))
 
 
 def _value_and_grads(fn: Callable, hidden: torch.Tensor, weight: torch.Tensor):
@@ -65,6 +70,15 @@ def fused_worker(tp: int) -> dict[str, float | bool]:
                                                       teacher_temperature=tau_t, true_vocab_size=VOCAB),
             lambda h, w: ref.reverse_kl(h @ w.T, teacher.to(h.dtype), student_temperature=tau_s, teacher_temperature=tau_t)),
     }
+    both = dict(student_temperature=tau_s, teacher_temperature=tau_t)
+    for kind, extra in GENERIC:  # the one generic fused path, each divergence (reverse KL too)
+        cases[f"generic_{kind}"] = (
+            lambda h, w, kind=kind, extra=extra, **kw: fused.fused_divergence(
+                kind, h, w, t_shard.to(h.dtype), **extra, **both, true_vocab_size=VOCAB, **kw),
+            lambda h, w, kind=kind, extra=extra: getattr(vp, f"vocab_parallel_{kind}")(
+                h @ w.T, t_shard, *extra.values(), **both, true_vocab_size=VOCAB),
+            lambda h, w, kind=kind, extra=extra: getattr(ref, kind)(h @ w.T, teacher.to(h.dtype), *extra.values(),
+                                                                    **both))
     out: dict[str, float | bool] = {}
     for name, (fused_fn, unfused_fn, reference) in cases.items():
         ref_value, ref_gh, ref_gw = _value_and_grads(reference, hidden, weight)
@@ -96,6 +110,31 @@ def fused_worker(tp: int) -> dict[str, float | bool]:
         out[f"{name}/float32_grad_hidden_rel"] = _err(gh32, ref_gh32) / ref_gh32.abs().max().item()
         out[f"{name}/float32_grad_weight_rel"] = _err(gw32, pad_rows(ref_gw32)) / ref_gw32.abs().max().item()
         out[f"{name}/float32_dtype"] = value32.dtype == gh32.dtype == gw32.dtype == torch.float32
+
+    # Megatron's sequence-parallel layout: this rank holds hidden [S/tp, B, H]; the op gathers the sequence and
+    # reduce-scatters the hidden gradient, so each rank gets the reference gradient of its own slice.
+    rows_here = slice(rank * SEQ // tp, (rank + 1) * SEQ // tp)
+    sequence_cases = {
+        "token_logprobs": lambda h, w: fused.fused_token_logprobs(
+            h, w, ids.reshape(SEQ, BATCH), temperature=tau_s, true_vocab_size=VOCAB, chunk_size=5,
+            sequence_parallel=True),
+        "reverse_kl": lambda h, w: fused.fused_reverse_kl(h, w, t_shard, **both, true_vocab_size=VOCAB,
+                                                          chunk_size=5, sequence_parallel=True),
+        "generic_forward_kl": lambda h, w: fused.fused_divergence(
+            "forward_kl", h, w, t_shard, **both, true_vocab_size=VOCAB, chunk_size=5, sequence_parallel=True),
+    }
+    for name, fn in sequence_cases.items():
+        ref_value, ref_gh, ref_gw = _value_and_grads(cases[name][2], hidden, weight)
+        local = hidden.reshape(SEQ, BATCH, HIDDEN)[rows_here]
+        value, gh, gw = _value_and_grads(fn, local, w_shard)
+        out[f"sequence_parallel/{name}/shape"] = tuple(value.shape) == (SEQ, BATCH) and gh.shape == local.shape
+        out[f"sequence_parallel/{name}/value"] = _err(value.reshape(-1), ref_value)
+        out[f"sequence_parallel/{name}/grad_hidden"] = _err(gh, ref_gh.reshape(SEQ, BATCH, HIDDEN)[rows_here])
+        out[f"sequence_parallel/{name}/grad_weight"] = _err(gw, pad_rows(ref_gw))
+    if tp > 1:
+        uneven = hidden.reshape(SEQ, BATCH, HIDDEN)[:1 if rank == 0 else 2]
+        out["bad/sequence_parallel_shapes"] = _raises("hidden", lambda: fused.fused_reverse_kl(
+            uneven, w_shard, t_shard, true_vocab_size=VOCAB, sequence_parallel=True))
 
     # [B, T, H] input: flattened and restored.
     bt = fused.fused_token_logprobs(hidden.reshape(3, 4, HIDDEN), w_shard, ids.reshape(3, 4), temperature=tau_s,

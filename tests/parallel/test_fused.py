@@ -1,6 +1,7 @@
 """The fused output layer + loss (`opd_megatron/parallel/fused.py`) equals the unfused path (full logits
 `hidden @ W.T`, then the single-device reference) in value and in the gradients of hidden and weight shard, at
-TP=1 and 2 with a vocabulary not divisible by tp; and equals the vocab-parallel op on the materialised shard."""
+TP=1, 2 and 4 with a vocabulary not divisible by tp, chunked or not, in float64 and float32, with megatron's
+sequence-parallel hidden layout too; and equals the vocab-parallel op on the materialised shard."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ FLOAT64 = 1e-10
 FLOAT32_REL = 1e-5
 
 
-@pytest.mark.parametrize("tp", [1, 2])
+@pytest.mark.parametrize("tp", [1, 2, 4])
 def test_fused_equals_unfused(tp):
     results = run_distributed(workers.fused_worker, world_size=tp, args=(tp,), timeout_s=120)
     assert len(results) == tp and all(results)
@@ -41,3 +42,6 @@ def test_without_model_parallel_state_runs_as_tp1():
     teacher = torch.randn(2, 3, 11, generator=gen, dtype=torch.float64)
     assert torch.autograd.gradcheck(
         lambda h, w: fused.fused_reverse_kl(h, w, teacher, student_temperature=0.7, chunk_size=4), (hidden, weight))
+    assert torch.autograd.gradcheck(
+        lambda h, w: fused.fused_divergence("generalized_jsd", h, w, teacher, beta=0.4, student_temperature=0.7,
+                                            chunk_size=4), (hidden, weight))

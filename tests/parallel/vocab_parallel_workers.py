@@ -45,6 +45,9 @@ def _cases(ids: torch.Tensor, tau_s: float, tau_t: float) -> dict[str, tuple[Cal
                        lambda s, t: ref.forward_kl(s, t, **both)),
         "reverse_kl": (lambda s, t, **kw: vp.vocab_parallel_reverse_kl(s, t, **both, **kw),
                        lambda s, t: ref.reverse_kl(s, t, **both)),
+        "reverse_kl_keep_softmax": (
+            lambda s, t, **kw: vp.vocab_parallel_reverse_kl(s, t, **both, keep_softmax=True, **kw),
+            lambda s, t: ref.reverse_kl(s, t, **both)),
         "total_variation": (lambda s, t, **kw: vp.vocab_parallel_total_variation(s, t, **both, **kw),
                             lambda s, t: ref.total_variation(s, t, **both)),
     }
