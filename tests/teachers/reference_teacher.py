@@ -82,7 +82,7 @@ class ModelTeacher(Teacher):
         if self.gives_full_logits:
             shard = torch.where(valid.unsqueeze(-1), logits, zero(logits))
             if self.padded_vocab is not None:
-                pad = torch.full(shard.shape[:-1] + (self.padded_vocab - self._vocab,), 7.0)
+                pad = torch.full(shard.shape[:-1] + (self.padded_vocab - self._vocab,), 1e3)  # would win if counted
                 shard = torch.cat([shard, pad], dim=-1)
         return TeacherScores(sampled_logprobs=sampled, valid=valid, topk_ids=topk_ids, topk_logprobs=topk_lp,
                              extra_logprobs=extra, logits_shard=shard, teacher_name=self.name

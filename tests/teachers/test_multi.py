@@ -11,6 +11,7 @@ import torch
 from opd_megatron.teachers.base import TeacherError
 from opd_megatron.teachers.compat import VocabMismatchError
 from opd_megatron.teachers.multi import MultiTeacher
+from tests.harness import run_distributed
 from tests.teachers.reference_teacher import ModelTeacher, TinyCausalLM, make_request, random_rows
 
 V = 37
@@ -246,6 +247,53 @@ def test_full_logit_mixtures_equal_their_formulas(mixture, padded):
     assert scores.logits_shard.shape[-1] == (padded or V)
     torch.testing.assert_close(torch.log_softmax(shard, -1)[v], mix[v], rtol=1e-6, atol=1e-5)
     assert scores.per_teacher["math"]["rows"] == 5
+
+
+class ShardedTeacher(ModelTeacher):
+    """A colocated teacher at TP = world size: returns this rank's contiguous shard of the padded logits."""
+
+    def score(self, request):
+        import torch.distributed as dist
+        scores = super().score(request)
+        width = scores.logits_shard.shape[-1] // dist.get_world_size()
+        rank = dist.get_rank()
+        scores.logits_shard = scores.logits_shard[..., rank * width:(rank + 1) * width].contiguous()
+        return scores
+
+
+def sharded_mixture_worker(padded_vocab):
+    """Every rank: the mixtures of two TP-sharded teachers (vocabulary padded with large logits) equal the
+    single-process formulas on the unpadded logits; returns the number of checks."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo")
+    checks = 0
+    request = make_request(ROWS, PROMPTS, topk=5, extra=3, vocab_size=V)
+    v = request.valid_mask()
+    for mixture in ("geometric", "arithmetic"):
+        named = {n: ShardedTeacher(TinyCausalLM(V, seed=10 + i).eval(), V, name=n, full_logits=True,
+                                   padded_vocab=padded_vocab) for i, n in enumerate(("math", "code"))}
+        scores = MultiTeacher(named, mixture=mixture, weights=WEIGHTS, vocab_group=dist.group.WORLD).score(request)
+        logq = {n: log_probs(t, request) for n, t in named.items()}
+        if mixture == "geometric":
+            mix = torch.log_softmax(sum(W[n] * logq[n] for n in named), dim=-1).float()
+        else:
+            mix = torch.log(sum(W[n] * logq[n].exp() for n in named)).float()
+        torch.testing.assert_close(scores.sampled_logprobs[v], gather(mix, request).squeeze(-1)[v], rtol=1e-6,
+                                   atol=1e-5)
+        used = v.unsqueeze(-1) & (request.extra_ids >= 0)
+        torch.testing.assert_close(scores.extra_logprobs[used], gather(mix, request, request.extra_ids)[used],
+                                   rtol=1e-6, atol=1e-5)
+        top = mix.topk(5)
+        assert torch.equal(scores.topk_ids[v], top.indices[v])
+        torch.testing.assert_close(scores.topk_logprobs[v], top.values[v], rtol=1e-6, atol=1e-5)
+        assert scores.logits_shard.shape[-1] == padded_vocab // dist.get_world_size()
+        checks += 1
+    return checks
+
+
+def test_full_logit_mixtures_of_tp_sharded_teachers_equal_their_formulas():
+    # 37 ids padded to 38 (two shards of 19); the padding logit (1e3) would win every top-k if it were counted.
+    assert run_distributed(sharded_mixture_worker, world_size=2, args=(38,), timeout_s=120) == [2, 2]
 
 
 # -- construction -------------------------------------------------------------------------------------------------
