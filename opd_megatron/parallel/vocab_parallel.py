@@ -473,9 +473,13 @@ def vocab_parallel_token_logprobs(logits_shard: torch.Tensor, token_ids: torch.T
         raise MathInputError(f"token_ids: expected shape {tuple(logits_shard.shape[:-1])} (the positions of the "
                              f"logits), got {tuple(token_ids.shape)}")
     ids = token_ids.reshape(-1)
-    check_inputs(shard, {"logits_shard": flat}, ids)
+    # NaN/+inf logits make the replicated result NaN on every rank: the full check (one more read of the
+    # shard) runs only then, as for the reverse KL.
+    check_inputs(shard, {"logits_shard": flat}, ids, check_values=False)
     keep = keep_softmax and torch.is_grad_enabled() and flat.requires_grad
     out = _TokenLogProbs.apply(flat, ids.to(torch.long), shard, float(temperature), chunk_size, keep)
+    if bool(torch.isnan(out).any()):
+        check_inputs(shard, {"logits_shard": flat}, ids)
     return out.reshape(logits_shard.shape[:-1])
 
 

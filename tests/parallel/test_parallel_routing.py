@@ -14,6 +14,7 @@ import torch
 
 from opd_megatron import routing as ref
 from opd_megatron.parallel.routing import vocab_parallel_cr_opd_loss
+from opd_megatron.tensor_checks import MathInputError
 from tests.harness import run_distributed
 from tests.parallel import routing_workers as workers
 
@@ -45,3 +46,13 @@ def test_without_model_parallel_state_runs_as_tp1():
     assert loss.shape == (2, 5) and stats.candidate_count.shape == (2, 5)
     torch.testing.assert_close(loss, expected, rtol=0, atol=FLOAT64)
     assert torch.equal(stats.candidate_count, ref_stats.candidate_count)
+
+
+def test_sparse_teacher_id_outside_the_vocabulary_is_an_error():
+    data = workers._inputs()
+    logp, ids = torch.log_softmax(data["teacher"], -1).topk(workers.SPARSE_K, dim=-1)
+    ids[3, 0] = workers.VOCAB
+    with pytest.raises(MathInputError, match=r"ids: expected global vocabulary ids in \[0, 37\)"):
+        vocab_parallel_cr_opd_loss(data["student"], data["ids"], data["advantages"], data["mask"],
+                                   teacher_topk_ids=ids, teacher_topk_logprobs=logp,
+                                   config=workers.CONFIGS["topk_topk_q"])

@@ -59,6 +59,11 @@ def test_argument_errors_name_the_argument():
         vocab_parallel_build_support(student, teacher, "teacher_topk", 5, true_vocab_size=38)
     with pytest.raises(MathInputError, match="teacher: expected a teacher logits shard"):
         vocab_parallel_build_support(student, [1.0], "teacher_topk", 5)
+    foreign = served.ids.clone()
+    foreign[0, 0] = workers.VOCAB  # a server id outside the student's vocabulary
+    with pytest.raises(MathInputError, match=r"teacher.ids: expected ids in \[0, V\) with V = 37"):
+        vocab_parallel_build_support(student, workers.SparseTeacherLogprobs(foreign, served.logprobs),
+                                     "teacher_topk", 5)
     without_extras = workers.SparseTeacherLogprobs(served.ids, served.logprobs)
     with pytest.raises(MathInputError, match="teacher: support 'student_topk' needs"):
         vocab_parallel_build_support(student, without_extras, "student_topk", 12)

@@ -190,6 +190,13 @@ def parity_worker(tp: int) -> dict[str, float | bool]:
         nan_shard[2, 0] = float("nan")
     out["bad/nan_logits"] = _raises("student_logits_shard", lambda: vp.vocab_parallel_reverse_kl(
         nan_shard, t_shard, true_vocab_size=VOCAB))
+    out["bad/nan_token_logprobs"] = _raises("logits_shard", lambda: vp.vocab_parallel_token_logprobs(
+        nan_shard, ids, true_vocab_size=VOCAB))
+    inf_teacher = t_shard.clone()
+    if rank == tp - 1:
+        inf_teacher[1, 0] = float("inf")
+    out["bad/inf_teacher_keep_softmax"] = _raises("teacher_logits_shard", lambda: vp.vocab_parallel_reverse_kl(
+        s_shard.clone().requires_grad_(True), inf_teacher, true_vocab_size=VOCAB, keep_softmax=True))
     out["bad/beta"] = _raises("beta", lambda: vp.vocab_parallel_generalized_jsd(s_shard, t_shard, 1.5))
     out["bad/alpha"] = _raises("alpha", lambda: vp.vocab_parallel_skew_reverse_kl(s_shard, t_shard, -0.1))
     out["bad/true_vocab_size"] = _raises("true_vocab_size", lambda: vp.vocab_parallel_entropy(
