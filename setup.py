@@ -23,6 +23,7 @@ setup(
         "safetensors>=0.4",
         "tokenizers>=0.19",
         "transformers>=4.45",
+        "matplotlib>=3.8",    # the PNG plots every OPD run writes
     ],
     extras_require={
         "test": ["pytest>=8.0", "pytest-timeout>=2.3", "hypothesis>=6.100"],

@@ -187,13 +187,19 @@ def token_weights(config: GateConfig, mask: torch.Tensor, *, log_ratio: Optional
                   student_logits: Optional[torch.Tensor] = None,
                   student_logprobs: Optional[torch.Tensor] = None,
                   behaviour_logprobs: Optional[torch.Tensor] = None,
-                  student_temperature: float = 1.0, teacher_temperature: float = 1.0) -> GateResult:
+                  student_temperature: float = 1.0, teacher_temperature: float = 1.0,
+                  teacher_confidence: Optional[torch.Tensor] = None,
+                  teacher_entropy: Optional[torch.Tensor] = None,
+                  student_entropy: Optional[torch.Tensor] = None) -> GateResult:
     """`w_t = m_t * prod_g gate_g(t) * [truncated IS weight]`, `[...]`, and each gate's keep rate. [Survey]
 
     `mask [...]` (`[B, T]`); per-token inputs `[...]`: `log_ratio` (`r_t`), `student_logprobs` and
     `behaviour_logprobs` (sampled-token log-probs); per-vocabulary inputs `[..., V]`: `teacher_logits`,
     `student_logits`; or `teacher_topk_logprobs [..., K]` for the confidence gate. Only the inputs of the
     configured gates are needed; a configured gate whose input is missing is an error naming it.
+    Vocab-parallel callers pass the per-position statistics instead of logits (computed from TP shards by
+    `parallel/stats.py`): `teacher_confidence [...]` (`max_v q_v`), `teacher_entropy`, `student_entropy [...]`
+    (nats, at the given temperatures); each, when given, is used in place of the logits for its gate.
     Keep rates are over masked-in tokens: `sum(m * gate) / sum(m)` (0.0 when `sum(m) = 0`), under the keys
     "teacher_confidence", "teacher_entropy", "student_entropy", "sign", "log_ratio_clip", "truncated_is"
     (configured gates only) and "all" (the product's).
@@ -215,7 +221,10 @@ def token_weights(config: GateConfig, mask: torch.Tensor, *, log_ratio: Optional
     weight = keep_mask.to(torch.get_default_dtype())
     clipped = log_ratio
     if config.teacher_confidence is not None:
-        if teacher_logits is not None:
+        if teacher_confidence is not None:
+            gates["teacher_confidence"] = need("teacher_confidence", teacher_confidence,
+                                               "teacher_confidence") >= config.teacher_confidence
+        elif teacher_logits is not None:
             gates["teacher_confidence"] = teacher_confidence_gate(
                 config.teacher_confidence, teacher_temperature=teacher_temperature,
                 teacher_logits=need("teacher_logits", teacher_logits, "teacher_confidence", vocab=True))
@@ -224,11 +233,17 @@ def token_weights(config: GateConfig, mask: torch.Tensor, *, log_ratio: Optional
                 config.teacher_confidence,
                 teacher_topk_logprobs=need("teacher_topk_logprobs", teacher_topk_logprobs, "teacher_confidence",
                                            vocab=True))
-    if config.teacher_entropy is not None:
+    if config.teacher_entropy is not None and teacher_entropy is not None:
+        gates["teacher_entropy"] = need("teacher_entropy", teacher_entropy, "teacher_entropy") <= config.teacher_entropy
+    elif config.teacher_entropy is not None:
         gates["teacher_entropy"] = teacher_entropy_gate(
             need("teacher_logits", teacher_logits, "teacher_entropy", vocab=True), config.teacher_entropy,
             teacher_temperature)
-    if config.student_entropy is not None:
+    if config.student_entropy is not None and student_entropy is not None:
+        values = need("student_entropy", student_entropy, "student_entropy")
+        gates["student_entropy"] = values >= config.student_entropy if config.student_entropy_keep == "high" \
+            else values <= config.student_entropy
+    elif config.student_entropy is not None:
         gates["student_entropy"] = student_entropy_gate(
             need("student_logits", student_logits, "student_entropy", vocab=True), config.student_entropy,
             config.student_entropy_keep, student_temperature)

@@ -1,8 +1,8 @@
 """The training loop: data -> megatron student at TP/PP -> optimizer -> checkpoints -> logs.
 
-`algorithm: sft` trains on a fixed dataset (the baseline of later comparisons, and how the teachers of the synthetic
-tasks are made). On-policy distillation plugs into this loop in a later step: its batches come from rollouts and
-its loss from `opd_megatron.losses`, through the same `forward_backward` and optimizer step.
+`algorithm: sft` trains on a fixed dataset (the baseline of comparisons, and how the teachers of the synthetic
+tasks are made). `algorithm: opd` is the on-policy distillation loop of `opd_train.py`: its batches come from
+rollouts and its loss from `objective.py`, through the same `forward_backward`, optimizer step and checkpoints.
 
 Each rank reads the same dataset and takes its data-parallel share of each global batch; every TP/PP rank of a
 data-parallel replica sees the same micro-batches.
@@ -73,8 +73,16 @@ class TrainResult:
 
 
 def train(cfg: RunConfig) -> TrainResult:
+    """`run.algorithm: sft` here; `opd` in `opd_train.py` (same student, optimizer, checkpoints, signals)."""
     ctx = init_parallel(cfg)
     try:
+        if cfg.run.algorithm == "opd":
+            from opd_megatron.opd_train import train_opd
+            stop = StopRequest()
+            try:
+                return train_opd(cfg, ctx, stop)
+            finally:
+                stop.restore()
         return _train(cfg, ctx)
     finally:
         destroy_parallel()

@@ -107,9 +107,13 @@ class HFTokenizer:
 
 
 def load_tokenizer(spec: str) -> Tokenizer:
-    """"byte" -> ByteTokenizer; an HF tokenizer directory or a tokenizer.json file -> HFTokenizer."""
+    """"byte" -> ByteTokenizer; "task:NAME" -> a synthetic task's character tokenizer; an HF tokenizer directory
+    or a tokenizer.json file -> HFTokenizer."""
     if spec == "byte":
         return ByteTokenizer()
+    if spec.startswith("task:"):
+        from opd_megatron.tasks import get_task
+        return get_task(spec[len("task:"):]).tokenizer()
     path = Path(spec)
     expected = ('expected "byte", a directory saved by save_pretrained (with tokenizer.json or '
                 'tokenizer_config.json), or a tokenizer.json file')

@@ -45,6 +45,7 @@ class RolloutBatch:
     teacher: Optional[TeacherScores] = None
     advantages: Optional[torch.Tensor] = None
     values: Optional[torch.Tensor] = None
+    loss_weights: Optional[torch.Tensor] = None   # [B, L-1] normaliser coefficients (objective.normalizer_weights)
     policy_version: int = 0          # the optimizer step whose weights sampled it (staleness = step - this)
 
     @property
@@ -86,7 +87,7 @@ class RolloutBatch:
                     topk_ids=rows_of(x.topk_ids), topk_logprobs=rows_of(x.topk_logprobs),
                     extra_logprobs=rows_of(x.extra_logprobs), logits_shard=rows_of(x.logits_shard),
                     teacher_name=x.teacher_name, per_teacher=x.per_teacher)
-            return [x[i] for i in picked]
+            return [x[i] for i in picked] if len(x) else []
 
         return replace(self, **{name: rows_of(getattr(self, name)) for name in _PER_ROW})
 
@@ -112,7 +113,8 @@ class RolloutBatch:
                 teacher_name=teacher.teacher_name, per_teacher=teacher.per_teacher)
         return replace(self, tokens=self.tokens[:, :length], loss_mask=cut(self.loss_mask, length - 1),
                        behaviour_logprobs=cut(self.behaviour_logprobs, length - 1), teacher=teacher,
-                       advantages=cut(self.advantages, length - 1), values=cut(self.values, length - 1))
+                       advantages=cut(self.advantages, length - 1), values=cut(self.values, length - 1),
+                       loss_weights=cut(self.loss_weights, length - 1))
 
     @staticmethod
     def from_sequences(prompts_ids: Sequence[Sequence[int]], responses_ids: Sequence[Sequence[int]], pad_id: int,
@@ -167,8 +169,10 @@ def concat(batches: Sequence[RolloutBatch], pad_id: int) -> RolloutBatch:
     if any(b.teacher is not None or b.advantages is not None for b in batches):
         raise ValueError("concat batches before teacher scoring and credit assignment")
     behaviour = None
-    if all(b.behaviour_logprobs is not None for b in batches):
-        behaviour = torch.cat([pad(b.behaviour_logprobs, length - 1, 0.0) for b in batches])
+    if any(b.behaviour_logprobs is not None for b in batches):
+        # Fixed-dataset rows were not sampled: zeros, and `on_policy` False says so.
+        behaviour = torch.cat([pad(b.behaviour_logprobs if b.behaviour_logprobs is not None
+                                   else torch.zeros(b.size, b.tokens.shape[1] - 1), length - 1, 0.0) for b in batches])
     offsets, groups = 0, []
     for b in batches:
         groups.append(b.group_ids + offsets)
@@ -186,4 +190,4 @@ def concat(batches: Sequence[RolloutBatch], pad_id: int) -> RolloutBatch:
 
 
 _PER_ROW = ("tokens", "lengths", "prompt_lengths", "loss_mask", "behaviour_logprobs", "group_ids", "on_policy",
-            "prompts", "domains", "privileged", "rewards", "teacher", "advantages", "values")
+            "prompts", "domains", "privileged", "rewards", "teacher", "advantages", "values", "loss_weights")

@@ -92,13 +92,20 @@ class MegatronSampler:
     """Generates from a megatron GPTModel stage (`StudentModel.module`, unwrapped or DDP-wrapped) on every rank of
     its TP/PP layout. All ranks of a model replica call `generate` with the same prompts."""
 
-    def __init__(self, module, vocab_size: int, pad_id: int, max_sequence_length: int, seed: int = 0):
+    def __init__(self, module, vocab_size: int, pad_id: int, max_sequence_length: int, seed: int = 0,
+                 use_pipeline: bool = True):
+        """use_pipeline=False: the module holds every layer on this rank (a colocated teacher on the last stage)
+        and runs without pipeline communication, whatever the student's layout."""
         self.module = module
+        self.use_pipeline = use_pipeline
         self.vocab_size = vocab_size
         self.pad_id = pad_id
         self.max_sequence_length = max_sequence_length
         self.seed = seed
         self.calls = 0          # generate() calls so far: part of every random seed (saved for exact resume)
+
+    def _pp(self) -> int:
+        return parallel_state.get_pipeline_model_parallel_world_size() if self.use_pipeline else 1
 
     def _core(self):
         module = self.module
@@ -179,7 +186,7 @@ class MegatronSampler:
         """One step of every pipeline stage on `tokens [B, s]` at positions offset..offset+s-1. Returns the last
         position's logits shard `[B, V/tp]` on the last stage, None elsewhere."""
         positions = torch.arange(offset, offset + tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
-        pp = parallel_state.get_pipeline_model_parallel_world_size()
+        pp = self._pp()
         hidden_shape = (tokens.shape[1], tokens.shape[0], module.config.hidden_size)
         if pp > 1 and not parallel_state.is_pipeline_first_stage():
             received = torch.empty(hidden_shape, dtype=module.config.params_dtype, device=tokens.device)
@@ -198,7 +205,7 @@ class MegatronSampler:
     def _sample_last(self, logits: Optional[torch.Tensor], config: SamplingConfig, seed: int, batch: int):
         """Sample one token per row on the last stage from the logits shard `[B, V/tp]`, then broadcast
         (tokens, behaviour log-probs) to every pipeline stage. Returns CPU tensors `[B]`, `[B]`."""
-        pp = parallel_state.get_pipeline_model_parallel_world_size()
+        pp = self._pp()
         if logits is not None:
             sampled, logp = self._sample_shard(logits.float(), config, seed)
         else:

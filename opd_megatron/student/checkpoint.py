@@ -79,6 +79,7 @@ class LoadedState:
     data_state: dict[str, Any]
     layout_changed: bool
     path: Path
+    rank_state: Optional[dict[str, Any]] = None
 
 
 def _rng_state() -> dict[str, Any]:
@@ -97,7 +98,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def _sharded_state(trainable: TrainableStudent, ctx: ParallelContext, with_optimizer: bool,
-                   is_loading: bool) -> dict[str, Any]:
+                   is_loading: bool, rank_state: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     # The unwrapped module's sharded_state_dict: a DDP-wrapped one would prefix every key with "module.".
     model_sd = trainable.module.sharded_state_dict()
     state: dict[str, Any] = {"model": model_sd}
@@ -106,12 +107,19 @@ def _sharded_state(trainable: TrainableStudent, ctx: ParallelContext, with_optim
     # RNG states differ per rank: one shard per (pp, tp, dp) coordinate, each its own replica (replica_id 0).
     state["rng_state"] = ShardedObject("rng_state", _rng_state(), (ctx.pp, ctx.tp, ctx.dp),
                                        (ctx.pp_rank, ctx.tp_rank, ctx.dp_rank), replica_id=0)
+    if rank_state is not None:
+        # Per-rank run state (a value head on the last stage, a data-parallel rank's pending rollouts): one shard
+        # per coordinate, like the RNG.
+        state["rank_state"] = ShardedObject("rank_state", rank_state, (ctx.pp, ctx.tp, ctx.dp),
+                                            (ctx.pp_rank, ctx.tp_rank, ctx.dp_rank), replica_id=0)
     return state
 
 
 def save_checkpoint(checkpoints: Path, iteration: int, trainable: TrainableStudent, ctx: ParallelContext,
-                    data_state: dict[str, Any], config_dict: dict[str, Any], keep_last: int = 0) -> Path:
-    """Save on every rank (collective). Returns the final directory."""
+                    data_state: dict[str, Any], config_dict: dict[str, Any], keep_last: int = 0,
+                    rank_state: Optional[dict[str, Any]] = None) -> Path:
+    """Save on every rank (collective). Returns the final directory. `data_state` is common state (rank 0's is
+    written); `rank_state` is per-rank state, restored only at the same layout."""
     checkpoints = Path(checkpoints)
     final = iteration_dir(checkpoints, iteration)
     # One name for all ranks: rank 0 picks it and broadcasts it.
@@ -124,7 +132,8 @@ def save_checkpoint(checkpoints: Path, iteration: int, trainable: TrainableStude
             shutil.rmtree(stale, ignore_errors=True)
         partial.mkdir()
     dist.barrier()
-    state = _sharded_state(trainable, ctx, with_optimizer=True, is_loading=False)
+    state = _sharded_state(trainable, ctx, with_optimizer=True, is_loading=False, rank_state=rank_state)
+    state["has_rank_state"] = rank_state is not None
     # Plain (non-sharded) entries are common state, written once by rank 0.
     state["iteration"] = iteration
     state["scheduler"] = trainable.scheduler.state_dict()
@@ -155,7 +164,9 @@ def load_checkpoint(path: Path, trainable: TrainableStudent, ctx: ParallelContex
     common = dist_checkpointing.load_common_state_dict(str(path))
     saved_layout = common.get("layout", {})
     layout_changed = saved_layout != {"tp": ctx.tp, "pp": ctx.pp, "dp": ctx.dp}
-    state = _sharded_state(trainable, ctx, with_optimizer=load_optimizer, is_loading=True)
+    with_rank_state = load_optimizer and not layout_changed and bool(common.get("has_rank_state"))
+    state = _sharded_state(trainable, ctx, with_optimizer=load_optimizer, is_loading=True,
+                           rank_state={} if with_rank_state else None)
     if layout_changed:
         state.pop("rng_state")
     loaded = dist_checkpointing.load(state, str(path))
@@ -170,7 +181,8 @@ def load_checkpoint(path: Path, trainable: TrainableStudent, ctx: ParallelContex
                  "resharded, per-rank RNG states not restored", path, saved_layout, ctx.tp, ctx.pp, ctx.dp)
     return LoadedState(iteration=int(common["iteration"]) if load_optimizer else 0,
                        data_state=common.get("data_state", {}) if load_optimizer else {},
-                       layout_changed=layout_changed, path=path)
+                       layout_changed=layout_changed, path=path,
+                       rank_state=loaded.get("rank_state") if with_rank_state else None)
 
 
 def saved_config(path: Path) -> dict[str, Any]:

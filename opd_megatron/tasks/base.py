@@ -78,6 +78,10 @@ class Task(abc.ABC):
     def tokenizer(self) -> CharTokenizer:
         return CharTokenizer(self.alphabet)
 
+    def train_example(self, index: int, seed: int = 0) -> Example:
+        """The `index`-th training example of the endless, deterministic training stream."""
+        return self.make_example(_example_rng(seed, "train", index))
+
     def examples(self, split: str, count: int, seed: int = 0) -> list[Example]:
         """`count` examples of `split` ("train" or "eval"); deterministic in (seed, split, index). Eval prompts
         never repeat a train prompt of the same seed among the first `_TRAIN_CHECK` train examples."""

@@ -1,0 +1,311 @@
+"""The OPD objective of one micro-batch on the student's last pipeline stage, from TP-sharded logits.
+
+`OpdObjective.micro_batch_loss(logits_shard [B, S, V/tp], mb)` returns `(loss_sum, token_count, stats)` in
+megatron's per-token-loss contract: the schedule sums `loss_sum` and `token_count` over micro-batches and
+data-parallel ranks and divides the gradients by the total count. The normaliser of the spec (token mean, sequence
+mean, constant) is folded into per-token coefficients `mb.loss_weights` computed for the whole global batch
+(`normalizer_weights`), so every normaliser comes out exact whatever the micro-batching:
+`loss = sum_t c_t l_t / N` with `c_t = N * (1/Z)_t`.
+
+Routes (shared/docs/opd-math.md):
+- `divergence` (route A): FKL / RKL / JSD(beta) / skew KLs / TV per position, on the full vocabulary from the
+  teacher's logits shard, or on a top-k / union support (dense shard or a server's sparse answer).
+- `policy_gradient` (route B): `r_t = log q(y_t) - log pi(y_t)` (no gradient), credit `A_t` by the configured
+  estimator (rows are whole inside a micro-batch, so returns and GAE need nothing from other micro-batches; group
+  and batch baselines take `mb.advantages` computed beforehand on the whole batch), optional verifier hybrid, then
+  the log-prob or PPO-ratio loss.
+- `cr_opd`: route B's advantages with CR-OPD routing of negative advantages.
+Gates multiply into w_t; an entropy bonus is optional. Nothing here gathers the vocabulary: every vocabulary sum
+is a vocab-parallel op of `opd_megatron.parallel`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+import torch
+from megatron.core import parallel_state
+
+from opd_megatron.config import OpdSection, TeacherSection
+from opd_megatron.credit import advantages as credit_advantages
+from opd_megatron.credit import gae, outcome_hybrid
+from opd_megatron.gates import GateConfig, token_weights
+from opd_megatron.losses.policy_gradient import policy_gradient_loss
+from opd_megatron.losses.supports import SparseTeacherLogprobs, divergence_on_support
+from opd_megatron.parallel import vocab_parallel as vp
+from opd_megatron.parallel.routing import vocab_parallel_cr_opd_loss
+from opd_megatron.parallel.stats import (vocab_parallel_student_mass_on_teacher_support,
+                                         vocab_parallel_teacher_confidence, vocab_parallel_topk_overlap)
+from opd_megatron.parallel.supports import vocab_parallel_build_support
+from opd_megatron.parallel.topk import vocab_parallel_topk, vocab_shard_range
+from opd_megatron.rollout.batch import RolloutBatch
+from opd_megatron.routing import RoutingConfig
+from opd_megatron.teachers.base import Teacher, TeacherScores
+
+_DIVERGENCES = {"reverse_kl": vp.vocab_parallel_reverse_kl, "forward_kl": vp.vocab_parallel_forward_kl,
+                "tv": vp.vocab_parallel_total_variation}
+_OVERLAP_K = 8
+
+
+def normalizer_weights(mask: torch.Tensor, normalizer: str, total_tokens: float, total_sequences: float,
+                       max_length: int, total_rows: float) -> torch.Tensor:
+    """Per-token coefficients `c_t = N * (1/Z)_t` `[B, T]` for this rank's rows, from global counts: `N` masked
+    tokens and `total_sequences` rows with a token over all data-parallel ranks, `total_rows` rows in all.
+    token_mean: 1; sequence_mean: `N / (n_b * #sequences)`; constant: `N / (#rows * max_length)` [Survey]."""
+    mask = mask.float()
+    if normalizer == "token_mean":
+        return mask.clone()
+    if normalizer == "sequence_mean":
+        per_row = mask.sum(dim=1, keepdim=True).clamp_min(1.0)
+        return mask * (total_tokens / (per_row * max(total_sequences, 1.0)))
+    if normalizer == "constant":
+        return mask * (total_tokens / (max(total_rows, 1.0) * max_length))
+    raise ValueError(f"unknown normalizer {normalizer!r}")
+
+
+@dataclass
+class MicroBatchStats:
+    """Detached per-token tensors `[B, S]` and counters of one micro-batch, for the step's diagnostics."""
+    mask: torch.Tensor
+    log_ratio: torch.Tensor
+    student_logprobs: torch.Tensor
+    advantages: Optional[torch.Tensor] = None
+    per_token_loss: Optional[torch.Tensor] = None
+    rkl_exact: Optional[torch.Tensor] = None
+    student_entropy: Optional[torch.Tensor] = None
+    teacher_entropy: Optional[torch.Tensor] = None
+    top1_match: Optional[torch.Tensor] = None
+    topk_overlap: Optional[torch.Tensor] = None
+    mass_on_teacher: Optional[torch.Tensor] = None
+    routing: Optional[object] = None
+    gate_keep: dict = field(default_factory=dict)
+    pg: dict = field(default_factory=dict)
+    values: Optional[torch.Tensor] = None
+    value_targets: Optional[torch.Tensor] = None
+    value_loss_sum: float = 0.0
+
+
+class OpdObjective:
+    """Builds the per-micro-batch loss from the run config. `teacher` scores micro-batches on the last stage
+    when it gives dense logits (colocated, in-process); served teachers' scores arrive on `mb.teacher`."""
+
+    def __init__(self, opd: OpdSection, teacher_cfg: TeacherSection, true_vocab_size: int,
+                 teacher: Optional[Teacher] = None, value_head: Optional[torch.nn.Module] = None):
+        self.opd = opd
+        self.teacher_cfg = teacher_cfg
+        self.vocab = true_vocab_size
+        self.teacher = teacher
+        self.value_head = value_head
+        self.gates = GateConfig(**asdict(opd.gates))
+        self.routing = RoutingConfig(**asdict(opd.routing))
+        self.dense_teacher = teacher is not None and teacher.gives_full_logits
+
+    # -- the teacher's view of a micro-batch -------------------------------------------------------------------
+    def teacher_scores(self, mb: RolloutBatch, logits_shard: torch.Tensor) -> TeacherScores:
+        if mb.teacher is not None:
+            return mb.teacher
+        if self.teacher is None:
+            raise RuntimeError("the micro-batch has no teacher scores and no in-loop teacher was given")
+        scores = self.teacher.score(mb.teacher_request(topk=0))
+        if scores.logits_shard is None:
+            raise RuntimeError(f"{self.teacher.name} returned no logits; full-vocabulary losses need a colocated "
+                               f"or in-process teacher")
+        scores.logits_shard = _to_shard(scores.logits_shard, logits_shard.shape[-1]).to(logits_shard.device)
+        return scores
+
+    # -- the loss ------------------------------------------------------------------------------------------------
+    def micro_batch_loss(self, logits_shard: torch.Tensor, mb: RolloutBatch,
+                         hidden: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, MicroBatchStats]:
+        """logits_shard `[B, S, V/tp]` (S = L - 1, with gradient), mb the micro-batch (`loss_weights` set).
+        hidden `[B, S, H]` (detached final hidden states) is needed only by a value head."""
+        opd, vocab, chunk = self.opd, self.vocab, self.opd.chunk_size
+        device = logits_shard.device
+        mask = mb.loss_mask.to(device)
+        keep = mask > 0
+        coef = mb.loss_weights.to(device)
+        labels = mb.labels.to(device)
+        scores = self.teacher_scores(mb, logits_shard)
+        teacher_shard = scores.logits_shard
+        tau_s, tau_t = opd.student_temperature, self.teacher_cfg.temperature
+        if teacher_shard is not None:
+            teacher_shard = teacher_shard.detach()
+            teacher_logp = vp.vocab_parallel_token_logprobs(teacher_shard, labels, tau_t, vocab, chunk_size=chunk)
+        else:
+            teacher_logp = scores.sampled_logprobs.to(device)
+        teacher_logp = torch.where(keep, teacher_logp, 0.0)
+        sparse = None if teacher_shard is not None else _sparse_teacher(scores, keep)
+
+        student_logp = vp.vocab_parallel_token_logprobs(logits_shard, labels, tau_s, vocab, chunk_size=chunk)
+        log_ratio = torch.where(keep, teacher_logp - student_logp.detach(), 0.0)
+        stats = MicroBatchStats(mask=mask.detach(), log_ratio=log_ratio.detach(), student_logprobs=student_logp.detach())
+
+        with torch.no_grad():
+            self._vocab_diagnostics(stats, logits_shard, teacher_shard, sparse, labels, keep)
+        gate = token_weights(self.gates, mask, log_ratio=log_ratio,
+                             teacher_topk_logprobs=None if sparse is None else sparse.logprobs,
+                             student_logprobs=student_logp.detach(),
+                             behaviour_logprobs=None if mb.behaviour_logprobs is None else mb.behaviour_logprobs.to(device),
+                             student_temperature=tau_s, teacher_temperature=tau_t,
+                             **self._gate_inputs(stats, teacher_shard))
+        stats.gate_keep = {k: v for k, v in gate.keep_rates.items()}
+        weights = gate.weights * coef
+
+        if opd.loss == "divergence":
+            per_token = self._divergence(logits_shard, teacher_shard, sparse) * opd.kl_coef
+            loss_sum = (per_token * weights).sum()
+            stats.per_token_loss = per_token.detach()
+        else:
+            ratio = gate.log_ratio if gate.log_ratio is not None else log_ratio
+            adv, value_loss = self._advantages(mb, ratio * opd.kl_coef, mask, stats, hidden, teacher_shard,
+                                               logits_shard)
+            stats.advantages = adv
+            if opd.loss == "policy_gradient":
+                behaviour = mb.behaviour_logprobs.to(device) if opd.ratio == "ppo" else None
+                loss_mean, pg = policy_gradient_loss(
+                    student_logp, adv, mask, behaviour_logp=behaviour, weights=weights, normalizer="token_mean",
+                    clip_eps_low=opd.clip_eps_low, clip_eps_high=opd.clip_eps_high, dual_clip=opd.dual_clip)
+                loss_sum = loss_mean * mask.sum()
+                stats.pg = {k: float(v) for k, v in asdict(pg).items() if isinstance(v, (int, float, torch.Tensor))
+                            and (not isinstance(v, torch.Tensor) or v.numel() == 1)}
+            else:
+                per_token, routing_stats = vocab_parallel_cr_opd_loss(
+                    logits_shard, labels, adv, mask, teacher_logits_shard=teacher_shard,
+                    teacher_topk_ids=None if sparse is None else sparse.ids,
+                    teacher_topk_logprobs=None if sparse is None else sparse.logprobs,
+                    config=self.routing, student_temperature=tau_s, teacher_temperature=tau_t, true_vocab_size=vocab)
+                loss_sum = (per_token * weights).sum()
+                stats.routing = routing_stats
+            if value_loss is not None:
+                stats.value_loss_sum = float(value_loss.detach())
+                loss_sum = loss_sum + opd.value_coef * value_loss
+        if opd.entropy_coef:
+            entropy = vp.vocab_parallel_entropy(logits_shard, tau_s, vocab, chunk_size=chunk)
+            loss_sum = loss_sum - opd.entropy_coef * (entropy * weights).sum()
+        return loss_sum, mask.sum(), stats
+
+    def _divergence(self, student: torch.Tensor, teacher: Optional[torch.Tensor],
+                    sparse: Optional[SparseTeacherLogprobs]) -> torch.Tensor:
+        opd = self.opd
+        tau_s, tau_t = opd.student_temperature, self.teacher_cfg.temperature
+        kind = {"jsd": "generalized_jsd", "tv": "total_variation"}.get(opd.divergence, opd.divergence)
+        if opd.support == "full":
+            common = dict(student_temperature=tau_s, teacher_temperature=tau_t, true_vocab_size=self.vocab,
+                          chunk_size=opd.chunk_size)
+            if opd.divergence == "jsd":
+                return vp.vocab_parallel_generalized_jsd(student, teacher, opd.jsd_beta, **common)
+            if opd.divergence == "skew_forward_kl":
+                return vp.vocab_parallel_skew_forward_kl(student, teacher, opd.skew_alpha, **common)
+            if opd.divergence == "skew_reverse_kl":
+                return vp.vocab_parallel_skew_reverse_kl(student, teacher, opd.skew_alpha, **common)
+            return _DIVERGENCES[opd.divergence](student, teacher, **common)
+        supported = vocab_parallel_build_support(
+            student, teacher if teacher is not None else sparse, opd.support, opd.support_k, opd.support_mode,
+            student_temperature=tau_s, teacher_temperature=tau_t if teacher is not None else 1.0,
+            true_vocab_size=self.vocab)
+        beta = opd.jsd_beta if opd.divergence == "jsd" else None
+        alpha = opd.skew_alpha if opd.divergence.startswith("skew") else None
+        return divergence_on_support(kind, supported, beta=beta, alpha=alpha)
+
+    def _advantages(self, mb: RolloutBatch, log_ratio: torch.Tensor, mask: torch.Tensor, stats: MicroBatchStats,
+                    hidden: Optional[torch.Tensor], teacher_shard, logits_shard):
+        opd = self.opd
+        value_loss = None
+        values = None
+        if self.value_head is not None:
+            if hidden is None:
+                raise RuntimeError("the value head needs the final hidden states")
+            values = self.value_head(hidden.detach().float()).squeeze(-1) * mask
+        if mb.advantages is not None:                    # computed on the whole batch (group / batch baselines)
+            adv = mb.advantages.to(log_ratio.device)
+        elif opd.estimator == "gae":
+            out = gae(log_ratio, mask, values.detach(), gamma=opd.gamma, lam=opd.gae_lambda)
+            adv = out.advantages
+            targets = out.value_targets
+            value_loss = 0.5 * (((values - targets.detach()) ** 2) * mask).sum()
+            stats.values, stats.value_targets = values.detach(), targets.detach()
+        else:
+            kwargs = {}
+            if opd.baseline == "reverse_kl":
+                kwargs["reverse_kl"] = stats.rkl_exact
+            if opd.baseline == "value":
+                kwargs["values"] = values.detach()
+                returns = credit_advantages(log_ratio, mask, "discounted", gamma=opd.gamma)
+                value_loss = 0.5 * (((values - returns) ** 2) * mask).sum()
+                stats.values, stats.value_targets = values.detach(), returns
+            gamma = opd.gamma if opd.estimator in ("discounted", "baseline") else 1.0
+            adv = credit_advantages(log_ratio, mask, opd.estimator, gamma, baseline=opd.baseline, **kwargs)
+        if opd.outcome_beta and mb.rewards is not None and mb.advantages is None:
+            adv = outcome_hybrid(adv, mask, mb.rewards.to(adv.device), opd.outcome_alpha, opd.outcome_beta,
+                                 group_ids=mb.group_ids.to(adv.device))
+        return adv.detach(), value_loss
+
+    def _gate_inputs(self, stats: MicroBatchStats, teacher: Optional[torch.Tensor]) -> dict:
+        """Per-position vocabulary statistics for the gates, from the shards (never a `[..., V]` tensor)."""
+        g, out = self.gates, {}
+        if g.teacher_confidence is not None and teacher is not None:
+            out["teacher_confidence"] = vocab_parallel_teacher_confidence(teacher, self.teacher_cfg.temperature,
+                                                                          self.vocab)
+        if g.teacher_entropy is not None:
+            out["teacher_entropy"] = stats.teacher_entropy
+        if g.student_entropy is not None:
+            out["student_entropy"] = stats.student_entropy
+        return out
+
+    @torch.no_grad()
+    def _vocab_diagnostics(self, stats: MicroBatchStats, student, teacher, sparse, labels, keep) -> None:
+        vocab, tau_s, tau_t = self.vocab, self.opd.student_temperature, self.teacher_cfg.temperature
+        zero = lambda x: torch.where(keep, x, 0.0)  # noqa: E731
+        stats.student_entropy = zero(vp.vocab_parallel_entropy(student.detach(), tau_s, vocab,
+                                                               chunk_size=self.opd.chunk_size))
+        if teacher is not None:
+            stats.rkl_exact = zero(vp.vocab_parallel_reverse_kl(student.detach(), teacher, student_temperature=tau_s,
+                                                                teacher_temperature=tau_t, true_vocab_size=vocab,
+                                                                chunk_size=self.opd.chunk_size))
+            stats.teacher_entropy = zero(vp.vocab_parallel_entropy(teacher, tau_t, vocab,
+                                                                   chunk_size=self.opd.chunk_size))
+            top1 = vocab_parallel_topk(teacher, 1, vocab)[1][..., 0]
+            reference = teacher
+        else:
+            top1 = sparse.ids[..., 0] if sparse.ids.shape[-1] else None
+            reference = sparse if sparse.ids.shape[-1] >= _OVERLAP_K else None
+        if top1 is not None:
+            stats.top1_match = zero((top1 == labels).float())
+        if reference is not None:
+            stats.topk_overlap = zero(vocab_parallel_topk_overlap(student.detach(), reference, _OVERLAP_K, vocab))
+            stats.mass_on_teacher = zero(vocab_parallel_student_mass_on_teacher_support(
+                student.detach(), reference, _OVERLAP_K, tau_s, vocab))
+
+
+def _to_shard(logits: torch.Tensor, shard_width: int) -> torch.Tensor:
+    """A dense teacher's logits: already this rank's shard (colocated), or the full vocabulary (an in-process
+    model at TP=1 semantics): then pad to tp x shard with -inf and take this rank's columns."""
+    if logits.shape[-1] == shard_width:
+        return logits
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    padded = tp * shard_width
+    if logits.shape[-1] > padded:
+        raise RuntimeError(f"teacher logits have {logits.shape[-1]} columns, more than the student's padded "
+                           f"vocabulary {padded}")
+    if logits.shape[-1] < padded:
+        filler = logits.new_full(logits.shape[:-1] + (padded - logits.shape[-1],), float("-inf"))
+        logits = torch.cat([logits, filler], dim=-1)
+    start, end = vocab_shard_range(shard_width)
+    return logits[..., start:end]
+
+
+def _sparse_teacher(scores: TeacherScores, keep: torch.Tensor) -> SparseTeacherLogprobs:
+    """A served teacher's answer as the math's sparse teacher. Unscored columns get a harmless uniform filler
+    (distinct ids 0..k-1, log(1/k)) so the math's checks hold there; they are masked out of every sum."""
+    ids = scores.topk_ids
+    if ids is None:
+        empty = torch.zeros(keep.shape + (0,), dtype=torch.long, device=keep.device)
+        return SparseTeacherLogprobs(ids=empty, logprobs=empty.float())
+    ids, logprobs = ids.to(keep.device), scores.topk_logprobs.to(keep.device)
+    k = ids.shape[-1]
+    filler_ids = torch.arange(k, device=keep.device).expand_as(ids)
+    filler_lp = torch.full_like(logprobs, -math.log(k))
+    valid = keep.unsqueeze(-1)
+    return SparseTeacherLogprobs(ids=torch.where(valid, ids, filler_ids),
+                                 logprobs=torch.where(valid, logprobs, filler_lp))

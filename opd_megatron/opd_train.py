@@ -1,0 +1,578 @@
+"""The on-policy distillation loop (`run.algorithm: opd`): rollout -> teacher scoring -> loss -> update.
+
+Each step, on every rank of the student's TP/PP layout:
+1. prompts for this data-parallel rank (`rollout/prompts.py`, a pure function of the step), then either student
+   rollouts (`RolloutEngine`, behaviour log-probs recorded) or, for GKD's fixed-dataset share
+   (`opd.on_policy_fraction < 1`), the prompts' reference responses; verifier rewards for task prompts;
+2. teacher scores: a served teacher (SGLang / vLLM) is asked once per data-parallel replica, by TP rank 0 of the
+   last pipeline stage, and the answer is broadcast to that stage's TP group (the only ranks the loss runs on);
+   with `teacher.overlap` the next batch is sampled now (with the weights before this update: one update stale)
+   and scored in a background thread while this batch trains. A colocated / in-process teacher scores each
+   micro-batch inside the loss on the last stage;
+3. the loss of `objective.OpdObjective` through megatron's pipeline schedule (normaliser folded into per-token
+   coefficients for the whole global batch), group/batch baselines computed first on the whole batch;
+4. a non-finite loss or gradient skips the step (counted; `opd.nonfinite: stop` stops the run instead), so the
+   weights, and the checkpoint on disk, never hold a NaN model; then megatron's optimizer step, the value head's;
+5. the spec's diagnostics to metrics.jsonl / TensorBoard; held-out evaluation (verifier score, per-token reverse KL
+   to the teacher); checkpoints on the interval and on SIGTERM, with everything an exact resume needs.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import yaml
+from megatron.core import parallel_state
+
+from opd_megatron.config import RunConfig
+from opd_megatron.credit import advantages as credit_advantages
+from opd_megatron.credit import outcome_hybrid
+from opd_megatron.data.tokenizer import check_vocab_fits, load_tokenizer
+from opd_megatron.diagnostics import batch_diagnostics
+from opd_megatron.errors import NonFiniteLossError
+from opd_megatron.metrics import MetricsWriter
+from opd_megatron.objective import MicroBatchStats, OpdObjective, normalizer_weights
+from opd_megatron.parallel import vocab_parallel as vp
+from opd_megatron.rollout.batch import RolloutBatch
+from opd_megatron.rollout.engine import MegatronRolloutEngine
+from opd_megatron.rollout.prompts import Prompt, PromptSource
+from opd_megatron.rollout.sampler import MegatronSampler, SamplingConfig
+from opd_megatron.sampling import OnPolicyMixture
+from opd_megatron.student.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
+from opd_megatron.student.model import build_student
+from opd_megatron.student.optimizer import current_lr, optimizer_step, wrap_for_training, zero_grads
+from opd_megatron.student.schedule import forward_backward
+from opd_megatron.student.value_head import ValueHead
+from opd_megatron.tasks import get_task
+from opd_megatron.teachers.base import Teacher, TeacherScores
+from opd_megatron.teachers.factory import build_teacher
+
+log = logging.getLogger("opd_megatron.opd_train")
+
+
+@dataclass
+class StudentInput:
+    """What the pipeline schedule reads (`tokens`: the student's inputs `[B, L-1]`) and the rollout behind it."""
+    tokens: torch.Tensor
+    rollout: RolloutBatch
+
+
+def _scoring_rank() -> bool:
+    """TP rank 0 of the last pipeline stage asks a served teacher for its data-parallel replica."""
+    return parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
+
+
+def _tp_src() -> int:
+    return parallel_state.get_tensor_model_parallel_src_rank()
+
+
+class OpdRun:
+    """One OPD run on this rank: built from the config, then `run()`."""
+
+    def __init__(self, cfg: RunConfig, ctx, stop):
+        self.cfg, self.ctx, self.stop = cfg, ctx, stop
+        r = cfg.rollout
+        self.run_dir = cfg.run.run_dir
+        self.checkpoints = self.run_dir / "checkpoints"
+        self.task = get_task(r.task, **r.task_options) if r.source == "task" else None
+        self.tokenizer = self.task.tokenizer() if self.task is not None else load_tokenizer(cfg.data.tokenizer)
+        check_vocab_fits(self.tokenizer, cfg.model.vocab_size)
+        self.vocab = cfg.model.vocab_size
+        if cfg.parallel.global_batch_size % ctx.dp or r.prompts_per_step % ctx.dp:
+            raise ValueError(f"rollout.prompts_per_step={r.prompts_per_step} must divide among dp={ctx.dp} "
+                             f"data-parallel ranks")
+        self.prompts_per_rank = r.prompts_per_step // ctx.dp
+        max_prompt = cfg.model.max_position_embeddings - r.max_new_tokens
+        if max_prompt < 1:
+            raise ValueError(f"rollout.max_new_tokens={r.max_new_tokens} leaves no room for a prompt in "
+                             f"model.max_position_embeddings={cfg.model.max_position_embeddings}")
+        self.source = PromptSource(self.tokenizer, cfg.run.seed, max_prompt, task=self.task,
+                                   path=r.path if r.source == "jsonl" else None, prompt_key=r.prompt_key,
+                                   answer_key=r.answer_key, apply_chat_template=r.apply_chat_template)
+        stops = (self.tokenizer.eos_id,) if r.stop_at_eos else ()
+        self.sampling = SamplingConfig(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
+                                       top_k=r.top_k, n=r.samples_per_prompt, stop_ids=stops)
+        self.mixture = OnPolicyMixture(cfg.opd.on_policy_fraction, cfg.run.seed)
+
+        self.student = build_student(cfg.model, cfg.parallel, ctx.device)
+        self.trainable = wrap_for_training(self.student, cfg.optim, cfg.model, cfg.run.train_steps)
+        self.engine = MegatronRolloutEngine(self.trainable.ddp, self.vocab, self.tokenizer.pad_id,
+                                            cfg.model.max_position_embeddings, cfg.run.seed)
+        self.eval_engine = MegatronRolloutEngine(self.trainable.ddp, self.vocab, self.tokenizer.pad_id,
+                                                 cfg.model.max_position_embeddings, cfg.run.seed + 1)
+        self.teacher, self.compat = build_teacher(cfg, ctx.device, self.tokenizer, self.student.padded_vocab_size)
+        self.dense_teacher = self.teacher.gives_full_logits
+        self.value_head: Optional[ValueHead] = None
+        if cfg.opd.uses_value_head and parallel_state.is_pipeline_last_stage():
+            self.value_head = ValueHead(cfg.model.hidden_size, cfg.opd.value_lr, ctx.device)
+            self.value_head.attach(self.student.module)
+        self.objective = OpdObjective(cfg.opd, cfg.teacher, self.vocab,
+                                      self.teacher if self.dense_teacher else None, self.value_head)
+        self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="teacher") \
+            if cfg.teacher.overlap and _scoring_rank() else None
+
+        self.step = 0
+        self.skipped_steps = 0
+        self.pending: Optional[RolloutBatch] = None        # the next step's batch (teacher.overlap)
+        self.pending_future: Optional[concurrent.futures.Future] = None
+        self.baseline_eval: dict = {}
+        self.teacher_tokens = 0
+        self.teacher_seconds = 0.0
+        self.timing = {"rollout_s": 0.0, "teacher_s": 0.0, "update_s": 0.0}
+        self._load()
+
+    # -- state ---------------------------------------------------------------------------------------------------
+    def _load(self) -> None:
+        cfg = self.cfg
+        to_load = cfg.checkpoint.load
+        resuming = False
+        if cfg.checkpoint.resume and resolve_checkpoint(self.checkpoints) is not None:
+            to_load, resuming = self.checkpoints, True
+        if to_load is None:
+            return
+        path = resolve_checkpoint(to_load)
+        if path is None:
+            raise FileNotFoundError(f"checkpoint.load={str(to_load)!r}: no complete checkpoint there")
+        # A resume restores everything; checkpoint.load of another run (e.g. an SFT warm start) takes the weights.
+        with_optimizer = resuming and cfg.checkpoint.load_optimizer
+        loaded = load_checkpoint(path, self.trainable, self.ctx, load_optimizer=with_optimizer)
+        if not resuming:
+            return
+        self.step = loaded.iteration
+        state = loaded.data_state.get("opd", {})
+        self.engine.load_state_dict(state.get("engine", {}))
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.baseline_eval = state.get("baseline_eval", {})
+        self.teacher_tokens = int(state.get("teacher_tokens", 0))
+        rank_state = loaded.rank_state or {}
+        if self.value_head is not None and "value_head" in rank_state:
+            self.value_head.load(rank_state["value_head"])
+        if rank_state.get("pending") is not None:
+            self.pending = rank_state["pending"]
+            self.pending_future = self._submit(self.pending)
+        if self.ctx.is_logging_rank:
+            print(f"[opd-megatron] resumed from {path} at step {self.step}", flush=True)
+
+    def save(self) -> str:
+        data_state = {"opd": {"engine": self.engine.state_dict(), "skipped_steps": self.skipped_steps,
+                              "baseline_eval": self.baseline_eval, "teacher_tokens": self.teacher_tokens}}
+        rank_state = {"pending": self.pending}
+        if self.value_head is not None:
+            rank_state["value_head"] = self.value_head.state()
+        path = save_checkpoint(self.checkpoints, self.step, self.trainable, self.ctx, data_state,
+                               self.cfg.to_dict(), keep_last=self.cfg.checkpoint.keep_last, rank_state=rank_state)
+        return str(path)
+
+    # -- batches -------------------------------------------------------------------------------------------------
+    def _prompts(self, step: int, count: int) -> list[Prompt]:
+        return self.source.prompts(step, self.ctx.dp_rank, self.ctx.dp, count)
+
+    def make_batch(self, step: int) -> RolloutBatch:
+        """Step `step`'s rows of this data-parallel rank, sampled with the current weights."""
+        started = time.perf_counter()
+        n = self.cfg.rollout.samples_per_prompt
+        if self.mixture.is_on_policy(step):
+            prompts = self._prompts(step, self.prompts_per_rank)
+            batch = self.engine.generate([p.ids for p in prompts], self.sampling, [p.text for p in prompts],
+                                         policy_version=step)
+        else:
+            prompts = self._prompts(step, self.prompts_per_rank * n)
+            missing = [p.text for p in prompts if p.reference is None]
+            if missing:
+                raise ValueError(f"opd.on_policy_fraction < 1 needs reference responses (rollout.answer_key) for "
+                                 f"the fixed-dataset share; prompt {missing[0][:80]!r} has none")
+            batch = RolloutBatch.from_sequences([p.ids for p in prompts], [p.reference for p in prompts],
+                                                self.tokenizer.pad_id, on_policy=False,
+                                                prompts=[p.text for p in prompts], policy_version=step,
+                                                length=max(len(p.ids) + len(p.reference) for p in prompts))
+        if self.task is not None:
+            batch.rewards = torch.tensor([self.task.score(text, self.tokenizer.decode(batch.response_ids(b)))
+                                          for b, text in enumerate(batch.prompts)], dtype=torch.float32)
+        self.timing["rollout_s"] += time.perf_counter() - started
+        return batch
+
+    def _score_now(self, batch: RolloutBatch) -> TeacherScores:
+        started = time.perf_counter()
+        scores = self.teacher.score(batch.teacher_request(topk=self.cfg.teacher.topk))
+        self.teacher_seconds += time.perf_counter() - started
+        return scores
+
+    def _submit(self, batch: RolloutBatch) -> Optional[concurrent.futures.Future]:
+        """Start scoring `batch` in the background (served teacher with teacher.overlap, scoring rank only)."""
+        if self.executor is None or self.dense_teacher or not _scoring_rank():
+            return None
+        return self.executor.submit(self._score_now, batch)
+
+    def _scores_for(self, batch: RolloutBatch,
+                    future: Optional[concurrent.futures.Future] = None) -> Optional[TeacherScores]:
+        """The served teacher's answer for `batch` on the last stage (broadcast within its TP group); None for a
+        dense teacher (it scores inside the loss) and on the other stages."""
+        if self.dense_teacher or not parallel_state.is_pipeline_last_stage():
+            return None
+        started = time.perf_counter()
+        scores = None
+        if _scoring_rank():
+            scores = future.result() if future is not None else self._score_now(batch)
+        if parallel_state.get_tensor_model_parallel_world_size() > 1:
+            box = [scores]
+            dist.broadcast_object_list(box, src=_tp_src(), group=parallel_state.get_tensor_model_parallel_group())
+            scores = box[0]
+        self.timing["teacher_s"] += time.perf_counter() - started
+        self.teacher_tokens += int(scores.valid.sum())
+        return scores
+
+    def next_batch(self) -> RolloutBatch:
+        """This step's batch with its teacher scores. With teacher.overlap the next step's batch is sampled now,
+        with the weights before this update (one update stale, reported as rollout/staleness), and scored in
+        the background while this one trains."""
+        step = self.step
+        future = None
+        if self.pending is not None:
+            batch, self.pending = self.pending, None
+            future, self.pending_future = self.pending_future, None
+        else:
+            batch = self.make_batch(step)
+        if self.cfg.teacher.overlap and step + 1 < self.cfg.run.train_steps:
+            self.pending = self.make_batch(step + 1)
+            self.pending_future = self._submit(self.pending)
+        batch.teacher = self._scores_for(batch, future)
+        return batch
+
+    # -- the step ------------------------------------------------------------------------------------------------
+    def _global_counts(self, batch: RolloutBatch) -> tuple[float, float, float]:
+        counts = torch.tensor([float(batch.loss_mask.sum()), float((batch.loss_mask.sum(1) > 0).sum()),
+                               float(batch.size)], dtype=torch.float64)
+        dist.all_reduce(counts, group=parallel_state.get_data_parallel_group())
+        return float(counts[0]), float(counts[1]), float(counts[2])
+
+    def _whole_batch_advantages(self, batch: RolloutBatch, micro_batches: list[StudentInput]) -> None:
+        """Group / batch baselines need every row's log-ratio first: a forward-only pass with the current weights
+        (the same values the training forward will see), then the estimator on the whole batch (last stage)."""
+        opd = self.cfg.opd
+        captured: list[torch.Tensor] = []
+
+        def loss_fn(logits, micro: StudentInput):
+            mb = micro.rollout
+            with torch.no_grad():
+                scores = self.objective.teacher_scores(mb, logits)
+                labels = mb.labels.to(logits.device)
+                student = vp.vocab_parallel_token_logprobs(logits, labels, opd.student_temperature, self.vocab)
+                if scores.logits_shard is not None:
+                    teacher = vp.vocab_parallel_token_logprobs(scores.logits_shard, labels,
+                                                               self.cfg.teacher.temperature, self.vocab)
+                else:
+                    teacher = scores.sampled_logprobs.to(logits.device)
+                captured.append(torch.where(mb.loss_mask.to(logits.device) > 0, teacher - student, 0.0).cpu())
+            zero = logits.sum() * 0.0
+            return zero, mb.loss_mask.sum()
+
+        forward_backward(self.trainable.ddp, micro_batches, loss_fn, batch.tokens.shape[1] - 1,
+                         self.cfg.parallel.micro_batch_size, forward_only=True)
+        if not parallel_state.is_pipeline_last_stage():
+            return
+        log_ratio = torch.cat(captured) * opd.kl_coef
+        gamma = opd.gamma if opd.estimator in ("discounted", "baseline") else 1.0
+        adv = credit_advantages(log_ratio, batch.loss_mask, opd.estimator, gamma, baseline=opd.baseline,
+                                group_ids=batch.group_ids)
+        if opd.outcome_beta and batch.rewards is not None:
+            adv = outcome_hybrid(adv, batch.loss_mask, batch.rewards, opd.outcome_alpha, opd.outcome_beta,
+                                 group_ids=batch.group_ids)
+        batch.advantages = adv
+
+    def train_step(self, batch: RolloutBatch) -> tuple[Optional[dict], bool]:
+        cfg, opd = self.cfg, self.cfg.opd
+        started = time.perf_counter()
+        batch = batch.trimmed()
+        tokens, sequences, rows = self._global_counts(batch)
+        batch.loss_weights = normalizer_weights(batch.loss_mask, opd.normalizer, tokens, sequences,
+                                                batch.tokens.shape[1] - 1, rows)
+        mbs = cfg.parallel.micro_batch_size
+        micro = [StudentInput(tokens=mb.input_tokens, rollout=mb) for mb in batch.micro_batches(mbs)]
+        seq = batch.tokens.shape[1] - 1
+        needs_whole_batch = opd.loss != "divergence" and (
+            opd.baseline in ("group_mean", "batch_mean") or (opd.outcome_beta and opd.estimator != "gae"))
+        if needs_whole_batch:
+            self._whole_batch_advantages(batch, micro)
+            micro = [StudentInput(tokens=mb.input_tokens, rollout=mb) for mb in batch.micro_batches(mbs)]
+        stats: list[MicroBatchStats] = []
+
+        def loss_fn(logits, micro_input: StudentInput):
+            hidden = self.value_head.hidden if self.value_head is not None else None
+            loss_sum, count, mb_stats = self.objective.micro_batch_loss(logits, micro_input.rollout, hidden)
+            stats.append(mb_stats)
+            return loss_sum, count
+
+        zero_grads(self.trainable)
+        if self.value_head is not None:
+            self.value_head.optimizer.zero_grad(set_to_none=False)
+        loss_sum, num_tokens = forward_backward(self.trainable.ddp, micro, loss_fn, seq, mbs)
+        loss = loss_sum / max(num_tokens, 1.0)
+        finite = math.isfinite(loss) and self._grads_finite()
+        lr = current_lr(self.trainable.optimizer)
+        grad_norm = float("nan")
+        if finite:
+            _, grad_norm = optimizer_step(self.trainable)
+            if self.value_head is not None:
+                self.value_head.step(tokens)
+        else:
+            self.skipped_steps += 1
+            zero_grads(self.trainable)
+            message = (f"step {self.step + 1}: non-finite loss or gradient (loss {loss}); the step was not applied "
+                       f"({self.skipped_steps} skipped so far); the last checkpoint is untouched")
+            if opd.nonfinite == "stop" or self.skipped_steps > opd.max_skipped_steps:
+                raise NonFiniteLossError(message + (f"; more than opd.max_skipped_steps={opd.max_skipped_steps}"
+                                                    if opd.nonfinite == "skip" else ""))
+            log.warning(message)
+        self.timing["update_s"] += time.perf_counter() - started
+        metrics = self._diagnostics(batch, stats)
+        if metrics is not None:
+            metrics.update({"loss": loss, "lr": lr, "grad_norm": grad_norm, "skipped_steps": self.skipped_steps,
+                            "step_skipped": 0.0 if finite else 1.0, "tokens": num_tokens})
+        return metrics, finite
+
+    def _grads_finite(self) -> bool:
+        bad = torch.zeros(1)
+        for param in self.trainable.ddp.parameters():
+            grad = getattr(param, "main_grad", None)
+            if grad is None:
+                grad = param.grad
+            if grad is not None and not bool(torch.isfinite(grad).all()):
+                bad[0] = 1.0
+                break
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        return not bool(bad.item())
+
+    def _diagnostics(self, batch: RolloutBatch, stats: list[MicroBatchStats]) -> Optional[dict]:
+        """This replica's diagnostics (last stage, TP rank 0), averaged over data-parallel replicas, on rank 0."""
+        local: dict = {}
+        if stats and _scoring_rank():
+            cat = lambda name: torch.cat([getattr(s, name) for s in stats]) \
+                if all(getattr(s, name) is not None for s in stats) else None  # noqa: E731
+            mask = cat("mask")
+            keep_rates: dict = {}
+            for s in stats:
+                for key, value in s.gate_keep.items():
+                    keep_rates[key] = keep_rates.get(key, 0.0) + value * float(s.mask.sum())
+            total = float(mask.sum())
+            keep_rates = {k: v / max(total, 1.0) for k, v in keep_rates.items()}
+            routing = None
+            if all(s.routing is not None for s in stats):
+                routing = type(stats[0].routing)(**{f: torch.cat([getattr(s.routing, f) for s in stats])
+                                                    for f in stats[0].routing.__dataclass_fields__})
+            behaviour = batch.behaviour_logprobs if bool(batch.on_policy.all()) else None
+            local = batch_diagnostics(
+                mask, log_ratio=cat("log_ratio"), student_logprobs=cat("student_logprobs"),
+                behaviour_logprobs=behaviour, advantages=cat("advantages"), gate_keep_rates=keep_rates,
+                routing_stats=routing, values=cat("values"), value_targets=cat("value_targets"),
+                staleness=float(self.step - batch.policy_version),
+                response_lengths=(batch.lengths - batch.prompt_lengths).float())
+            keep = mask > 0
+            for key, name in (("kl/rkl_exact", "rkl_exact"), ("entropy/student", "student_entropy"),
+                              ("entropy/teacher", "teacher_entropy"), ("agreement/teacher_top1_match", "top1_match"),
+                              ("agreement/topk_overlap", "topk_overlap"),
+                              ("agreement/student_mass_on_teacher_support", "mass_on_teacher")):
+                values = cat(name)
+                if values is not None and bool(keep.any()):
+                    local[key] = float(values[keep].double().mean())
+            if batch.rewards is not None:
+                local["reward/mean"] = float(batch.rewards.mean())
+            local["rollout/on_policy"] = float(batch.on_policy.float().mean())
+            if self.teacher_seconds > 0:
+                local["throughput/teacher_tokens_per_s"] = self.teacher_tokens / self.teacher_seconds
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, local)
+        if not self.ctx.is_logging_rank:
+            return None
+        replicas = [g for g in gathered if g]
+        keys = sorted({k for g in replicas for k in g})
+        return {k: sum(g[k] for g in replicas if k in g) / sum(1 for g in replicas if k in g) for k in keys}
+
+    # -- evaluation ----------------------------------------------------------------------------------------------
+    def evaluate(self) -> dict:
+        """Held-out verifier score (greedy) and per-token reverse KL to the teacher on the student's own samples
+        at temperature 1 (exact over the vocabulary with a dense teacher, the k1 estimate with a served one)."""
+        cfg, e = self.cfg, self.cfg.eval
+        prompts = self._eval_prompts()
+        mine = prompts[self.ctx.dp_rank:: self.ctx.dp]
+        out: dict = {}
+        max_new = e.max_new_tokens or cfg.rollout.max_new_tokens
+        stops = self.sampling.stop_ids
+        correct = torch.zeros(2, dtype=torch.float64)
+        rkl = torch.zeros(2, dtype=torch.float64)
+        self.eval_engine.sampler.calls = 0
+        for start in range(0, len(mine), e.batch_size):
+            chunk = mine[start: start + e.batch_size]
+            if self.task is not None:
+                greedy = self.eval_engine.generate([p.ids for p in chunk],
+                                                   SamplingConfig(max_new_tokens=max_new, temperature=0.0,
+                                                                  stop_ids=stops))
+                for b, p in enumerate(chunk):
+                    correct[0] += self.task.score(p.text, self.tokenizer.decode(greedy.response_ids(b)))
+                correct[1] += len(chunk)
+            sampled = self.eval_engine.generate([p.ids for p in chunk],
+                                                SamplingConfig(max_new_tokens=max_new, temperature=1.0,
+                                                               stop_ids=stops))
+            sampled.teacher = self._scores_for(sampled) if not self.dense_teacher else None
+            total, count = self._reverse_kl(sampled)
+            rkl += torch.tensor([total, count], dtype=torch.float64)
+        group = parallel_state.get_data_parallel_group()
+        dist.all_reduce(correct, group=group)
+        if self.task is not None:
+            out["score"] = float(correct[0] / max(correct[1], 1.0))
+        # _reverse_kl's totals are already summed over the whole world by forward_backward.
+        out["rkl"] = float(rkl[0] / max(rkl[1], 1.0))
+        return out
+
+    def _eval_prompts(self) -> list[Prompt]:
+        if self.task is not None:
+            examples = self.task.examples("eval", self.cfg.eval.prompts, self.cfg.run.seed)
+            return [Prompt(ex.prompt, [self.tokenizer.bos_id] + self.tokenizer.encode(ex.prompt)) for ex in examples]
+        return [self.source._prompt(10**9 + i) for i in range(self.cfg.eval.prompts)]
+
+    def _reverse_kl(self, batch: RolloutBatch) -> tuple[float, float]:
+        batch = batch.trimmed()
+        opd = self.cfg.opd
+
+        def loss_fn(logits, micro: StudentInput):
+            mb = micro.rollout
+            with torch.no_grad():
+                mask = mb.loss_mask.to(logits.device)
+                scores = self.objective.teacher_scores(mb, logits)
+                if scores.logits_shard is not None:
+                    per_token = vp.vocab_parallel_reverse_kl(logits, scores.logits_shard,
+                                                             student_temperature=opd.student_temperature,
+                                                             teacher_temperature=self.cfg.teacher.temperature,
+                                                             true_vocab_size=self.vocab, chunk_size=opd.chunk_size)
+                else:
+                    labels = mb.labels.to(logits.device)
+                    student = vp.vocab_parallel_token_logprobs(logits, labels, opd.student_temperature, self.vocab)
+                    per_token = student - scores.sampled_logprobs.to(logits.device)
+                return (per_token * mask).sum(), mask.sum()
+
+        micro = [StudentInput(tokens=mb.input_tokens, rollout=mb)
+                 for mb in batch.micro_batches(self.cfg.parallel.micro_batch_size)]
+        return forward_backward(self.trainable.ddp, micro, loss_fn, batch.tokens.shape[1] - 1,
+                                self.cfg.parallel.micro_batch_size, forward_only=True)
+
+    def teacher_score(self) -> Optional[float]:
+        """The colocated teacher's own greedy verifier score on the held-out prompts (None for other teachers)."""
+        from opd_megatron.teachers.colocated import ColocatedTeacher
+        if self.task is None or not isinstance(self.teacher, ColocatedTeacher):
+            return None
+        value = torch.zeros(1, dtype=torch.float64)
+        if parallel_state.is_pipeline_last_stage():
+            sampler = MegatronSampler(self.teacher.teacher.module, self.vocab, self.tokenizer.pad_id,
+                                      self.teacher.model.max_position_embeddings, seed=0, use_pipeline=False)
+            prompts = self._eval_prompts()[self.ctx.dp_rank:: self.ctx.dp]
+            max_new = self.cfg.eval.max_new_tokens or self.cfg.rollout.max_new_tokens
+            hits = 0.0
+            for start in range(0, len(prompts), self.cfg.eval.batch_size):
+                chunk = prompts[start: start + self.cfg.eval.batch_size]
+                out = sampler.generate([p.ids for p in chunk], SamplingConfig(max_new_tokens=max_new, temperature=0.0,
+                                                                              stop_ids=self.sampling.stop_ids))
+                hits += sum(self.task.score(p.text, self.tokenizer.decode(out.response_ids(b)))
+                            for b, p in enumerate(chunk))
+            if parallel_state.get_tensor_model_parallel_rank() == 0:
+                value[0] = hits
+        dist.all_reduce(value)
+        return float(value[0]) / len(self._eval_prompts())
+
+    # -- the loop ------------------------------------------------------------------------------------------------
+    def run(self, writer: MetricsWriter) -> dict:
+        cfg = self.cfg
+        started = time.perf_counter()
+        if not self.baseline_eval:
+            before = self.evaluate()
+            self.baseline_eval = {"student_score_before": before.get("score"), "rkl_before": before["rkl"],
+                                  "teacher_score": self.teacher_score()}
+            writer.message(f"[opd-megatron] before OPD: {self._describe(before)}; teacher score "
+                           f"{self.baseline_eval['teacher_score']}")
+            writer.log(self.step, {f"eval/{k}": v for k, v in before.items()})
+        losses, stopped, checkpoint = [], False, None
+        saved_at = self.step
+        while self.step < cfg.run.train_steps:
+            step_started = time.perf_counter()
+            batch = self.next_batch()
+            metrics, _ = self.train_step(batch)
+            self.step += 1
+            if metrics is not None:
+                metrics["step_s"] = time.perf_counter() - step_started
+                metrics.update({f"time/{k}": v for k, v in self.timing.items()})
+                losses.append(metrics["loss"])
+            if cfg.eval.interval and self.step % cfg.eval.interval == 0 and self.step < cfg.run.train_steps:
+                result = self.evaluate()
+                if metrics is not None:
+                    metrics.update({f"eval/{k}": v for k, v in result.items()})
+            if metrics is not None and (self.step % cfg.logging.log_interval == 0 or self.step == cfg.run.train_steps):
+                writer.log(self.step, metrics)
+            writer.advance()
+            if self.stop.agreed():
+                checkpoint = self.save()
+                saved_at, stopped = self.step, True
+                writer.message(f"[opd-megatron] received signal {self.stop.received or 'on another rank'}: finished "
+                               f"step {self.step}, saved checkpoint {checkpoint}, exiting cleanly")
+                break
+            if cfg.checkpoint.save_interval and self.step % cfg.checkpoint.save_interval == 0:
+                checkpoint = self.save()
+                saved_at = self.step
+        after = {}
+        if not stopped:
+            after = self.evaluate()
+            writer.log(self.step, {f"eval/{k}": v for k, v in after.items()})
+            writer.message(f"[opd-megatron] after OPD: {self._describe(after)}")
+            if cfg.checkpoint.save_at_end and saved_at != self.step:
+                checkpoint = self.save()
+        if self.executor is not None:
+            self.executor.shutdown(wait=True)
+        return {"losses": losses, "stopped": stopped, "checkpoint": checkpoint, "after": after,
+                "wall_s": time.perf_counter() - started}
+
+    @staticmethod
+    def _describe(result: dict) -> str:
+        score = f"score {result['score']:.3f}, " if result.get("score") is not None else ""
+        return f"{score}per-token reverse KL to the teacher {result['rkl']:.4f}"
+
+
+def train_opd(cfg: RunConfig, ctx, stop):
+    """Run OPD on this rank (called by `train.train` with the parallel state initialised)."""
+    from opd_megatron.report import write_run_outputs
+    from opd_megatron.train import TrainResult
+    run_dir = cfg.run.run_dir
+    if ctx.is_logging_rank:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    run = OpdRun(cfg, ctx, stop)
+    result = TrainResult(start_step=run.step, final_step=run.step)
+    writer = MetricsWriter(run_dir, cfg.run.train_steps, run.step, ctx.is_logging_rank, cfg.logging.tensorboard,
+                           cfg.logging.progress_bar)
+    try:
+        outcome = run.run(writer)
+    finally:
+        writer.close()
+        run.teacher.close()
+    result.final_step = run.step
+    result.losses = outcome["losses"]
+    result.stopped_by_signal = outcome["stopped"]
+    result.checkpoint = outcome["checkpoint"]
+    result.wall_s = outcome["wall_s"]
+    if ctx.is_logging_rank:
+        summary = {**run.baseline_eval,
+                   "student_score_after": outcome["after"].get("score"), "rkl_after": outcome["after"].get("rkl"),
+                   "steps": run.step, "start_step": result.start_step, "skipped_steps": run.skipped_steps,
+                   "stopped_by_signal": result.stopped_by_signal, "checkpoint": result.checkpoint,
+                   "wall_s": round(result.wall_s, 3), "time_split_s": {k: round(v, 3) for k, v in run.timing.items()},
+                   "teacher": run.teacher.name, "teacher_tokens_scored": run.teacher_tokens,
+                   "layout": {"tp": ctx.tp, "pp": ctx.pp, "dp": ctx.dp},
+                   "first_loss": result.losses[0] if result.losses else None,
+                   "last_loss": result.losses[-1] if result.losses else None}
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_run_outputs(cfg, run_dir, summary, run.compat)
+    return result

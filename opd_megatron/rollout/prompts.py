@@ -1,0 +1,104 @@
+"""Prompt sources for rollouts: a synthetic task's endless stream, or a JSONL prompt file.
+
+Both are stateless: the prompts of (step, data-parallel rank) are a pure function of the seed, so an exact resume
+needs only the step. A prompt is `[bos] + encode(prompt)` (through the chat template when configured), the ids a
+rollout continues from; `reference` is the ids of a known good response (the task's answer, or the file's
+`response`) + eos, used by the fixed-dataset share of GKD's on-policy fraction.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from opd_megatron.data.jsonl import DataError
+from opd_megatron.data.tokenizer import Tokenizer
+from opd_megatron.tasks.base import Task
+
+
+@dataclass(frozen=True)
+class Prompt:
+    text: str
+    ids: list[int]
+    reference: Optional[list[int]] = None     # response ids + eos, when known
+
+
+def _prompt_ids(tokenizer: Tokenizer, text: str, chat: bool) -> list[int]:
+    ids = tokenizer.encode(tokenizer.apply_chat_template(text) if chat else text)
+    if tokenizer.bos_id is not None and (not ids or ids[0] != tokenizer.bos_id):
+        ids.insert(0, tokenizer.bos_id)
+    return ids
+
+
+class PromptSource:
+    """`prompts(step, rank, world, count)`: this data-parallel rank's `count` prompts of `step`."""
+
+    def __init__(self, tokenizer: Tokenizer, seed: int, max_prompt_tokens: int, task: Optional[Task] = None,
+                 path: Optional[str] = None, prompt_key: str = "prompt", answer_key: str = "response",
+                 apply_chat_template: bool = False):
+        if (task is None) == (path is None):
+            raise ValueError("PromptSource needs exactly one of a task or a JSONL path")
+        self.tokenizer, self.seed, self.task, self.chat = tokenizer, seed, task, apply_chat_template
+        self.max_prompt_tokens = max_prompt_tokens
+        self.records: list[Prompt] = []
+        self._order: tuple[int, list[int]] = (-1, [])     # the shuffled order of the last epoch read
+        if path is not None:
+            self.records = self._read(Path(path), prompt_key, answer_key)
+
+    def _read(self, path: Path, prompt_key: str, answer_key: str) -> list[Prompt]:
+        if not path.is_file():
+            raise FileNotFoundError(f"rollout.path {path} not found; expected a JSONL file of "
+                                    f'{{"{prompt_key}": "..."}} lines')
+        records = []
+        with path.open("rb") as stream:
+            for number, raw in enumerate(stream, start=1):
+                where = f"{path}, line {number}"
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise DataError(f"{where}: expected UTF-8 text ({exc})") from None
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno}); expected one "
+                                    f"JSON object a line") from None
+                if not isinstance(obj, dict) or not isinstance(obj.get(prompt_key), str) or not obj[prompt_key]:
+                    raise DataError(f"{where}: expected an object with a non-empty string {prompt_key!r}, got "
+                                    f"{line.strip()[:120]}")
+                answer = obj.get(answer_key)
+                if answer is not None and not isinstance(answer, str):
+                    raise DataError(f"{where}: {answer_key!r} must be a string, got {type(answer).__name__}")
+                ids = _prompt_ids(self.tokenizer, obj[prompt_key], self.chat)
+                if len(ids) > self.max_prompt_tokens:
+                    raise DataError(f"{where}: the prompt is {len(ids)} tokens, more than the {self.max_prompt_tokens}"
+                                    f" that fit before rollout.max_new_tokens in model.max_position_embeddings; "
+                                    f"shorten it or raise model.max_position_embeddings")
+                reference = None if answer is None else self.tokenizer.encode(answer) + [self.tokenizer.eos_id]
+                records.append(Prompt(obj[prompt_key], ids, reference))
+        if not records:
+            raise DataError(f"{path}: no prompts")
+        return records
+
+    def prompts(self, step: int, rank: int, world: int, count: int) -> list[Prompt]:
+        first = (step * world + rank) * count
+        return [self._prompt(index) for index in range(first, first + count)]
+
+    def _prompt(self, index: int) -> Prompt:
+        if self.task is not None:
+            example = self.task.train_example(index, self.seed)
+            ids = _prompt_ids(self.tokenizer, example.prompt, False)
+            if len(ids) > self.max_prompt_tokens:
+                raise DataError(f"task {self.task.name}: prompt of {len(ids)} tokens exceeds the "
+                                f"{self.max_prompt_tokens} that fit before rollout.max_new_tokens")
+            return Prompt(example.prompt, ids, self.tokenizer.encode(example.answer) + [self.tokenizer.eos_id])
+        epoch, offset = divmod(index, len(self.records))
+        if self._order[0] != epoch:
+            order = list(range(len(self.records)))
+            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+            self._order = (epoch, order)
+        return self.records[self._order[1][offset]]
