@@ -222,12 +222,11 @@ def test_topk_mixture_needs_teachers_that_score_extra_ids():
 
 # -- mixtures on full logits --------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("mixture", ["geometric", "arithmetic"])
-@pytest.mark.parametrize("padded", [None, 40])
-def test_full_logit_mixtures_equal_their_formulas(mixture, padded):
-    named = teachers(full_logits=True, padded_vocab=padded, names=("math", "code"))
+def check_full_logit_mixture(named, mixture, group=None):
+    """Score ROWS with the mixture of `named`; assert every field equals the formula on the unpadded logits.
+    Returns the scores."""
     request = make_request(ROWS, PROMPTS, topk=5, extra=3, vocab_size=V)
-    scores = MultiTeacher(named, mixture=mixture, weights=WEIGHTS).score(request)
+    scores = MultiTeacher(named, mixture=mixture, weights=WEIGHTS, vocab_group=group).score(request)
     assert scores.teacher_name == f"multi-{mixture}:code,math"
     logq = {n: log_probs(t, request) for n, t in named.items()}
     if mixture == "geometric":
@@ -242,11 +241,18 @@ def test_full_logit_mixtures_equal_their_formulas(mixture, padded):
     top = mix.topk(5)
     assert torch.equal(scores.topk_ids[v], top.indices[v])
     torch.testing.assert_close(scores.topk_logprobs[v], top.values[v], rtol=1e-6, atol=1e-5)
-    # The mixture's logits shard: its softmax over the true vocabulary is the mixture.
-    shard = scores.logits_shard[..., :V]
-    assert scores.logits_shard.shape[-1] == (padded or V)
-    torch.testing.assert_close(torch.log_softmax(shard, -1)[v], mix[v], rtol=1e-6, atol=1e-5)
     assert scores.per_teacher["math"]["rows"] == 5
+    return scores, mix, v
+
+
+@pytest.mark.parametrize("mixture", ["geometric", "arithmetic"])
+@pytest.mark.parametrize("padded", [None, 40])
+def test_full_logit_mixtures_equal_their_formulas(mixture, padded):
+    named = teachers(full_logits=True, padded_vocab=padded, names=("math", "code"))
+    scores, mix, v = check_full_logit_mixture(named, mixture)
+    # The mixture's logits shard: its softmax over the true vocabulary is the mixture.
+    assert scores.logits_shard.shape[-1] == (padded or V)
+    torch.testing.assert_close(torch.log_softmax(scores.logits_shard[..., :V], -1)[v], mix[v], rtol=1e-6, atol=1e-5)
 
 
 class ShardedTeacher(ModelTeacher):
@@ -267,25 +273,10 @@ def sharded_mixture_worker(padded_vocab):
     import torch.distributed as dist
     dist.init_process_group("gloo")
     checks = 0
-    request = make_request(ROWS, PROMPTS, topk=5, extra=3, vocab_size=V)
-    v = request.valid_mask()
     for mixture in ("geometric", "arithmetic"):
         named = {n: ShardedTeacher(TinyCausalLM(V, seed=10 + i).eval(), V, name=n, full_logits=True,
                                    padded_vocab=padded_vocab) for i, n in enumerate(("math", "code"))}
-        scores = MultiTeacher(named, mixture=mixture, weights=WEIGHTS, vocab_group=dist.group.WORLD).score(request)
-        logq = {n: log_probs(t, request) for n, t in named.items()}
-        if mixture == "geometric":
-            mix = torch.log_softmax(sum(W[n] * logq[n] for n in named), dim=-1).float()
-        else:
-            mix = torch.log(sum(W[n] * logq[n].exp() for n in named)).float()
-        torch.testing.assert_close(scores.sampled_logprobs[v], gather(mix, request).squeeze(-1)[v], rtol=1e-6,
-                                   atol=1e-5)
-        used = v.unsqueeze(-1) & (request.extra_ids >= 0)
-        torch.testing.assert_close(scores.extra_logprobs[used], gather(mix, request, request.extra_ids)[used],
-                                   rtol=1e-6, atol=1e-5)
-        top = mix.topk(5)
-        assert torch.equal(scores.topk_ids[v], top.indices[v])
-        torch.testing.assert_close(scores.topk_logprobs[v], top.values[v], rtol=1e-6, atol=1e-5)
+        scores, _, _ = check_full_logit_mixture(named, mixture, group=dist.group.WORLD)
         assert scores.logits_shard.shape[-1] == padded_vocab // dist.get_world_size()
         checks += 1
     return checks
