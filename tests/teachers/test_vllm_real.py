@@ -151,3 +151,22 @@ def test_client_fails_clearly_when_the_server_dies_mid_run(killable_vllm_server)
     assert server.url in str(error) and "attempt" in str(error), str(error)
     with pytest.raises(TeacherError, match="is the teacher server running"):
         client(server)  # a new client names the dead server at once
+
+
+def test_client_scores_rows_sharing_a_prompt_and_repeats_exactly(vllm_server, hf_teacher):
+    """GRPO-style groups: several rollouts of one prompt in a batch, scored again in a later step. vLLM's prefix
+    cache then holds the shared blocks; the prompt logprobs must still be computed, and equal transformers."""
+    prompt = random_rows([70], seed=4)[0]
+    rows = [prompt + tail for tail in random_rows([30, 5, 30], seed=5)]
+    rows[2] = rows[0][:80] + rows[2][80:]  # shares 80 tokens with row 0, more than the prompt
+    request = padded_request(rows, [len(prompt) - 1] * 3, topk=TOPK)
+    with client(vllm_server) as teacher:
+        first = teacher.score(request)
+        again = teacher.score(request)
+    assert torch.equal(first.sampled_logprobs, again.sampled_logprobs)
+    assert torch.equal(first.topk_ids, again.topk_ids)
+    for b, ids in enumerate(rows):
+        reference = reference_logprobs(hf_teacher, ids)
+        columns = slice(len(prompt) - 1, len(ids) - 1)
+        want = reference.gather(1, torch.tensor(ids[1:]).unsqueeze(1)).squeeze(1)[columns]
+        assert float((again.sampled_logprobs[b, columns] - want).abs().max()) <= TOL, f"row {b}"
