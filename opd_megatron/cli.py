@@ -1,6 +1,8 @@
-"""`opd-megatron` command line: train, dry-run, preprocess.
+"""`opd-megatron` command line: train, quickstart, eval, dry-run, preprocess.
 
+    opd-megatron quickstart                                   # OPD on the CPU in minutes (configs/quickstart.yaml)
     opd-megatron train --config configs/sft_tiny.yaml parallel.tp=2 optim.lr=1e-4
+    opd-megatron eval --config runs/quickstart/config.yaml --checkpoint runs/quickstart/checkpoints
     torchrun --nproc_per_node 2 -m opd_megatron train --config configs/sft_tiny.yaml parallel.tp=2
     opd-megatron dry-run --config configs/llama3_8b.yaml --world-size 64 --gpu-memory-gb 80
     opd-megatron preprocess --input corpus.jsonl --output-prefix data/corpus --tokenizer path/to/tokenizer
@@ -9,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -22,9 +25,19 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="opd-megatron", description="On-policy distillation on megatron-core")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    train = sub.add_parser("train", help="train the student (run.algorithm: sft)")
+    train = sub.add_parser("train", help="train the student (run.algorithm: sft or opd)")
     train.add_argument("--config", help="YAML run config")
     train.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. parallel.tp=2")
+
+    quick = sub.add_parser("quickstart", help="teacher (cached) -> student warm-up -> OPD on a synthetic task, CPU")
+    quick.add_argument("--config", default=None, help="YAML run config (default configs/quickstart.yaml)")
+    quick.add_argument("--run-dir", default=None, help="where the run is written (default runs/quickstart)")
+    quick.add_argument("overrides", nargs="*")
+
+    ev = sub.add_parser("eval", help="held-out task score and per-token reverse KL to the teacher of a checkpoint")
+    ev.add_argument("--config", required=True, help="the OPD run config (its teacher, task and eval sections)")
+    ev.add_argument("--checkpoint", required=True, help="an iter_* directory or a checkpoints/ directory")
+    ev.add_argument("overrides", nargs="*")
 
     dry = sub.add_parser("dry-run", help="validate a config and print layout, parameters and memory per GPU")
     dry.add_argument("--config", help="YAML run config")
@@ -43,6 +56,19 @@ def _parser() -> argparse.ArgumentParser:
     pre.add_argument("--skip-malformed", action="store_true", help="skip and count malformed lines")
     pre.add_argument("--no-eod", action="store_true", help="do not append the end-of-document token")
     return parser
+
+
+def _quickstart_lines(summary: dict, run_dir: str) -> str:
+    def pct(value):
+        return "n/a" if value is None else f"{100 * value:.1f}%"
+    teacher, before, after = (summary.get(k) for k in ("teacher_score", "student_score_before",
+                                                        "student_score_after"))
+    share = f" = {after / teacher:.0%} of the teacher" if teacher and after is not None else ""
+    return (f"[quickstart] held-out accuracy: teacher {pct(teacher)}, student before OPD {pct(before)}, after "
+            f"{pct(after)}{share}\n[quickstart] per-token reverse KL to the teacher: {summary.get('rkl_before'):.3f} "
+            f"-> {summary.get('rkl_after'):.3f}; {summary.get('steps')} OPD steps; total "
+            f"{summary.get('quickstart_wall_s')} s\n[quickstart] report: {run_dir}/report.md, plots and "
+            f"metrics.jsonl beside it")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,6 +90,17 @@ def main(argv: list[str] | None = None) -> int:
                       f"loss {result.losses[0] if result.losses else float('nan'):.4f} -> "
                       f"{result.losses[-1] if result.losses else float('nan'):.4f}, {result.wall_s:.1f} s, "
                       f"checkpoint {result.checkpoint}", flush=True)
+        elif args.command == "quickstart":
+            from opd_megatron.quickstart import default_config_path, run_quickstart
+            cfg = load_config(args.config or default_config_path(), args.overrides)
+            summary = run_quickstart(cfg, args.run_dir)
+            print(_quickstart_lines(summary, args.run_dir or str(cfg.run.run_dir)), flush=True)
+        elif args.command == "eval":
+            from opd_megatron.opd_train import evaluate_checkpoint
+            cfg = load_config(args.config, args.overrides)
+            result = evaluate_checkpoint(cfg, args.checkpoint)
+            if int(os.environ.get("RANK", "0")) == 0:
+                print(json.dumps(result, indent=2), flush=True)
         elif args.command == "dry-run":
             from opd_megatron.dry_run import run_dry_run
             print(run_dry_run(args.config, args.overrides, args.world_size, args.gpu_memory_gb))

@@ -447,6 +447,26 @@ class EvalSection:
 
 
 @dataclass
+class QuickstartSection:
+    """`opd-megatron quickstart` only: how the teacher is made (SFT on the task's reference answers, cached by
+    its settings under `teacher_cache`) and the student's short SFT warm-up before OPD. Defaults from the measured
+    CPU feasibility run (shared/docs/quickstart-feasibility.md)."""
+    train_examples: int = 20000
+    teacher_steps: int = 500
+    teacher_lr: float = 1e-3
+    teacher_batch_size: int = 128
+    teacher_cache: str = "~/.cache/opd-megatron/quickstart-teachers"
+    warmup_steps: int = 130
+    warmup_lr: float = 1e-3
+    warmup_batch_size: int = 64
+
+    def validate(self) -> None:
+        for key in ("train_examples", "teacher_steps", "teacher_batch_size", "warmup_batch_size"):
+            _require(getattr(self, key) >= 1, f"quickstart.{key}", "an integer >= 1", getattr(self, key))
+        _require(self.warmup_steps >= 0, "quickstart.warmup_steps", "an integer >= 0", self.warmup_steps)
+
+
+@dataclass
 class RunConfig:
     run: RunSection = field(default_factory=RunSection)
     model: ModelSection = field(default_factory=ModelSection)
@@ -459,10 +479,11 @@ class RunConfig:
     teacher: TeacherSection = field(default_factory=TeacherSection)
     opd: OpdSection = field(default_factory=OpdSection)
     eval: EvalSection = field(default_factory=EvalSection)
+    quickstart: QuickstartSection = field(default_factory=QuickstartSection)
 
     def validate(self) -> "RunConfig":
         """Checks that need no world size: each section, then the cross-section rules."""
-        opd_only = ("rollout", "teacher", "opd", "eval")
+        opd_only = ("rollout", "teacher", "opd", "eval", "quickstart")
         for f in dataclasses.fields(self):
             if self.run.algorithm == "opd" or f.name not in opd_only:
                 getattr(self, f.name).validate()

@@ -576,3 +576,25 @@ def train_opd(cfg: RunConfig, ctx, stop):
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         write_run_outputs(cfg, run_dir, summary, run.compat)
     return result
+
+
+def evaluate_checkpoint(cfg: RunConfig, checkpoint: str) -> dict:
+    """`opd-megatron eval`: the held-out score and per-token reverse KL to the configured teacher of a checkpoint
+    (weights only), at any layout; the teacher's own score beside it when it is colocated."""
+    import dataclasses
+    from opd_megatron.student.distributed import destroy_parallel, init_parallel
+    cfg = dataclasses.replace(cfg)
+    cfg.run.algorithm = "opd"
+    cfg.checkpoint.load, cfg.checkpoint.resume = checkpoint, False
+    if resolve_checkpoint(checkpoint) is None:
+        raise FileNotFoundError(f"--checkpoint {checkpoint}: no complete checkpoint there")
+    ctx = init_parallel(cfg)
+    try:
+        run = OpdRun(cfg, ctx, stop=None)
+        result = run.evaluate()
+        result["teacher_score"] = run.teacher_score()
+        result["checkpoint"] = str(resolve_checkpoint(checkpoint))
+        run.teacher.close()
+        return result
+    finally:
+        destroy_parallel()
