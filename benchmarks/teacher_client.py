@@ -8,10 +8,12 @@ student rollouts two ways, in the same run and against the same server:
 - the baseline: the same request bodies (same rows per request), POSTed by `max_inflight` threads on one
   `httpx.Client`, each reply only decoded from JSON.
 Both run `--rounds` times, alternating which goes first; each reports its median, and the ratio of medians is our
-client's throughput over the baseline's (1.00 = no overhead; the target is >= 0.95). A "scored token" is one label
+client's throughput over the baseline's (1.00 = no overhead; the target is >= 0.95), as is the median of the
+per-round ratios (each round runs both back to back, so it is steadier when the machine's load drifts). A "scored token" is one label
 column the teacher returns (score_start .. length - 2 of each row). On a shared machine the two medians move with
 the load, so the benchmark also times `VLLMTeacher.score` on the server's recorded replies with the network
-taken out: the client's own work per batch, which does not depend on the server.
+taken out (the client's own work per batch, which does not depend on the server), and the client process's CPU
+time per batch on both sides (`time.process_time`, all threads), which other load hardly moves.
 
     python -m benchmarks.teacher_client
     python -m benchmarks.teacher_client --rows 64 --rows-per-request 8 --inflight 2 --topk 5 --rounds 7
@@ -42,6 +44,8 @@ from opd_megatron.teachers.vllm import VLLMTeacher  # noqa: E402
 from tests.teachers.vllm_server import SERVED_NAME, VLLMServer, ensure_venv, write_teacher_checkpoint  # noqa: E402
 
 VOCAB = 512  # the tiny Llama's
+#: CPU seconds of this (client) process per batch, all threads: unlike wall time, hardly moved by other load.
+CPU_SECONDS: dict[str, list[float]] = {"ours": [], "bare": []}
 
 
 def make_request(rows: int, min_len: int, max_len: int, topk: int, seed: int) -> TeacherRequest:
@@ -72,17 +76,19 @@ def run_bare(client: httpx.Client, pool: ThreadPoolExecutor, url: str, bodies: l
         reply.raise_for_status()
         return reply.json()
 
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     replies = list(pool.map(post, bodies))
     elapsed = time.perf_counter() - start
+    CPU_SECONDS["bare"].append(time.process_time() - cpu)
     assert sum(len(r["choices"]) for r in replies) == sum(len(b["prompt"]) for b in bodies)
     return elapsed, replies
 
 
 def run_ours(teacher: VLLMTeacher, request: TeacherRequest) -> float:
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     scores = teacher.score(request)
     elapsed = time.perf_counter() - start
+    CPU_SECONDS["ours"].append(time.process_time() - cpu)
     assert bool(scores.valid.any())
     return elapsed
 
@@ -110,8 +116,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--topk", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads of this (client) process; default: torch's own choice")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
+    if args.threads:
+        # The client's tensor work is tiny; with the cores oversubscribed every intra-op parallel region can wait
+        # a scheduler slice for its second thread, which is what this knob shows.
+        torch.set_num_threads(args.threads)
     if args.max_len > 255:
         parser.error("--max-len: the server runs with --max-model-len 256, so at most 255 tokens per row")
 
@@ -139,6 +151,8 @@ def main(argv: list[str] | None = None) -> dict:
                     run_ours(teacher, request)
                     run_bare(client, pool, server.url, bodies)
                 ours, bare = [], []
+                for values in CPU_SECONDS.values():
+                    values.clear()
                 for round_index in range(args.rounds):
                     if round_index % 2 == 0:
                         ours.append(run_ours(teacher, request))
@@ -146,6 +160,7 @@ def main(argv: list[str] | None = None) -> dict:
                     else:
                         bare.append(run_bare(client, pool, server.url, bodies)[0])
                         ours.append(run_ours(teacher, request))
+                cpu_ours, cpu_bare = (statistics.median(CPU_SECONDS[side]) for side in ("ours", "bare"))
                 recorded = run_bare(client, pool, server.url, bodies)[1]
                 cpu_s = client_cpu_seconds(teacher, request, server.url, recorded)
             finally:
@@ -156,21 +171,27 @@ def main(argv: list[str] | None = None) -> dict:
 
     ours_tps = tokens / statistics.median(ours)
     bare_tps = tokens / statistics.median(bare)
+    # Each round runs both back to back, so a per-round ratio sees nearly the same machine load on both sides.
+    paired = statistics.median(b / o for o, b in zip(ours, bare))
     result = {"rows": args.rows, "lengths": [args.min_len, args.max_len], "scored_tokens": tokens,
               "rows_per_request": args.rows_per_request, "requests": len(bodies), "inflight": args.inflight,
               "topk": args.topk, "rounds": args.rounds, "ours_s": ours, "bare_s": bare,
-              "client_cpu_s": cpu_s, "ours_tokens_per_s": ours_tps, "bare_tokens_per_s": bare_tps,
-              "ratio": ours_tps / bare_tps,
-              "load_1min_before_after": [load_before[0], load_after[0]], "cpus": os.cpu_count()}
+              "client_cpu_s": cpu_s, "process_cpu_s_ours_bare": [cpu_ours, cpu_bare], "ours_tokens_per_s": ours_tps, "bare_tokens_per_s": bare_tps,
+              "ratio": ours_tps / bare_tps, "paired_ratio": paired,
+              "load_1min_before_after": [load_before[0], load_after[0]], "cpus": os.cpu_count(),
+              "torch_threads": torch.get_num_threads()}
     print(f"| client | median s / batch | scored tokens/s | vs bare httpx |")
     print(f"|---|---:|---:|---:|")
     print(f"| bare httpx loop | {statistics.median(bare):.3f} | {bare_tps:,.0f} | 1.00x |")
     print(f"| VLLMTeacher.score | {statistics.median(ours):.3f} | {ours_tps:,.0f} | {ours_tps / bare_tps:.3f}x |")
-    print(f"\nour client's own work per batch (recorded replies, no server): {cpu_s * 1e3:.1f} ms = "
+    print(f"\nmedian of the per-round ratios (ours over bare throughput, both run back to back): {paired:.3f}x")
+    print(f"client process CPU per batch (all threads, median): ours {cpu_ours * 1e3:.0f} ms, bare "
+          f"{cpu_bare * 1e3:.0f} ms")
+    print(f"our client's own work per batch (recorded replies, no server): {cpu_s * 1e3:.1f} ms = "
           f"{cpu_s / statistics.median(bare):.1%} of the bare loop's batch time")
     print(f"{tokens} scored tokens per batch ({args.rows} rows of {args.min_len}-{args.max_len} tokens, top-"
           f"{args.topk}) in {len(bodies)} requests of {args.rows_per_request} rows, {args.inflight} in flight; "
-          f"{args.rounds} rounds; 1-min load {load_before[0]:.1f} -> {load_after[0]:.1f} on {os.cpu_count()} CPUs")
+          f"{args.rounds} rounds; {torch.get_num_threads()} torch threads; 1-min load {load_before[0]:.1f} -> {load_after[0]:.1f} on {os.cpu_count()} CPUs")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2))
