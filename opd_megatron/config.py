@@ -600,7 +600,12 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r}: expected the form section.key=value, e.g. parallel.tp=2")
-        _set_dotted(raw, key.strip(), yaml.safe_load(text) if text.strip() else None)
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({exc.problem}); quote it or use "
+                              f"the dotted form, e.g. rollout.task_options.length=4") from exc
+        _set_dotted(raw, key.strip(), value)
     cfg = from_dict(raw)
     return cfg.validate() if validate else cfg
 

@@ -39,10 +39,11 @@ from opd_megatron.parallel.routing import vocab_parallel_cr_opd_loss
 from opd_megatron.parallel.stats import (vocab_parallel_student_mass_on_teacher_support,
                                          vocab_parallel_teacher_confidence, vocab_parallel_topk_overlap)
 from opd_megatron.parallel.supports import vocab_parallel_build_support
+from opd_megatron.parallel.finite import nonfinite_on_any_tp_rank
 from opd_megatron.parallel.topk import vocab_parallel_topk, vocab_shard_range
 from opd_megatron.rollout.batch import RolloutBatch
 from opd_megatron.routing import RoutingConfig
-from opd_megatron.teachers.base import Teacher, TeacherScores
+from opd_megatron.teachers.base import NonFiniteTeacherError, Teacher, TeacherScores
 
 _DIVERGENCES = {"reverse_kl": vp.vocab_parallel_reverse_kl, "forward_kl": vp.vocab_parallel_forward_kl,
                 "tv": vp.vocab_parallel_total_variation}
@@ -85,6 +86,7 @@ class MicroBatchStats:
     values: Optional[torch.Tensor] = None
     value_targets: Optional[torch.Tensor] = None
     value_loss_sum: float = 0.0
+    nonfinite: bool = False       # NaN/inf logits (student or teacher): this micro-batch contributed nothing
 
 
 class OpdObjective:
@@ -126,8 +128,17 @@ class OpdObjective:
         keep = mask > 0
         coef = mb.loss_weights.to(device)
         labels = mb.labels.to(device)
-        scores = self.teacher_scores(mb, logits_shard)
-        teacher_shard = scores.logits_shard
+        try:
+            scores = self.teacher_scores(mb, logits_shard)
+        except NonFiniteTeacherError:
+            scores = None
+        teacher_shard = None if scores is None else scores.logits_shard
+        if scores is None or nonfinite_on_any_tp_rank(logits_shard, teacher_shard):
+            # NaN/inf logits: contribute a zero loss with a zero gradient, keeping every rank of the pipeline and
+            # of the TP group in step; the loop sees the flag and skips (or stops) the whole optimizer step.
+            zeros = torch.zeros_like(mask)
+            stats = MicroBatchStats(mask=mask.detach(), log_ratio=zeros, student_logprobs=zeros, nonfinite=True)
+            return torch.nan_to_num(logits_shard, 0.0, 0.0, 0.0).sum() * 0.0, mask.sum(), stats
         tau_s, tau_t = opd.student_temperature, self.teacher_cfg.temperature
         if teacher_shard is not None:
             teacher_shard = teacher_shard.detach()

@@ -40,6 +40,7 @@ from opd_megatron.diagnostics import batch_diagnostics
 from opd_megatron.errors import NonFiniteLossError
 from opd_megatron.metrics import MetricsWriter
 from opd_megatron.objective import MicroBatchStats, OpdObjective, normalizer_weights
+from opd_megatron.parallel.finite import nonfinite_on_any_tp_rank
 from opd_megatron.parallel import vocab_parallel as vp
 from opd_megatron.rollout.batch import RolloutBatch
 from opd_megatron.rollout.engine import MegatronRolloutEngine
@@ -52,7 +53,7 @@ from opd_megatron.student.optimizer import current_lr, optimizer_step, wrap_for_
 from opd_megatron.student.schedule import forward_backward
 from opd_megatron.student.value_head import ValueHead
 from opd_megatron.tasks import get_task
-from opd_megatron.teachers.base import Teacher, TeacherScores
+from opd_megatron.teachers.base import NonFiniteTeacherError, Teacher, TeacherScores
 from opd_megatron.teachers.factory import build_teacher
 
 log = logging.getLogger("opd_megatron.opd_train")
@@ -262,7 +263,11 @@ class OpdRun:
         def loss_fn(logits, micro: StudentInput):
             mb = micro.rollout
             with torch.no_grad():
-                scores = self.objective.teacher_scores(mb, logits)
+                try:
+                    scores = self.objective.teacher_scores(mb, logits)
+                except NonFiniteTeacherError:      # the training pass meets it too and skips the step
+                    captured.append(torch.zeros(mb.loss_mask.shape))
+                    return logits.sum() * 0.0, mb.loss_mask.sum()
                 labels = mb.labels.to(logits.device)
                 student = vp.vocab_parallel_token_logprobs(logits, labels, opd.student_temperature, self.vocab)
                 if scores.logits_shard is not None:
@@ -315,7 +320,9 @@ class OpdRun:
             self.value_head.optimizer.zero_grad(set_to_none=False)
         loss_sum, num_tokens = forward_backward(self.trainable.ddp, micro, loss_fn, seq, mbs)
         loss = loss_sum / max(num_tokens, 1.0)
-        finite = math.isfinite(loss) and self._grads_finite()
+        if any(s.nonfinite for s in stats):
+            loss = float("nan")
+        finite = self._all_finite(math.isfinite(loss))
         lr = current_lr(self.trainable.optimizer)
         grad_norm = float("nan")
         if finite:
@@ -338,8 +345,10 @@ class OpdRun:
                             "step_skipped": 0.0 if finite else 1.0, "tokens": num_tokens})
         return metrics, finite
 
-    def _grads_finite(self) -> bool:
+    def _all_finite(self, loss_finite: bool) -> bool:
+        """The loss (last stage) and every gradient (all ranks) are finite, agreed over the world."""
         bad = torch.zeros(1)
+        bad[0] = 0.0 if loss_finite else 1.0
         for param in self.trainable.ddp.parameters():
             grad = getattr(param, "main_grad", None)
             if grad is None:
@@ -445,7 +454,12 @@ class OpdRun:
             mb = micro.rollout
             with torch.no_grad():
                 mask = mb.loss_mask.to(logits.device)
-                scores = self.objective.teacher_scores(mb, logits)
+                try:
+                    scores = self.objective.teacher_scores(mb, logits)
+                except NonFiniteTeacherError:
+                    return torch.tensor(float("nan")), mask.sum()
+                if nonfinite_on_any_tp_rank(logits, scores.logits_shard):
+                    return torch.tensor(float("nan")), mask.sum()
                 if scores.logits_shard is not None:
                     per_token = vp.vocab_parallel_reverse_kl(logits, scores.logits_shard,
                                                              student_temperature=opd.student_temperature,
@@ -463,27 +477,37 @@ class OpdRun:
                                 self.cfg.parallel.micro_batch_size, forward_only=True)
 
     def teacher_score(self) -> Optional[float]:
-        """The colocated teacher's own greedy verifier score on the held-out prompts (None for other teachers)."""
+        """The colocated teacher's own greedy verifier score on the held-out prompts (None for other teachers, and
+        with a warning when the teacher's logits are not finite: the OPD steps then meet the same logits and skip
+        or stop as opd.nonfinite says)."""
         from opd_megatron.teachers.colocated import ColocatedTeacher
         if self.task is None or not isinstance(self.teacher, ColocatedTeacher):
             return None
-        value = torch.zeros(1, dtype=torch.float64)
+        value = torch.zeros(2, dtype=torch.float64)          # hits, broken
         if parallel_state.is_pipeline_last_stage():
-            sampler = MegatronSampler(self.teacher.teacher.module, self.vocab, self.tokenizer.pad_id,
-                                      self.teacher.model.max_position_embeddings, seed=0, use_pipeline=False)
-            prompts = self._eval_prompts()[self.ctx.dp_rank:: self.ctx.dp]
-            max_new = self.cfg.eval.max_new_tokens or self.cfg.rollout.max_new_tokens
-            hits = 0.0
-            for start in range(0, len(prompts), self.cfg.eval.batch_size):
-                chunk = prompts[start: start + self.cfg.eval.batch_size]
-                out = sampler.generate([p.ids for p in chunk], SamplingConfig(max_new_tokens=max_new, temperature=0.0,
-                                                                              stop_ids=self.sampling.stop_ids))
-                hits += sum(self.task.score(p.text, self.tokenizer.decode(out.response_ids(b)))
-                            for b, p in enumerate(chunk))
-            if parallel_state.get_tensor_model_parallel_rank() == 0:
-                value[0] = hits
+            try:
+                hits = self._teacher_hits()
+                if parallel_state.get_tensor_model_parallel_rank() == 0:
+                    value[0] = hits
+            except NonFiniteLossError as exc:                  # raised on every TP rank of the last stage
+                log.warning("teacher score not measured: %s", exc)
+                value[1] = 1.0
         dist.all_reduce(value)
-        return float(value[0]) / len(self._eval_prompts())
+        return None if value[1] > 0 else float(value[0]) / len(self._eval_prompts())
+
+    def _teacher_hits(self) -> float:
+        sampler = MegatronSampler(self.teacher.teacher.module, self.vocab, self.tokenizer.pad_id,
+                                  self.teacher.model.max_position_embeddings, seed=0, use_pipeline=False)
+        prompts = self._eval_prompts()[self.ctx.dp_rank:: self.ctx.dp]
+        max_new = self.cfg.eval.max_new_tokens or self.cfg.rollout.max_new_tokens
+        hits = 0.0
+        for start in range(0, len(prompts), self.cfg.eval.batch_size):
+            chunk = prompts[start: start + self.cfg.eval.batch_size]
+            out = sampler.generate([p.ids for p in chunk], SamplingConfig(max_new_tokens=max_new, temperature=0.0,
+                                                                          stop_ids=self.sampling.stop_ids))
+            hits += sum(self.task.score(p.text, self.tokenizer.decode(out.response_ids(b)))
+                        for b, p in enumerate(chunk))
+        return hits
 
     # -- the loop ------------------------------------------------------------------------------------------------
     def run(self, writer: MetricsWriter) -> dict:

@@ -34,6 +34,8 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.inference.contexts import StaticInferenceContext
 
+from opd_megatron.errors import NonFiniteLossError
+from opd_megatron.parallel.finite import nonfinite_on_any_tp_rank
 from opd_megatron.parallel.topk import top_p_mask_on_candidates, vocab_parallel_logsumexp, vocab_parallel_topk
 from opd_megatron.rollout.batch import RolloutBatch
 from opd_megatron.student.lm_loss import mask_padded_vocab
@@ -207,7 +209,12 @@ class MegatronSampler:
         (tokens, behaviour log-probs) to every pipeline stage. Returns CPU tensors `[B]`, `[B]`."""
         pp = self._pp()
         if logits is not None:
-            sampled, logp = self._sample_shard(logits.float(), config, seed)
+            logits = logits.float()
+            if nonfinite_on_any_tp_rank(logits):
+                # A broken model: every stage learns it from the broadcast below and raises the same error.
+                sampled, logp = torch.full((batch,), -1, dtype=torch.long), torch.zeros(batch)
+            else:
+                sampled, logp = self._sample_shard(logits, config, seed)
         else:
             sampled = logp = None
         if pp > 1:
@@ -216,7 +223,10 @@ class MegatronSampler:
                 packed[0], packed[1] = sampled.double().cpu(), logp.double().cpu()
             last = parallel_state.get_pipeline_model_parallel_last_rank()
             dist.broadcast(packed, src=last, group=parallel_state.get_pipeline_model_parallel_group())
-            return packed[0].long(), packed[1].float()
+            sampled, logp = packed[0].long(), packed[1].float()
+        if bool((sampled < 0).any()):
+            raise NonFiniteLossError("the model being sampled from produced NaN/inf logits; its weights are broken "
+                                     "(the last good checkpoint is kept)")
         return sampled.cpu(), logp.cpu()
 
     def _sample_shard(self, logits: torch.Tensor, config: SamplingConfig, seed: int):

@@ -25,6 +25,11 @@ class TeacherError(RuntimeError):
     names the teacher (URL or model) and what was wrong; no training step ever consumes a partial result."""
 
 
+class NonFiniteTeacherError(TeacherError):
+    """The teacher's own logits are NaN/inf (a broken in-loop teacher). Raised on every TP rank together, so the
+    training loop can skip the step (or stop, as opd.nonfinite says) without leaving a collective waiting."""
+
+
 @dataclass(frozen=True)
 class TeacherRequest:
     """What to score: a batch of student rollouts in the contexts the student produced.

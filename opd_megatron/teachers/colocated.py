@@ -36,7 +36,9 @@ from opd_megatron.parallel.topk import (gather_owned, scatter_sparse_to_shards, 
 from opd_megatron.parallel.vocab_parallel import vocab_parallel_log_normalizer, vocab_parallel_token_logprobs
 from opd_megatron.student.hf_bridge import load_hf_weights, model_section_from_hf_config
 from opd_megatron.student.model import StudentModel, build_student
-from opd_megatron.teachers.base import Teacher, TeacherError, TeacherRequest, TeacherScores
+from opd_megatron.parallel.finite import nonfinite_on_any_tp_rank
+from opd_megatron.teachers.base import (NonFiniteTeacherError, Teacher, TeacherError, TeacherRequest,
+                                        TeacherScores)
 from opd_megatron.teachers.inprocess import (check_student_vocab, descending_topk, finish_scores,
                                              request_vocab_check)
 
@@ -132,6 +134,8 @@ class ColocatedTeacher(Teacher):
         request_vocab_check(self, request)
         vocab, tau = self.vocab_size(), self.temperature
         logits = self._logits_shard(request.tokens, request.lengths)         # [B, L-1, V/tp], temperature 1
+        if nonfinite_on_any_tp_rank(logits):
+            raise NonFiniteTeacherError(f"{self.name}: the teacher's logits are NaN/inf; its weights are broken")
         device = logits.device
         labels = request.tokens[:, 1:].long().clamp(0, vocab - 1).to(device)  # pad labels clamped, zeroed later
         sampled = vocab_parallel_token_logprobs(logits, labels, tau, vocab)

@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 from opd_megatron.losses.supports import top_k_positions
-from opd_megatron.teachers.base import Teacher, TeacherError, TeacherRequest, TeacherScores
+from opd_megatron.teachers.base import NonFiniteTeacherError, Teacher, TeacherError, TeacherRequest, TeacherScores
 
 
 def descending_topk(values: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,6 +120,8 @@ class InProcessTeacher(Teacher):
             width = int(lengths.max())
             tokens = request.tokens[rows, :width].long()
             logits = self._logits(tokens, lengths)                      # [b, width - 1, V]
+            if not bool(torch.isfinite(logits).all()):
+                raise NonFiniteTeacherError(f"{self.name}: the teacher's logits are NaN/inf; its weights are broken")
             cols = slice(0, width - 1)
             logprobs = torch.log_softmax(logits / self.temperature, dim=-1)
             labels = tokens[:, 1:].clamp(0, self._vocab - 1)            # pads are clamped, zeroed below

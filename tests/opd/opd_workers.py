@@ -102,3 +102,27 @@ def full_weights(paths: list[str]) -> list[dict[str, torch.Tensor]]:
         out.append({k: v.detach().clone() for k, v in trainable.module.state_dict().items()
                     if isinstance(v, torch.Tensor) and "_extra_state" not in k})
     return out
+
+
+def poison_checkpoint(source: str, target: str, config_path: str, overrides: list[str]) -> None:
+    """Copy the student checkpoint `source` to `target` with one output-layer row set to NaN."""
+    cfg = load_config(config_path, overrides + ["run.algorithm=sft", "data.path=unused.jsonl"], validate=False)
+    ctx = init_parallel(cfg)
+    trainable = wrap_for_training(build_student(cfg.model, cfg.parallel, ctx.device), cfg.optim, cfg.model, 4)
+    load_checkpoint(resolve_checkpoint(source), trainable, ctx, load_optimizer=False)
+    with torch.no_grad():
+        trainable.module.output_layer.weight[3].fill_(float("nan"))
+    save_checkpoint(target, 0, trainable, ctx, {}, cfg.to_dict())
+
+
+def weights_of(config_path: str, overrides: list[str], paths: list[str]) -> list[dict[str, torch.Tensor]]:
+    """The whole student's weights in each checkpoint, loaded at TP=1 with the config's model section."""
+    cfg = load_config(config_path, overrides + ["run.algorithm=sft", "data.path=unused.jsonl"], validate=False)
+    ctx = init_parallel(cfg)
+    trainable = wrap_for_training(build_student(cfg.model, cfg.parallel, ctx.device), cfg.optim, cfg.model, 4)
+    out = []
+    for path in paths:
+        load_checkpoint(resolve_checkpoint(path), trainable, ctx, load_optimizer=False)
+        out.append({k: v.detach().clone() for k, v in trainable.module.state_dict().items()
+                    if isinstance(v, torch.Tensor) and "_extra_state" not in k})
+    return out

@@ -1,0 +1,180 @@
+"""The OPD loop as a user runs it (real processes, real files, signals): a quickstart-sized run whose held-out
+score rises; exact resume after SIGTERM; the run's outputs; bad inputs that must fail clearly before a step runs;
+NaN teacher logits that skip steps (counted) or stop the run, as opd.nonfinite says, never saving."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIG = str(REPO / "configs" / "quickstart.yaml")
+# The quickstart shrunk: 4-digit sorting, a 2 x 64 teacher (150 SFT steps), a 15-step warm-up, 30 OPD steps.
+SMALL = ["rollout.task_options.length=4", "rollout.max_new_tokens=5", "rollout.prompts_per_step=32",
+         "parallel.global_batch_size=128", "parallel.micro_batch_size=128", "run.train_steps=30",
+         "eval.prompts=100", "eval.interval=10", "quickstart.teacher_steps=150", "quickstart.teacher_lr=3e-3",
+         "quickstart.teacher_batch_size=64", "quickstart.train_examples=4000", "quickstart.warmup_steps=15",
+         "quickstart.warmup_lr=3e-3", "quickstart.warmup_batch_size=32", "teacher.model.num_layers=2",
+         "teacher.model.hidden_size=64", "teacher.model.ffn_hidden_size=256", "optim.lr=3e-3",
+         "logging.progress_bar=false", "logging.tensorboard=false"]
+
+
+def _env():
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def _run(args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "opd_megatron", *args], cwd=REPO, env=_env(), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+@pytest.fixture(scope="module")
+def quickstart(tmp_path_factory):
+    root = tmp_path_factory.mktemp("opd_loop")
+    run_dir = root / "quick"
+    started = time.perf_counter()
+    result = _run(["quickstart", "--run-dir", str(run_dir), f"quickstart.teacher_cache={root / 'cache'}", *SMALL])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    teacher = next((root / "cache").glob("*/teacher/checkpoints"))
+    warm = run_dir / "warmup" / "student_warmup" / "checkpoints"
+    return {"root": root, "run_dir": run_dir, "stdout": result.stdout, "teacher": teacher, "warm": warm,
+            "wall_s": time.perf_counter() - started}
+
+
+def test_quickstart_sized_run_score_rises(quickstart):
+    summary = json.loads((quickstart["run_dir"] / "summary.json").read_text())
+    assert summary["teacher_score"] >= 0.9, summary
+    assert summary["student_score_after"] >= summary["student_score_before"] + 0.1, summary
+    assert summary["rkl_after"] < 0.8 * summary["rkl_before"], summary
+    assert summary["steps"] == 30 and summary["skipped_steps"] == 0
+    assert "held-out accuracy: teacher" in quickstart["stdout"]
+
+
+def test_run_outputs(quickstart):
+    run_dir = quickstart["run_dir"]
+    metrics = _metrics(run_dir)
+    steps = [m for m in metrics if "loss" in m]
+    assert [m["step"] for m in steps] == list(range(1, 31))
+    first = steps[0]
+    for key in ("loss", "log_ratio/mean", "log_ratio/q05", "log_ratio/q95", "kl/k1", "kl/k3", "kl/rkl_exact",
+                "entropy/student", "entropy/teacher", "agreement/teacher_top1_match", "agreement/topk_overlap",
+                "gates/all_keep_rate", "rollout/staleness_mean", "rollout/response_length_mean", "reward/mean",
+                "time/rollout_s", "time/update_s"):
+        assert key in first, key
+    assert [m["step"] for m in metrics if "eval/score" in m] == [0, 10, 20, 30]
+    for name in ("score.png", "reverse_kl.png", "log_ratio_quantiles.png", "report.md", "config.yaml"):
+        assert (run_dir / name).is_file(), name
+    report = (run_dir / "report.md").read_text()
+    assert "does not show that OPD beats SFT" in report and "Reporting checklist" in report
+    summary = json.loads((run_dir / "summary.json").read_text())
+    for key in ("teacher_score", "student_score_before", "student_score_after", "rkl_before", "rkl_after",
+                "steps", "wall_s"):
+        assert summary[key] is not None, key
+
+
+def _train_args(quickstart, out: Path, *extra):
+    return ["train", "--config", CONFIG, *SMALL, f"run.output_dir={out}", "run.name=run", "eval.interval=0",
+            "eval.prompts=20", f"teacher.path={quickstart['teacher']}", f"checkpoint.load={quickstart['warm']}",
+            "run.train_steps=6", *extra]
+
+
+def test_sigterm_saves_and_resume_repeats_the_uninterrupted_losses(quickstart, tmp_path):
+    full = _run(_train_args(quickstart, tmp_path / "full"))
+    assert full.returncode == 0, full.stderr[-4000:]
+    reference = [m["loss"] for m in _metrics(tmp_path / "full" / "run") if "loss" in m]
+    assert len(reference) == 6
+
+    out = tmp_path / "cut"
+    proc = subprocess.Popen([sys.executable, "-m", "opd_megatron", *_train_args(quickstart, out)], cwd=REPO,
+                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not any("loss" in m and m["step"] >= 2 for m in _metrics(out / "run")):
+        if proc.poll() is not None:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-4000:]
+    assert "received signal 15" in stdout + stderr
+    stopped_at = max(m["step"] for m in _metrics(out / "run") if "loss" in m)
+    assert 2 <= stopped_at < 6
+    assert (out / "run" / "checkpoints" / f"iter_{stopped_at:07d}").is_dir()
+
+    resumed = _run(_train_args(quickstart, out))
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert f"resumed from" in resumed.stdout
+    losses = [m["loss"] for m in _metrics(out / "run") if "loss" in m]
+    assert losses == reference, (losses, reference)
+
+
+def test_malformed_prompt_file_names_the_line(quickstart, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "1234="}\n{"prompt": 5}\n')
+    result = _run(_train_args(quickstart, tmp_path, "rollout.source=jsonl", f"rollout.path={prompts}"))
+    assert result.returncode != 0
+    assert f"{prompts}, line 2" in result.stderr and "non-empty string 'prompt'" in result.stderr
+
+
+def test_prompt_longer_than_the_context_is_refused(quickstart, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "1" * 40 + "="}) + "\n")
+    result = _run(_train_args(quickstart, tmp_path, "rollout.source=jsonl", f"rollout.path={prompts}"))
+    assert result.returncode != 0
+    assert "line 1: the prompt is 42 tokens" in result.stderr
+
+
+def test_teacher_with_another_vocabulary_is_refused_before_a_step(quickstart, tmp_path):
+    result = _run(_train_args(quickstart, tmp_path, "teacher.model.vocab_size=20"))
+    assert result.returncode != 0
+    assert "teacher.model.vocab_size=20 differs from model.vocab_size=14" in result.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def _nan_teacher(quickstart, tmp_path) -> Path:
+    """The teacher with one output-layer row of NaN: its logits are NaN on every position (the teacher and the
+    student have the same shape in SMALL, so the student's model section builds it)."""
+    from tests.harness import run_distributed
+    from tests.opd import opd_workers
+    target = tmp_path / "nan_teacher"
+    run_distributed(opd_workers.poison_checkpoint, 1, args=(str(quickstart["teacher"]), str(target), CONFIG, SMALL),
+                    timeout_s=120)
+    return target
+
+
+@pytest.mark.parametrize("mode", ["skip", "stop"])
+def test_nan_logits_skip_or_stop_and_never_save_a_nan_model(quickstart, tmp_path, mode):
+    nan_teacher = _nan_teacher(quickstart, tmp_path)
+    args = [a for a in _train_args(quickstart, tmp_path, f"opd.nonfinite={mode}", "opd.max_skipped_steps=2",
+                                   "checkpoint.save_interval=1") if not a.startswith("teacher.path=")]
+    result = _run(args + [f"teacher.path={nan_teacher}", "eval.prompts=4"])
+    assert result.returncode == 3, result.stderr[-3000:]
+    assert "non-finite" in result.stderr
+    skipped = [m for m in _metrics(tmp_path / "run") if "loss" in m]
+    saved = sorted((tmp_path / "run" / "checkpoints").glob("iter_*"))
+    if mode == "stop":
+        assert skipped == [] and saved == []        # stopped at the first step, nothing saved
+        return
+    assert [m["step_skipped"] for m in skipped] == [1.0, 1.0]
+    assert "more than opd.max_skipped_steps=2" in result.stderr
+    # The skipped steps were saved (checkpoint.save_interval=1), and hold exactly the finite starting weights.
+    assert [p.name for p in saved] == ["iter_0000001", "iter_0000002"]
+    from tests.harness import run_distributed
+    from tests.opd import opd_workers
+    import torch
+    weights = run_distributed(opd_workers.weights_of, 1, args=(CONFIG, SMALL, [str(quickstart["warm"])] +
+                                                               [str(p) for p in saved]), timeout_s=120)[0]
+    for state in weights[1:]:
+        for key, value in weights[0].items():
+            assert torch.isfinite(state[key]).all() and torch.equal(state[key], value), key
