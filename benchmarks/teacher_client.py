@@ -9,11 +9,12 @@ student rollouts two ways, in the same run and against the same server:
   `httpx.Client`, each reply only decoded from JSON.
 Both run `--rounds` times, alternating which goes first; each reports its median, and the ratio of medians is our
 client's throughput over the baseline's (1.00 = no overhead; the target is >= 0.95), as is the median of the
-per-round ratios (each round runs both back to back, so it is steadier when the machine's load drifts). A "scored token" is one label
-column the teacher returns (score_start .. length - 2 of each row). On a shared machine the two medians move with
-the load, so the benchmark also times `VLLMTeacher.score` on the server's recorded replies with the network
-taken out (the client's own work per batch, which does not depend on the server), and the client process's CPU
-time per batch on both sides (`time.process_time`, all threads), which other load hardly moves.
+per-round ratios (each round runs both back to back, so it is steadier when the machine's load drifts).
+A "scored token" is one label column the teacher returns (score_start .. length - 2 of each row). On a shared
+machine both medians move with the load, so the benchmark also times `VLLMTeacher.score` on the server's
+recorded replies with the network taken out (the client's own work per batch, which does not depend on the
+server), and the client process's CPU time per batch on both sides (`time.process_time`, all threads), which
+other load hardly moves.
 
     python -m benchmarks.teacher_client
     python -m benchmarks.teacher_client --rows 64 --rows-per-request 8 --inflight 2 --topk 5 --rounds 7
@@ -176,7 +177,8 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"rows": args.rows, "lengths": [args.min_len, args.max_len], "scored_tokens": tokens,
               "rows_per_request": args.rows_per_request, "requests": len(bodies), "inflight": args.inflight,
               "topk": args.topk, "rounds": args.rounds, "ours_s": ours, "bare_s": bare,
-              "client_cpu_s": cpu_s, "process_cpu_s_ours_bare": [cpu_ours, cpu_bare], "ours_tokens_per_s": ours_tps, "bare_tokens_per_s": bare_tps,
+              "client_cpu_s": cpu_s, "process_cpu_s_ours_bare": [cpu_ours, cpu_bare],
+              "ours_tokens_per_s": ours_tps, "bare_tokens_per_s": bare_tps,
               "ratio": ours_tps / bare_tps, "paired_ratio": paired,
               "load_1min_before_after": [load_before[0], load_after[0]], "cpus": os.cpu_count(),
               "torch_threads": torch.get_num_threads()}
@@ -191,7 +193,8 @@ def main(argv: list[str] | None = None) -> dict:
           f"{cpu_s / statistics.median(bare):.1%} of the bare loop's batch time")
     print(f"{tokens} scored tokens per batch ({args.rows} rows of {args.min_len}-{args.max_len} tokens, top-"
           f"{args.topk}) in {len(bodies)} requests of {args.rows_per_request} rows, {args.inflight} in flight; "
-          f"{args.rounds} rounds; {torch.get_num_threads()} torch threads; 1-min load {load_before[0]:.1f} -> {load_after[0]:.1f} on {os.cpu_count()} CPUs")
+          f"{args.rounds} rounds; {torch.get_num_threads()} torch threads; 1-min load {load_before[0]:.1f} -> "
+          f"{load_after[0]:.1f} on {os.cpu_count()} CPUs")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2))
