@@ -165,6 +165,8 @@ class OpdObjective:
 
         if opd.loss == "divergence":
             per_token = self._divergence(logits_shard, teacher_shard, sparse) * opd.kl_coef
+            # Unscored columns hold filler (or padding's -inf) values: select, never multiply, them away.
+            per_token = torch.where(keep, per_token, 0.0)
             loss_sum = (per_token * weights).sum()
             stats.per_token_loss = per_token.detach()
         else:
@@ -186,7 +188,7 @@ class OpdObjective:
                     teacher_topk_ids=None if sparse is None else sparse.ids,
                     teacher_topk_logprobs=None if sparse is None else sparse.logprobs,
                     config=self.routing, student_temperature=tau_s, teacher_temperature=tau_t, true_vocab_size=vocab)
-                loss_sum = (per_token * weights).sum()
+                loss_sum = (torch.where(keep, per_token, 0.0) * weights).sum()
                 stats.routing = routing_stats
             if value_loss is not None:
                 stats.value_loss_sum = float(value_loss.detach())
@@ -308,7 +310,8 @@ def _to_shard(logits: torch.Tensor, shard_width: int) -> torch.Tensor:
 
 def _sparse_teacher(scores: TeacherScores, keep: torch.Tensor) -> SparseTeacherLogprobs:
     """A served teacher's answer as the math's sparse teacher. Unscored columns get a harmless uniform filler
-    (distinct ids 0..k-1, log(1/k)) so the math's checks hold there; they are masked out of every sum."""
+    (distinct ids 0..k-1, each log(1/(k+1)), leaving the tail bucket a positive mass) so the math's checks hold
+    there; they are selected out of every sum."""
     ids = scores.topk_ids
     if ids is None:
         empty = torch.zeros(keep.shape + (0,), dtype=torch.long, device=keep.device)
@@ -316,7 +319,7 @@ def _sparse_teacher(scores: TeacherScores, keep: torch.Tensor) -> SparseTeacherL
     ids, logprobs = ids.to(keep.device), scores.topk_logprobs.to(keep.device)
     k = ids.shape[-1]
     filler_ids = torch.arange(k, device=keep.device).expand_as(ids)
-    filler_lp = torch.full_like(logprobs, -math.log(k))
+    filler_lp = torch.full_like(logprobs, -math.log(k + 1))
     valid = keep.unsqueeze(-1)
     return SparseTeacherLogprobs(ids=torch.where(valid, ids, filler_ids),
                                  logprobs=torch.where(valid, logprobs, filler_lp))

@@ -183,7 +183,7 @@ class OpdRun:
         if self.mixture.is_on_policy(step):
             prompts = self._prompts(step, self.prompts_per_rank)
             batch = self.engine.generate([p.ids for p in prompts], self.sampling, [p.text for p in prompts],
-                                         policy_version=step)
+                                         policy_version=self.step)
         else:
             prompts = self._prompts(step, self.prompts_per_rank * n)
             missing = [p.text for p in prompts if p.reference is None]
@@ -192,7 +192,7 @@ class OpdRun:
                                  f"the fixed-dataset share; prompt {missing[0][:80]!r} has none")
             batch = RolloutBatch.from_sequences([p.ids for p in prompts], [p.reference for p in prompts],
                                                 self.tokenizer.pad_id, on_policy=False,
-                                                prompts=[p.text for p in prompts], policy_version=step,
+                                                prompts=[p.text for p in prompts], policy_version=self.step,
                                                 length=max(len(p.ids) + len(p.reference) for p in prompts))
         if self.task is not None:
             batch.rewards = torch.tensor([self.task.score(text, self.tokenizer.decode(batch.response_ids(b)))
