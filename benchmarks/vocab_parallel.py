@@ -17,7 +17,9 @@ over its resident size just before the row's first forward + backward, with the 
 counts everything the row allocates (logits, softmax, saved tensors, gradients including `grad_weight_shard`),
 not the inputs. glibc is told to serve every allocation over 64 KiB with its own mmap
 (`MALLOC_MMAP_THRESHOLD_`), so freed tensors leave the resident set and earlier rows do not hide later ones.
-Hidden-input rows are measured at N and N/2 to show whether memory grows with the number of tokens.
+Hidden-input rows are measured at N and N/2 to show whether memory grows with the number of tokens. Time: the best
+of `--reps` runs, as wall time and as the process's CPU time (both threads at TP=1; a TP=2 row counts its slowest
+rank), whose ratios stay steadier when other processes share the cores.
 
     python -m benchmarks.vocab_parallel                       # defaults: N=2048, H=256, V=32000 and 152064
     python -m benchmarks.vocab_parallel --tokens 4096 --vocab 32000 --json runs/vocab_parallel.json
@@ -57,23 +59,26 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def _measure(step: Callable[[], None], reps: int, barrier: Callable[[], None]) -> tuple[float, float]:
-    """(best seconds over `reps` runs, peak RSS growth in MiB of the first run). `step` does its own setup
-    outside the timed call by returning the timed closure."""
-    best, peak = float("inf"), 0.0
+def _measure(step: Callable[[], None], reps: int, barrier: Callable[[], None]) -> tuple[float, float, float]:
+    """(best wall seconds over `reps` runs, best CPU seconds of this process over them, peak RSS growth in MiB
+    of the first run). `step` does its own setup outside the timed call by returning the timed closure. CPU
+    time (all threads of the process) does not count waiting for a core, so it is the steadier number when
+    other work shares the machine."""
+    best, best_cpu, peak = float("inf"), float("inf"), 0.0
     for rep in range(reps):
         timed = step()
         barrier()
         if rep == 0:
             Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
             base = _status_kib("VmRSS")
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         timed()
         best = min(best, time.perf_counter() - start)
+        best_cpu = min(best_cpu, time.process_time() - start_cpu)
         if rep == 0:
             peak = (_status_kib("VmHWM") - base) / 1024
         del timed
-    return best, peak
+    return best, best_cpu, peak
 
 
 def bench_worker(tp: int, tokens: int, hidden_size: int, vocab: int, chunk_size: int, reps: int,
@@ -164,7 +169,7 @@ def bench_worker(tp: int, tokens: int, hidden_size: int, vocab: int, chunk_size:
         if rank == 0:
             print(f"  V={vocab} tp={tp} {name}: {out[name][0] * 1e3:,.0f} ms", file=sys.stderr, flush=True)
     for name, setup in (hidden_rows(tokens // 2) if with_hidden else {}).items():
-        out[name].append(_measure(setup, 1, barrier)[1])
+        out[name].append(_measure(setup, 1, barrier)[2])
     return out
 
 
@@ -185,8 +190,8 @@ def main() -> None:
     results = {}
     print(f"N={args.tokens} H={args.hidden} chunk={args.chunk_size} float32, torch {torch.__version__}, "
           f"best of {args.reps}; memory: peak RSS growth (MiB) of the slowest/largest rank at N and N/2\n")
-    print("| V | tp | row | ms | vs baseline | peak MiB (N) | peak MiB (N/2) |")
-    print("|---:|---:|---|---:|---:|---:|---:|")
+    print("| V | tp | row | ms | vs baseline | CPU ms | CPU vs baseline | peak MiB (N) | peak MiB (N/2) |")
+    print("|---:|---:|---|---:|---:|---:|---:|---:|---:|")
     for vocab in args.vocab:
         for tp in args.tp:
             if vocab % tp:
@@ -198,10 +203,10 @@ def main() -> None:
                     for name in ranks[0]}
             results[f"V={vocab},tp={tp}"] = rows
             for name, values in rows.items():
-                base = rows["matmul + megatron CE" if name.startswith(("matmul", "fused")) else "megatron CE"][0]
-                half = f"{values[2]:,.0f}" if len(values) > 2 else ""
-                print(f"| {vocab:,} | {tp} | {name} | {values[0] * 1e3:,.0f} | {values[0] / base:.2f}x | "
-                      f"{values[1]:,.0f} | {half} |", flush=True)
+                base = rows["matmul + megatron CE" if name.startswith(("matmul", "fused")) else "megatron CE"]
+                half = f"{values[3]:,.0f}" if len(values) > 3 else ""
+                print(f"| {vocab:,} | {tp} | {name} | {values[0] * 1e3:,.0f} | {values[0] / base[0]:.2f}x | "
+                      f"{values[1] * 1e3:,.0f} | {values[1] / base[1]:.2f}x | {values[2]:,.0f} | {half} |", flush=True)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results},

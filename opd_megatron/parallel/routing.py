@@ -6,7 +6,16 @@ Layout and gradient convention as in `vocab_parallel.py`: TP rank `r` holds logi
 gradient). Every result is replicated on the TP ranks; the gradient reaching each rank's shard is that of the one
 (replicated) loss wrt the shard.
 
-How each piece is formed:
+Two implementations of the same loss (equal value, gradient and statistics, both held to the reference):
+- on ids (`_routed_rows_on_ids`: teacher top-k support, student top-k or top-p reach, the default config): the
+  sets are lists of global ids (replicated), `S_t` has at most `teacher_top_k + 1` members, and the only passes
+  over `[N, V/tp]` are the two normalisers, the two distributed top-k selections and the normaliser's softmax in
+  backward; the student's logits are read differentiably at `[y_t, teacher top-k]` in one gather (`[N, k]`,
+  owner's entry all-reduced), and everything else is `[N, k]`. A top-p nucleus is found on a top-k widened
+  until it holds it: cheap for a peaked student, up to a full sort for a near-uniform one.
+- on masks (`_routed_rows`: a threshold support or reach, whose sets are not bounded by a k), described below.
+
+How each piece is formed on masks:
 - membership masks are local `[N, V/tp]` booleans. Thresholds read local probabilities built from the
   all-reduced normalisers; top-k sets come from `topk.vocab_parallel_topk` (global ids, replicated), scattered to
   the owning ranks; the student nucleus from `topk.vocab_parallel_top_p_mask` on a top-k that is widened until
@@ -32,9 +41,10 @@ import torch
 import torch.distributed as dist
 
 from opd_megatron.losses.distributional import compute_dtype
-from opd_megatron.parallel.topk import scatter_sparse_to_shards, vocab_parallel_top_p_mask, vocab_parallel_topk
-from opd_megatron.parallel.vocab_parallel import (check_inputs, chunked_rows, CopyToTP, flatten_rows, ReduceFromTP,
-                                                  Shard)
+from opd_megatron.parallel.topk import (scatter_sparse_to_shards, top_p_mask_on_candidates, vocab_parallel_top_p_mask,
+                                        vocab_parallel_topk)
+from opd_megatron.parallel.vocab_parallel import (check_inputs, chunked_rows, CopyToTP, flatten_rows, LogNormalizer,
+                                                  global_log_normalizer, ReduceFromTP, Shard)
 from opd_megatron.routing import RoutingConfig, RoutingStats
 from opd_megatron.tensor_checks import (MathInputError, require_binary_mask, require_floating, require_positive,
                                         require_positive_int)
@@ -53,11 +63,13 @@ def _local_mask(shard: Shard, ids: torch.Tensor, chosen: Optional[torch.Tensor] 
 
 
 def _at_ids(shard: Shard, values: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """`values [N, V/tp]` at the global ids `[N]`, replicated: the owner's entry, all-reduced (differentiable, the
-    gradient reaching only the owner's column)."""
+    """`values [N, V/tp]` at the global ids `[N]` or `[N, k]`, replicated: the owner's entry, all-reduced
+    (differentiable, the gradient reaching only the owner's column)."""
     local = ids - shard.start
     owned = (local >= 0) & (local < shard.width)
-    picked = values.gather(-1, local.clamp(0, shard.width - 1).unsqueeze(-1)).squeeze(-1)
+    index = local.clamp(0, shard.width - 1)
+    picked = values.gather(-1, index if ids.dim() == 2 else index.unsqueeze(-1))
+    picked = picked if ids.dim() == 2 else picked.squeeze(-1)
     return ReduceFromTP.apply(torch.where(owned, picked, torch.zeros_like(picked)), shard)
 
 
@@ -206,16 +218,26 @@ def vocab_parallel_cr_opd_loss(student_logits_shard: torch.Tensor, sampled_ids: 
             raise MathInputError("teacher_temperature: sparse teacher log-probs are used as the server gave them; "
                                  f"expected 1.0, got {teacher_temperature}")
         k = teacher_topk_ids.shape[-1]
+        served = teacher_topk_ids.reshape(n, k)[keep]
+        if served.is_floating_point() or (served.numel() and (int(served.min()) < 0
+                                                              or int(served.max()) >= shard.true_vocab_size)):
+            raise MathInputError(f"teacher_topk_ids: expected integer global vocabulary ids in [0, "
+                                 f"{shard.true_vocab_size}) (the student's vocabulary) on unmasked positions")
         if config.teacher_support == "topk":
             require_positive_int("teacher_top_k", config.teacher_top_k, at_most=k,
                                  what="the K ids the sparse teacher gave")
         teacher = dict(teacher_logits=None, teacher_topk_ids=teacher_topk_ids.reshape(n, k),
                        teacher_topk_logprobs=teacher_topk_logprobs.reshape(n, k).detach())
 
+    # Teacher top-k support with a top-k or top-p student reach: every set is a list of ids (`_routed_rows_on_ids`,
+    # the default config's fast path); a threshold on either side needs the `[N, V/tp]` masks (`_routed_rows`).
+    on_ids = config.teacher_support == "topk" and config.student_reach in ("topk", "top_p")
+    routed_rows = _routed_rows_on_ids if on_ids else _routed_rows
+
     def rows(piece: slice) -> tuple[torch.Tensor, RoutingStats]:
         rows_teacher = {name: None if value is None else value[piece] for name, value in teacher.items()}
-        return _routed_rows(shard, config, flat[piece], ids[piece], adv[piece], keep[piece], rows_teacher,
-                            float(student_temperature), float(teacher_temperature))
+        return routed_rows(shard, config, flat[piece], ids[piece], adv[piece], keep[piece], rows_teacher,
+                           float(student_temperature), float(teacher_temperature))
 
     loss, stats = chunked_rows(rows, n, chunk_size, flat.requires_grad)
     return loss.reshape(leading), dataclasses.replace(stats, **{
@@ -281,6 +303,98 @@ def _routed_rows(shard: Shard, config: RoutingConfig, flat: torch.Tensor, ids: t
     pg_loss = -adv * logp_sampled
     loss = torch.where(keep, torch.where(routed, routed_loss, pg_loss), 0.0)
 
+    stats = RoutingStats(routed_mass=delta, candidate_count=count, empty_candidates=keep & (count == 0),
+                         routed=routed, negative_advantage=negative)
+    return loss, stats
+
+
+def _members(ids: torch.Tensor, pool: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    """`[n, k]` bool: whether each of `ids [n, k]` is one of the chosen entries of `pool [n, m]` (a sorted
+    search per row, so a wide top-p pool costs `m log m`, not `k m`)."""
+    sorted_pool = torch.where(chosen, pool, -1).sort(dim=-1).values
+    where = torch.searchsorted(sorted_pool, ids).clamp_max(pool.shape[-1] - 1)
+    return sorted_pool.gather(-1, where) == ids
+
+
+def _routed_rows_on_ids(shard: Shard, config: RoutingConfig, flat: torch.Tensor, ids: torch.Tensor,
+                        adv: torch.Tensor, keep: torch.Tensor, teacher: dict, student_temperature: float,
+                        teacher_temperature: float) -> tuple[torch.Tensor, RoutingStats]:
+    """`_routed_rows` for a teacher top-k support and a student top-k / top-p reach, on lists of ids: `S_t` has
+    at most `teacher_top_k + 1` members, so after the two normalisers and the two top-k selections (the only
+    passes over `[n, V/tp]`, plus the normaliser's softmax in backward) everything is `[n, k]`, replicated.
+    Slot 0 of `S_t` is `y_t`, slots `1..k` the teacher's top-k ids masked to `C_t`. Same value, gradient and
+    statistics as `_routed_rows` (and the reference)."""
+    dtype = compute_dtype(flat)
+    vocab = shard.true_vocab_size
+    if not bool(keep.all()):  # masked rows become zeros, as in the reference (whatever they held)
+        flat = torch.where(keep.unsqueeze(-1), flat, 0.0)
+    log_norm = LogNormalizer.apply(flat, shard, student_temperature, None).to(dtype)  # gradient softmax / tau
+    with torch.no_grad():
+        zd = shard.scaled(flat.detach(), student_temperature, dtype)
+        lse = log_norm.detach()
+        logp_y = _at_ids(shard, zd, ids) - lse
+    if torch.isneginf(logp_y).any():
+        raise MathInputError("student_logits_shard: the sampled token (sampled_ids) has a -inf logit at an "
+                             "unmasked position; pi(y_t) = 0 cannot have been sampled")
+
+    with torch.no_grad():
+        # Teacher: its top-k ids `[n, k]` and log q there.
+        if teacher["teacher_logits"] is not None:
+            raw = teacher["teacher_logits"]
+            raw = raw if bool(keep.all()) else torch.where(keep.unsqueeze(-1), raw, 0.0)
+            scaled_t = shard.scaled(raw, teacher_temperature, dtype)
+            top_logits, top_ids = vocab_parallel_topk(scaled_t, config.teacher_top_k, vocab, shard.group,
+                                                      check_values=False)
+            logq = top_logits - global_log_normalizer(shard, scaled_t, 1.0, dtype, None).unsqueeze(-1)
+        else:
+            served = torch.where(keep.unsqueeze(-1), teacher["teacher_topk_ids"], 0).long()
+            chosen = teacher["teacher_topk_logprobs"].topk(config.teacher_top_k, dim=-1).indices
+            top_ids = served.gather(-1, chosen)
+            logq = teacher["teacher_topk_logprobs"].gather(-1, chosen).to(dtype)
+        # Student reach as a list of ids (the top-p nucleus from a top-k widened until it holds it).
+        k = min(config.student_top_k, vocab)
+        while True:
+            values, reach_ids = vocab_parallel_topk(zd, k, vocab, shard.group, check_values=False)
+            if config.student_reach == "topk":
+                in_reach = torch.ones_like(reach_ids, dtype=torch.bool)
+                break
+            in_reach, complete = top_p_mask_on_candidates(values - lse.unsqueeze(-1), reach_ids,
+                                                          config.student_top_p)
+            if bool(complete.all()) or k == vocab:  # replicated values: every rank agrees
+                break
+            k = min(2 * k, vocab)
+        logp = _at_ids(shard, zd, top_ids) - lse.unsqueeze(-1)
+        candidates = ((logq > -math.inf) & (logp > -math.inf) & _members(top_ids, reach_ids, in_reach)
+                      & (top_ids != ids.unsqueeze(-1)) & keep.unsqueeze(-1))
+        count = candidates.sum(dim=-1)
+        negative = keep & (adv < 0)
+        routed = negative & (count > 0)
+        log_weight = {"q": logq, "sqrt_q_pi": 0.5 * (logq + logp)}.get(config.weights, torch.zeros_like(logp))
+        log_weight = torch.where(candidates, log_weight, -math.inf)
+        shift = log_weight.amax(dim=-1, keepdim=True)
+        rho = (log_weight - torch.where(torch.isneginf(shift), 0.0, shift)).exp()
+        rho = rho / torch.where(count > 0, rho.sum(dim=-1), 1.0).unsqueeze(-1)
+        step = -torch.expm1(config.eta * adv.clamp(max=0.0))
+        delta = torch.where(routed, logp_y.exp() * step, 0.0)
+        in_s = torch.cat([torch.ones_like(candidates[:, :1]), candidates], dim=-1)  # slot 0: y_t
+
+    # The one differentiable read of the student's logits besides the normaliser: at [y_t, top-k ids] (one
+    # sparse gradient, so backward adds a single [n, V/tp] term to the normaliser's softmax).
+    raw_s = _at_ids(shard, flat, torch.cat([ids.unsqueeze(-1), top_ids], dim=-1))
+    z_s = raw_s.to(dtype) / student_temperature
+    logp_sampled = z_s[:, 0] - log_norm
+    masked_s = torch.where(in_s, z_s, -math.inf)
+    log_norm_s = torch.logsumexp(masked_s, dim=-1)
+    logp_s = masked_s - log_norm_s.unsqueeze(-1)
+    with torch.no_grad():
+        mass_s = (log_norm_s - log_norm).exp()
+        pi_s = logp_s.exp()
+        moved = torch.where(routed, pi_s[:, 0] * step, 0.0)
+        target_s = pi_s + moved.unsqueeze(-1) * torch.cat([-torch.ones_like(moved).unsqueeze(-1), rho], dim=-1)
+        target_s = torch.where(in_s, target_s, 0.0)
+    kl = torch.where(in_s, torch.xlogy(target_s, target_s) - target_s * logp_s, 0.0).sum(dim=-1)
+    routed_loss = adv.abs() * mass_s * kl
+    loss = torch.where(keep, torch.where(routed, routed_loss, -adv * logp_sampled), 0.0)
     stats = RoutingStats(routed_mass=delta, candidate_count=count, empty_candidates=keep & (count == 0),
                          routed=routed, negative_advantage=negative)
     return loss, stats

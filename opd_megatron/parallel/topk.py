@@ -55,7 +55,7 @@ def vocab_shard_range(shard_size: int, group: Optional[dist.ProcessGroup] = None
     return rank * shard_size, (rank + 1) * shard_size
 
 
-def _check_shard(values_shard: torch.Tensor, true_vocab_size: int, tp: int) -> None:
+def _check_shard(values_shard: torch.Tensor, true_vocab_size: int, tp: int, check_values: bool = True) -> None:
     if not isinstance(values_shard, torch.Tensor):
         raise MathInputError(f"values_shard: expected a tensor [..., V/tp], got {type(values_shard).__name__}")
     if values_shard.dim() < 1 or values_shard.shape[-1] < 1:
@@ -65,7 +65,8 @@ def _check_shard(values_shard: torch.Tensor, true_vocab_size: int, tp: int) -> N
     padded = values_shard.shape[-1] * tp
     require_positive_int("true_vocab_size", true_vocab_size, at_most=padded,
                          what=f"the padded vocabulary: {tp} shards of {values_shard.shape[-1]}")
-    require_finite("values_shard", values_shard.detach())
+    if check_values:
+        require_finite("values_shard", values_shard.detach())
 
 
 def _mask_padding(values_shard: torch.Tensor, vocab_start: int, true_vocab_size: int) -> torch.Tensor:
@@ -79,8 +80,21 @@ def _mask_padding(values_shard: torch.Tensor, vocab_start: int, true_vocab_size:
 
 
 @torch.no_grad()
+def _ordered_top_k(values: torch.Tensor, k: int) -> torch.Tensor:
+    """`top_k_positions(values, k)` with a fast path: when the k-th largest is strictly above the (k+1)-th in
+    every row (no tie straddles the cut) the set is unique and is `torch.topk`'s, in ascending position order;
+    otherwise the tie rule's passes over `[N, V/tp]` (comparisons, cumulative sum) run."""
+    if k >= values.shape[-1]:
+        return torch.arange(values.shape[-1], device=values.device).expand(values.shape)
+    top = torch.topk(values, k + 1, dim=-1)  # the (k+1)-th tells whether a tie straddles the cut
+    if bool((top.values[..., k - 1] > top.values[..., k]).all()):
+        return top.indices[..., :k].sort(dim=-1).values
+    return top_k_positions(values, k)
+
+
 def vocab_parallel_topk(values_shard: torch.Tensor, k: int, true_vocab_size: int,
-                        group: Optional[dist.ProcessGroup] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                        group: Optional[dist.ProcessGroup] = None, *,
+                        check_values: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """The k largest entries over the whole (unpadded) vocabulary of TP-sharded `values_shard [..., V/tp]`.
 
     Returns `(values [..., k], ids [..., k])`, identical on every TP rank: `ids` are global vocabulary ids in
@@ -93,17 +107,18 @@ def vocab_parallel_topk(values_shard: torch.Tensor, k: int, true_vocab_size: int
     holds every global winner from its shard; the candidates are all-gathered (`[tp, N, min(k, V/tp)]`) and
     the global top-k taken from them. Concatenated in rank order the candidate ids are already ascending, so
     the position tie rule of `top_k_positions` is the id tie rule. `k > true_vocab_size` is an error.
+    check_values=False skips the NaN/+inf check (a caller that has checked the shard already).
     """
     group = _tp_group(group)
     rank, tp = _rank_and_size(group)
-    _check_shard(values_shard, true_vocab_size, tp)
+    _check_shard(values_shard, true_vocab_size, tp, check_values)
     require_positive_int("k", k, at_most=true_vocab_size, what=f"the vocabulary size V = {true_vocab_size}")
     shard = values_shard.shape[-1]
     leading = tuple(values_shard.shape[:-1])
     values = _mask_padding(values_shard.detach().reshape(-1, shard), rank * shard, true_vocab_size)
 
     local_k = min(k, shard)
-    positions = top_k_positions(values, local_k)
+    positions = _ordered_top_k(values, local_k)
     local_values = values.gather(-1, positions)
     local_ids = positions + rank * shard
     if tp > 1:

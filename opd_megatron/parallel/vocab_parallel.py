@@ -26,7 +26,7 @@ Chunking: every function takes `chunk_size` (rows of `[N, V/tp]` at a time), so 
   normaliser passes), backward recomputes it per chunk, using `d RKL / d z_v = pi_v (log pi_v - log q_v - RKL)
   / tau_S`; with keep_softmax, `pi` and the log-ratio `[N, V/tp]` are kept instead and become the gradient in
   place. No communication in backward.
-- log-normaliser (`_LogNormalizer`): the logits shard (reference) and the normaliser `[N]`.
+- log-normaliser (`LogNormalizer`): the logits shard (reference) and the normaliser `[N]`.
 - the other divergences and the entropy go through autograd on `[chunk, V/tp]` pieces: with `chunk_size` set
   and gradient enabled, each chunk runs under activation checkpointing (saves only its inputs, recomputes the
   chunk, all-reduces included, in backward); without `chunk_size`, autograd keeps its `[N, V/tp]` temporaries.
@@ -220,7 +220,7 @@ class CopyToTP(torch.autograd.Function):
         return ctx.shard.all_reduce(grad.clone()), None
 
 
-class _LogNormalizer(torch.autograd.Function):
+class LogNormalizer(torch.autograd.Function):
     """`logsumexp(z / tau)` `[N]`, replicated; gradient `softmax(z / tau) / tau` on the shard. Saves the logits
     shard (reference) and the normaliser; backward recomputes the softmax per chunk, no communication."""
 
@@ -238,8 +238,11 @@ class _LogNormalizer(torch.autograd.Function):
         grad = torch.empty_like(logits)
         for piece in row_chunks(logits.shape[0], ctx.chunk_size):
             z = ctx.shard.scaled(logits[piece], ctx.temperature, lse.dtype)
-            probs = (z - lse[piece, None]).exp()
-            grad[piece] = (probs * (grad_lse[piece, None] / ctx.temperature)).to(grad.dtype)
+            # softmax * g / tau written in place (into the gradient itself when the dtypes agree).
+            probs = torch.sub(z, lse[piece, None], out=grad[piece]) if grad.dtype == lse.dtype else z - lse[piece, None]
+            probs.exp_().mul_((grad_lse[piece] / ctx.temperature).to(lse.dtype)[:, None])
+            if probs.data_ptr() != grad[piece].data_ptr():
+                grad[piece] = probs.to(grad.dtype)
         return grad, None, None, None
 
 
@@ -451,7 +454,7 @@ def vocab_parallel_log_normalizer(logits_shard: torch.Tensor, temperature: float
     flat = flatten_rows("logits_shard", logits_shard)
     shard = Shard(flat.shape[-1], true_vocab_size, group)
     check_inputs(shard, {"logits_shard": flat})
-    return _LogNormalizer.apply(flat, shard, float(temperature), chunk_size).reshape(logits_shard.shape[:-1])
+    return LogNormalizer.apply(flat, shard, float(temperature), chunk_size).reshape(logits_shard.shape[:-1])
 
 
 def vocab_parallel_token_logprobs(logits_shard: torch.Tensor, token_ids: torch.Tensor, temperature: float = 1.0,
@@ -529,7 +532,7 @@ def divergence_rows(terms: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                     chunk_size: Optional[int], differentiable: bool) -> torch.Tensor:
     """Per-position `sum_v term(log pi_v, log q_v)` `[rows]` through autograd, chunk by chunk (`chunked_rows`):
     `student_rows(piece)` gives the student's logits shard of the chunk (a slice of a given shard, or
-    `hidden @ W.T` of the fused path); its normaliser is differentiable (`_LogNormalizer`, then `CopyToTP` since
+    `hidden @ W.T` of the fused path); its normaliser is differentiable (`LogNormalizer`, then `CopyToTP` since
     the local terms use it), the teacher's is not; the local partial sums are summed over the ranks by
     `ReduceFromTP`."""
     teacher_lse = None if teacher is None else global_log_normalizer(shard, teacher, teacher_temperature, dtype,
@@ -537,7 +540,7 @@ def divergence_rows(terms: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
 
     def one_chunk(piece: slice) -> torch.Tensor:
         student_piece = student_rows(piece)
-        lse = CopyToTP.apply(_LogNormalizer.apply(student_piece, shard, student_temperature, None), shard)
+        lse = CopyToTP.apply(LogNormalizer.apply(student_piece, shard, student_temperature, None), shard)
         lp = shard.scaled(student_piece, student_temperature, dtype) - lse[:, None]
         lq = lp if teacher is None else (
             shard.scaled(teacher[piece], teacher_temperature, dtype) - teacher_lse[piece, None])

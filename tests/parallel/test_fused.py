@@ -18,7 +18,7 @@ FLOAT32_REL = 1e-5
 
 @pytest.mark.parametrize("tp", [1, 2, 4])
 def test_fused_equals_unfused(tp):
-    results = run_distributed(workers.fused_worker, world_size=tp, args=(tp,), timeout_s=120)
+    results = run_distributed(workers.fused_worker, world_size=tp, args=(tp,), timeout_s=240)
     assert len(results) == tp and all(results)
     failures = []
     for rank, result in enumerate(results):

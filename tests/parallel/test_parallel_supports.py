@@ -22,7 +22,7 @@ EXPECTED_STATS_CHECKS = 2 + 3 * 2
 
 @pytest.mark.parametrize("tp", [1, 2, 4])
 def test_vocab_parallel_supports_and_stats_equal_reference(tp):
-    checks = run_distributed(workers.all_checks, world_size=tp, args=(tp,), timeout_s=120)
+    checks = run_distributed(workers.all_checks, world_size=tp, args=(tp,), timeout_s=240)
     assert checks == [EXPECTED_SUPPORT_CHECKS + EXPECTED_STATS_CHECKS] * tp
 
 

@@ -37,7 +37,7 @@ def _assert_results(results: list[dict]) -> None:
 
 @pytest.mark.parametrize("tp", [1, 2, 4])
 def test_parity_with_single_device_reference(tp):
-    results = run_distributed(workers.parity_worker, world_size=tp, args=(tp,), timeout_s=120)
+    results = run_distributed(workers.parity_worker, world_size=tp, args=(tp,), timeout_s=240)
     assert len(results) == tp and all(results)
     _assert_results(results)
 
