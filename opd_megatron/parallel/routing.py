@@ -239,7 +239,9 @@ def vocab_parallel_cr_opd_loss(student_logits_shard: torch.Tensor, sampled_ids: 
         return routed_rows(shard, config, flat[piece], ids[piece], adv[piece], keep[piece], rows_teacher,
                            float(student_temperature), float(teacher_temperature))
 
-    loss, stats = chunked_rows(rows, n, chunk_size, flat.requires_grad)
+    # The ids path keeps only `[n, k]` / `[n]` tensors (and a reference to the logits) for backward, so its chunks
+    # need no recomputation; the masks path keeps `[n, V/tp]` masks, so its chunks are recomputed in backward.
+    loss, stats = chunked_rows(rows, n, chunk_size, flat.requires_grad and not on_ids)
     return loss.reshape(leading), dataclasses.replace(stats, **{
         field.name: getattr(stats, field.name).reshape(leading) for field in dataclasses.fields(stats)})
 
