@@ -257,6 +257,8 @@ class RolloutSection:
     prompt_key: str = "prompt"
     answer_key: str = "response"        # jsonl: the reference response (fixed-dataset rows of on_policy_fraction)
     apply_chat_template: bool = False
+    domain_key: str = ""                # jsonl: a row's domain tag (multi-teacher routing); tasks: the task name
+    privileged_key: str = ""            # jsonl: privileged context for a self-teacher; tasks: the reference answer
     prompts_per_step: int = 16
     samples_per_prompt: int = 4
     temperature: float = 1.0
@@ -283,6 +285,17 @@ class RolloutSection:
 
 
 @dataclass
+class TeacherMemberSection:
+    """One teacher of `teacher.kind: multi` (the keys of a single teacher, plus its name)."""
+    name: str = ""
+    kind: Literal["colocated", "inprocess", "sglang", "vllm"] = "colocated"
+    path: str = ""
+    model: Optional[ModelSection] = None     # colocated: the shape (default: the one saved in the checkpoint)
+    temperature: float = 1.0
+    server: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class TeacherSection:
     """The teacher that scores the student's rollouts.
 
@@ -293,11 +306,24 @@ class TeacherSection:
         see teachers/http.py); gives sampled-token logprobs and top-`topk` (sparse supports only).
     `overlap`: score the next batch (sampled with the weights before this update, so one update stale) while this
     batch trains; staleness is reported every step. Only for served teachers."""
-    kind: Literal["colocated", "inprocess", "sglang", "vllm"] = "colocated"
+    kind: Literal["colocated", "inprocess", "sglang", "vllm", "multi", "self"] = "colocated"
     path: str = ""
-    model: ModelSection = field(default_factory=ModelSection)
+    model: Optional[ModelSection] = None     # colocated: the shape (default: the one saved in the checkpoint)
     temperature: float = 1.0
     topk: int = 0                     # served teachers: top-k logprobs per position (0 = sampled token only)
+    # kind multi (MiMo-style multi-teacher OPD): per-domain routing (routes: domain -> member name, default) or a
+    # mixture of every member on every row (geometric / arithmetic, weights: member name -> weight).
+    members: list[TeacherMemberSection] = field(default_factory=list)
+    routes: dict[str, str] = field(default_factory=dict)
+    default: Optional[str] = None
+    mixture: Optional[Literal["geometric", "arithmetic"]] = None
+    weights: dict[str, float] = field(default_factory=dict)
+    # kind self (OPSD / self-distillation): the student's own weights (current, a frozen copy, or an EMA) reading
+    # the row's privileged context (rollout.privileged_key, or a task's reference answer) inserted in the prompt.
+    self_mode: Literal["current", "frozen", "ema"] = "frozen"
+    ema_decay: float = 0.99
+    self_insert: Literal["before_prompt", "after_prompt"] = "after_prompt"
+    self_keep: int = 0
     score_student_topk: int = 0       # SGLang: also score the student's top-k ids (student/union supports)
     server: dict[str, Any] = field(default_factory=dict)
     overlap: bool = False
@@ -306,6 +332,26 @@ class TeacherSection:
         _require(self.temperature > 0, "teacher.temperature", "a positive number", self.temperature)
         _require(self.topk >= 0 and self.score_student_topk >= 0, "teacher.topk",
                  "integers >= 0 (teacher.topk, teacher.score_student_topk)", (self.topk, self.score_student_topk))
+        if self.kind == "multi":
+            names = [m.name for m in self.members]
+            _require(len(names) >= 1 and all(names) and len(set(names)) == len(names), "teacher.members",
+                     "a list of teachers with distinct non-empty names", names)
+            _require((bool(self.routes) or self.default is not None) != (self.mixture is not None), "teacher.routes",
+                     "either routes (and/or default) for per-domain routing, or a mixture, not both", self.routes)
+            for target in list(self.routes.values()) + ([self.default] if self.default else []) + list(self.weights):
+                _require(target in names, "teacher.routes", f"member names from {names}", target)
+            for i, member in enumerate(self.members):
+                if member.kind in ("sglang", "vllm"):
+                    from opd_megatron.teachers.http import HTTPTeacherConfig
+                    HTTPTeacherConfig.from_dict(member.server, f"teacher.members[{i}].server.")
+                else:
+                    _require(bool(member.path), f"teacher.members[{i}].path", "a checkpoint directory", member.path)
+            return
+        if self.kind == "self":
+            _require(0.0 <= self.ema_decay < 1.0, "teacher.ema_decay", "a float in [0, 1)", self.ema_decay)
+            _require(self.self_keep >= 0, "teacher.self_keep", "an integer >= 0", self.self_keep)
+            _require(not self.overlap, "teacher.overlap", "false for a self-teacher", self.overlap)
+            return
         if self.kind in ("sglang", "vllm"):
             from opd_megatron.teachers.http import HTTPTeacherConfig
             HTTPTeacherConfig.from_dict(self.server, "teacher.server.")
@@ -314,7 +360,7 @@ class TeacherSection:
                      self.path)
             _require(not self.overlap, "teacher.overlap", "false for an in-process or colocated teacher (it runs "
                      "on the training ranks; there is nothing to overlap with)", self.overlap)
-        if self.kind == "colocated":
+        if self.kind == "colocated" and self.model is not None:
             self.model.validate()
 
 
@@ -518,7 +564,11 @@ class RunConfig:
         _require(p.global_batch_size == rows, "parallel.global_batch_size",
                  f"rollout.prompts_per_step x rollout.samples_per_prompt = {r.prompts_per_step} x "
                  f"{r.samples_per_prompt} = {rows} with run.algorithm=opd", p.global_batch_size)
-        dense = t.kind in ("colocated", "inprocess")
+        dense = t.kind in ("colocated", "inprocess", "self") or (
+            t.kind == "multi" and all(m.kind in ("colocated", "inprocess") for m in t.members))
+        if t.kind == "self":
+            _require(p.pp == 1, "parallel.pp", "1 with teacher.kind=self (the self-teacher is the student's whole "
+                     "model on one rank)", p.pp)
         needs_dense = []
         if o.loss == "divergence" and o.support == "full":
             needs_dense.append(f"opd.support=full (the {o.divergence} over the whole vocabulary)")
@@ -555,7 +605,11 @@ class RunConfig:
         if o.outcome_beta > 0:
             _require(r.source == "task", "opd.outcome_beta", "0 unless rollout.source=task (the verifier gives "
                      "the outcome reward)", o.outcome_beta)
-        if t.kind == "colocated" and t.model.vocab_size != self.model.vocab_size:
+        for member in t.members:
+            if member.model is not None and member.model.vocab_size != self.model.vocab_size:
+                raise ConfigError(f"teacher.members[{member.name}].model.vocab_size={member.model.vocab_size} "
+                                  f"differs from model.vocab_size={self.model.vocab_size}")
+        if t.model is not None and t.model.vocab_size != self.model.vocab_size:
             raise ConfigError(f"teacher.model.vocab_size={t.model.vocab_size} differs from model.vocab_size="
                               f"{self.model.vocab_size}: student and teacher must share one vocabulary")
 

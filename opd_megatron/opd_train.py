@@ -97,7 +97,8 @@ class OpdRun:
                              f"model.max_position_embeddings={cfg.model.max_position_embeddings}")
         self.source = PromptSource(self.tokenizer, cfg.run.seed, max_prompt, task=self.task,
                                    path=r.path if r.source == "jsonl" else None, prompt_key=r.prompt_key,
-                                   answer_key=r.answer_key, apply_chat_template=r.apply_chat_template)
+                                   answer_key=r.answer_key, apply_chat_template=r.apply_chat_template,
+                                   domain_key=r.domain_key, privileged_key=r.privileged_key)
         stops = (self.tokenizer.eos_id,) if r.stop_at_eos else ()
         self.sampling = SamplingConfig(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
                                        top_k=r.top_k, n=r.samples_per_prompt, stop_ids=stops)
@@ -109,7 +110,8 @@ class OpdRun:
                                             cfg.model.max_position_embeddings, cfg.run.seed)
         self.eval_engine = MegatronRolloutEngine(self.trainable.ddp, self.vocab, self.tokenizer.pad_id,
                                                  cfg.model.max_position_embeddings, cfg.run.seed + 1)
-        self.teacher, self.compat = build_teacher(cfg, ctx.device, self.tokenizer, self.student.padded_vocab_size)
+        self.teacher, self.compat = build_teacher(cfg, ctx.device, self.tokenizer, self.student.padded_vocab_size,
+                                                  student=self.student)
         self.dense_teacher = self.teacher.gives_full_logits
         self.value_head: Optional[ValueHead] = None
         if cfg.opd.uses_value_head and parallel_state.is_pipeline_last_stage():
@@ -156,6 +158,8 @@ class OpdRun:
         rank_state = loaded.rank_state or {}
         if self.value_head is not None and "value_head" in rank_state:
             self.value_head.load(rank_state["value_head"])
+        if "self_teacher" in rank_state and hasattr(self.teacher, "load_state_dict"):
+            self.teacher.load_state_dict(rank_state["self_teacher"])
         if rank_state.get("pending") is not None:
             self.pending = rank_state["pending"]
             self.pending_future = self._submit(self.pending)
@@ -166,6 +170,8 @@ class OpdRun:
         data_state = {"opd": {"engine": self.engine.state_dict(), "skipped_steps": self.skipped_steps,
                               "baseline_eval": self.baseline_eval, "teacher_tokens": self.teacher_tokens}}
         rank_state = {"pending": self.pending}
+        if hasattr(self.teacher, "update_ema"):
+            rank_state["self_teacher"] = self.teacher.state_dict()
         if self.value_head is not None:
             rank_state["value_head"] = self.value_head.state()
         path = save_checkpoint(self.checkpoints, self.step, self.trainable, self.ctx, data_state,
@@ -194,6 +200,11 @@ class OpdRun:
                                                 self.tokenizer.pad_id, on_policy=False,
                                                 prompts=[p.text for p in prompts], policy_version=self.step,
                                                 length=max(len(p.ids) + len(p.reference) for p in prompts))
+        rows = prompts if len(prompts) == batch.size else [p for p in prompts for _ in range(n)]
+        if all(p.domain is not None for p in rows):
+            batch.domains = [p.domain for p in rows]
+        if self.cfg.teacher.kind == "self" and all(p.privileged is not None for p in rows):
+            batch.privileged = [p.privileged for p in rows]
         if self.task is not None:
             batch.rewards = torch.tensor([self.task.score(text, self.tokenizer.decode(batch.response_ids(b)))
                                           for b, text in enumerate(batch.prompts)], dtype=torch.float32)
@@ -329,6 +340,8 @@ class OpdRun:
             _, grad_norm = optimizer_step(self.trainable)
             if self.value_head is not None:
                 self.value_head.step(tokens)
+            if getattr(self.teacher, "mode", None) == "ema":
+                self.teacher.update_ema()          # SelfTeacher: e_k = d e_(k-1) + (1 - d) theta_k
         else:
             self.skipped_steps += 1
             zero_grads(self.trainable)

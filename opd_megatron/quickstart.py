@@ -62,7 +62,8 @@ def _write_task_data(cfg: RunConfig, path: Path) -> None:
 
 def _teacher_key(cfg: RunConfig) -> str:
     q = cfg.quickstart
-    blob = json.dumps({"model": vars(cfg.teacher.model), "task": cfg.rollout.task, "options": cfg.rollout.task_options,
+    blob = json.dumps({"model": vars(cfg.teacher.model) if cfg.teacher.model else None, "task": cfg.rollout.task,
+                       "options": cfg.rollout.task_options,
                        "steps": q.teacher_steps, "lr": q.teacher_lr, "batch": q.teacher_batch_size,
                        "examples": q.train_examples, "seed": cfg.run.seed}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
@@ -84,6 +85,10 @@ def run_quickstart(cfg: RunConfig, run_dir: Optional[str] = None, log=print) -> 
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     q = cfg.quickstart
+    if cfg.teacher.model is None:
+        from opd_megatron.config import ConfigError
+        raise ConfigError("teacher.model: the quickstart trains its teacher and needs its shape (see "
+                          "configs/quickstart.yaml)")
     data = out / "data" / "train.jsonl"
     if not data.is_file():
         _write_task_data(cfg, data)

@@ -24,6 +24,8 @@ class Prompt:
     text: str
     ids: list[int]
     reference: Optional[list[int]] = None     # response ids + eos, when known
+    domain: Optional[str] = None               # multi-teacher routing tag
+    privileged: Optional[list[int]] = None     # a self-teacher's privileged context ids
 
 
 def _prompt_ids(tokenizer: Tokenizer, text: str, chat: bool) -> list[int]:
@@ -38,11 +40,12 @@ class PromptSource:
 
     def __init__(self, tokenizer: Tokenizer, seed: int, max_prompt_tokens: int, task: Optional[Task] = None,
                  path: Optional[str] = None, prompt_key: str = "prompt", answer_key: str = "response",
-                 apply_chat_template: bool = False):
+                 apply_chat_template: bool = False, domain_key: str = "", privileged_key: str = ""):
         if (task is None) == (path is None):
             raise ValueError("PromptSource needs exactly one of a task or a JSONL path")
         self.tokenizer, self.seed, self.task, self.chat = tokenizer, seed, task, apply_chat_template
         self.max_prompt_tokens = max_prompt_tokens
+        self.domain_key, self.privileged_key = domain_key, privileged_key
         self.records: list[Prompt] = []
         self._order: tuple[int, list[int]] = (-1, [])     # the shuffled order of the last epoch read
         if path is not None:
@@ -79,7 +82,16 @@ class PromptSource:
                                     f" that fit before rollout.max_new_tokens in model.max_position_embeddings; "
                                     f"shorten it or raise model.max_position_embeddings")
                 reference = None if answer is None else self.tokenizer.encode(answer) + [self.tokenizer.eos_id]
-                records.append(Prompt(obj[prompt_key], ids, reference))
+                domain = privileged = None
+                for key, kind in ((self.domain_key, "domain"), (self.privileged_key, "privileged")):
+                    if key and not isinstance(obj.get(key), str):
+                        raise DataError(f"{where}: expected a string {key!r} (rollout.{kind}_key), got "
+                                        f"{type(obj.get(key)).__name__}")
+                if self.domain_key:
+                    domain = obj[self.domain_key]
+                if self.privileged_key:
+                    privileged = self.tokenizer.encode(obj[self.privileged_key])
+                records.append(Prompt(obj[prompt_key], ids, reference, domain, privileged))
         if not records:
             raise DataError(f"{path}: no prompts")
         return records
@@ -95,7 +107,9 @@ class PromptSource:
             if len(ids) > self.max_prompt_tokens:
                 raise DataError(f"task {self.task.name}: prompt of {len(ids)} tokens exceeds the "
                                 f"{self.max_prompt_tokens} that fit before rollout.max_new_tokens")
-            return Prompt(example.prompt, ids, self.tokenizer.encode(example.answer) + [self.tokenizer.eos_id])
+            answer = self.tokenizer.encode(example.answer)
+            return Prompt(example.prompt, ids, answer + [self.tokenizer.eos_id], domain=self.task.name,
+                          privileged=answer)
         epoch, offset = divmod(index, len(self.records))
         if self._order[0] != epoch:
             order = list(range(len(self.records)))

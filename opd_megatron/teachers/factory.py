@@ -7,7 +7,7 @@ from typing import Optional
 
 import torch
 
-from opd_megatron.config import RunConfig
+from opd_megatron.config import RunConfig, TeacherMemberSection
 from opd_megatron.data.tokenizer import Tokenizer, load_tokenizer
 from opd_megatron.teachers.base import Teacher
 from opd_megatron.teachers.compat import CompatReport, check_teacher_compatible
@@ -17,43 +17,69 @@ def _is_hf_dir(path: Path) -> bool:
     return (path / "config.json").is_file()
 
 
-def build_teacher(cfg: RunConfig, device: torch.device, student_tokenizer: Tokenizer,
-                  padded_vocab_size: int) -> tuple[Teacher, CompatReport]:
-    """Build the configured teacher on this rank and check that it shares the student's vocabulary (a mismatch
-    is a `VocabMismatchError` naming what differs). Collective for colocated teachers (every rank calls it)."""
-    t = cfg.teacher
-    teacher_tokenizer: Optional[Tokenizer] = None
+def _single(cfg: RunConfig, t: TeacherMemberSection, device: torch.device, padded_vocab_size: int,
+            name: Optional[str] = None) -> tuple[Teacher, Optional[Tokenizer]]:
+    """One teacher of kind colocated / inprocess / sglang / vllm, and its tokenizer when it has local files."""
+    named = {"name": name} if name else {}
     if t.kind == "colocated":
         from opd_megatron.student.checkpoint import resolve_checkpoint
         from opd_megatron.teachers.colocated import ColocatedTeacher
         path = Path(t.path)
         if _is_hf_dir(path):
-            teacher = ColocatedTeacher.from_hf(path, cfg.parallel, device, temperature=t.temperature,
-                                               student_vocab_size=cfg.model.vocab_size)
-            teacher_tokenizer = load_tokenizer(str(path))
-        else:
-            resolved = resolve_checkpoint(path)
-            if resolved is None:
-                raise FileNotFoundError(f"teacher.path={t.path!r}: neither an HF checkpoint (config.json) nor a "
-                                        f"megatron checkpoint of ours (an iter_* directory or a checkpoints/ "
-                                        f"directory with one)")
-            teacher = ColocatedTeacher.from_megatron_checkpoint(resolved, cfg.parallel, device, model=t.model,
-                                                                temperature=t.temperature,
-                                                                student_vocab_size=cfg.model.vocab_size)
-    elif t.kind == "inprocess":
+            return (ColocatedTeacher.from_hf(path, cfg.parallel, device, temperature=t.temperature,
+                                             student_vocab_size=cfg.model.vocab_size, **named),
+                    load_tokenizer(str(path)))
+        resolved = resolve_checkpoint(path)
+        if resolved is None:
+            raise FileNotFoundError(f"teacher path {t.path!r}: neither an HF checkpoint (config.json) nor a megatron "
+                                    f"checkpoint of ours (an iter_* directory or a checkpoints/ directory with one)")
+        return (ColocatedTeacher.from_megatron_checkpoint(resolved, cfg.parallel, device, model=t.model,
+                                                          temperature=t.temperature,
+                                                          student_vocab_size=cfg.model.vocab_size, **named), None)
+    if t.kind == "inprocess":
         from opd_megatron.teachers.inprocess import InProcessTeacher
-        teacher = InProcessTeacher(t.path, temperature=t.temperature, device=device, full_logits=True,
-                                   padded_vocab_size=padded_vocab_size, student_vocab_size=cfg.model.vocab_size)
-        teacher_tokenizer = load_tokenizer(t.path)
+        return (InProcessTeacher(t.path, temperature=t.temperature, device=device, full_logits=True,
+                                 padded_vocab_size=padded_vocab_size, student_vocab_size=cfg.model.vocab_size,
+                                 **named), load_tokenizer(t.path))
+    from opd_megatron.teachers.http import HTTPTeacherConfig
+    server = HTTPTeacherConfig.from_dict({"temperature": t.temperature, **t.server}, "teacher.server.")
+    if t.kind == "sglang":
+        from opd_megatron.teachers.sglang import SGLangTeacher
+        return SGLangTeacher(server), None
+    from opd_megatron.teachers.vllm import VLLMTeacher
+    return VLLMTeacher(server), None
+
+
+def build_teacher(cfg: RunConfig, device: torch.device, student_tokenizer: Tokenizer, padded_vocab_size: int,
+                  student=None) -> tuple[Teacher, CompatReport]:
+    """Build the configured teacher on this rank and check that it shares the student's vocabulary (a mismatch
+    is a `VocabMismatchError` naming what differs). Collective for colocated teachers (every rank calls it).
+    `student` (a `StudentModel`) is needed by `kind: self`."""
+    t = cfg.teacher
+    tokenizer: Optional[Tokenizer] = None
+    if t.kind == "multi":
+        from opd_megatron.teachers.multi import MultiTeacher
+        members = {}
+        for member in t.members:
+            teacher, member_tokenizer = _single(cfg, member, device, padded_vocab_size, name=member.name)
+            check_teacher_compatible(student_tokenizer, teacher, teacher_tokenizer=member_tokenizer,
+                                     student_embedding_rows=padded_vocab_size)
+            members[member.name] = teacher
+        teacher = MultiTeacher(members, routes=(t.routes or {}) if t.mixture is None else None, default=t.default,
+                               mixture=t.mixture, weights=t.weights or None)
+    elif t.kind == "self":
+        from opd_megatron.teachers.colocated import ColocatedTeacher
+        from opd_megatron.teachers.self_teacher import SelfTeacher
+        if student is None:
+            raise ValueError("teacher.kind=self needs the student model")
+        scorer = ColocatedTeacher(student, cfg.model, temperature=t.temperature, name="student",
+                                  student_vocab_size=cfg.model.vocab_size)
+        teacher = SelfTeacher(scorer, model=student.module, mode=t.self_mode, ema_decay=t.ema_decay,
+                              insert=t.self_insert, keep=t.self_keep, max_length=cfg.model.max_position_embeddings)
     else:
-        from opd_megatron.teachers.http import HTTPTeacherConfig
-        server = HTTPTeacherConfig.from_dict({"temperature": t.temperature, **t.server}, "teacher.server.")
-        if t.kind == "sglang":
-            from opd_megatron.teachers.sglang import SGLangTeacher
-            teacher = SGLangTeacher(server)
-        else:
-            from opd_megatron.teachers.vllm import VLLMTeacher
-            teacher = VLLMTeacher(server)
-    report = check_teacher_compatible(student_tokenizer, teacher, teacher_tokenizer=teacher_tokenizer,
+        member = TeacherMemberSection(name="", kind=t.kind, path=t.path, model=t.model, temperature=t.temperature,
+                                      server=t.server)
+        teacher, tokenizer = _single(cfg, member, device, padded_vocab_size)
+    report = check_teacher_compatible(student_tokenizer, teacher, teacher_tokenizer=tokenizer,
                                       student_embedding_rows=padded_vocab_size)
     return teacher, report
