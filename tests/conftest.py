@@ -28,3 +28,11 @@ def bpe_paths(tmp_path_factory) -> dict[str, Path]:
     hf.chat_template = CHAT_TEMPLATE
     hf.save_pretrained(str(root / "hf"))
     return {"file": root / "tokenizer.json", "dir": root / "hf"}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_the_vllm_server_at_the_end():
+    """Whichever module started the shared real vLLM server (tests/teachers, tests/opd), it stops with the session."""
+    yield
+    from tests.teachers.vllm_server import stop_session_server
+    stop_session_server()
