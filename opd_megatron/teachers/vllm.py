@@ -13,6 +13,8 @@ vLLM cannot score arbitrary ids at a position, so `scores_extra_ids` is False; k
 
 from __future__ import annotations
 
+import math
+
 from typing import Any, Optional
 
 from opd_megatron.teachers.base import TeacherError, TeacherRequest
@@ -91,8 +93,17 @@ class VLLMTeacher(ServedTeacher):
         start, k = int(request.score_start[b]), request.topk
         scores = RowScores(sampled=[], topk_ids=[] if k else None, topk_logprobs=[] if k else None)
         for t in range(start + 1, len(ids)):  # entry t is label column t - 1
-            entry_where = f"{where} prompt_logprobs[{t}]"
             entry = positions[t]
+            fast = _fast_entry(entry, ids[t], k)
+            if fast is not None:
+                sampled, best_ids, best = fast
+                scores.sampled.append(sampled)
+                if k:
+                    scores.topk_ids.append(best_ids)
+                    scores.topk_logprobs.append(best)
+                continue
+            # Something is off in this position: the checked path below names exactly what.
+            entry_where = f"{where} prompt_logprobs[{t}]"
             if not isinstance(entry, dict):
                 raise TeacherError(f"{entry_where}: expected a dict of token id -> logprob, got {entry!r}")
             values = [(token_id(key, entry_where), _logprob(item, entry_where)) for key, item in entry.items()]
@@ -106,6 +117,32 @@ class VLLMTeacher(ServedTeacher):
                 scores.topk_ids.append(best_ids)
                 scores.topk_logprobs.append(best)
         return scores
+
+
+def _fast_entry(entry: Any, actual: int, k: int):
+    """One well-formed position of a reply in one pass: (actual token's logprob, top-k ids, top-k logprobs), or None
+    when anything is unusual (then the checked path raises the precise error). Same rules as the checked path:
+    every value a finite number <= 0, ids decimal strings, the actual token present, >= k entries, ties to the
+    lower id."""
+    if type(entry) is not dict or len(entry) < k:
+        return None
+    values = []
+    for key, item in entry.items():
+        if type(item) is not dict or type(key) is not str or not key.isdigit():
+            return None
+        value = item.get("logprob")
+        if type(value) is not float and type(value) is not int:
+            return None
+        if not -math.inf < value <= 1e-4:
+            return None
+        values.append((-value, int(key)))
+    by_id = {i: -v for v, i in values}
+    if actual not in by_id:
+        return None
+    if not k:
+        return by_id[actual], None, None
+    best = sorted(values)[:k]
+    return by_id[actual], [i for _, i in best], [-v for v, _ in best]
 
 
 def _logprob(item: Any, where: str) -> float:
