@@ -116,6 +116,10 @@ class ModelSection:
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"  # bf16/fp16 are GPU paths
+    # Mixture of experts (megatron-core's MoELayer in place of the MLP of every layer); None: a dense model.
+    num_moe_experts: Optional[int] = None
+    moe_router_topk: int = 2                 # experts per token
+    moe_ffn_hidden_size: Optional[int] = None  # each expert's ffn width; None: ffn_hidden_size
 
     def validate(self) -> None:
         if self.preset is not None and self.preset not in MODEL_PRESETS:
@@ -135,6 +139,11 @@ class ModelSection:
         _require(self.init_method_std > 0, "model.init_method_std", "a positive float", self.init_method_std)
         for key in ("hidden_dropout", "attention_dropout"):
             _require(0.0 <= getattr(self, key) < 1.0, f"model.{key}", "a float in [0, 1)", getattr(self, key))
+        if self.num_moe_experts is not None:
+            _require(self.num_moe_experts >= 1, "model.num_moe_experts", "null or an integer >= 1",
+                     self.num_moe_experts)
+            _require(1 <= self.moe_router_topk <= self.num_moe_experts, "model.moe_router_topk",
+                     f"an integer in [1, model.num_moe_experts={self.num_moe_experts}]", self.moe_router_topk)
 
     @property
     def query_groups(self) -> int:
@@ -153,10 +162,12 @@ class ParallelSection:
     sequence_parallel: bool = False
     micro_batch_size: int = 4
     global_batch_size: int = 16
+    ep: int = 1                     # expert parallel (MoE): experts split over ep ranks of the data-parallel group
 
     def validate(self) -> None:
         for key in ("tp", "pp", "micro_batch_size", "global_batch_size"):
             _require(getattr(self, key) >= 1, f"parallel.{key}", "an integer >= 1", getattr(self, key))
+        _require(self.ep >= 1, "parallel.ep", "an integer >= 1", self.ep)
         _require(self.global_batch_size % self.micro_batch_size == 0, "parallel.global_batch_size",
                  f"a multiple of parallel.micro_batch_size={self.micro_batch_size}", self.global_batch_size)
         if self.sequence_parallel:

@@ -84,14 +84,47 @@ def build_transformer_config(model: ModelSection, parallel: ParallelSection, on_
         persist_layer_norm=False,
         # megatron's default ("full") is deprecated in favour of [] (the same meaning) and warns on every build.
         cuda_graph_scope=[],
+        **moe_config(model, parallel, on_gpu),
     )
 
 
+def moe_config(model: ModelSection, parallel: ParallelSection, on_gpu: bool) -> dict:
+    """TransformerConfig keys of a mixture-of-experts model (none for a dense one): megatron-core's MoELayer with
+    a top-k softmax router; tokens reach their experts by all-to-all over the expert-parallel group on the GPU and
+    by all-gather on the CPU (megatron's all-to-all dispatcher creates a CUDA stream). The router's auxiliary
+    load-balancing loss is off: megatron adds it inside the layer, outside the OPD loss accounting."""
+    if model.num_moe_experts is None:
+        return {}
+    _define_missing_te_gemm()
+    return dict(
+        num_moe_experts=model.num_moe_experts,
+        moe_router_topk=model.moe_router_topk,
+        moe_ffn_hidden_size=model.moe_ffn_hidden_size or model.ffn_hidden_size,
+        expert_model_parallel_size=parallel.ep,
+        moe_token_dispatcher_type="alltoall" if on_gpu else "allgather",
+        moe_router_load_balancing_type="none",
+        moe_aux_loss_coeff=0.0,
+        moe_grouped_gemm=False,
+    )
+
+
+def _define_missing_te_gemm() -> None:
+    """megatron-core 0.16.1's router gating (`moe_utils.RouterGatingLinearFunction`) tests `te_general_gemm is not
+    None`, a name its module imports only when TransformerEngine imports: without TE every MoE forward raises
+    NameError. Defining it as None takes the plain torch.mm branch that follows (the one meant for this case)."""
+    from megatron.core.transformer.moe import moe_utils
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
 def layer_spec(model: ModelSection, use_te: bool):
+    experts = model.num_moe_experts  # None: the dense MLP
     if use_te:
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
-        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=model.qk_layernorm)
-    return get_gpt_layer_local_spec(qk_layernorm=model.qk_layernorm, normalization=model.normalization)
+        return get_gpt_layer_with_transformer_engine_spec(num_experts=experts, moe_grouped_gemm=False,
+                                                          qk_layernorm=model.qk_layernorm)
+    return get_gpt_layer_local_spec(num_experts=experts, moe_grouped_gemm=False, qk_layernorm=model.qk_layernorm,
+                                    normalization=model.normalization)
 
 
 @dataclass(frozen=True)
@@ -117,6 +150,9 @@ def build_student(model: ModelSection, parallel: ParallelSection, device: torch.
         raise ConfigError("parallel.sequence_parallel=true needs TransformerEngine's layer spec (a GPU with the "
                           "`gpu` extra installed); megatron-core's local spec used here does not support it: set "
                           "parallel.sequence_parallel=false")
+    if model.num_moe_experts is not None and parallel_state.get_expert_model_parallel_world_size() != parallel.ep:
+        raise ConfigError(f"parallel.ep={parallel.ep}, but megatron's process groups were initialised with expert "
+                          f"parallel size {parallel_state.get_expert_model_parallel_world_size()}")
     config = build_transformer_config(model, parallel, on_gpu)
     padded = padded_vocab_size(model.vocab_size, parallel.tp)
     module = GPTModel(
