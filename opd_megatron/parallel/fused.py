@@ -86,6 +86,7 @@ def _backward(shard: Shard, hidden: torch.Tensor, weight: torch.Tensor, chunk_si
         dz = logits_grad(piece, (hidden[piece] @ valid.T).to(dtype)).to(hidden.dtype)
         grad_hidden[piece] = dz @ valid
         grad_valid += (dz.T @ hidden[piece]).to(dtype)
+        del dz  # before the next chunk's logits exist: one chunk's buffers at a time, not two
     if reduce_grad_hidden:
         shard.all_reduce(grad_hidden)
     grad_weight = torch.zeros_like(weight)
@@ -202,6 +203,7 @@ class _FusedTokenLogProbs(torch.autograd.Function):
                 here = owned[piece]
                 picked = z.gather(-1, local_ids[piece].clamp(0, shard.valid_width - 1)[:, None])[:, 0]
                 sums[1, piece] = torch.where(here, picked, torch.zeros_like(picked))  # only the owner's z_y
+                del z  # one chunk's logits at a time
         global_max, (sum_exp, target) = _global_normalizer(shard, local_max, sums[:1], plain=sums[1:])
         lse = global_max + sum_exp.log()
         ctx.save_for_backward(hidden, weight, token_ids, lse)
@@ -248,6 +250,7 @@ class _FusedReverseKL(torch.autograd.Function):
                 e = (z - local_max[piece, None]).exp()
                 sums[0, piece] = e.sum(dim=-1)
                 sums[1, piece] = (e * (z - log_q)).sum(dim=-1)
+                del z, e, log_q  # one chunk's buffers at a time
         global_max, (sum_exp, weighted) = _global_normalizer(shard, local_max, sums)
         lse_s = global_max + sum_exp.log()
         rkl = weighted / sum_exp - lse_s
