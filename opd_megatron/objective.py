@@ -103,6 +103,8 @@ class OpdObjective:
         self.gates = GateConfig(**asdict(opd.gates))
         self.routing = RoutingConfig(**asdict(opd.routing))
         self.dense_teacher = teacher is not None and teacher.gives_full_logits
+        self._loss_is_full_rkl = (self.dense_teacher and opd.loss == "divergence" and opd.support == "full"
+                                  and opd.divergence == "reverse_kl")
 
     # -- the teacher's view of a micro-batch -------------------------------------------------------------------
     def teacher_scores(self, mb: RolloutBatch, logits_shard: torch.Tensor) -> TeacherScores:
@@ -169,6 +171,8 @@ class OpdObjective:
             per_token = torch.where(keep, per_token, 0.0)
             loss_sum = (per_token * weights).sum()
             stats.per_token_loss = per_token.detach()
+            if self._loss_is_full_rkl:
+                stats.rkl_exact = stats.per_token_loss / opd.kl_coef
         else:
             ratio = gate.log_ratio if gate.log_ratio is not None else log_ratio
             adv, value_loss = self._advantages(mb, ratio * opd.kl_coef, mask, stats, hidden, teacher_shard,
@@ -272,10 +276,11 @@ class OpdObjective:
         zero = lambda x: torch.where(keep, x, 0.0)  # noqa: E731
         stats.student_entropy = zero(vp.vocab_parallel_entropy(student.detach(), tau_s, vocab,
                                                                chunk_size=self.opd.chunk_size))
-        if teacher is not None:
+        if teacher is not None and not self._loss_is_full_rkl:     # otherwise the loss itself is the exact RKL
             stats.rkl_exact = zero(vp.vocab_parallel_reverse_kl(student.detach(), teacher, student_temperature=tau_s,
                                                                 teacher_temperature=tau_t, true_vocab_size=vocab,
                                                                 chunk_size=self.opd.chunk_size))
+        if teacher is not None:
             stats.teacher_entropy = zero(vp.vocab_parallel_entropy(teacher, tau_t, vocab,
                                                                    chunk_size=self.opd.chunk_size))
             top1 = vocab_parallel_topk(teacher, 1, vocab)[1][..., 0]
