@@ -5,6 +5,7 @@ against the published formula it adapts."""
 from __future__ import annotations
 
 import inspect
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +18,8 @@ from opd_megatron.student.distributed import destroy_parallel, init_parallel
 from opd_megatron.student.model import build_student
 from tests.harness import run_distributed
 
+REPO = Path(__file__).resolve().parents[1]
+
 TINY = ["model.preset=tiny"]
 # Every option that changes the parameter shapes, one config each, then all together.
 SHAPE_CASES = {
@@ -28,6 +31,9 @@ SHAPE_CASES = {
     "qk_layernorm_kv_channels": TINY + ["model.qk_layernorm=true", "model.kv_channels=32"],
     "learned_absolute": TINY + ["model.position_embedding=learned_absolute"],
     "padded_vocab": TINY + ["model.vocab_size=500"],
+    "moe": TINY + ["model.num_moe_experts=4", "model.moe_router_topk=2", "model.moe_ffn_hidden_size=32"],
+    "moe_bias_gelu": TINY + ["model.num_moe_experts=3", "model.moe_router_topk=1", "model.activation=gelu",
+                             "model.add_bias_linear=true"],
     "everything": TINY + ["model.tie_embeddings=true", "model.normalization=LayerNorm", "model.activation=gelu",
                           "model.add_bias_linear=true", "model.qk_layernorm=true", "model.kv_channels=32",
                           "model.position_embedding=learned_absolute", "model.vocab_size=500"],
@@ -220,3 +226,68 @@ def test_bad_world_size_is_a_config_error(tmp_path):
     path.write_text("model:\n  preset: llama3-8b\nparallel:\n  tp: 8\n")
     with pytest.raises(ConfigError, match="not a multiple of parallel.tp x parallel.pp"):
         run_dry_run(path, [], world_size=12)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# MoE and OPD
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_qwen3_30b_a3b_has_its_published_30_5b_total_and_3_3b_active():
+    cfg = load_config(None, ["model.preset=qwen3-30b-a3b"])
+    counts = parameter_counts(cfg)
+    assert abs(counts.total - 30.5e9) < 0.1e9        # Qwen3 report: 30.5B total, 3.3B activated
+    experts = sum(s.count.expert for s in counts.stages)
+    active = counts.total - experts + experts * 8 // 128
+    assert abs(active - 3.3e9) < 0.1e9
+
+
+def test_expert_parallelism_divides_only_the_expert_weights():
+    base = ["model.preset=tiny", "model.num_moe_experts=8", "model.moe_ffn_hidden_size=32", "parallel.tp=2"]
+    one = parameter_counts(load_config(None, base)).stages[0].count
+    assert one.per_rank(2, 4) == one.sharded // 2 + one.replicated + one.expert // 8
+    cfg = load_config(None, base + ["parallel.ep=4", "parallel.global_batch_size=32"])
+    assert estimate_memory(cfg, 16).stages[0].params == one.per_rank(2, 4)
+    with pytest.raises(ConfigError, match="data-parallel size 2"):
+        estimate_memory(cfg, 4)
+
+
+def _opd(*extra):
+    return load_config(None, ["run.algorithm=opd", "model.preset=tiny", "teacher.path=x",
+                              "teacher.model.preset=small", "teacher.model.vocab_size=512", "parallel.micro_batch_size=2",
+                              "parallel.global_batch_size=8", "rollout.prompts_per_step=4",
+                              "rollout.samples_per_prompt=2", "data.seq_length=64", *extra])
+
+
+def test_colocated_teacher_weights_sit_on_the_last_stage_only():
+    cfg = _opd("parallel.pp=2")
+    est = estimate_memory(cfg, 2)
+    small = parameter_counts(load_config(None, ["model.preset=small", "model.vocab_size=512"])).total
+    assert est.stages[0].teacher == 0 and est.stages[1].teacher == small * 4   # fp32, whole, tp 1
+    assert est.stages[1].teacher_logits == 2 * 64 * 512 * (4 + 4)
+    assert est.stages[1].opd_loss == 2 * 4 * 2 * 64 * 512                      # full-support reverse KL
+    served = _opd("teacher.kind=sglang", "teacher.topk=16", "opd.support=teacher_topk",
+                  "teacher.server={urls: [http://h:1], model: t, vocab_size: 512}")
+    assert estimate_memory(served, 1).stages[0].teacher == 0
+    assert estimate_memory(served, 1).stages[0].teacher_logits == 0
+
+
+def test_rollout_kv_cache_counts_every_row_of_the_dp_rank():
+    cfg = _opd()
+    est = estimate_memory(cfg, 2)                                              # dp 2: 4 rows each
+    # 2 layers x K and V x 64 positions x 4 rows x 2 query groups x head dim 16 x fp32
+    assert est.stages[0].kv_cache == 2 * 2 * 64 * 4 * 2 * 16 * 4
+    offline = estimate_memory(_opd("opd.on_policy_fraction=0"), 2)
+    assert offline.stages[0].kv_cache == 0 and offline.stages[0].rollout == 0
+    assert est.per_gpu == max(est.stages[0].training, est.stages[0].rollout)
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (REPO / "configs" / "recipes").glob("*.yaml")
+                                          if p.name != "cpu_twins.yaml"))
+def test_every_recipe_fits_at_its_scale(recipe):
+    """Each recipe names its world size and GPU memory on a `# dry-run:` line; the dry-run at that scale fits."""
+    path = REPO / "configs" / "recipes" / recipe
+    line = next(l for l in path.read_text().splitlines() if l.startswith("# dry-run:"))
+    args = line.split()
+    world, gpu = int(args[args.index("--world-size") + 1]), float(args[args.index("--gpu-memory-gb") + 1])
+    report = run_dry_run(path, world_size=world, gpu_memory_gb=gpu)
+    assert "\nFITS:" in report, report[-3000:]

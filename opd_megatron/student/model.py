@@ -99,6 +99,8 @@ def moe_config(model: ModelSection, parallel: ParallelSection, on_gpu: bool) -> 
     return dict(
         num_moe_experts=model.num_moe_experts,
         moe_router_topk=model.moe_router_topk,
+        # top-1 routing needs the softmax over all experts before the top-k (over one expert it has no gradient).
+        moe_router_pre_softmax=model.moe_router_topk == 1,
         moe_ffn_hidden_size=model.moe_ffn_hidden_size or model.ffn_hidden_size,
         expert_model_parallel_size=parallel.ep,
         moe_token_dispatcher_type="alltoall" if on_gpu else "allgather",
