@@ -462,7 +462,8 @@ class OpdSection:
     support_k: int = 16
     support_mode: Literal["renormalized", "tail"] = "tail"
     student_temperature: float = 1.0
-    estimator: Literal["immediate", "return_to_go", "discounted", "baseline", "gae"] = "immediate"
+    estimator: Literal["immediate", "return_to_go", "discounted", "baseline", "single_step", "gae"] = "immediate"
+    length_normalized: bool = False      # single_step: MiniLLM's G_(t+1) / (T - t - 1)
     gamma: float = 1.0
     gae_lambda: float = 0.95
     baseline: Optional[Literal["group_mean", "batch_mean", "reverse_kl", "value"]] = None
@@ -477,6 +478,8 @@ class OpdSection:
     outcome_alpha: float = 1.0
     outcome_beta: float = 0.0
     entropy_coef: float = 0.0
+    reference_kl_coef: float = 0.0        # KL(pi || ref) to the frozen starting weights (checkpoint.load)
+    reference_kl_estimator: Literal["k1", "k2", "k3"] = "k3"
     on_policy_fraction: float = 1.0
     value_lr: float = 1e-3
     value_coef: float = 1.0
@@ -497,6 +500,8 @@ class OpdSection:
         _require(0.0 <= self.on_policy_fraction <= 1.0, "opd.on_policy_fraction", "a float in [0, 1]",
                  self.on_policy_fraction)
         _require(self.kl_coef > 0, "opd.kl_coef", "a positive number", self.kl_coef)
+        _require(self.reference_kl_coef >= 0 and self.entropy_coef >= 0, "opd.reference_kl_coef",
+                 "numbers >= 0 (opd.reference_kl_coef, opd.entropy_coef)", (self.reference_kl_coef, self.entropy_coef))
         _require(self.chunk_size is None or self.chunk_size >= 1, "opd.chunk_size", "null or an integer >= 1",
                  self.chunk_size)
         _require(self.max_skipped_steps >= 0, "opd.max_skipped_steps", "an integer >= 0", self.max_skipped_steps)
@@ -612,6 +617,8 @@ class RunConfig:
             needs_dense.append(f"opd.support=full (the {o.divergence} over the whole vocabulary)")
         if o.baseline == "reverse_kl":
             needs_dense.append("opd.baseline=reverse_kl (the exact per-state reverse KL)")
+        if o.loss != "divergence" and o.estimator == "single_step":
+            needs_dense.append("opd.estimator=single_step (MiniLLM: the step-t term exactly over the vocabulary)")
         if o.gates.teacher_entropy is not None:
             needs_dense.append("opd.gates.teacher_entropy")
         if o.loss == "cr_opd" and o.routing.teacher_support == "threshold":
@@ -640,6 +647,16 @@ class RunConfig:
             _require(o.estimator == "immediate" and o.ratio == "logprob", "opd.estimator",
                      "the default (immediate, ratio logprob) with opd.loss=divergence: credit estimators and "
                      "ratios belong to opd.loss=policy_gradient or cr_opd", (o.estimator, o.ratio))
+        if o.reference_kl_coef > 0:
+            _require(self.checkpoint.load is not None, "checkpoint.load", "the starting checkpoint with "
+                     "opd.reference_kl_coef > 0 (its weights are the frozen reference)", None)
+        if o.on_policy_fraction < 1:
+            _require(o.loss == "divergence", "opd.on_policy_fraction", "1.0 unless opd.loss=divergence (fixed-dataset "
+                     "rows were not sampled by the student: a policy gradient on them has no behaviour policy)",
+                     o.on_policy_fraction)
+        if o.length_normalized:
+            _require(o.estimator == "single_step", "opd.length_normalized", "false unless opd.estimator=single_step",
+                     True)
         if o.outcome_beta > 0:
             _require(r.source == "task", "opd.outcome_beta", "0 unless rollout.source=task (the verifier gives "
                      "the outcome reward)", o.outcome_beta)

@@ -33,6 +33,7 @@ from opd_megatron.credit import advantages as credit_advantages
 from opd_megatron.credit import gae, outcome_hybrid
 from opd_megatron.gates import GateConfig, token_weights
 from opd_megatron.losses.policy_gradient import policy_gradient_loss
+from opd_megatron.losses.regularizers import reference_kl
 from opd_megatron.losses.supports import SparseTeacherLogprobs, divergence_on_support
 from opd_megatron.parallel import vocab_parallel as vp
 from opd_megatron.parallel.routing import vocab_parallel_cr_opd_loss
@@ -86,6 +87,7 @@ class MicroBatchStats:
     values: Optional[torch.Tensor] = None
     value_targets: Optional[torch.Tensor] = None
     value_loss_sum: float = 0.0
+    reference_kl: Optional[torch.Tensor] = None
     nonfinite: bool = False       # NaN/inf logits (student or teacher): this micro-batch contributed nothing
 
 
@@ -197,9 +199,21 @@ class OpdObjective:
             if value_loss is not None:
                 stats.value_loss_sum = float(value_loss.detach())
                 loss_sum = loss_sum + opd.value_coef * value_loss
+        if opd.loss != "divergence" and opd.estimator == "single_step":
+            # MiniLLM's single-step decomposition: the PG term above carries the future (gamma G_(t+1)); the step-t
+            # term is the exact reverse KL over the vocabulary at the visited state [MiniLLM].
+            step_term = vp.vocab_parallel_reverse_kl(logits_shard, teacher_shard, student_temperature=tau_s,
+                                                     teacher_temperature=tau_t, true_vocab_size=vocab, chunk_size=chunk)
+            loss_sum = loss_sum + opd.kl_coef * (torch.where(keep, step_term, 0.0) * weights).sum()
         if opd.entropy_coef:
             entropy = vp.vocab_parallel_entropy(logits_shard, tau_s, vocab, chunk_size=chunk)
             loss_sum = loss_sum - opd.entropy_coef * (entropy * weights).sum()
+        if opd.reference_kl_coef:
+            ref = mb.reference_logprobs.to(device)
+            per_token = reference_kl(torch.where(keep, student_logp, 0.0), torch.where(keep, ref, 0.0),
+                                     opd.reference_kl_estimator)
+            stats.reference_kl = torch.where(keep, per_token.detach(), 0.0)
+            loss_sum = loss_sum + opd.reference_kl_coef * (torch.where(keep, per_token, 0.0) * weights).sum()
         return loss_sum, mask.sum(), stats
 
     def _divergence(self, student: torch.Tensor, teacher: Optional[torch.Tensor],
@@ -251,7 +265,9 @@ class OpdObjective:
                 returns = credit_advantages(log_ratio, mask, "discounted", gamma=opd.gamma)
                 value_loss = 0.5 * (((values - returns) ** 2) * mask).sum()
                 stats.values, stats.value_targets = values.detach(), returns
-            gamma = opd.gamma if opd.estimator in ("discounted", "baseline") else 1.0
+            gamma = opd.gamma if opd.estimator in ("discounted", "baseline", "single_step") else 1.0
+            if opd.estimator == "single_step":
+                kwargs["length_normalized"] = opd.length_normalized
             adv = credit_advantages(log_ratio, mask, opd.estimator, gamma, baseline=opd.baseline, **kwargs)
         if opd.outcome_beta and mb.rewards is not None and mb.advantages is None:
             adv = outcome_hybrid(adv, mask, mb.rewards.to(adv.device), opd.outcome_alpha, opd.outcome_beta,

@@ -130,6 +130,7 @@ class OpdRun:
         self.teacher_tokens = 0
         self.teacher_seconds = 0.0
         self.timing = {"rollout_s": 0.0, "teacher_s": 0.0, "update_s": 0.0}
+        self.reference: Optional[list[torch.Tensor]] = None   # the frozen reference's parameters (this rank's)
         self._load()
 
     # -- state ---------------------------------------------------------------------------------------------------
@@ -145,6 +146,10 @@ class OpdRun:
         if path is None:
             raise FileNotFoundError(f"checkpoint.load={str(to_load)!r}: no complete checkpoint there")
         # A resume restores everything; checkpoint.load of another run (e.g. an SFT warm start) takes the weights.
+        if cfg.opd.reference_kl_coef > 0:
+            # The frozen reference is the starting checkpoint (checkpoint.load), also when a resume follows.
+            load_checkpoint(resolve_checkpoint(cfg.checkpoint.load), self.trainable, self.ctx, load_optimizer=False)
+            self.reference = [p.detach().clone() for p in self.trainable.module.parameters()]
         with_optimizer = resuming and cfg.checkpoint.load_optimizer
         loaded = load_checkpoint(path, self.trainable, self.ctx, load_optimizer=with_optimizer)
         if not resuming:
@@ -303,6 +308,33 @@ class OpdRun:
                                  group_ids=batch.group_ids)
         batch.advantages = adv
 
+    def _reference_logprobs(self, batch: RolloutBatch, micro_batches: list[StudentInput]) -> None:
+        """The frozen reference's log-probs of the sampled tokens, by a forward-only pass of the student's own
+        modules with the reference weights swapped in (any TP/PP layout; no second model is built)."""
+        params = list(self.trainable.module.parameters())
+        captured: list[torch.Tensor] = []
+
+        def loss_fn(logits, micro: StudentInput):
+            mb = micro.rollout
+            with torch.no_grad():
+                labels = mb.labels.to(logits.device)
+                logp = vp.vocab_parallel_token_logprobs(logits, labels, self.cfg.opd.student_temperature, self.vocab)
+                captured.append(torch.where(mb.loss_mask.to(logits.device) > 0, logp, 0.0).cpu())
+            return logits.sum() * 0.0, mb.loss_mask.sum()
+
+        def swap():
+            for param, ref in zip(params, self.reference):
+                param.data, ref.data = ref.data, param.data
+
+        swap()
+        try:
+            forward_backward(self.trainable.ddp, micro_batches, loss_fn, batch.tokens.shape[1] - 1,
+                             self.cfg.parallel.micro_batch_size, forward_only=True)
+        finally:
+            swap()
+        if parallel_state.is_pipeline_last_stage():
+            batch.reference_logprobs = torch.cat(captured)
+
     def train_step(self, batch: RolloutBatch) -> tuple[Optional[dict], bool]:
         cfg, opd = self.cfg, self.cfg.opd
         started = time.perf_counter()
@@ -315,8 +347,11 @@ class OpdRun:
         seq = batch.tokens.shape[1] - 1
         needs_whole_batch = opd.loss != "divergence" and (
             opd.baseline in ("group_mean", "batch_mean") or (opd.outcome_beta and opd.estimator != "gae"))
+        if self.reference is not None:
+            self._reference_logprobs(batch, micro)
         if needs_whole_batch:
             self._whole_batch_advantages(batch, micro)
+        if self.reference is not None or needs_whole_batch:
             micro = [StudentInput(tokens=mb.input_tokens, rollout=mb) for mb in batch.micro_batches(mbs)]
         stats: list[MicroBatchStats] = []
 
@@ -400,7 +435,8 @@ class OpdRun:
             for key, name in (("kl/rkl_exact", "rkl_exact"), ("entropy/student", "student_entropy"),
                               ("entropy/teacher", "teacher_entropy"), ("agreement/teacher_top1_match", "top1_match"),
                               ("agreement/topk_overlap", "topk_overlap"),
-                              ("agreement/student_mass_on_teacher_support", "mass_on_teacher")):
+                              ("agreement/student_mass_on_teacher_support", "mass_on_teacher"),
+                              ("kl/reference", "reference_kl")):
                 values = cat(name)
                 if values is not None and bool(keep.any()):
                     local[key] = float(values[keep].double().mean())

@@ -46,6 +46,7 @@ class RolloutBatch:
     advantages: Optional[torch.Tensor] = None
     values: Optional[torch.Tensor] = None
     loss_weights: Optional[torch.Tensor] = None   # [B, L-1] normaliser coefficients (objective.normalizer_weights)
+    reference_logprobs: Optional[torch.Tensor] = None   # [B, L-1] sampled-token log-probs of the frozen reference
     policy_version: int = 0          # the optimizer step whose weights sampled it (staleness = step - this)
 
     @property
@@ -114,7 +115,8 @@ class RolloutBatch:
         return replace(self, tokens=self.tokens[:, :length], loss_mask=cut(self.loss_mask, length - 1),
                        behaviour_logprobs=cut(self.behaviour_logprobs, length - 1), teacher=teacher,
                        advantages=cut(self.advantages, length - 1), values=cut(self.values, length - 1),
-                       loss_weights=cut(self.loss_weights, length - 1))
+                       loss_weights=cut(self.loss_weights, length - 1),
+                       reference_logprobs=cut(self.reference_logprobs, length - 1))
 
     @staticmethod
     def from_sequences(prompts_ids: Sequence[Sequence[int]], responses_ids: Sequence[Sequence[int]], pad_id: int,
@@ -190,4 +192,5 @@ def concat(batches: Sequence[RolloutBatch], pad_id: int) -> RolloutBatch:
 
 
 _PER_ROW = ("tokens", "lengths", "prompt_lengths", "loss_mask", "behaviour_logprobs", "group_ids", "on_policy",
-            "prompts", "domains", "privileged", "rewards", "teacher", "advantages", "values", "loss_weights")
+            "prompts", "domains", "privileged", "rewards", "teacher", "advantages", "values", "loss_weights",
+            "reference_logprobs")

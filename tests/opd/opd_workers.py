@@ -30,6 +30,10 @@ ROUTES = {
     "cr_opd": ["opd.loss=cr_opd", "opd.estimator=discounted", "opd.gamma=0.9", "opd.routing.teacher_top_k=4",
                "opd.routing.student_reach=topk", "opd.routing.student_top_k=4"],
     "gae": ["opd.loss=policy_gradient", "opd.estimator=gae", "opd.gae_lambda=0.8"],
+    "minillm_single_step": ["opd.loss=policy_gradient", "opd.estimator=single_step", "opd.length_normalized=true",
+                            "opd.gamma=1.0"],
+    "fkl_reference_entropy": ["opd.loss=divergence", "opd.divergence=forward_kl", "opd.reference_kl_coef=0.5",
+                              "opd.entropy_coef=0.05", "opd.gates.teacher_confidence=0.05"],
 }
 
 

@@ -1,7 +1,8 @@
 """One OPD step at TP=2 and at PP=2 equals the TP=1 step (loss, and the SGD update of every weight within 1e-4 of the largest update, float32)
 given the same rollouts and teacher, for route A (full reverse KL; JSD on a union+tail support with the sequence
 normaliser), route B (return-to-go with PPO ratio and truncated IS; group baseline + verifier hybrid with the
-constant normaliser; GAE with a value head) and CR-OPD."""
+constant normaliser; GAE with a value head; MiniLLM's single-step decomposition), CR-OPD, and forward KL with a
+reference-KL regulariser, an entropy bonus and a teacher-confidence gate.""" 
 
 import pytest
 import torch
