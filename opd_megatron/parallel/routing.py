@@ -44,7 +44,7 @@ from opd_megatron.losses.distributional import compute_dtype
 from opd_megatron.parallel.topk import (scatter_sparse_to_shards, top_p_mask_on_candidates, vocab_parallel_top_p_mask,
                                         vocab_parallel_topk)
 from opd_megatron.parallel.vocab_parallel import (check_inputs, chunked_rows, CopyToTP, flatten_rows, LogNormalizer,
-                                                  global_log_normalizer, ReduceFromTP, Shard)
+                                                  global_log_normalizer, ReduceFromTP, row_pieces, Shard)
 from opd_megatron.routing import RoutingConfig, RoutingStats
 from opd_megatron.tensor_checks import (MathInputError, require_binary_mask, require_floating, require_positive,
                                         require_positive_int)
@@ -234,9 +234,11 @@ def vocab_parallel_cr_opd_loss(student_logits_shard: torch.Tensor, sampled_ids: 
     on_ids = config.teacher_support == "topk" and config.student_reach in ("topk", "top_p")
     routed_rows = _routed_rows_on_ids if on_ids else _routed_rows
 
+    student_rows = row_pieces(flat, chunk_size)
+
     def rows(piece: slice) -> tuple[torch.Tensor, RoutingStats]:
         rows_teacher = {name: None if value is None else value[piece] for name, value in teacher.items()}
-        return routed_rows(shard, config, flat[piece], ids[piece], adv[piece], keep[piece], rows_teacher,
+        return routed_rows(shard, config, student_rows(piece), ids[piece], adv[piece], keep[piece], rows_teacher,
                            float(student_temperature), float(teacher_temperature))
 
     # The ids path keeps only `[n, k]` / `[n]` tensors (and a reference to the logits) for backward, so its chunks

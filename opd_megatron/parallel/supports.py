@@ -31,8 +31,8 @@ from opd_megatron.losses.supports import (MODES, SparseTeacherLogprobs, Supporte
                                           _check_sparse_teacher, _log_normalize, _lookup, _safe_logsumexp,
                                           support_ids, top_k_positions)
 from opd_megatron.parallel.topk import gather_owned, scatter_sparse_to_shards, vocab_parallel_topk
-from opd_megatron.parallel.vocab_parallel import (check_inputs, chunked_rows, flatten_rows, ReduceFromTP, Shard,
-                                                  vocab_parallel_log_normalizer)
+from opd_megatron.parallel.vocab_parallel import (check_inputs, chunked_rows, flatten_rows, ReduceFromTP, row_pieces,
+                                                  Shard, vocab_parallel_log_normalizer)
 from opd_megatron.tensor_checks import MathInputError, require_choice, require_positive, require_positive_int
 
 TOPK_SUPPORTS = ("teacher_topk", "student_topk", "union")
@@ -123,6 +123,7 @@ def vocab_parallel_build_support(student_logits_shard: torch.Tensor,
                                  f"'renormalized'")
     taus = (float(student_temperature), float(teacher_temperature))
     rows = student.shape[0]
+    student_rows = row_pieces(student, chunk_size)
 
     def rows_of_inputs(piece: slice) -> SupportedDistributions:
         if sparse:
@@ -130,7 +131,7 @@ def vocab_parallel_build_support(student_logits_shard: torch.Tensor,
                 teacher.ids, teacher.logprobs, teacher.extra_ids, teacher.extra_logprobs)))
         else:
             piece_teacher = teacher_flat[piece]
-        return _support_rows(shard, support, k, mode, student[piece], piece_teacher, taus, dtype)
+        return _support_rows(shard, support, k, mode, student_rows(piece), piece_teacher, taus, dtype)
 
     out = chunked_rows(rows_of_inputs, rows, chunk_size, student.requires_grad)
     slots = out.student_logp.shape[-1]

@@ -526,6 +526,17 @@ def chunked_rows(rows_fn: Callable[[slice], Any], rows: int, chunk_size: Optiona
         return _concat([checkpoint(rows_fn, piece, use_reentrant=False) for piece in pieces])
 
 
+def row_pieces(tensor: torch.Tensor, chunk_size: Optional[int]) -> Callable[[slice], torch.Tensor]:
+    """`piece -> tensor[piece]` for the pieces of `row_chunks`, through one `torch.split`: autograd then joins the
+    chunks' gradients once (one `[N, ...]` buffer) instead of zero-filling a full-size gradient per chunk and
+    adding them up, as indexing each chunk would (that cost grows with the number of chunks times N)."""
+    if chunk_size is None:
+        return lambda piece: tensor[piece]
+    require_positive_int("chunk_size", chunk_size)
+    parts = {index * chunk_size: part for index, part in enumerate(tensor.split(chunk_size))}
+    return lambda piece: parts[piece.start] if piece.start in parts else tensor[piece]
+
+
 def divergence_rows(terms: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                     student_rows: Callable[[slice], torch.Tensor], teacher: Optional[torch.Tensor], shard: Shard,
                     student_temperature: float, teacher_temperature: float, rows: int, dtype: torch.dtype,
@@ -553,7 +564,7 @@ def _autograd_path(terms: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], 
                    teacher: Optional[torch.Tensor], shard: Shard, student_temperature: float,
                    teacher_temperature: float, chunk_size: Optional[int]) -> torch.Tensor:
     dtype = compute_dtype(student) if teacher is None else compute_dtype(student, teacher)
-    return divergence_rows(terms, lambda piece: student[piece], teacher, shard, student_temperature,
+    return divergence_rows(terms, row_pieces(student, chunk_size), teacher, shard, student_temperature,
                            teacher_temperature, student.shape[0], dtype, chunk_size, student.requires_grad)
 
 
