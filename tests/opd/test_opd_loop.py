@@ -178,3 +178,16 @@ def test_nan_logits_skip_or_stop_and_never_save_a_nan_model(quickstart, tmp_path
     for state in weights[1:]:
         for key, value in weights[0].items():
             assert torch.isfinite(state[key]).all() and torch.equal(state[key], value), key
+
+
+def test_eval_command_reproduces_the_final_evaluation(quickstart):
+    run_dir = quickstart["run_dir"]
+    result = _run(["eval", "--config", str(run_dir / "config.yaml"), "--checkpoint", str(run_dir / "checkpoints"),
+                   "logging.progress_bar=false"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout[result.stdout.index("{"):])
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert out["score"] == summary["student_score_after"]
+    assert abs(out["rkl"] - summary["rkl_after"]) <= 1e-6 * max(1.0, summary["rkl_after"])
+    assert out["teacher_score"] == summary["teacher_score"]
+    assert out["checkpoint"].endswith("iter_0000030")
