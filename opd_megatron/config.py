@@ -416,10 +416,7 @@ class GatesSection:
 
     def validate(self) -> None:
         from opd_megatron.gates import GateConfig
-        try:
-            GateConfig(**dataclasses.asdict(self))
-        except ValueError as exc:
-            raise ConfigError(f"opd.gates: {exc}") from exc
+        _check_with("opd.gates", GateConfig, self)
 
 
 @dataclass
@@ -437,10 +434,7 @@ class RoutingSection:
 
     def validate(self) -> None:
         from opd_megatron.routing import RoutingConfig
-        try:
-            RoutingConfig(**dataclasses.asdict(self))
-        except ValueError as exc:
-            raise ConfigError(f"opd.routing: {exc}") from exc
+        _check_with("opd.routing", RoutingConfig, self)
 
 
 @dataclass
@@ -822,6 +816,14 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
             return str(value)
         raise ConfigError(f"{key}: expected a string, got {value!r}")
     raise TypeError(f"config field {key} has an unsupported type {hint}")
+
+
+def _check_with(prefix: str, math_config: type, section: Any) -> None:
+    """Validate a section by building the math core's own config from it (one set of rules, named by key)."""
+    try:
+        math_config(**dataclasses.asdict(section))
+    except ValueError as exc:
+        raise ConfigError(f"{prefix}: {exc}") from exc
 
 
 def _require(ok: bool, key: str, expected: str, got: Any) -> None:

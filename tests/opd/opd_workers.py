@@ -97,7 +97,11 @@ def opd_step(tp: int, pp: int, student_init: str, teacher: str, out: str, routes
 
 
 def full_weights(paths: list[str]) -> list[dict[str, torch.Tensor]]:
-    cfg = load_config(None, MODEL + ["data.seq_length=24"])
+    return _weights(load_config(None, MODEL + ["data.seq_length=24"]), paths)
+
+
+def _weights(cfg, paths: list[str]) -> list[dict[str, torch.Tensor]]:
+    """The whole student's weights in each checkpoint, loaded at TP=1 with `cfg`'s model section."""
     ctx = init_parallel(cfg)
     trainable = wrap_for_training(build_student(cfg.model, cfg.parallel, ctx.device), cfg.optim, cfg.model, 4)
     out = []
@@ -120,13 +124,5 @@ def poison_checkpoint(source: str, target: str, config_path: str, overrides: lis
 
 
 def weights_of(config_path: str, overrides: list[str], paths: list[str]) -> list[dict[str, torch.Tensor]]:
-    """The whole student's weights in each checkpoint, loaded at TP=1 with the config's model section."""
-    cfg = load_config(config_path, overrides + ["run.algorithm=sft", "data.path=unused.jsonl"], validate=False)
-    ctx = init_parallel(cfg)
-    trainable = wrap_for_training(build_student(cfg.model, cfg.parallel, ctx.device), cfg.optim, cfg.model, 4)
-    out = []
-    for path in paths:
-        load_checkpoint(resolve_checkpoint(path), trainable, ctx, load_optimizer=False)
-        out.append({k: v.detach().clone() for k, v in trainable.module.state_dict().items()
-                    if isinstance(v, torch.Tensor) and "_extra_state" not in k})
-    return out
+    return _weights(load_config(config_path, overrides + ["run.algorithm=sft", "data.path=unused.jsonl"],
+                                validate=False), paths)
