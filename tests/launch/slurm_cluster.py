@@ -1,7 +1,7 @@
 """A real two-node Slurm cluster on this machine for the launch tests (see shared/docs/local-slurm.md).
 
 `SlurmCluster(root).start()` writes a slurm.conf under `root` (every state, spool, pid and log file there too),
-starts munged on a socket of its own and slurmctld + two slurmd (`n1`, `n2`, MULTIPLE_SLURMD-style NodeName lines
+starts munged on a socket of its own (in a /tmp dir the munge user can enter) and slurmctld + two slurmd (`n1`, `n2`, MULTIPLE_SLURMD-style NodeName lines
 on ports 17001/17002, both 127.0.0.1) and waits until both nodes are idle. Clients find the cluster through
 `SLURM_CONF` (`cluster.env()`); nothing is written to /etc except the `n1` / `n2` lines of /etc/hosts (torchrun's
 rendezvous resolves node names). `stop()` ends the daemons by the PIDs in their pid files.
@@ -17,6 +17,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from typing import Optional
@@ -81,7 +82,9 @@ class SlurmCluster:
     def __init__(self, root: Path | str):
         self.root = Path(root)
         self.conf = self.root / "slurm.conf"
-        self.munge_socket = self.root / "munge" / "munge.socket"
+        # munged runs as the munge user, which cannot enter pytest's 0700 temp dirs: its own dir under /tmp.
+        self.munge_dir = Path(tempfile.mkdtemp(prefix="opd-slurm-munge-"))
+        self.munge_socket = self.munge_dir / "munge.socket"
         self.ctld_port = _free_port()
         self.started: list[Path] = []  # pid files of the daemons this object started
 
@@ -94,7 +97,7 @@ class SlurmCluster:
         host = socket.gethostname()
         cpus = os.cpu_count() or 1
         memory = max(_mem_available_mb() - 1024, 1024)
-        for sub in ("state", "munge", *(f"spool/{n}" for n in NODES)):
+        for sub in ("state", *(f"spool/{n}" for n in NODES)):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         r = self.root
         lines = [
@@ -122,7 +125,8 @@ class SlurmCluster:
             raise RuntimeError(f"ports {busy} are in use: another local Slurm cluster is running?")
         ensure_hosts()
         self._write_conf()
-        munge_dir = self.munge_socket.parent
+        munge_dir = self.munge_dir
+        munge_dir.chmod(0o755)
         shutil.chown(munge_dir, "munge", "munge")
         self._daemon(["runuser", "-u", "munge", "--", _sbin("munged"), f"--socket={self.munge_socket}",
                       f"--pid-file={munge_dir}/munged.pid", f"--log-file={munge_dir}/munged.log",
@@ -182,6 +186,7 @@ class SlurmCluster:
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
         self.started.clear()
+        shutil.rmtree(self.munge_dir, ignore_errors=True)
 
     # -- jobs -------------------------------------------------------------------------------------------------
     def sbatch(self, args: list[str], env: dict[str, str], cwd: Path | str) -> int:
