@@ -80,7 +80,7 @@ class SupportedDistributions:
         return self.ids >= 0
 
 
-def _safe_logsumexp(x: torch.Tensor, dim: int = -1, keepdim: bool = False) -> torch.Tensor:
+def safe_logsumexp(x: torch.Tensor, dim: int = -1, keepdim: bool = False) -> torch.Tensor:
     """`logsumexp` that returns -inf with a zero (not NaN) gradient where every entry is -inf, as happens for
     the tail bucket when the support covers the whole vocabulary."""
     shift = x.detach().amax(dim=dim, keepdim=True)
@@ -92,7 +92,7 @@ def _safe_logsumexp(x: torch.Tensor, dim: int = -1, keepdim: bool = False) -> to
     return out if keepdim else out.squeeze(dim)
 
 
-def _log_normalize(x: torch.Tensor) -> torch.Tensor:
+def log_normalize(x: torch.Tensor) -> torch.Tensor:
     """`log_softmax` over the last dim (max subtracted first, as torch does, for precision) that leaves a row
     of all -inf (a support on which one side has no mass) all -inf, with a zero gradient instead of NaN."""
     shift = x.detach().amax(dim=-1, keepdim=True)
@@ -113,7 +113,7 @@ def top_k_positions(values: torch.Tensor, k: int) -> torch.Tensor:
     return take.nonzero()[:, -1].view(*values.shape[:-1], k)
 
 
-def _check_sparse_teacher(teacher: SparseTeacherLogprobs, leading: tuple[int, ...], vocab: int) -> None:
+def check_sparse_teacher(teacher: SparseTeacherLogprobs, leading: tuple[int, ...], vocab: int) -> None:
     pairs = [("teacher.ids", teacher.ids, "teacher.logprobs", teacher.logprobs)]
     if (teacher.extra_ids is None) != (teacher.extra_logprobs is None):
         raise MathInputError("teacher.extra_ids / teacher.extra_logprobs: expected both or neither, got one")
@@ -139,7 +139,7 @@ def _check_sparse_teacher(teacher: SparseTeacherLogprobs, leading: tuple[int, ..
                              f"full vocabulary (log_softmax), not logits")
 
 
-def _lookup(query_ids: torch.Tensor, ids: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def lookup_ids(query_ids: torch.Tensor, ids: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """values at query_ids `[..., K]` from the pairs (ids, values) `[..., n]`, and whether each was found.
     `[..., K, n]` comparisons: fine for the small k and n a server returns."""
     match = query_ids.unsqueeze(-1) == ids.unsqueeze(-2)
@@ -193,7 +193,7 @@ def build_support(student_logits: torch.Tensor, teacher: torch.Tensor | SparseTe
     leading = tuple(student_logits.shape[:-1])
     sparse = isinstance(teacher, SparseTeacherLogprobs)
     if sparse:
-        _check_sparse_teacher(teacher, leading, vocab)
+        check_sparse_teacher(teacher, leading, vocab)
         dtype = compute_dtype(student_logits, teacher.logprobs)
     elif isinstance(teacher, torch.Tensor):
         check_logits("teacher_logits", teacher)
@@ -257,7 +257,7 @@ def build_support(student_logits: torch.Tensor, teacher: torch.Tensor | SparseTe
         if teacher.extra_ids is not None:
             all_ids = torch.cat([all_ids, teacher.extra_ids.long()], dim=-1)
             all_lp = torch.cat([all_lp, teacher.extra_logprobs.detach().to(dtype)], dim=-1)
-        lq_s, found = _lookup(safe_ids, all_ids, all_lp)
+        lq_s, found = lookup_ids(safe_ids, all_ids, all_lp)
         missing = int((valid & ~found).sum())
         if missing:
             raise MathInputError(f"teacher: support {support!r} needs the teacher's logprobs on the student's "
@@ -270,17 +270,17 @@ def build_support(student_logits: torch.Tensor, teacher: torch.Tensor | SparseTe
         lq_s = lq.gather(-1, safe_ids).masked_fill(~valid, neg_inf)
 
     if mode == "renormalized":
-        lp_s, lq_s = _log_normalize(lp_s), _log_normalize(lq_s)
+        lp_s, lq_s = log_normalize(lp_s), log_normalize(lq_s)
     else:
         in_support = torch.zeros(lp.shape, dtype=torch.int32, device=lp.device)
         in_support = in_support.scatter_add(-1, safe_ids, valid.to(torch.int32)) > 0
-        tail_p = _safe_logsumexp(lp.masked_fill(in_support, neg_inf), keepdim=True)
+        tail_p = safe_logsumexp(lp.masked_fill(in_support, neg_inf), keepdim=True)
         if sparse:
-            covered = _safe_logsumexp(lq_s, keepdim=True).clamp_max(0.0)
+            covered = safe_logsumexp(lq_s, keepdim=True).clamp_max(0.0)
             tail_q = torch.log(-torch.expm1(covered))
             tail_q = tail_q.masked_fill(torch.isneginf(tail_p), neg_inf)
         else:
-            tail_q = _safe_logsumexp(lq.masked_fill(in_support, neg_inf), keepdim=True)
+            tail_q = safe_logsumexp(lq.masked_fill(in_support, neg_inf), keepdim=True)
         lp_s = torch.cat([lp_s, tail_p], dim=-1)
         lq_s = torch.cat([lq_s, tail_q], dim=-1)
     return SupportedDistributions(lp_s, lq_s, ids, support, k, mode, sparse)

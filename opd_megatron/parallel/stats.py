@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from opd_megatron.losses.distributional import compute_dtype
-from opd_megatron.losses.supports import SparseTeacherLogprobs, _check_sparse_teacher
+from opd_megatron.losses.supports import SparseTeacherLogprobs, check_sparse_teacher
 from opd_megatron.parallel.supports import _at_ids, _sparse_teacher_topk
 from opd_megatron.parallel.topk import vocab_parallel_topk
 from opd_megatron.parallel.vocab_parallel import (check_inputs, flatten_rows, global_log_normalizer, Shard,
@@ -63,7 +63,7 @@ def _teacher_topk_ids(shard: Shard, teacher: torch.Tensor | SparseTeacherLogprob
     vocab = shard.true_vocab_size
     if isinstance(teacher, SparseTeacherLogprobs):
         check_inputs(shard, {"student_logits_shard": student})
-        _check_sparse_teacher(teacher, leading, vocab)
+        check_sparse_teacher(teacher, leading, vocab)
         require_positive_int("k", k, at_most=teacher.ids.shape[-1],
                              what="the teacher top-k returned (teacher.ids per position)")
         return _sparse_teacher_topk(teacher, k).reshape(-1, k)

@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from opd_megatron.losses.distributional import compute_dtype
 from opd_megatron.losses.supports import (MODES, SparseTeacherLogprobs, SupportedDistributions,
-                                          _check_sparse_teacher, _log_normalize, _lookup, _safe_logsumexp,
+                                          check_sparse_teacher, log_normalize, lookup_ids, safe_logsumexp,
                                           support_ids, top_k_positions)
 from opd_megatron.parallel.topk import gather_owned, scatter_sparse_to_shards, vocab_parallel_topk
 from opd_megatron.parallel.vocab_parallel import (check_inputs, chunked_rows, flatten_rows, ReduceFromTP, row_pieces,
@@ -48,7 +48,7 @@ def _at_ids(shard: Shard, logits: torch.Tensor, ids: torch.Tensor) -> torch.Tens
 def _complement_logsumexp(shard: Shard, scaled: torch.Tensor, ids: torch.Tensor,
                           valid: torch.Tensor) -> torch.Tensor:
     """`log sum_{v not in S} exp(scaled_v)` `[N, 1]` over the unpadded vocabulary (padding is -inf in `scaled`),
-    S = `ids[valid]`; -inf with zero gradient where S covers the vocabulary (as `_safe_logsumexp`)."""
+    S = `ids[valid]`; -inf with zero gradient where S covers the vocabulary (as `safe_logsumexp`)."""
     local = ids - shard.start
     mine = valid & (local >= 0) & (local < shard.width)
     in_support = torch.zeros(scaled.shape, dtype=torch.int32, device=scaled.device)
@@ -102,7 +102,7 @@ def vocab_parallel_build_support(student_logits_shard: torch.Tensor,
     sparse = isinstance(teacher, SparseTeacherLogprobs)
     if sparse:
         check_inputs(shard, {"student_logits_shard": student})
-        _check_sparse_teacher(teacher, leading, vocab)
+        check_sparse_teacher(teacher, leading, vocab)
         dtype = compute_dtype(student, teacher.logprobs)
     elif isinstance(teacher, torch.Tensor):
         teacher_flat = flatten_rows("teacher", teacher).detach()
@@ -178,7 +178,7 @@ def _support_rows(shard: Shard, support: str, k: int, mode: str, student: torch.
             if teacher.extra_ids is not None:
                 all_ids = torch.cat([all_ids, teacher.extra_ids.long()], dim=-1)
                 all_lp = torch.cat([all_lp, teacher.extra_logprobs.detach().to(dtype)], dim=-1)
-            lq_s, found = _lookup(safe_ids, all_ids.reshape(-1, all_ids.shape[-1]),
+            lq_s, found = lookup_ids(safe_ids, all_ids.reshape(-1, all_ids.shape[-1]),
                                   all_lp.reshape(-1, all_lp.shape[-1]))
             missing = int((valid & ~found).sum())
             if missing:
@@ -188,7 +188,7 @@ def _support_rows(shard: Shard, support: str, k: int, mode: str, student: torch.
                                      f"extra_logprobs, or use support 'teacher_topk')")
             lq_s = (lq_s / teacher_temperature).masked_fill(~valid, neg_inf)
             if mode == "tail":
-                covered = _safe_logsumexp(lq_s, keepdim=True).clamp_max(0.0)
+                covered = safe_logsumexp(lq_s, keepdim=True).clamp_max(0.0)
                 tail_q = torch.log(-torch.expm1(covered)).masked_fill(torch.isneginf(tail_p), neg_inf)
         else:
             scaled_t = shard.scaled(teacher_flat, teacher_temperature, dtype)
@@ -201,7 +201,7 @@ def _support_rows(shard: Shard, support: str, k: int, mode: str, student: torch.
             lq_s = lq_s.masked_fill(~valid, neg_inf)
 
     if mode == "renormalized":
-        lp_s, lq_s = _log_normalize(lp_s), _log_normalize(lq_s)
+        lp_s, lq_s = log_normalize(lp_s), log_normalize(lq_s)
     else:
         lp_s = torch.cat([lp_s, tail_p], dim=-1)
         lq_s = torch.cat([lq_s, tail_q], dim=-1)
