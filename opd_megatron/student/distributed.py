@@ -84,7 +84,8 @@ def init_parallel(cfg: RunConfig, timeout_s: float = 600.0) -> ParallelContext:
             dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
                                     timeout=timedelta(seconds=timeout_s))
     p = cfg.parallel
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=p.tp, pipeline_model_parallel_size=p.pp)
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=p.tp, pipeline_model_parallel_size=p.pp,
+                                             expert_model_parallel_size=p.ep)
     ctx = ParallelContext(
         rank=dist.get_rank(), world_size=dist.get_world_size(), tp=p.tp, pp=p.pp,
         dp=parallel_state.get_data_parallel_world_size(),
