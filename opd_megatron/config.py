@@ -670,9 +670,9 @@ class RunConfig:
                               f"{p.tp} x {p.pp} = {p.tp * p.pp}; launch tp*pp*dp processes "
                               f"(e.g. torchrun --nproc_per_node {p.tp * p.pp})")
         dp = p.dp(world_size)
-        if (dp * p.tp) % p.ep != 0:
-            raise ConfigError(f"parallel.ep={p.ep} must divide tp x dp = {p.tp} x {dp} (megatron splits the experts "
-                              f"over ranks of the tensor x data-parallel group)")
+        if dp % p.ep != 0:
+            raise ConfigError(f"parallel.ep={p.ep} must divide the data-parallel size dp={dp} (megatron needs "
+                              f"tp x ep x pp to divide the world size {world_size})")
         if p.global_batch_size % (p.micro_batch_size * dp) != 0:
             raise ConfigError(f"parallel.global_batch_size={p.global_batch_size} is not divisible by "
                               f"parallel.micro_batch_size x dp = {p.micro_batch_size} x {dp}; expected a multiple "
