@@ -671,7 +671,7 @@ class RunConfig:
                               f"(e.g. torchrun --nproc_per_node {p.tp * p.pp})")
         dp = p.dp(world_size)
         if dp % p.ep != 0:
-            raise ConfigError(f"parallel.ep={p.ep} must divide the data-parallel size dp={dp} (megatron needs "
+            raise ConfigError(f"parallel.ep={p.ep} must divide the data-parallel size {dp} (megatron needs "
                               f"tp x ep x pp to divide the world size {world_size})")
         if p.global_batch_size % (p.micro_batch_size * dp) != 0:
             raise ConfigError(f"parallel.global_batch_size={p.global_batch_size} is not divisible by "

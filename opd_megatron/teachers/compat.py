@@ -153,7 +153,7 @@ def _chat_templates(student: Tokenizer, teacher: Tokenizer) -> tuple[str, Option
 def _check_token_maps(where: str, mine: Mapping[str, int], theirs: Mapping[str, int]) -> None:
     if mine == theirs:
         return
-    for token in sorted(set(mine) | set(theirs), key=lambda t: min(mine.get(t, 1 << 62), theirs.get(t, 1 << 62))):
+    for token in sorted(set(mine) | set(theirs), key=lambda t: (min(mine.get(t, 1 << 62), theirs.get(t, 1 << 62)), t)):
         if mine.get(token) != theirs.get(token):
             raise VocabMismatchError(f"{where}: token {token!r} has id {mine.get(token)} in the student's "
                                      f"vocabulary, {theirs.get(token)} in the teacher's")
