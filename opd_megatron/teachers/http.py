@@ -400,12 +400,15 @@ class ServedTeacher(Teacher):
                 raise TeacherError(f"{where}: {len(parsed)} rows in the reply, expected {len(rows)}")
             for row, scores in zip(rows, parsed):
                 start, stop = int(request.score_start[row]), lengths[row] - 1
-                self._check_row(scores, stop - start, k, vocab, f"{where} row {row}")
+                self._check_row(scores, stop - start, k, f"{where} row {row}")
                 sampled[row, start:stop] = torch.tensor(scores.sampled, dtype=torch.float32)
                 if k:
                     topk_ids[row, start:stop] = torch.tensor(scores.topk_ids, dtype=torch.int64).view(-1, k)
                     topk_logprobs[row, start:stop] = torch.tensor(scores.topk_logprobs,
                                                                   dtype=torch.float32).view(-1, k)
+                _check_values(f"{where} row {row}", vocab, sampled[row, start:stop],
+                              None if not k else topk_logprobs[row, start:stop],
+                              None if not k else topk_ids[row, start:stop])
                 if extra is not None:
                     extra[row, start:stop] = _pick_extra(request.extra_ids[row, start:stop], scores.extra,
                                                          f"{where} row {row}", start)
@@ -414,24 +417,29 @@ class ServedTeacher(Teacher):
         return result.check(request, vocab)
 
     @staticmethod
-    def _check_row(scores: RowScores, n: int, k: int, vocab: int, where: str) -> None:
-        """Lengths, ranges and values, with the server named (TeacherScores.check repeats the value checks)."""
+    def _check_row(scores: RowScores, n: int, k: int, where: str) -> None:
+        """Lengths, with the server named; values and ids are checked on the row's tensors (`_check_values`)."""
         if len(scores.sampled) != n:
             raise TeacherError(f"{where}: {len(scores.sampled)} scored positions in the reply, expected {n}")
-        values = list(scores.sampled)
-        if k:
-            if len(scores.topk_ids) != n or any(len(ids) != k for ids in scores.topk_ids):
-                raise TeacherError(f"{where}: top-k reply is not {n} positions x {k} entries")
-            for ids in scores.topk_ids:
-                bad = [i for i in ids if not 0 <= i < vocab]
-                if bad:
-                    raise TeacherError(f"{where}: top-k ids {bad[:5]} outside [0, {vocab}) (teacher.vocab_size: "
-                                       f"is the server's tokenizer the student's?)")
-            values += [v for row in scores.topk_logprobs for v in row]
-        bad_values = [v for v in values if not math.isfinite(v) or v > 1e-4]
-        if bad_values:
-            raise TeacherError(f"{where}: {len(bad_values)} logprobs that are NaN/inf or positive "
-                               f"(first {bad_values[0]!r}); expected finite values <= 0")
+        if k and (len(scores.topk_ids) != n or any(len(ids) != k for ids in scores.topk_ids)):
+            raise TeacherError(f"{where}: top-k reply is not {n} positions x {k} entries")
+
+
+def _check_values(where: str, vocab: int, sampled: torch.Tensor, topk_logprobs: Optional[torch.Tensor],
+                  topk_ids: Optional[torch.Tensor]) -> None:
+    """A row's logprobs finite and <= 0 and its top-k ids in [0, vocab), as tensor reductions, the server named
+    (TeacherScores.check repeats the value checks on the whole batch)."""
+    if topk_ids is not None and topk_ids.numel() and (int(topk_ids.min()) < 0 or int(topk_ids.max()) >= vocab):
+        bad = topk_ids[(topk_ids < 0) | (topk_ids >= vocab)]
+        raise TeacherError(f"{where}: top-k ids {bad[:5].tolist()} outside [0, {vocab}) (teacher.vocab_size: is the "
+                           f"server's tokenizer the student's?)")
+    for values in (sampled, topk_logprobs):
+        if values is None or not values.numel():
+            continue
+        bad = ~torch.isfinite(values) | (values > 1e-4)
+        if bool(bad.any()):
+            raise TeacherError(f"{where}: {int(bad.sum())} logprobs that are NaN/inf or positive (first "
+                               f"{float(values[bad][0])!r}); expected finite values <= 0")
 
 
 def _pick_extra(extra_ids: torch.Tensor, maps: Optional[list[dict[int, float]]], where: str,
