@@ -76,6 +76,25 @@ class JsonlRecord:
     target: str
 
 
+def parse_json_line(raw: bytes, where: str) -> Optional[dict]:
+    """One line of a JSONL file -> its JSON object, or None for a blank line; anything else is a `DataError`
+    naming `where` (file and line) and what was expected."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{where}: expected UTF-8 text ({exc})") from None
+    if not line.strip():
+        return None
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno}); expected one JSON "
+                        f"object a line") from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
 class JsonlReader:
     """Iterates over the valid records of a JSONL file, streaming; `skipped_lines` fills as it goes."""
 
@@ -105,19 +124,9 @@ class JsonlReader:
 
     def _parse(self, raw: bytes, line_number: int) -> Optional[JsonlRecord]:
         where = f"{self.path}, line {line_number}"
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise DataError(f"{where}: expected UTF-8 text ({exc})") from None
-        if not line.strip():
+        obj = parse_json_line(raw, where)
+        if obj is None:
             return None
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno}); expected one JSON "
-                            f"object a line") from None
-        if not isinstance(obj, dict):
-            raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
         pk, rk, tk = self.prompt_key, self.response_key, self.text_key
         expected_keys = f"expected keys {pk!r} and {rk!r}, or {tk!r}"
         has_pair = pk in obj or rk in obj

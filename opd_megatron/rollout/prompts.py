@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from opd_megatron.data.jsonl import DataError
+from opd_megatron.data.jsonl import DataError, parse_json_line
 from opd_megatron.data.tokenizer import Tokenizer
 from opd_megatron.tasks.base import Task
 
@@ -59,20 +59,12 @@ class PromptSource:
         with path.open("rb") as stream:
             for number, raw in enumerate(stream, start=1):
                 where = f"{path}, line {number}"
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as exc:
-                    raise DataError(f"{where}: expected UTF-8 text ({exc})") from None
-                if not line.strip():
+                obj = parse_json_line(raw, where)
+                if obj is None:
                     continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno}); expected one "
-                                    f"JSON object a line") from None
-                if not isinstance(obj, dict) or not isinstance(obj.get(prompt_key), str) or not obj[prompt_key]:
+                if not isinstance(obj.get(prompt_key), str) or not obj[prompt_key]:
                     raise DataError(f"{where}: expected an object with a non-empty string {prompt_key!r}, got "
-                                    f"{line.strip()[:120]}")
+                                    f"{json.dumps(obj)[:120]}")
                 answer = obj.get(answer_key)
                 if answer is not None and not isinstance(answer, str):
                     raise DataError(f"{where}: {answer_key!r} must be a string, got {type(answer).__name__}")
