@@ -56,7 +56,6 @@ def make_teacher(out: str) -> str:
 
 
 def worker(tp: int, teacher: str, out: str, steps: int, warmup: int) -> dict:
-    import torch
     from opd_megatron.config import load_config
     from opd_megatron.opd_train import OpdRun, StudentInput
     from opd_megatron.student.distributed import init_parallel

@@ -121,6 +121,19 @@ class OpdObjective:
         scores.logits_shard = _to_shard(scores.logits_shard, logits_shard.shape[-1]).to(logits_shard.device)
         return scores
 
+    def teacher_token_logprobs(self, scores: TeacherScores, labels: torch.Tensor) -> torch.Tensor:
+        """`log q(y_t)` `[B, S]` of the sampled tokens: from the logits shard (dense teachers, at the teacher
+        temperature) or as served."""
+        if scores.logits_shard is not None:
+            return vp.vocab_parallel_token_logprobs(scores.logits_shard.detach(), labels, self.teacher_cfg.temperature,
+                                                    self.vocab, chunk_size=self.opd.chunk_size)
+        return scores.sampled_logprobs.to(labels.device)
+
+    @property
+    def credit_gamma(self) -> float:
+        """The discount the configured estimator uses (return-to-go is gamma = 1 by definition)."""
+        return self.opd.gamma if self.opd.estimator in ("discounted", "baseline", "single_step") else 1.0
+
     # -- the loss ------------------------------------------------------------------------------------------------
     def micro_batch_loss(self, logits_shard: torch.Tensor, mb: RolloutBatch,
                          hidden: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, MicroBatchStats]:
@@ -146,10 +159,7 @@ class OpdObjective:
         tau_s, tau_t = opd.student_temperature, self.teacher_cfg.temperature
         if teacher_shard is not None:
             teacher_shard = teacher_shard.detach()
-            teacher_logp = vp.vocab_parallel_token_logprobs(teacher_shard, labels, tau_t, vocab, chunk_size=chunk)
-        else:
-            teacher_logp = scores.sampled_logprobs.to(device)
-        teacher_logp = torch.where(keep, teacher_logp, 0.0)
+        teacher_logp = torch.where(keep, self.teacher_token_logprobs(scores, labels), 0.0)
         sparse = None if teacher_shard is not None else _sparse_teacher(scores, keep)
 
         student_logp = vp.vocab_parallel_token_logprobs(logits_shard, labels, tau_s, vocab, chunk_size=chunk)
@@ -265,10 +275,10 @@ class OpdObjective:
                 returns = credit_advantages(log_ratio, mask, "discounted", gamma=opd.gamma)
                 value_loss = 0.5 * (((values - returns) ** 2) * mask).sum()
                 stats.values, stats.value_targets = values.detach(), returns
-            gamma = opd.gamma if opd.estimator in ("discounted", "baseline", "single_step") else 1.0
             if opd.estimator == "single_step":
                 kwargs["length_normalized"] = opd.length_normalized
-            adv = credit_advantages(log_ratio, mask, opd.estimator, gamma, baseline=opd.baseline, **kwargs)
+            adv = credit_advantages(log_ratio, mask, opd.estimator, self.credit_gamma, baseline=opd.baseline,
+                                    **kwargs)
         if opd.outcome_beta and mb.rewards is not None and mb.advantages is None:
             adv = outcome_hybrid(adv, mask, mb.rewards.to(adv.device), opd.outcome_alpha, opd.outcome_beta,
                                  group_ids=mb.group_ids.to(adv.device))

@@ -53,7 +53,7 @@ from opd_megatron.student.optimizer import current_lr, optimizer_step, wrap_for_
 from opd_megatron.student.schedule import forward_backward
 from opd_megatron.student.value_head import ValueHead
 from opd_megatron.tasks import get_task
-from opd_megatron.teachers.base import NonFiniteTeacherError, Teacher, TeacherScores
+from opd_megatron.teachers.base import NonFiniteTeacherError, TeacherScores
 from opd_megatron.teachers.factory import build_teacher
 
 log = logging.getLogger("opd_megatron.opd_train")
@@ -286,11 +286,7 @@ class OpdRun:
                     return logits.sum() * 0.0, mb.loss_mask.sum()
                 labels = mb.labels.to(logits.device)
                 student = vp.vocab_parallel_token_logprobs(logits, labels, opd.student_temperature, self.vocab)
-                if scores.logits_shard is not None:
-                    teacher = vp.vocab_parallel_token_logprobs(scores.logits_shard, labels,
-                                                               self.cfg.teacher.temperature, self.vocab)
-                else:
-                    teacher = scores.sampled_logprobs.to(logits.device)
+                teacher = self.objective.teacher_token_logprobs(scores, labels)
                 captured.append(torch.where(mb.loss_mask.to(logits.device) > 0, teacher - student, 0.0).cpu())
             zero = logits.sum() * 0.0
             return zero, mb.loss_mask.sum()
@@ -300,9 +296,9 @@ class OpdRun:
         if not parallel_state.is_pipeline_last_stage():
             return
         log_ratio = torch.cat(captured) * opd.kl_coef
-        gamma = opd.gamma if opd.estimator in ("discounted", "baseline") else 1.0
-        adv = credit_advantages(log_ratio, batch.loss_mask, opd.estimator, gamma, baseline=opd.baseline,
-                                group_ids=batch.group_ids)
+        extra = {"length_normalized": opd.length_normalized} if opd.estimator == "single_step" else {}
+        adv = credit_advantages(log_ratio, batch.loss_mask, opd.estimator, self.objective.credit_gamma,
+                                baseline=opd.baseline, group_ids=batch.group_ids, **extra)
         if opd.outcome_beta and batch.rewards is not None:
             adv = outcome_hybrid(adv, batch.loss_mask, batch.rewards, opd.outcome_alpha, opd.outcome_beta,
                                  group_ids=batch.group_ids)
@@ -517,7 +513,7 @@ class OpdRun:
                 else:
                     labels = mb.labels.to(logits.device)
                     student = vp.vocab_parallel_token_logprobs(logits, labels, opd.student_temperature, self.vocab)
-                    per_token = student - scores.sampled_logprobs.to(logits.device)
+                    per_token = student - self.objective.teacher_token_logprobs(scores, labels)
                 return (per_token * mask).sum(), mask.sum()
 
         micro = [StudentInput(tokens=mb.input_tokens, rollout=mb)

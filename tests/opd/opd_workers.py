@@ -3,7 +3,6 @@ at a given TP/PP layout, from shared student and teacher checkpoints, for each r
 
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 

@@ -5,7 +5,6 @@ constant normaliser; GAE with a value head; MiniLLM's single-step decomposition)
 reference-KL regulariser, an entropy bonus and a teacher-confidence gate.""" 
 
 import pytest
-import torch
 
 from tests.harness import run_distributed
 from tests.opd import opd_workers as w

@@ -3,7 +3,6 @@ encoding (same map, other pre-tokeniser), token map, or a short embedding is a V
 differs; a served teacher is checked on its reported size; chat templates are compared and reported."""
 
 import pytest
-import torch
 
 from opd_megatron.data.tokenizer import ByteTokenizer, load_tokenizer
 from opd_megatron.teachers.compat import (VocabMismatchError, check_teacher_compatible, check_teachers_compatible,
