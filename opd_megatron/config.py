@@ -421,7 +421,8 @@ class GatesSection:
 
 @dataclass
 class RoutingSection:
-    """CR-OPD candidate set and routing weights (see routing.RoutingConfig)."""
+    """CR-OPD routed-loss form, candidate set and routing weights (see routing.RoutingConfig)."""
+    form: Literal["matched", "kl_target"] = "matched"
     teacher_support: Literal["topk", "threshold"] = "topk"
     teacher_top_k: int = 20
     teacher_min_prob: float = 1e-3
@@ -456,6 +457,10 @@ class OpdSection:
     support_k: int = 16
     support_mode: Literal["renormalized", "tail"] = "tail"
     student_temperature: float = 1.0
+    # Sampling at a rollout.temperature other than student_temperature trains pi on states of another
+    # distribution; the sampler-mismatch weight pi_theta_old / mu then differs from 1 on every token (corrected
+    # by truncated IS, logged as mismatch/*). Refused unless this says it is intended.
+    allow_temperature_mismatch: bool = False
     estimator: Literal["immediate", "return_to_go", "discounted", "baseline", "single_step", "gae"] = "immediate"
     length_normalized: bool = False      # single_step: MiniLLM's G_(t+1) / (T - t - 1)
     gamma: float = 1.0
@@ -517,8 +522,12 @@ class OpdSection:
 @dataclass
 class EvalSection:
     """Held-out evaluation (task score and per-token reverse KL to the teacher): before, every `interval` steps
-    (0 = only before and after) and after training, on `prompts` held-out prompts, greedy."""
+    (0 = only before and after) and after training, on `prompts` prompts training never samples. A task evaluates
+    on its eval split; rollout.source=jsonl on the first `prompts` records of `path` (a JSONL file read with the
+    rollout keys) or, without it, on `prompts` records held out of rollout.path by a hash of their text
+    (rollout/prompts.py)."""
     prompts: int = 200
+    path: str = ""
     interval: int = 0
     max_new_tokens: Optional[int] = None   # default: rollout.max_new_tokens
     batch_size: int = 100
@@ -637,6 +646,17 @@ class RunConfig:
                          f">= opd.support_k={o.support_k} with teacher.kind=sglang (the teacher's logprobs on the "
                          f"student's top-k come from SGLang's token_ids_logprob; vLLM cannot score chosen ids)",
                          t.score_student_topk)
+        if r.temperature != o.student_temperature and not o.allow_temperature_mismatch:
+            raise ConfigError(f"rollout.temperature={r.temperature} differs from opd.student_temperature="
+                              f"{o.student_temperature}: the loss's distribution would not be the one that samples "
+                              f"(the sampler-mismatch weight pi_old/mu != 1 on every token); set them equal, or set "
+                              f"opd.allow_temperature_mismatch=true if this is intended (then consider "
+                              f"opd.gates.truncated_is to correct it)")
+        if t.overlap and o.loss in ("policy_gradient", "cr_opd"):
+            corrected = (o.loss == "policy_gradient" and o.ratio == "ppo") or o.gates.truncated_is is not None
+            _require(corrected, "teacher.overlap", f"false with opd.loss={o.loss} unless the one-update staleness "
+                     f"is corrected: opd.ratio=ppo (the PPO ratio against the sampling weights, policy_gradient "
+                     f"only) or opd.gates.truncated_is=[0.5, 2.0] (weights pi/mu)", True)
         if o.loss == "divergence":
             _require(o.estimator == "immediate" and o.ratio == "logprob", "opd.estimator",
                      "the default (immediate, ratio logprob) with opd.loss=divergence: credit estimators and "

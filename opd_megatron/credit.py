@@ -124,6 +124,24 @@ def advantages(log_ratio: torch.Tensor, mask: torch.Tensor, estimator: str, gamm
     return torch.where(mask, returns - b, 0.0)
 
 
+def batch_mean_advantages(returns: torch.Tensor, mask: torch.Tensor, column_sums: torch.Tensor,
+                          column_counts: torch.Tensor) -> torch.Tensor:
+    """`A_t = G_t - b_t` with the leave-one-out per-position batch mean `b_t` over the WHOLE global batch, from its
+    per-column totals: `returns`, `mask` `[B, T]` (this data-parallel rank's rows), `column_sums`,
+    `column_counts` `[T]`: `sum_j m_j,t G_j,t` and `sum_j m_j,t` over every row of every data-parallel rank (an
+    all-reduce of this rank's totals). Equals `advantages(..., "baseline", baseline="batch_mean")` on the
+    concatenated global batch; a rank-local mean would make the estimator depend on the data-parallel size."""
+    returns, mask = _check_log_ratio(returns, mask, name="returns")
+    if tuple(column_sums.shape) != (returns.shape[1],) or tuple(column_counts.shape) != (returns.shape[1],):
+        raise MathInputError(f"column_sums, column_counts: expected shape ({returns.shape[1]},), got "
+                             f"{tuple(column_sums.shape)} and {tuple(column_counts.shape)}")
+    own = torch.where(mask, returns, 0.0)
+    weight = mask.to(returns.dtype)
+    others = column_counts.to(returns.dtype)[None, :] - weight
+    b = torch.where(others > 0, (column_sums.to(returns.dtype)[None, :] - own) / others.clamp_min(1.0), 0.0)
+    return torch.where(mask, returns - b, 0.0)
+
+
 def returns_to_go(log_ratio: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
     """`G^gamma_t = r_t + gamma G^gamma_{next unmasked t'}` on unmasked positions, 0 on masked ones; `[B, T]`.
     gamma = 1 is MiniLLM's return-to-go [MiniLLM], gamma < 1 the discounted return. Masked positions are passed
@@ -150,18 +168,41 @@ def gae(log_ratio: torch.Tensor, mask: torch.Tensor, values: torch.Tensor, gamma
     return GaeOutput(advantages=advantage, value_targets=targets)
 
 
+def centred_rewards(rewards: torch.Tensor, reward_baseline: str = "group_mean",
+                    group_ids: torch.Tensor | None = None, group_size: int | None = None) -> torch.Tensor:
+    """`R - b_R` `[B]`, the outcome term of the hybrid [Survey]. `rewards` `R(x, y)` `[B]`. `reward_baseline`:
+    `"group_mean"` (leave-one-out mean of R over the other rollouts of the same prompt, as RLOO: `group_ids` `[B]`
+    or `group_size`), `"batch_mean"` (leave-one-out over the batch) or `"none"`. A rollout alone in its group gets
+    `b_R = 0`. Needs every row of a group at once: computing it on a micro-batch that splits a group changes the
+    estimator (the loop computes it on the whole batch; groups never cross data-parallel ranks)."""
+    require_choice("reward_baseline", reward_baseline, REWARD_BASELINES)
+    if not torch.is_tensor(rewards) or rewards.dim() != 1 or not rewards.is_floating_point():
+        raise MathInputError(f"rewards: expected a float tensor of shape (B,) (one reward per sequence), got "
+                             f"{tuple(rewards.shape) if torch.is_tensor(rewards) else type(rewards).__name__}")
+    rewards = rewards.detach()
+    require_finite_where("rewards", rewards, torch.ones_like(rewards, dtype=torch.bool))
+    if reward_baseline != "group_mean" and (group_ids is not None or group_size is not None):
+        raise MathInputError(f"group_ids/group_size: only used with reward_baseline='group_mean', "
+                             f"got reward_baseline={reward_baseline!r}")
+    if reward_baseline == "none":
+        return rewards
+    batch = rewards.shape[0]
+    index = (_group_index(batch, group_ids, group_size, rewards.device) if reward_baseline == "group_mean"
+             else torch.zeros(batch, dtype=torch.long, device=rewards.device))
+    all_rows = torch.ones(batch, 1, dtype=torch.bool, device=rewards.device)
+    return rewards - leave_one_out_mean(rewards[:, None], all_rows, index)[:, 0]
+
+
 def outcome_hybrid(opd_advantages: torch.Tensor, mask: torch.Tensor, rewards: torch.Tensor, alpha: float = 1.0,
                    beta: float = 1.0, reward_baseline: str = "group_mean", group_ids: torch.Tensor | None = None,
                    group_size: int | None = None) -> torch.Tensor:
     """Outcome/verifier hybrid [Survey]: `A_t = alpha * A_t^OPD + beta * (R - b_R)` on unmasked positions, `[B, T]`.
 
     `opd_advantages` `[B, T]` (from `advantages`), `rewards` `R(x, y)` `[B]` (one per sequence, broadcast over its
-    tokens). `reward_baseline`: `"group_mean"` (leave-one-out mean of R over the other rollouts of the same prompt,
-    as RLOO: `group_ids` `[B]` or `group_size`), `"batch_mean"` (leave-one-out over the batch) or `"none"`. A
-    rollout alone in its group gets `b_R = 0`. `alpha`, `beta` finite reals.
+    tokens); `reward_baseline`, `group_ids`, `group_size` as in `centred_rewards` (`"none"` takes `rewards` as
+    already centred). `alpha`, `beta` finite reals.
     """
     opd_advantages, mask = _check_log_ratio(opd_advantages, mask, name="opd_advantages")
-    require_choice("reward_baseline", reward_baseline, REWARD_BASELINES)
     for name, value in (("alpha", alpha), ("beta", beta)):
         if not (isinstance(value, (int, float)) and math.isfinite(value)):
             raise MathInputError(f"{name}: expected a finite real number, got {value!r}")
@@ -169,19 +210,7 @@ def outcome_hybrid(opd_advantages: torch.Tensor, mask: torch.Tensor, rewards: to
     if not torch.is_tensor(rewards) or tuple(rewards.shape) != (batch,):
         raise MathInputError(f"rewards: expected shape ({batch},) (one reward per sequence), "
                              f"got {tuple(rewards.shape) if torch.is_tensor(rewards) else type(rewards).__name__}")
-    rewards = rewards.detach().to(opd_advantages.dtype)
-    require_finite_where("rewards", rewards, torch.ones_like(rewards, dtype=torch.bool))
-    if reward_baseline != "group_mean" and (group_ids is not None or group_size is not None):
-        raise MathInputError(f"group_ids/group_size: only used with reward_baseline='group_mean', "
-                             f"got reward_baseline={reward_baseline!r}")
-    if reward_baseline == "none":
-        centred = rewards
-    else:
-        device = opd_advantages.device
-        index = (_group_index(batch, group_ids, group_size, device) if reward_baseline == "group_mean"
-                 else torch.zeros(batch, dtype=torch.long, device=device))
-        all_rows = torch.ones(batch, 1, dtype=torch.bool, device=device)
-        centred = rewards - leave_one_out_mean(rewards[:, None], all_rows, index)[:, 0]
+    centred = centred_rewards(rewards.to(opd_advantages.dtype), reward_baseline, group_ids, group_size)
     return torch.where(mask, alpha * opd_advantages + beta * centred[:, None], 0.0)
 
 

@@ -23,8 +23,17 @@ Keys (all floats):
     routing/empty_candidate_rate           share of negative-advantage tokens with an empty `C_t` (the fallback)
     routing/candidate_count_mean           mean `|C_t|` over negative-advantage tokens
     gates/<name>_keep_rate                 each given gate keep rate (`gates.token_weights(...).keep_rates`)
-    importance/ratio_mean, importance/ratio_max   `pi(y_t) / mu(y_t)` over masked tokens (log capped at 50)
-    importance/clip_fraction               share of ratios outside `ratio_interval` (both ends inside)
+    importance/ratio_mean, importance/ratio_min, importance/ratio_max   the PPO ratio
+                                           `pi_theta(y_t) / pi_theta_old(y_t)`, both under the loss's distribution
+                                           (full softmax at the student temperature): exactly 1 on fresh
+                                           on-policy data, whatever the rollout's top-p / top-k / temperature
+    importance/clip_fraction               share of PPO ratios outside `ratio_interval` (both ends inside)
+    mismatch/ratio_mean, mismatch/ratio_min, mismatch/ratio_max   the sampler-mismatch weight
+                                           `pi_theta_old(y_t) / mu(y_t)`: the loss's distribution at the sampling
+                                           weights vs what actually sampled (truncated / tempered sampling, engine
+                                           numerics); corrected by truncated IS, never by the PPO clip
+    mismatch/outside_fraction              share of mismatch weights outside `mismatch_interval`
+    mismatch/log_ratio_abs_mean            mean `|log pi_theta_old(y_t) - log mu(y_t)|`
     advantage/mean, advantage/std          of `A_t`
     rollout/staleness_mean, rollout/staleness_max   optimizer updates between `mu` and `pi` (per sequence)
     rollout/response_length_mean, rollout/response_length_max
@@ -103,6 +112,7 @@ def batch_diagnostics(mask: Optional[torch.Tensor] = None, *,
                       teacher_logprobs: Optional[torch.Tensor] = None,
                       log_ratio: Optional[torch.Tensor] = None,
                       behaviour_logprobs: Optional[torch.Tensor] = None,
+                      old_logprobs: Optional[torch.Tensor] = None,
                       advantages: Optional[torch.Tensor] = None,
                       gate_keep_rates: Optional[Mapping[str, float]] = None,
                       routing_stats: Optional["RoutingStats"] = None,
@@ -115,6 +125,7 @@ def batch_diagnostics(mask: Optional[torch.Tensor] = None, *,
                       top_k: int = 8,
                       quantiles: Sequence[float] = (0.05, 0.25, 0.5, 0.75, 0.95),
                       ratio_interval: tuple[float, float] = (0.8, 1.2),
+                      mismatch_interval: tuple[float, float] = (0.5, 2.0),
                       student_temperature: float = 1.0,
                       teacher_temperature: float = 1.0) -> dict[str, float]:
     """The spec's diagnostics from one batch, as a flat `dict[str, float]` (keys in the module docstring).
@@ -123,15 +134,17 @@ def batch_diagnostics(mask: Optional[torch.Tensor] = None, *,
     Shapes (`[...]` is the token layout, `[B, T]` for a batch): `mask [...]` (default: every position of the
     per-token inputs); `student_logits`, `teacher_logits [..., V]` (at `student_temperature`,
     `teacher_temperature`); `teacher_topk_ids`, `teacher_topk_logprobs [..., K]` (a served teacher, used as given);
-    `sampled_ids [...]` (`y_t`); `student_logprobs`, `teacher_logprobs`, `behaviour_logprobs [...]` (sampled-token
-    log-probs under `pi`, `q`, `mu`); `log_ratio [...]` (`r_t`, else `teacher_logprobs - student_logprobs`, each
+    `sampled_ids [...]` (`y_t`); `student_logprobs`, `teacher_logprobs`, `behaviour_logprobs`, `old_logprobs [...]`
+    (sampled-token log-probs under `pi`, `q`, the sampler `mu`, and the loss's distribution at the sampling
+    weights `pi_theta_old`; without `old_logprobs`, the PPO ratio is not reported and `mu` stands for nothing
+    else); `log_ratio [...]` (`r_t`, else `teacher_logprobs - student_logprobs`, each
     read from the logits at `sampled_ids` when not given); `advantages`, `values`, `value_targets [...]`;
     `staleness` (a number or `[B]`); `response_lengths [B]`; `teacher_tokens` (tokens the teacher scored in
     `wall_time_s` seconds).
     """
     per_token = {name: t for name, t in dict(
         sampled_ids=sampled_ids, student_logprobs=student_logprobs, teacher_logprobs=teacher_logprobs,
-        log_ratio=log_ratio, behaviour_logprobs=behaviour_logprobs, advantages=advantages, values=values,
+        log_ratio=log_ratio, behaviour_logprobs=behaviour_logprobs, old_logprobs=old_logprobs, advantages=advantages, values=values,
         value_targets=value_targets).items() if t is not None}
     per_vocab = {name: t for name, t in dict(
         student_logits=student_logits, teacher_logits=teacher_logits, teacher_topk_ids=teacher_topk_ids,
@@ -256,11 +269,23 @@ def batch_diagnostics(mask: Optional[torch.Tensor] = None, *,
         if student_logp is not None:
             out["entropy/student"] = _mean(_entropy(student_logp), keep)
 
-        if student_logprobs is not None and behaviour_logprobs is not None:
-            ratio = (student_logprobs.double() - behaviour_logprobs.double()).clamp(max=LOG_RATIO_CAP).exp()[keep]
+        # Two ratios, never confused (opd-math.md, Route B): the PPO ratio pi_theta / pi_theta_old under the loss's
+        # distribution, and the sampler-mismatch weight pi_theta_old / mu.
+        if student_logprobs is not None and old_logprobs is not None:
+            ratio = (student_logprobs.double() - old_logprobs.double()).clamp(max=LOG_RATIO_CAP).exp()[keep]
             out["importance/ratio_mean"] = float(ratio.mean())
+            out["importance/ratio_min"] = float(ratio.min())
             out["importance/ratio_max"] = float(ratio.max())
             out["importance/clip_fraction"] = float(((ratio < low) | (ratio > high)).double().mean())
+        if old_logprobs is not None and behaviour_logprobs is not None:
+            log_w = (old_logprobs.double() - behaviour_logprobs.double())[keep]
+            weight = log_w.clamp(max=LOG_RATIO_CAP).exp()
+            m_low, m_high = mismatch_interval
+            out["mismatch/ratio_mean"] = float(weight.mean())
+            out["mismatch/ratio_min"] = float(weight.min())
+            out["mismatch/ratio_max"] = float(weight.max())
+            out["mismatch/outside_fraction"] = float(((weight < m_low) | (weight > m_high)).double().mean())
+            out["mismatch/log_ratio_abs_mean"] = float(log_w.abs().mean())
 
         if advantages is not None:
             out["advantage/mean"] = _mean(advantages, keep)

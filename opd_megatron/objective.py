@@ -31,7 +31,7 @@ from megatron.core import parallel_state
 from opd_megatron.config import OpdSection, TeacherSection
 from opd_megatron.credit import advantages as credit_advantages
 from opd_megatron.credit import gae, outcome_hybrid
-from opd_megatron.gates import GateConfig, token_weights
+from opd_megatron.gates import GateConfig, clip_log_ratio, token_weights
 from opd_megatron.losses.policy_gradient import policy_gradient_loss
 from opd_megatron.losses.regularizers import reference_kl
 from opd_megatron.losses.supports import SparseTeacherLogprobs, divergence_on_support
@@ -52,10 +52,12 @@ _OVERLAP_K = 8
 
 
 def normalizer_weights(mask: torch.Tensor, normalizer: str, total_tokens: float, total_sequences: float,
-                       max_length: int, total_rows: float) -> torch.Tensor:
+                       total_rows: float, max_new_tokens: int) -> torch.Tensor:
     """Per-token coefficients `c_t = N * (1/Z)_t` `[B, T]` for this rank's rows, from global counts: `N` masked
     tokens and `total_sequences` rows with a token over all data-parallel ranks, `total_rows` rows in all.
-    token_mean: 1; sequence_mean: `N / (n_b * #sequences)`; constant: `N / (#rows * max_length)` [Survey]."""
+    token_mean: 1; sequence_mean: `N / (n_b * #sequences)`; constant: `N / (#rows * max_new_tokens)`, i.e.
+    `Z = global batch rows x rollout.max_new_tokens`, the same on every rank and every step (Dr. GRPO's choice;
+    opd-math.md, "normaliser") [Survey]. Never a rank's own padded length: that differs between ranks and steps."""
     mask = mask.float()
     if normalizer == "token_mean":
         return mask.clone()
@@ -63,7 +65,7 @@ def normalizer_weights(mask: torch.Tensor, normalizer: str, total_tokens: float,
         per_row = mask.sum(dim=1, keepdim=True).clamp_min(1.0)
         return mask * (total_tokens / (per_row * max(total_sequences, 1.0)))
     if normalizer == "constant":
-        return mask * (total_tokens / (max(total_rows, 1.0) * max_length))
+        return mask * (total_tokens / (max(total_rows, 1.0) * max_new_tokens))
     raise ValueError(f"unknown normalizer {normalizer!r}")
 
 
@@ -73,6 +75,7 @@ class MicroBatchStats:
     mask: torch.Tensor
     log_ratio: torch.Tensor
     student_logprobs: torch.Tensor
+    old_logprobs: Optional[torch.Tensor] = None     # pi_theta_old(y_t) under the loss's distribution
     advantages: Optional[torch.Tensor] = None
     per_token_loss: Optional[torch.Tensor] = None
     rkl_exact: Optional[torch.Tensor] = None
@@ -129,16 +132,37 @@ class OpdObjective:
                                                     self.vocab, chunk_size=self.opd.chunk_size)
         return scores.sampled_logprobs.to(labels.device)
 
+    def credit_log_ratio(self, log_ratio: torch.Tensor) -> torch.Tensor:
+        """`kappa * r_t` `[B, S]` as every credit estimator sees it (the loss and the whole-batch pre-pass alike):
+        clamped to `[-c, c]` first under `opd.gates.log_ratio_clip_mode=clip` [Survey]."""
+        gates = self.gates
+        if gates.log_ratio_clip is not None and gates.log_ratio_clip_mode == "clip":
+            log_ratio = clip_log_ratio(log_ratio, gates.log_ratio_clip)
+        return log_ratio * self.opd.kl_coef
+
+    def old_logprobs(self, mb: RolloutBatch, student_logp: torch.Tensor, staleness: int) -> torch.Tensor:
+        """`log pi_theta_old(y_t)` `[B, S]`: the sampled tokens' log-probs at the weights that sampled them, under
+        the loss's distribution (full softmax at opd.student_temperature). With fresh data (staleness 0) those are
+        the current weights, so the current log-probs (detached) are used and the PPO ratio is exactly 1; stale
+        data (teacher.overlap) needs the values the sampler recorded (`mb.old_logprobs`). opd-math.md, Route B."""
+        if staleness == 0:
+            return student_logp.detach()
+        if mb.old_logprobs is None:
+            raise RuntimeError(f"the batch is {staleness} update(s) stale but carries no old_logprobs (the sampling "
+                               f"weights' log-probs); the PPO ratio and the staleness correction need them")
+        return mb.old_logprobs.to(student_logp.device)
+
     @property
     def credit_gamma(self) -> float:
         """The discount the configured estimator uses (return-to-go is gamma = 1 by definition)."""
         return self.opd.gamma if self.opd.estimator in ("discounted", "baseline", "single_step") else 1.0
 
     # -- the loss ------------------------------------------------------------------------------------------------
-    def micro_batch_loss(self, logits_shard: torch.Tensor, mb: RolloutBatch,
-                         hidden: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, MicroBatchStats]:
+    def micro_batch_loss(self, logits_shard: torch.Tensor, mb: RolloutBatch, hidden: Optional[torch.Tensor] = None,
+                         *, staleness: int) -> tuple[torch.Tensor, torch.Tensor, MicroBatchStats]:
         """logits_shard `[B, S, V/tp]` (S = L - 1, with gradient), mb the micro-batch (`loss_weights` set).
-        hidden `[B, S, H]` (detached final hidden states) is needed only by a value head."""
+        hidden `[B, S, H]` (detached final hidden states) is needed only by a value head. staleness: optimizer
+        updates since the weights that sampled `mb` (0: fresh on-policy data)."""
         opd, vocab, chunk = self.opd, self.vocab, self.opd.chunk_size
         device = logits_shard.device
         mask = mb.loss_mask.to(device)
@@ -164,13 +188,20 @@ class OpdObjective:
 
         student_logp = vp.vocab_parallel_token_logprobs(logits_shard, labels, tau_s, vocab, chunk_size=chunk)
         log_ratio = torch.where(keep, teacher_logp - student_logp.detach(), 0.0)
-        stats = MicroBatchStats(mask=mask.detach(), log_ratio=log_ratio.detach(), student_logprobs=student_logp.detach())
+        sampled = mb.behaviour_logprobs is not None and bool(mb.on_policy.all())
+        old_logp = torch.where(keep, self.old_logprobs(mb, student_logp, staleness), 0.0) if sampled else None
+        stats = MicroBatchStats(mask=mask.detach(), log_ratio=log_ratio.detach(), student_logprobs=student_logp.detach(),
+                                old_logprobs=old_logp)
 
         with torch.no_grad():
             self._vocab_diagnostics(stats, logits_shard, teacher_shard, sparse, labels, keep)
+        # Truncated IS corrects what the PPO ratio does not (opd-math.md, Route B): with opd.ratio=ppo the ratio
+        # carries pi_theta / pi_theta_old, so the weight is the sampler mismatch pi_theta_old / mu; otherwise the
+        # weight is the whole pi_theta / mu (staleness and sampler mismatch). Never both: that weighs by rho^2.
+        is_numerator = old_logp if (opd.loss == "policy_gradient" and opd.ratio == "ppo") else student_logp.detach()
         gate = token_weights(self.gates, mask, log_ratio=log_ratio,
                              teacher_topk_logprobs=None if sparse is None else sparse.logprobs,
-                             student_logprobs=student_logp.detach(),
+                             student_logprobs=is_numerator,
                              behaviour_logprobs=None if mb.behaviour_logprobs is None else mb.behaviour_logprobs.to(device),
                              student_temperature=tau_s, teacher_temperature=tau_t,
                              **self._gate_inputs(stats, teacher_shard))
@@ -186,14 +217,13 @@ class OpdObjective:
             if self._loss_is_full_rkl:
                 stats.rkl_exact = stats.per_token_loss / opd.kl_coef
         else:
-            ratio = gate.log_ratio if gate.log_ratio is not None else log_ratio
-            adv, value_loss = self._advantages(mb, ratio * opd.kl_coef, mask, stats, hidden, teacher_shard,
-                                               logits_shard)
+            adv, value_loss = self._advantages(mb, self.credit_log_ratio(log_ratio), mask, stats, hidden)
             stats.advantages = adv
             if opd.loss == "policy_gradient":
-                behaviour = mb.behaviour_logprobs.to(device) if opd.ratio == "ppo" else None
+                # PPO ratio pi_theta / pi_theta_old, both under the loss's distribution: 1 on fresh data.
                 loss_mean, pg = policy_gradient_loss(
-                    student_logp, adv, mask, behaviour_logp=behaviour, weights=weights, normalizer="token_mean",
+                    student_logp, adv, mask, old_logp=old_logp if opd.ratio == "ppo" else None, weights=weights,
+                    normalizer="token_mean",
                     clip_eps_low=opd.clip_eps_low, clip_eps_high=opd.clip_eps_high, dual_clip=opd.dual_clip)
                 loss_sum = loss_mean * mask.sum()
                 stats.pg = {k: float(v) for k, v in asdict(pg).items() if isinstance(v, (int, float, torch.Tensor))
@@ -250,7 +280,10 @@ class OpdObjective:
         return divergence_on_support(kind, supported, beta=beta, alpha=alpha)
 
     def _advantages(self, mb: RolloutBatch, log_ratio: torch.Tensor, mask: torch.Tensor, stats: MicroBatchStats,
-                    hidden: Optional[torch.Tensor], teacher_shard, logits_shard):
+                    hidden: Optional[torch.Tensor]):
+        """`A_t` `[B, S]` of the micro-batch from `kappa r_t` (`credit_log_ratio`), and the value head's loss.
+        Group / batch baselines arrive precomputed on the whole batch (`mb.advantages`); the outcome term
+        `R - b_R` too (`mb.outcome_advantages`): a micro-batch may split a group."""
         opd = self.opd
         value_loss = None
         values = None
@@ -269,7 +302,8 @@ class OpdObjective:
         else:
             kwargs = {}
             if opd.baseline == "reverse_kl":
-                kwargs["reverse_kl"] = stats.rkl_exact
+                # b(s_t) = -kappa RKL_t: the baseline is in the units of the scaled reward kappa r_t [vOPD].
+                kwargs["reverse_kl"] = stats.rkl_exact * opd.kl_coef
             if opd.baseline == "value":
                 kwargs["values"] = values.detach()
                 returns = credit_advantages(log_ratio, mask, "discounted", gamma=opd.gamma)
@@ -279,9 +313,13 @@ class OpdObjective:
                 kwargs["length_normalized"] = opd.length_normalized
             adv = credit_advantages(log_ratio, mask, opd.estimator, self.credit_gamma, baseline=opd.baseline,
                                     **kwargs)
-        if opd.outcome_beta and mb.rewards is not None and mb.advantages is None:
-            adv = outcome_hybrid(adv, mask, mb.rewards.to(adv.device), opd.outcome_alpha, opd.outcome_beta,
-                                 group_ids=mb.group_ids.to(adv.device))
+        if opd.outcome_beta:
+            if mb.outcome_advantages is None:
+                raise RuntimeError("opd.outcome_beta > 0 needs the batch's centred rewards (outcome_advantages), "
+                                   "computed on the whole batch before the micro-batches")
+            # A_t = alpha A_t^OPD + beta (R - b_R), with R - b_R from the whole batch [Survey].
+            adv = outcome_hybrid(adv, mask, mb.outcome_advantages.to(adv.device), opd.outcome_alpha, opd.outcome_beta,
+                                 reward_baseline="none")
         return adv.detach(), value_loss
 
     def _gate_inputs(self, stats: MicroBatchStats, teacher: Optional[torch.Tensor]) -> dict:
@@ -340,17 +378,29 @@ def _to_shard(logits: torch.Tensor, shard_width: int) -> torch.Tensor:
 
 
 def _sparse_teacher(scores: TeacherScores, keep: torch.Tensor) -> SparseTeacherLogprobs:
-    """A served teacher's answer as the math's sparse teacher. Unscored columns get a harmless uniform filler
-    (distinct ids 0..k-1, each log(1/(k+1)), leaving the tail bucket a positive mass) so the math's checks hold
-    there; they are selected out of every sum."""
-    ids = scores.topk_ids
-    if ids is None:
-        empty = torch.zeros(keep.shape + (0,), dtype=torch.long, device=keep.device)
-        return SparseTeacherLogprobs(ids=empty, logprobs=empty.float())
-    ids, logprobs = ids.to(keep.device), scores.topk_logprobs.to(keep.device)
-    k = ids.shape[-1]
-    filler_ids = torch.arange(k, device=keep.device).expand_as(ids)
-    filler_lp = torch.full_like(logprobs, -math.log(k + 1))
-    valid = keep.unsqueeze(-1)
-    return SparseTeacherLogprobs(ids=torch.where(valid, ids, filler_ids),
-                                 logprobs=torch.where(valid, logprobs, filler_lp))
+    """A served teacher's answer as the math's sparse teacher: its top-k, and, when the loop asked for them
+    (student_topk / union supports), its log-probs on the student's top-k ids, which are also the ids the loss's
+    student top-k is taken from (`SparseTeacherLogprobs.student_ids`: the loop ranked them with the weights of
+    this step, or one update earlier with teacher.overlap). Unscored columns get a harmless uniform filler
+    (distinct ids 0..k-1 and 0..e-1, each log(1/(k+e+1)), so any support there leaves the tail bucket a positive
+    mass) so the math's checks hold there; they are selected out of every sum."""
+    device, valid = keep.device, keep.unsqueeze(-1)
+    k = 0 if scores.topk_ids is None else scores.topk_ids.shape[-1]
+    e = 0 if scores.extra_ids is None else scores.extra_ids.shape[-1]
+    filler = -math.log(k + e + 1)
+
+    def filled(ids: torch.Tensor, logprobs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, logprobs = ids.to(device).long(), logprobs.to(device)
+        return (torch.where(valid, ids, torch.arange(ids.shape[-1], device=device).expand_as(ids)),
+                torch.where(valid, logprobs, torch.full_like(logprobs, filler)))
+
+    if k:
+        ids, logprobs = filled(scores.topk_ids, scores.topk_logprobs)
+    else:
+        ids = torch.zeros(keep.shape + (0,), dtype=torch.long, device=device)
+        logprobs = ids.float()
+    if not e:
+        return SparseTeacherLogprobs(ids=ids, logprobs=logprobs)
+    extra_ids, extra_logprobs = filled(scores.extra_ids, scores.extra_logprobs)
+    return SparseTeacherLogprobs(ids=ids, logprobs=logprobs, extra_ids=extra_ids, extra_logprobs=extra_logprobs,
+                                 student_ids=extra_ids)

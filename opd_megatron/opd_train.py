@@ -34,7 +34,7 @@ from megatron.core import parallel_state
 
 from opd_megatron.config import RunConfig
 from opd_megatron.credit import advantages as credit_advantages
-from opd_megatron.credit import outcome_hybrid
+from opd_megatron.credit import batch_mean_advantages, centred_rewards, returns_to_go
 from opd_megatron.data.tokenizer import check_vocab_fits, load_tokenizer
 from opd_megatron.diagnostics import batch_diagnostics
 from opd_megatron.errors import NonFiniteLossError
@@ -86,7 +86,10 @@ class OpdRun:
         self.task = get_task(r.task, **r.task_options) if r.source == "task" else None
         self.tokenizer = self.task.tokenizer() if self.task is not None else load_tokenizer(cfg.data.tokenizer)
         check_vocab_fits(self.tokenizer, cfg.model.vocab_size)
-        self.vocab = cfg.model.vocab_size
+        # The TRUE vocabulary: the tokenizer's ids, not the embedding's rows (Qwen3: 151,669 ids in a 151,936-row
+        # embedding, padded further to a multiple of 128 x tp). Sampling and every loss are masked here, so the
+        # student never samples, and no divergence ever counts, an id the teacher does not have.
+        self.vocab = self.tokenizer.vocab_size
         if cfg.parallel.global_batch_size % ctx.dp or r.prompts_per_step % ctx.dp:
             raise ValueError(f"rollout.prompts_per_step={r.prompts_per_step} must divide among dp={ctx.dp} "
                              f"data-parallel ranks")
@@ -98,10 +101,14 @@ class OpdRun:
         self.source = PromptSource(self.tokenizer, cfg.run.seed, max_prompt, task=self.task,
                                    path=r.path if r.source == "jsonl" else None, prompt_key=r.prompt_key,
                                    answer_key=r.answer_key, apply_chat_template=r.apply_chat_template,
-                                   domain_key=r.domain_key, privileged_key=r.privileged_key)
+                                   domain_key=r.domain_key, privileged_key=r.privileged_key,
+                                   eval_count=cfg.eval.prompts, eval_path=cfg.eval.path or None)
         stops = (self.tokenizer.eos_id,) if r.stop_at_eos else ()
+        # policy_temperature: the loss's distribution, under which the sampler records pi_theta_old(y_t) beside
+        # the behaviour log-prob mu(y_t) of what it actually sampled (opd-math.md, Route B).
         self.sampling = SamplingConfig(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
-                                       top_k=r.top_k, n=r.samples_per_prompt, stop_ids=stops)
+                                       top_k=r.top_k, n=r.samples_per_prompt, stop_ids=stops,
+                                       policy_temperature=cfg.opd.student_temperature)
         self.mixture = OnPolicyMixture(cfg.opd.on_policy_fraction, cfg.run.seed)
 
         self.student = build_student(cfg.model, cfg.parallel, ctx.device)
@@ -193,8 +200,10 @@ class OpdRun:
         n = self.cfg.rollout.samples_per_prompt
         if self.mixture.is_on_policy(step):
             prompts = self._prompts(step, self.prompts_per_rank)
+            # The noise is a pure function of (run seed, step, data-parallel rank, column): an exact resume
+            # replays it, and no two data-parallel ranks share it.
             batch = self.engine.generate([p.ids for p in prompts], self.sampling, [p.text for p in prompts],
-                                         policy_version=self.step)
+                                         policy_version=self.step, sample_key=("rollout", step))
         else:
             prompts = self._prompts(step, self.prompts_per_rank * n)
             missing = [p.text for p in prompts if p.reference is None]
@@ -216,28 +225,87 @@ class OpdRun:
         self.timing["rollout_s"] += time.perf_counter() - started
         return batch
 
-    def _score_now(self, batch: RolloutBatch) -> TeacherScores:
+    def _score_now(self, batch: RolloutBatch, extra_ids: Optional[torch.Tensor] = None) -> TeacherScores:
+        """The teacher's answer for `batch`, with its log-probs on `extra_ids` (the student's top-k) when given."""
         started = time.perf_counter()
-        scores = self.teacher.score(batch.teacher_request(topk=self.cfg.teacher.topk))
+        request = batch.teacher_request(topk=self.cfg.teacher.topk, extra_ids=extra_ids)
+        scores = self.teacher.score(request)
+        if scores.extra_ids is None:        # the ids travel with their values to the loss (served teachers set it)
+            scores.extra_ids = request.extra_ids
         self.teacher_seconds += time.perf_counter() - started
         return scores
 
-    def _submit(self, batch: RolloutBatch) -> Optional[concurrent.futures.Future]:
-        """Start scoring `batch` in the background (served teacher with teacher.overlap, scoring rank only)."""
-        if self.executor is None or self.dense_teacher or not _scoring_rank():
+    def _student_topk(self, batch: RolloutBatch) -> Optional[torch.Tensor]:
+        """The student's top-k ids `[B, L-1, k]` (k = teacher.score_student_topk; -1 off the scored columns) that a
+        served teacher must score for the student_topk / union supports (SGLang's token_ids_logprob), on the last
+        stage; None elsewhere and when the loss needs none.
+
+        A forward-only pass with the current weights: a pipeline collective, so every rank of the replica calls it,
+        on the main thread (never from the teacher.overlap scoring thread). It reads what the training forward will
+        read (the trimmed batch in the same micro-batches), and ranks with `vocab_parallel_topk`: ties to the lower
+        id, the rule the loss applies when it takes the student's top-k among these ids
+        (`losses.supports.top_k_among`). Without teacher.overlap the loss's logits are these logits, so its top-k
+        (k = opd.support_k <= this k) is among the ids sent, exactly; with teacher.overlap the ids come from the
+        weights one update before the step that trains on them, and the loss takes the student's best k among them:
+        the support may then differ from the fresh top-k, but every id in it has a teacher value."""
+        cfg = self.cfg
+        k = cfg.teacher.score_student_topk
+        if (self.dense_teacher or not k or cfg.opd.loss != "divergence"
+                or cfg.opd.support not in ("student_topk", "union")):
             return None
-        return self.executor.submit(self._score_now, batch)
+        from opd_megatron.parallel.topk import vocab_parallel_topk
+        trimmed = batch.trimmed()
+        captured: list[torch.Tensor] = []
+
+        def loss_fn(logits, micro: StudentInput):
+            mb = micro.rollout
+            with torch.no_grad():
+                if nonfinite_on_any_tp_rank(logits):    # the training pass meets it too and skips the step
+                    captured.append(torch.full(mb.loss_mask.shape + (k,), -1, dtype=torch.long))
+                else:
+                    captured.append(vocab_parallel_topk(logits, k, self.vocab, check_values=False)[1].cpu())
+            return logits.new_zeros(()), mb.loss_mask.sum().to(logits.device)
+
+        mbs = cfg.parallel.micro_batch_size
+        micro = [StudentInput(tokens=mb.input_tokens, rollout=mb) for mb in trimmed.micro_batches(mbs)]
+        forward_backward(self.trainable.ddp, micro, loss_fn, trimmed.tokens.shape[1] - 1, mbs, forward_only=True)
+        if not parallel_state.is_pipeline_last_stage():
+            return None
+        ids = torch.full((batch.size, batch.tokens.shape[1] - 1, k), -1, dtype=torch.long)
+        ids[:, : trimmed.tokens.shape[1] - 1] = torch.cat(captured)
+        scored = batch.teacher_request().valid_mask().unsqueeze(-1)
+        return torch.where(scored, ids, -1)
+
+    def _submit(self, batch: RolloutBatch) -> Optional[concurrent.futures.Future]:
+        """Start scoring `batch` in the background (served teacher with teacher.overlap). The student top-k pass
+        the request needs runs first, here, on the main thread of every rank of the replica. Returns the scoring
+        future on the scoring rank and an already finished one (holding None) on the other ranks, so that every
+        rank's `_scores_for` knows the batch was submitted (and runs no second pass); None for a dense teacher or
+        without teacher.overlap."""
+        if self.dense_teacher or not self.cfg.teacher.overlap:
+            return None
+        extra_ids = self._student_topk(batch)
+        if self.executor is None or not _scoring_rank():
+            done: concurrent.futures.Future = concurrent.futures.Future()
+            done.set_result(None)
+            return done
+        return self.executor.submit(self._score_now, batch, extra_ids)
 
     def _scores_for(self, batch: RolloutBatch,
                     future: Optional[concurrent.futures.Future] = None) -> Optional[TeacherScores]:
         """The served teacher's answer for `batch` on the last stage (broadcast within its TP group); None for a
-        dense teacher (it scores inside the loss) and on the other stages."""
-        if self.dense_teacher or not parallel_state.is_pipeline_last_stage():
+        dense teacher (it scores inside the loss) and on the other stages. `future`: from `_submit` (every rank
+        has one for a submitted batch); without it the batch is scored now, after the student top-k pass (every
+        rank of the replica takes part in it)."""
+        if self.dense_teacher:
+            return None
+        extra_ids = self._student_topk(batch) if future is None else None
+        if not parallel_state.is_pipeline_last_stage():
             return None
         started = time.perf_counter()
         scores = None
         if _scoring_rank():
-            scores = future.result() if future is not None else self._score_now(batch)
+            scores = future.result() if future is not None else self._score_now(batch, extra_ids)
         if parallel_state.get_tensor_model_parallel_world_size() > 1:
             box = [scores]
             dist.broadcast_object_list(box, src=_tp_src(), group=parallel_state.get_tensor_model_parallel_group())
@@ -295,14 +363,30 @@ class OpdRun:
                          self.cfg.parallel.micro_batch_size, forward_only=True)
         if not parallel_state.is_pipeline_last_stage():
             return
-        log_ratio = torch.cat(captured) * opd.kl_coef
-        extra = {"length_normalized": opd.length_normalized} if opd.estimator == "single_step" else {}
-        adv = credit_advantages(log_ratio, batch.loss_mask, opd.estimator, self.objective.credit_gamma,
-                                baseline=opd.baseline, group_ids=batch.group_ids, **extra)
-        if opd.outcome_beta and batch.rewards is not None:
-            adv = outcome_hybrid(adv, batch.loss_mask, batch.rewards, opd.outcome_alpha, opd.outcome_beta,
-                                 group_ids=batch.group_ids)
-        batch.advantages = adv
+        # The same kappa r_t (log-ratio clip included) the loss would give the estimator.
+        log_ratio = self.objective.credit_log_ratio(torch.cat(captured))
+        gamma = self.objective.credit_gamma
+        if opd.baseline == "batch_mean":
+            # The leave-one-out per-position mean over the GLOBAL batch: column totals summed over data-parallel
+            # ranks (a rank-local mean would change the estimator with the data-parallel size).
+            returns = returns_to_go(log_ratio, batch.loss_mask, gamma)
+            batch.advantages = batch_mean_advantages(returns, batch.loss_mask,
+                                                     *self._global_column_totals(returns, batch.loss_mask))
+        else:
+            batch.advantages = credit_advantages(log_ratio, batch.loss_mask, opd.estimator, gamma,
+                                                 baseline=opd.baseline, group_ids=batch.group_ids)
+
+    def _global_column_totals(self, values: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-column sums of `values` and counts of `mask` `[T]` over every row of every data-parallel rank
+        (columns are the same absolute positions on every rank; shorter ranks are padded with zeros)."""
+        group = parallel_state.get_data_parallel_group()
+        width = torch.tensor([values.shape[1]], dtype=torch.long)
+        dist.all_reduce(width, op=dist.ReduceOp.MAX, group=group)
+        totals = torch.zeros(2, int(width), dtype=torch.float64)
+        totals[0, : values.shape[1]] = torch.where(mask > 0, values, 0.0).double().sum(0)
+        totals[1, : values.shape[1]] = (mask > 0).double().sum(0)
+        dist.all_reduce(totals, group=group)
+        return totals[0, : values.shape[1]].to(values.dtype), totals[1, : values.shape[1]].to(values.dtype)
 
     def _reference_logprobs(self, batch: RolloutBatch, micro_batches: list[StudentInput]) -> None:
         """The frozen reference's log-probs of the sampled tokens, by a forward-only pass of the student's own
@@ -336,13 +420,16 @@ class OpdRun:
         started = time.perf_counter()
         batch = batch.trimmed()
         tokens, sequences, rows = self._global_counts(batch)
-        batch.loss_weights = normalizer_weights(batch.loss_mask, opd.normalizer, tokens, sequences,
-                                                batch.tokens.shape[1] - 1, rows)
+        batch.loss_weights = normalizer_weights(batch.loss_mask, opd.normalizer, tokens, sequences, rows,
+                                                cfg.rollout.max_new_tokens)
+        if opd.loss != "divergence" and opd.outcome_beta and batch.rewards is not None:
+            # R - b_R on the whole batch: a prompt's group is whole on this data-parallel rank, not in a micro-batch.
+            batch.outcome_advantages = centred_rewards(batch.rewards, "group_mean", group_ids=batch.group_ids)
+        staleness = self.step - batch.policy_version
         mbs = cfg.parallel.micro_batch_size
         micro = [StudentInput(tokens=mb.input_tokens, rollout=mb) for mb in batch.micro_batches(mbs)]
         seq = batch.tokens.shape[1] - 1
-        needs_whole_batch = opd.loss != "divergence" and (
-            opd.baseline in ("group_mean", "batch_mean") or (opd.outcome_beta and opd.estimator != "gae"))
+        needs_whole_batch = opd.loss != "divergence" and opd.baseline in ("group_mean", "batch_mean")
         if self.reference is not None:
             self._reference_logprobs(batch, micro)
         if needs_whole_batch:
@@ -353,7 +440,8 @@ class OpdRun:
 
         def loss_fn(logits, micro_input: StudentInput):
             hidden = self.value_head.hidden if self.value_head is not None else None
-            loss_sum, count, mb_stats = self.objective.micro_batch_loss(logits, micro_input.rollout, hidden)
+            loss_sum, count, mb_stats = self.objective.micro_batch_loss(logits, micro_input.rollout, hidden,
+                                                                        staleness=staleness)
             stats.append(mb_stats)
             return loss_sum, count
 
@@ -423,7 +511,9 @@ class OpdRun:
             behaviour = batch.behaviour_logprobs if bool(batch.on_policy.all()) else None
             local = batch_diagnostics(
                 mask, log_ratio=cat("log_ratio"), student_logprobs=cat("student_logprobs"),
-                behaviour_logprobs=behaviour, advantages=cat("advantages"), gate_keep_rates=keep_rates,
+                behaviour_logprobs=behaviour, old_logprobs=cat("old_logprobs"),
+                ratio_interval=(1.0 - self.cfg.opd.clip_eps_low, 1.0 + self.cfg.opd.clip_eps_high),
+                mismatch_interval=self.cfg.opd.gates.truncated_is or (0.5, 2.0), advantages=cat("advantages"), gate_keep_rates=keep_rates,
                 routing_stats=routing, values=cat("values"), value_targets=cat("value_targets"),
                 staleness=float(self.step - batch.policy_version),
                 response_lengths=(batch.lengths - batch.prompt_lengths).float())
@@ -461,19 +551,21 @@ class OpdRun:
         stops = self.sampling.stop_ids
         correct = torch.zeros(2, dtype=torch.float64)
         rkl = torch.zeros(2, dtype=torch.float64)
-        self.eval_engine.sampler.calls = 0
         for start in range(0, len(mine), e.batch_size):
             chunk = mine[start: start + e.batch_size]
             if self.task is not None:
                 greedy = self.eval_engine.generate([p.ids for p in chunk],
                                                    SamplingConfig(max_new_tokens=max_new, temperature=0.0,
-                                                                  stop_ids=stops))
+                                                                  stop_ids=stops),
+                                                   sample_key=("eval", self.step, start, "greedy"))
                 for b, p in enumerate(chunk):
                     correct[0] += self.task.score(p.text, self.tokenizer.decode(greedy.response_ids(b)))
                 correct[1] += len(chunk)
             sampled = self.eval_engine.generate([p.ids for p in chunk],
                                                 SamplingConfig(max_new_tokens=max_new, temperature=1.0,
-                                                               stop_ids=stops))
+                                                               stop_ids=stops,
+                                                               policy_temperature=cfg.opd.student_temperature),
+                                                sample_key=("eval", self.step, start, "sampled"))
             sampled.teacher = self._scores_for(sampled) if not self.dense_teacher else None
             total, count = self._reverse_kl(sampled)
             rkl += torch.tensor([total, count], dtype=torch.float64)
@@ -489,7 +581,7 @@ class OpdRun:
         if self.task is not None:
             examples = self.task.examples("eval", self.cfg.eval.prompts, self.cfg.run.seed)
             return [Prompt(ex.prompt, [self.tokenizer.bos_id] + self.tokenizer.encode(ex.prompt)) for ex in examples]
-        return [self.source._prompt(10**9 + i) for i in range(self.cfg.eval.prompts)]
+        return self.source.eval_prompts()
 
     def _reverse_kl(self, batch: RolloutBatch) -> tuple[float, float]:
         batch = batch.trimmed()

@@ -64,6 +64,18 @@ def _fmt(value) -> str:
     return str(value)
 
 
+def eval_prompt_origin(cfg: RunConfig) -> str:
+    """Where the run's evaluation prompts came from (the split rule is rollout/prompts.py's)."""
+    e, r = cfg.eval, cfg.rollout
+    if r.source == "task":
+        return f"{e.prompts} prompts of task {r.task}'s eval split, disjoint from its training split"
+    if e.path:
+        return (f"the first {e.prompts} prompts of eval.path {e.path}; rollout.path {r.path} records with the same "
+                f"text are not trained on")
+    return (f"{e.prompts} records held out of rollout.path {r.path} (those with the smallest SHA-256 of their "
+            f"prompt text; training never samples them or their duplicates)")
+
+
 def write_report(cfg: RunConfig, run_dir: Path, summary: dict, compat, plots: list[str]) -> None:
     o, r, t = cfg.opd, cfg.rollout, cfg.teacher
     if o.loss == "divergence":
@@ -96,9 +108,10 @@ def write_report(cfg: RunConfig, run_dir: Path, summary: dict, compat, plots: li
         f"| steps | {summary.get('steps')} (skipped for non-finite values: {summary.get('skipped_steps')}) |",
         f"| wall time | {summary.get('wall_s')} s (rollout / teacher / update: "
         f"{', '.join(f'{k} {v}' for k, v in summary.get('time_split_s', {}).items())}) |", "",
-        "Scores are the task verifier's exact-match accuracy of greedy decoding on held-out prompts; the reverse KL "
-        "is per response token on the student's own temperature-1 samples (exact over the vocabulary with a "
-        "dense teacher, the sampled k1 estimate with a served one).", "",
+        f"Evaluation prompts: {eval_prompt_origin(cfg)}. Scores (task runs) are the task verifier's exact-match "
+        "accuracy of greedy decoding on them; the reverse KL is per response token on the student's own "
+        "temperature-1 samples (exact over the vocabulary with a dense teacher, the sampled k1 estimate with a "
+        "served one).", "",
         "What this run shows: how far on-policy distillation moved the student toward the teacher under these "
         "settings. It does not show that OPD beats SFT or any other method: no same-compute comparison ran here.",
         "",

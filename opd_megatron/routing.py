@@ -8,7 +8,15 @@ proportion to `pi`, teacher-rejected ones included. CR-OPD sends that mass only 
 
     C_t = { v != y_t : v in Supp_T(s_t) and v in Reach_S(s_t) }
 
-(teacher-supported, student-reachable alternatives), split by routing weights `rho_t(v)` on `C_t`.
+(teacher-supported, student-reachable alternatives), split by routing weights `rho_t(v)` on `C_t`. Two forms of
+the routed loss (`RoutingConfig.form`, config key `opd.routing.form`), both [Ours, after Survey]:
+- matched (default): `L_t = |A_t| (1 - sg pi(y_t)) [log pi(y_t) - sum_{v in C_t} rho_t(v) log pi(v)]`, logit
+  gradient `|A_t| (1 - pi(y_t)) (e_{y_t} - rho_t)`: `y_t` is pushed down exactly as by the plain PG term, linear
+  in `A_t`, and the freed mass goes to `C_t` by `rho_t` instead of to every token by `pi`.
+- kl_target: `L_t = |A_t| KL(p~_t || pi)` restricted to `{y_t} U C_t`, with the target moving
+  `delta_t = sg(pi(y_t)) (1 - exp(eta A_t))` from `y_t` to `C_t` by `rho_t` (push on `y_t` quadratic in small
+  `|A_t|`; kept for comparison).
+With `A_t >= 0` or `C_t` empty both forms are the plain PG term `-A_t log pi(y_t)`.
 
 Shapes: logits `[..., V]` (`[N, V]` or `[B, T, V]`); per-position tensors (sampled ids, advantages, mask) have the
 leading shape `[...]`. Everything is computed on the flattened `[N, V]` view and returned in the leading shape.
@@ -30,21 +38,25 @@ from opd_megatron.tensor_checks import (MathInputError, require_binary_mask, req
 TEACHER_SUPPORTS = ("topk", "threshold")
 STUDENT_REACHES = ("top_p", "topk", "threshold")
 ROUTING_WEIGHTS = ("q", "sqrt_q_pi", "uniform")
+ROUTING_FORMS = ("matched", "kl_target")
 
 
 @dataclass(frozen=True)
 class RoutingConfig:
-    """How CR-OPD builds `C_t` and splits the routed mass.
+    """How CR-OPD builds `C_t`, splits the routed mass and which routed loss it uses.
 
+    form: "matched" (the default: `y_t` pushed down exactly as by the plain PG term, the freed mass sent to `C_t`)
+        or "kl_target" (`|A_t| KL(p~_t || pi)` on `{y_t} U C_t` with the multiplicative target); `cr_opd_loss`.
     teacher_support: "topk" (the teacher's `teacher_top_k` most likely tokens) or "threshold"
         (`q_v >= teacher_min_prob`, the spec's `eps_q`). Tokens with `q_v = 0` are never in the support.
     student_reach: "top_p" (the student's nucleus: the smallest set of most likely tokens holding mass
         `>= student_top_p`), "topk" (`student_top_k` most likely) or "threshold" (`pi_v >= student_min_prob`,
         the spec's `eps_pi`). Tokens with `pi_v = 0` (a `-inf` logit) are never reachable.
     weights: "q" (`rho(v) ∝ q_v`), "sqrt_q_pi" (`rho(v) ∝ sqrt(q_v pi_v)`) or "uniform" (`1/|C_t|`), on `C_t`.
-    eta: step of the multiplicative target, `p~(y_t) = pi(y_t) exp(eta A_t)`; must be > 0.
+    eta: step of the multiplicative target, `p~(y_t) = pi(y_t) exp(eta A_t)` (form "kl_target" only); must be > 0.
     """
 
+    form: str = "matched"
     teacher_support: str = "topk"
     teacher_top_k: int = 20
     teacher_min_prob: float = 1e-3
@@ -56,6 +68,7 @@ class RoutingConfig:
     eta: float = 1.0
 
     def __post_init__(self) -> None:
+        require_choice("form", self.form, ROUTING_FORMS)
         require_choice("teacher_support", self.teacher_support, TEACHER_SUPPORTS)
         require_choice("student_reach", self.student_reach, STUDENT_REACHES)
         require_choice("weights", self.weights, ROUTING_WEIGHTS)
@@ -72,7 +85,10 @@ class RoutingStats:
     """Per-position statistics of one CR-OPD call, in the leading shape `[...]` of the logits; masked positions
     hold 0 / False.
 
-    routed_mass: `delta_t` where the routed loss was used, else 0.
+    routed_mass: where the routed loss was used, the mass it routes from `y_t` to `C_t`, else 0. Form "matched":
+        `|A_t| (1 - pi(y_t))`, the logit-gradient mass taken from `z_{y_t}` (which the plain PG term spreads over
+        every other token by `pi`, and the matched form gives to `C_t`); form "kl_target": `delta_t`, the
+        probability mass the target moves.
     candidate_count: `|C_t|` (int64).
     empty_candidates: `C_t` is empty (at every unmasked position, whatever the sign of `A_t`).
     routed: the routed loss was used (`A_t < 0` and `C_t` non-empty).
@@ -178,12 +194,38 @@ def routing_weights(candidates: torch.Tensor, teacher_logprobs: torch.Tensor, st
 
 
 def routed_mass(student_logprobs_sampled: torch.Tensor, advantages: torch.Tensor, eta: float) -> torch.Tensor:
-    """`delta_t = sg(pi(y_t)) * (1 - exp(eta * A_t))` for `A_t < 0`, else 0. [Ours, after Survey]
+    """`delta_t = sg(pi(y_t)) * (1 - exp(eta * A_t))` for `A_t < 0`, else 0: the kl_target form's moved mass.
+    [Ours, after Survey]
 
     The target keeps `pi(y_t) exp(eta A_t)` on `y_t` (a multiplicative-weights step), so `0 <= delta_t < pi(y_t)`.
     """
     delta = student_logprobs_sampled.exp() * -torch.expm1(eta * advantages.clamp(max=0.0))
     return torch.where(advantages < 0, delta, 0.0)
+
+
+def matched_mass(student_logprobs_sampled: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
+    """`|A_t| (1 - sg pi(y_t))` for `A_t < 0`, else 0, `[N]`: the matched form's push. [Ours, after Survey]
+
+    It is the plain PG term's gradient on `z_{y_t}`, `-A_t (1 - pi(y_t))`, and the total that term spreads over
+    the other tokens (`|A_t| pi_v` each); the matched form sends that total to `C_t`. `1 - pi` as `-expm1(log pi)`,
+    exact when `pi(y_t)` is near 1.
+    """
+    push = advantages.abs() * -torch.expm1(student_logprobs_sampled.detach())
+    return torch.where(advantages < 0, push, 0.0)
+
+
+def matched_routed_loss(logits: torch.Tensor, sampled_ids: torch.Tensor, candidates: torch.Tensor,
+                        weights: torch.Tensor, push: torch.Tensor) -> torch.Tensor:
+    """The matched form `L_t = push_t [log pi(y_t) - sum_{v in C_t} rho_t(v) log pi(v)]`, `[N]`. [Ours, after Survey]
+
+    Inputs: the (tempered) student logits `z [N, V]`, `sampled_ids [N]`, `candidates [N, V]` (`C_t`),
+    `weights [N, V]` (`rho_t`, summing to 1 on `C_t`) and `push [N]` (`matched_mass`, no gradient). Since
+    `sum_C rho = 1`, the normaliser cancels: `log pi(y) - sum_C rho log pi(v) = sum_{v in C} rho(v) (z_y - z_v)`,
+    which is what is computed, so the loss reads only the logits of `{y_t} U C_t` and its gradient is exactly
+    `push_t (e_{y_t} - rho_t)` there and exactly 0 elsewhere (not only up to rounding). Rows with `C_t` empty give 0.
+    """
+    gap = torch.where(candidates, logits.gather(-1, sampled_ids.unsqueeze(-1)) - logits, 0.0)
+    return push * (weights * gap).sum(dim=-1)
 
 
 def routed_target(student_logprobs: torch.Tensor, sampled_ids: torch.Tensor, delta: torch.Tensor,
@@ -196,6 +238,33 @@ def routed_target(student_logprobs: torch.Tensor, sampled_ids: torch.Tensor, del
     pi = student_logprobs.detach().exp()
     onehot = torch.zeros_like(pi).scatter_(-1, sampled_ids.unsqueeze(-1), 1.0)
     return pi + delta.unsqueeze(-1) * (weights - onehot)
+
+
+def kl_target_routed_loss(logits: torch.Tensor, student_logprobs: torch.Tensor, sampled_ids: torch.Tensor,
+                          candidates: torch.Tensor, weights: torch.Tensor, advantages: torch.Tensor,
+                          routed: torch.Tensor, eta: float) -> torch.Tensor:
+    """The kl_target form `L_t = |A_t| sg(P_t) KL(p~^S_t || pi^S_t)` on `S_t = {y_t} U C_t`, `[N]` (`cr_opd_loss`
+    derives it). [Ours, after Survey]
+
+    Inputs: the (tempered) student logits `z [N, V]` (differentiable) and their log-softmax `[N, V]` (no
+    gradient), `sampled_ids [N]`, `candidates [N, V]`, `weights [N, V]` (`rho_t`), `advantages [N]`, `routed [N]`
+    (rows where mass moves; elsewhere the target is `pi^S` and the value 0) and `eta`.
+    """
+    with torch.no_grad():
+        onehot = torch.zeros_like(candidates).scatter_(-1, sampled_ids.unsqueeze(-1), True)
+        in_s = onehot | candidates
+        mass_s = (student_logprobs.exp() * in_s).sum(dim=-1)
+        # The target renormalised on S, built from pi^S (not pi / P) so it stays exact when P underflows:
+        # p~^S = pi^S + pi^S(y) (1 - exp(eta A)) (rho - e_y).
+        pi_s = torch.log_softmax(student_logprobs.masked_fill(~in_s, -math.inf), dim=-1).exp()
+        moved_s = torch.where(routed, pi_s.gather(-1, sampled_ids.unsqueeze(-1)).squeeze(-1)
+                              * -torch.expm1(eta * advantages.clamp(max=0.0)), 0.0)
+        target_s = pi_s + moved_s.unsqueeze(-1) * (weights - onehot.to(pi_s.dtype))
+
+    # Reads only the logits of S (the where() sends exactly 0 gradient elsewhere).
+    logp_s = torch.log_softmax(torch.where(in_s, logits, -math.inf), dim=-1)
+    kl_terms = torch.where(in_s, torch.xlogy(target_s, target_s) - target_s * logp_s, 0.0)
+    return advantages.abs() * mass_s * kl_terms.sum(dim=-1)
 
 
 def cr_opd_loss(student_logits: torch.Tensor, sampled_ids: torch.Tensor, advantages: torch.Tensor,
@@ -211,28 +280,38 @@ def cr_opd_loss(student_logits: torch.Tensor, sampled_ids: torch.Tensor, advanta
     (`teacher_logits [..., V]`) or sparse (`teacher_topk_ids`, `teacher_topk_logprobs [..., K]`).
     `pi = softmax(z^S / tau_S)`.
 
-    Per position, with `S_t = {y_t} U C_t`:
+    Per position, with `S_t = {y_t} U C_t` (both forms [Ours, after Survey], `docs/opd-math.md`):
     - `A_t >= 0`, or `A_t < 0` with `C_t` empty (the fallback): the plain sampled-token PG term
       `L_t = -A_t log pi(y_t)`, gradient `-A_t (e_{y_t} - pi)` on the logits (`A_t = 0` gives 0).
-    - `A_t < 0` and `C_t` non-empty: the restricted routed loss
+    - `A_t < 0` and `C_t` non-empty, form "matched" (the default):
+          L_t = |A_t| (1 - sg pi(y_t)) [ log pi(y_t) - sum_{v in C_t} rho_t(v) log pi(v) ]
+              = |A_t| (1 - sg pi(y_t)) sum_{v in C_t} rho_t(v) (z_{y_t} - z_v)        (sum_C rho = 1)
+      (`matched_routed_loss`), gradient `dL_t/dz = |A_t| (1 - pi(y_t)) (e_{y_t} - rho_t)`: on `z_{y_t}` exactly the
+      plain PG term's `-A_t (1 - pi(y_t))`, on `C_t` minus that total split by `rho_t`, and exactly 0 elsewhere
+      (the second line reads only `z_S`). Linear in `A_t`, like the positive side. The value can be negative
+      (when `y_t` is likelier than its candidates): it is a surrogate, not a divergence.
+    - `A_t < 0` and `C_t` non-empty, form "kl_target": the restricted routed loss
           L_t = |A_t| * sg(P_t) * KL(p~^S_t || pi^S_t),
       where `P_t = sum_{v in S_t} pi_v`, `pi^S_t = softmax(z_{S_t})` is the student renormalised on `S_t` (it
       reads only the logits of `S_t`), and `p~^S_t = p~_t|_{S_t} / P_t` is the routed target renormalised on
       `S_t` (the target keeps the mass `P_t` on `S_t`: it only moves `delta_t` inside it).
 
-    Derivation: for `v in S_t`, `d KL(p~^S || softmax(z_S)) / d z_v = pi^S_v - p~^S_v`, so
+    Derivation (kl_target): for `v in S_t`, `d KL(p~^S || softmax(z_S)) / d z_v = pi^S_v - p~^S_v`, so
     `dL_t/dz_v = |A_t| P_t (pi_v - p~_v) / P_t = |A_t| (pi_v - p~_v)` = `|A_t| delta_t (e_{y_t} - rho_t)_v`;
     for `v not in S_t` the loss does not read `z_v`, so the gradient is exactly 0, to every order and even when
-    the target is reused for several optimizer steps. On `S_t` this is the gradient of the spec's full
+    the target is reused for several optimizer steps. On `S_t` this is the gradient of the full
     `|A_t| CE(p~_t, pi)` (whose gradient `pi - p~` also vanishes off `S_t` because `p~ = sg(pi)` there, but only
     at the current point and only up to rounding). The value equals `|A_t| KL(p~_t || pi)` over the full
-    vocabulary (= the spec's CE minus the constant `H(p~_t)`), so it is >= 0 and 0 when nothing moves.
-    Consequence for one descent step: `z_{y_t}` falls by `lr |A_t| delta_t`, each `z_v` of `C_t` rises by
-    `lr |A_t| delta_t rho_t(v)`, every other logit stays; `pi(y_t)` falls (first order:
-    `d log pi(y_t) = -lr |A_t| delta_t (1 - pi(y_t) + sum_C rho pi)`). Tokens outside `S_t` keep their logits and
-    hence their odds against each other; their probabilities share one normaliser change, so they are "not
-    moved" in the logit sense the spec states, not frozen in probability. (Gradients here are with respect to
-    the tempered logits `z^S / tau_S`; with respect to the raw logits they carry a factor `1 / tau_S`.)
+    vocabulary (= that CE minus the constant `H(p~_t)`), so it is >= 0 and 0 when nothing moves. Its push on
+    `z_{y_t}`, `|A_t| delta_t ~ eta pi(y_t) A_t^2` for small `|A_t|`, is quadratic: small negative advantages are
+    nearly ignored (the reason "matched" is the default).
+    Consequence for one descent step (either form, with `m_t` = `|A_t| (1 - pi(y_t))` matched, `|A_t| delta_t`
+    kl_target): `z_{y_t}` falls by `lr m_t`, each `z_v` of `C_t` rises by `lr m_t rho_t(v)`, every other logit
+    stays; `pi(y_t)` falls. Tokens outside `S_t` keep their logits and hence their odds against each other; their
+    probabilities share one normaliser change, so they are "not moved" in the logit sense the spec states, not
+    frozen in probability. (Gradients here are with respect to the tempered logits `z^S / tau_S`; with respect to
+    the raw logits they carry a factor `1 / tau_S`.) `RoutingStats.routed_mass` holds `|A_t| (1 - pi(y_t))`
+    (matched) or `delta_t` (kl_target) on routed positions.
 
     Returns `(loss [...], RoutingStats)`; masked positions have loss 0 and no gradient.
     """
@@ -318,27 +397,18 @@ def cr_opd_loss(student_logits: torch.Tensor, sampled_ids: torch.Tensor, advanta
         negative = keep & (adv < 0)
         routed = negative & (count > 0)
         rho = routing_weights(candidates, teacher_logp, logp, config.weights)
-        delta = torch.where(routed, routed_mass(logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1), adv, config.eta),
-                            0.0)
+        logp_sampled = logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
 
-        onehot = torch.zeros_like(candidates).scatter_(-1, ids.unsqueeze(-1), True)
-        in_s = onehot | candidates
-        mass_s = (logp.exp() * in_s).sum(dim=-1)
-        # The target renormalised on S, built from pi^S (not pi / P) so it stays exact when P underflows:
-        # p~^S = pi^S + pi^S(y) (1 - exp(eta A)) (rho - e_y).
-        pi_s = torch.log_softmax(logp.masked_fill(~in_s, -math.inf), dim=-1).exp()
-        moved_s = torch.where(routed, pi_s.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
-                              * -torch.expm1(config.eta * adv.clamp(max=0.0)), 0.0)
-        target_s = pi_s + moved_s.unsqueeze(-1) * (rho - onehot.to(pi_s.dtype))
-
-    # Restricted routed loss: reads only the logits of S (the where() sends exactly 0 gradient elsewhere).
-    logp_s = torch.log_softmax(torch.where(in_s, logits, -math.inf), dim=-1)
-    kl_terms = torch.where(in_s, torch.xlogy(target_s, target_s) - target_s * logp_s, 0.0)
-    routed_loss = adv.abs() * mass_s * kl_terms.sum(dim=-1)
+    if config.form == "matched":
+        moved = torch.where(routed, matched_mass(logp_sampled, adv), 0.0)
+        routed_loss = matched_routed_loss(logits, ids, candidates, rho, moved)
+    else:
+        moved = torch.where(routed, routed_mass(logp_sampled, adv, config.eta), 0.0)
+        routed_loss = kl_target_routed_loss(logits, logp, ids, candidates, rho, adv, routed, config.eta)
     pg_loss = -adv * student_logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
     loss = torch.where(keep, torch.where(routed, routed_loss, pg_loss), 0.0)
 
-    stats = RoutingStats(routed_mass=delta.reshape(leading), candidate_count=count.reshape(leading),
+    stats = RoutingStats(routed_mass=moved.reshape(leading), candidate_count=count.reshape(leading),
                          empty_candidates=(keep & (count == 0)).reshape(leading), routed=routed.reshape(leading),
                          negative_advantage=negative.reshape(leading))
     return loss.reshape(leading), stats

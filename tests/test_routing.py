@@ -1,5 +1,7 @@
-"""CR-OPD routing: the gradient lives on {y_t} U C_t only, the moved mass is delta_t, the fallbacks are exactly
-the plain policy gradient, each routing-weight option splits the mass as stated, and bad input is refused."""
+"""CR-OPD routing, both forms: the gradient lives on {y_t} U C_t only; matched (the default): the push on z_{y_t} is
+exactly the plain PG term's, C_t gets minus it split by rho, linear in A; kl_target: the moved mass is delta_t; the
+fallbacks are exactly the plain policy gradient, each routing-weight option splits the mass as stated, and bad input
+is refused."""
 
 import itertools
 import math
@@ -8,15 +10,15 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from opd_megatron.routing import (RoutingConfig, candidate_set, cr_opd_loss, routed_mass, routed_target,
-                                  routing_weights, student_reach, teacher_support)
+from opd_megatron.routing import (ROUTING_FORMS, RoutingConfig, candidate_set, cr_opd_loss, routed_mass,
+                                  routed_target, routing_weights, student_reach, teacher_support)
 from opd_megatron.tensor_checks import MathInputError
 
 F64 = torch.float64
-CONFIGS = [RoutingConfig(teacher_support=s, teacher_top_k=4, teacher_min_prob=0.05, student_reach=r,
+CONFIGS = [RoutingConfig(form=f, teacher_support=s, teacher_top_k=4, teacher_min_prob=0.05, student_reach=r,
                          student_top_p=0.8, student_top_k=5, student_min_prob=0.04, weights=w, eta=0.7)
-           for s, r, w in itertools.product(("topk", "threshold"), ("top_p", "topk", "threshold"),
-                                            ("q", "sqrt_q_pi", "uniform"))]
+           for f, s, r, w in itertools.product(ROUTING_FORMS, ("topk", "threshold"), ("top_p", "topk", "threshold"),
+                                               ("q", "sqrt_q_pi", "uniform"))]
 
 
 def batch(seed=0, b=3, t=4, v=10, scale=2.0):
@@ -48,7 +50,15 @@ def plain_pg(student, ids, adv):
     return -adv * torch.log_softmax(student, -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c.teacher_support}-{c.student_reach}-{c.weights}")
+def plain_pg_grad(student, ids, adv):
+    """The plain PG term's gradient on the logits, `-A (e_y - pi)`, by autograd."""
+    leaf = student.detach().clone().requires_grad_()
+    plain_pg(leaf, ids, adv).sum().backward()
+    return leaf.grad
+
+
+@pytest.mark.parametrize("config", CONFIGS,
+                         ids=lambda c: f"{c.form}-{c.teacher_support}-{c.student_reach}-{c.weights}")
 def test_gradient_lives_on_sampled_token_and_candidates_only(config):
     student, teacher, ids = batch(seed=1)
     adv = -torch.rand(ids.shape, dtype=F64) - 0.1
@@ -63,16 +73,19 @@ def test_gradient_lives_on_sampled_token_and_candidates_only(config):
     in_s = cand | onehot
     # Exactly zero (not just small) outside {y} U C on every routed row.
     assert torch.equal(grad[routed][~in_s[routed]], torch.zeros_like(grad[routed][~in_s[routed]]))
-    # On S: |A| delta (e_y - rho).
+    # On S: |A| m (e_y - rho), m = 1 - pi(y) (matched) or delta (kl_target); routed_mass = |A| m or delta.
     a = adv.reshape(-1)[routed]
-    delta = logp.exp().gather(-1, ids.reshape(-1, 1)).squeeze(-1)[routed] * (1 - torch.exp(config.eta * a))
-    expected = (a.abs() * delta).unsqueeze(-1) * (onehot[routed].to(F64) - rho[routed])
+    pi_y = logp.exp().gather(-1, ids.reshape(-1, 1)).squeeze(-1)[routed]
+    m = 1 - pi_y if config.form == "matched" else pi_y * (1 - torch.exp(config.eta * a))
+    expected = (a.abs() * m).unsqueeze(-1) * (onehot[routed].to(F64) - rho[routed])
     torch.testing.assert_close(grad[routed], expected, rtol=1e-10, atol=1e-13)
-    torch.testing.assert_close(stats.routed_mass.reshape(-1)[routed], delta, rtol=1e-12, atol=0)
+    torch.testing.assert_close(stats.routed_mass.reshape(-1)[routed], a.abs() * m if config.form == "matched" else m,
+                               rtol=1e-12, atol=0)
     assert torch.equal(stats.candidate_count.reshape(-1), cand.sum(-1))
 
 
-def test_gradient_is_zero_outside_in_sparse_and_padded_batches():
+@pytest.mark.parametrize("form", ROUTING_FORMS)
+def test_gradient_is_zero_outside_in_sparse_and_padded_batches(form):
     student, teacher, ids = batch(seed=2, v=12)
     mask = torch.ones(ids.shape, dtype=torch.bool)
     mask[0] = False
@@ -80,7 +93,7 @@ def test_gradient_is_zero_outside_in_sparse_and_padded_batches():
     adv = -torch.ones(ids.shape, dtype=F64)
     logq = torch.log_softmax(teacher, -1)
     top = logq.topk(6, -1)
-    config = RoutingConfig(teacher_top_k=5, student_reach="topk", student_top_k=6)
+    config = RoutingConfig(form=form, teacher_top_k=5, student_reach="topk", student_top_k=6)
     loss, stats = cr_opd_loss(student, ids, adv, mask, teacher_topk_ids=top.indices,
                               teacher_topk_logprobs=top.values, config=config)
     loss.sum().backward()
@@ -133,10 +146,10 @@ def test_moved_mass_equals_delta_and_lands_on_candidates_by_the_weights(weights)
         assert torch.equal(rho[n][~members], torch.zeros_like(rho[n][~members]))
 
 
-def test_stats_routed_mass_matches_formula_and_loss_value_is_full_kl():
+def test_kl_target_stats_routed_mass_matches_formula_and_loss_value_is_full_kl():
     student, teacher, ids = batch(seed=4)
     adv = torch.linspace(-2.0, 1.5, ids.numel(), dtype=F64).reshape(ids.shape)
-    config = RoutingConfig(teacher_top_k=5, student_reach="topk", student_top_k=7, eta=0.5)
+    config = RoutingConfig(form="kl_target", teacher_top_k=5, student_reach="topk", student_top_k=7, eta=0.5)
     loss, stats = cr_opd_loss(student, ids, adv, teacher_logits=teacher, config=config)
     cand, rho, logp, _ = reference_sets(student, teacher, ids, config)
     y, a = ids.reshape(-1), adv.reshape(-1)
@@ -154,12 +167,68 @@ def test_stats_routed_mass_matches_formula_and_loss_value_is_full_kl():
     assert (loss.reshape(-1)[routed] >= 0).all()
 
 
-def test_empty_candidate_set_gives_exactly_the_plain_pg_gradient():
+def test_default_matched_form_pushes_the_sampled_token_exactly_as_the_plain_pg_term():
+    """The default form (no `form` given): on z_y the gradient equals the plain PG term's, -A (1 - pi(y)); over C_t
+    it sums to minus that, split by rho; exactly 0 elsewhere; the value is |A| (1 - pi(y)) [log pi(y) - sum_C rho
+    log pi(v)] and routed_mass is |A| (1 - pi(y))."""
+    student, teacher, ids = batch(seed=11, b=4, t=5, v=13)
+    adv = -0.05 - 2.0 * torch.rand(ids.shape, generator=torch.Generator().manual_seed(11), dtype=F64)
+    config = RoutingConfig(teacher_top_k=6, student_reach="topk", student_top_k=8, weights="sqrt_q_pi")
+    loss, stats = cr_opd_loss(student, ids, adv, teacher_logits=teacher, config=config)
+    loss.sum().backward()
+    v = student.shape[-1]
+    grad, y, a = student.grad.reshape(-1, v), ids.reshape(-1), adv.reshape(-1)
+    plain = plain_pg_grad(student, ids, adv).reshape(-1, v)
+    cand, rho, logp, _ = reference_sets(student, teacher, ids, config)
+    routed = stats.routed.reshape(-1)
+    assert routed.sum() >= 15 and torch.equal(routed, cand.any(-1))
+    rows = torch.arange(len(y))
+    push, plain_push = grad[rows, y][routed], plain[rows, y][routed]
+    assert (plain_push > 0).all()  # descent lowers z_y: -A (1 - pi(y)) > 0 for A < 0
+    torch.testing.assert_close(push, plain_push, rtol=1e-12, atol=0)
+    torch.testing.assert_close((grad * cand).sum(-1)[routed], -plain_push, rtol=1e-12, atol=0)
+    torch.testing.assert_close(grad[routed] * cand[routed], -plain_push.unsqueeze(-1) * rho[routed],
+                               rtol=1e-12, atol=0)
+    in_s = cand.clone()
+    in_s[rows, y] = True
+    assert torch.equal(grad[routed][~in_s[routed]], torch.zeros_like(grad[routed][~in_s[routed]]))
+    pi_y = logp[rows, y].exp()
+    torch.testing.assert_close(stats.routed_mass.reshape(-1)[routed], (a.abs() * (1 - pi_y))[routed],
+                               rtol=1e-12, atol=0)
+    value = a.abs() * (1 - pi_y) * (logp[rows, y] - (rho * torch.where(cand, logp, 0.0)).sum(-1))
+    torch.testing.assert_close(loss.reshape(-1)[routed], value[routed], rtol=1e-10,
+                               atol=1e-12 * float(value.abs().max()))
+
+
+def test_matched_form_is_linear_in_the_advantage_and_kl_target_is_not():
+    """Doubling A doubles the matched form's loss and gradient (the push is |A| (1 - pi(y)), like the positive
+    side); the kl_target push |A| delta grows faster (delta itself grows with |A|)."""
+    student, teacher, ids = batch(seed=12, v=11)
+    adv = -0.1 - torch.rand(ids.shape, generator=torch.Generator().manual_seed(12), dtype=F64)
+    grads, losses = {}, {}
+    for form in ROUTING_FORMS:
+        for scale in (1.0, 2.0):
+            leaf = student.detach().clone().requires_grad_()
+            config = RoutingConfig(form=form, teacher_top_k=5, student_reach="topk", student_top_k=6)
+            loss, stats = cr_opd_loss(leaf, ids, scale * adv, teacher_logits=teacher, config=config)
+            loss.sum().backward()
+            assert stats.routed.all()
+            grads[form, scale], losses[form, scale] = leaf.grad, loss.detach()
+    torch.testing.assert_close(grads["matched", 2.0], 2 * grads["matched", 1.0], rtol=1e-14, atol=0)
+    torch.testing.assert_close(losses["matched", 2.0], 2 * losses["matched", 1.0], rtol=1e-14, atol=0)
+    y = ids.unsqueeze(-1)
+    ratio = grads["kl_target", 2.0].gather(-1, y) / grads["kl_target", 1.0].gather(-1, y)
+    assert (ratio > 2.05).all(), f"kl_target push ratio at 2A / A: expected > 2 (superlinear), got {ratio.min()}"
+
+
+@pytest.mark.parametrize("form", ROUTING_FORMS)
+def test_empty_candidate_set_gives_exactly_the_plain_pg_gradient(form):
     student, teacher, ids = batch(seed=5)
     # The teacher's top-1 is the sampled token and its support is its top-1: C_t is empty everywhere.
     teacher = teacher.scatter(-1, ids.unsqueeze(-1), 50.0)
     adv = -torch.rand(ids.shape, dtype=F64) - 0.2
-    loss, stats = cr_opd_loss(student, ids, adv, teacher_logits=teacher, config=RoutingConfig(teacher_top_k=1))
+    loss, stats = cr_opd_loss(student, ids, adv, teacher_logits=teacher,
+                              config=RoutingConfig(form=form, teacher_top_k=1))
     loss.sum().backward()
     grad = student.grad.clone()
     student.grad = None
@@ -171,11 +240,12 @@ def test_empty_candidate_set_gives_exactly_the_plain_pg_gradient():
     assert torch.equal(grad, student.grad)
 
 
-def test_positive_advantage_gives_exactly_the_plain_pg_gradient():
+@pytest.mark.parametrize("form", ROUTING_FORMS)
+def test_positive_advantage_gives_exactly_the_plain_pg_gradient(form):
     student, teacher, ids = batch(seed=6)
     adv = torch.rand(ids.shape, dtype=F64) + 0.1
     adv[0, 0] = 0.0
-    config = RoutingConfig(teacher_top_k=8, student_reach="topk", student_top_k=8)
+    config = RoutingConfig(form=form, teacher_top_k=8, student_reach="topk", student_top_k=8)
     loss, stats = cr_opd_loss(student, ids, adv, teacher_logits=teacher, config=config)
     loss.sum().backward()
     grad = student.grad.clone()
@@ -186,10 +256,12 @@ def test_positive_advantage_gives_exactly_the_plain_pg_gradient():
     assert torch.equal(grad[0, 0], torch.zeros_like(grad[0, 0]))
 
 
-def test_one_descent_step_lowers_the_sampled_token_and_raises_only_candidates():
+@pytest.mark.parametrize("form", ROUTING_FORMS)
+def test_one_descent_step_lowers_the_sampled_token_and_raises_only_candidates(form):
     student, teacher, ids = batch(seed=7, v=11)
     adv = -1.5 * torch.ones(ids.shape, dtype=F64)
-    config = RoutingConfig(teacher_top_k=4, student_reach="top_p", student_top_p=0.9, weights="sqrt_q_pi")
+    config = RoutingConfig(form=form, teacher_top_k=4, student_reach="top_p", student_top_p=0.9,
+                           weights="sqrt_q_pi")
     loss, stats = cr_opd_loss(student, ids, adv, teacher_logits=teacher, config=config)
     loss.sum().backward()
     lr = 1e-3
@@ -286,7 +358,7 @@ def test_bad_input_names_the_argument():
     fails("teacher_topk_ids", **dict(sparse, teacher_topk_ids=top.indices + 6))
     fails("student_temperature", student_temperature=0.0)
     fails("mask", student, ids, adv, torch.full(ids.shape, 0.5))
-    for name, value in [("teacher_support", "nucleus"), ("student_reach", "top_q"), ("weights", "pi"),
+    for name, value in [("form", "kl"), ("teacher_support", "nucleus"), ("student_reach", "top_q"), ("weights", "pi"),
                         ("teacher_min_prob", 0.0), ("teacher_min_prob", 1.5), ("student_min_prob", -0.1),
                         ("student_top_p", 0.0), ("student_top_p", 1.01), ("eta", 0.0), ("eta", -1.0),
                         ("teacher_top_k", 0), ("student_top_k", 2.5)]:
@@ -311,7 +383,8 @@ def routing_cases(draw):
     mask = torch.rand(b, t, generator=g) < draw(st.sampled_from([0.0, 0.5, 1.0]))
     if b > 1 and draw(st.booleans()):
         mask[0] = False  # an all-padding row
-    config = RoutingConfig(teacher_support=draw(st.sampled_from(["topk", "threshold"])),
+    config = RoutingConfig(form=draw(st.sampled_from(ROUTING_FORMS)),
+                           teacher_support=draw(st.sampled_from(["topk", "threshold"])),
                            teacher_top_k=draw(st.integers(1, v)), teacher_min_prob=draw(st.sampled_from([1e-6, 0.1])),
                            student_reach=draw(st.sampled_from(["top_p", "topk", "threshold"])),
                            student_top_p=draw(st.sampled_from([0.5, 0.95, 1.0])), student_top_k=draw(st.integers(1, v)),
@@ -332,7 +405,8 @@ def test_property_finite_signed_and_local(case):
     loss.sum().backward()
     assert torch.isfinite(loss).all() and torch.isfinite(student.grad).all()
     assert (loss[~mask] == 0).all() and (student.grad[~mask] == 0).all()
-    assert (loss[stats.routed] >= -1e-12).all()  # |A| KL >= 0
+    if config.form == "kl_target":
+        assert (loss[stats.routed] >= -1e-12).all()  # |A| KL >= 0
     assert (loss[mask & (adv > 0)] >= 0).all()  # -A log pi >= 0
     assert ((stats.routed_mass >= 0) & torch.isfinite(stats.routed_mass)).all()
     v = student.shape[-1]

@@ -5,7 +5,10 @@
 on `[B, T]` tensors of sampled-token quantities, with `A_t` from `opd_megatron.credit` and the reward
 `r_t = log q(y_t|s_t) - log pi(y_t|s_t)` from `token_log_ratio`. Two forms of `c_t`:
 - on-policy log-prob form `c_t = log pi(y_t|s_t)` (rollouts from the current student, `mu == pi`) [TM];
-- importance-ratio form `c_t = rho_t = pi(y_t|s_t) / mu(y_t|s_t) = exp(logp - behaviour_logp)`, PPO-clipped in
+- importance-ratio form `c_t = rho_t = pi_theta(y_t|s_t) / pi_theta_old(y_t|s_t) = exp(logp - old_logp)`, the PPO
+  ratio of the current weights to the weights that sampled, both under the loss's distribution (so exactly 1 on
+  fresh on-policy data whatever the rollout's top-p / top-k / temperature; the sampler mismatch
+  `pi_theta_old / mu` is a separate weight, truncated IS in `gates.py`, opd-math.md Route B), PPO-clipped in
   the min form with separate low/high epsilon, `min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A)`, and an
   optional dual clip `max(., c A)` for `A < 0` (Ye et al. 2020) [Survey].
 At `rho = 1` both forms have the same gradient `-(1/Z) m w A grad log pi`.
@@ -63,7 +66,7 @@ def token_log_ratio(teacher_logp: torch.Tensor, student_logp: torch.Tensor,
 
 
 def policy_gradient_loss(logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
-                         behaviour_logp: torch.Tensor | None = None, weights: torch.Tensor | None = None,
+                         old_logp: torch.Tensor | None = None, weights: torch.Tensor | None = None,
                          normalizer: str = "token_mean", clip_eps_low: float | None = 0.2,
                          clip_eps_high: float | None = 0.2, dual_clip: float | None = None,
                          max_length: int | None = None) -> tuple[torch.Tensor, PolicyGradientStats]:
@@ -71,8 +74,9 @@ def policy_gradient_loss(logp: torch.Tensor, advantages: torch.Tensor, mask: tor
 
     - `logp` `[B, T]`: `log pi_theta(y_t|s_t)` of the sampled tokens, with gradient.
     - `advantages` `[B, T]`: `A_t` (detached here: `sg`). `mask` `[B, T]`: 0/1 or bool, 1 on trained tokens.
-    - `behaviour_logp` `[B, T]` or None: `log mu(y_t|s_t)` from rollout time. None selects the on-policy log-prob
-      form `c_t = log pi`; a tensor selects the ratio form `c_t = rho_t = exp(logp - behaviour_logp)` with the PPO
+    - `old_logp` `[B, T]` or None: `log pi_theta_old(y_t|s_t)`, the sampling weights' log-prob under the loss's
+      distribution (not the truncated/tempered sampler's `log mu`). None selects the on-policy log-prob
+      form `c_t = log pi`; a tensor selects the ratio form `c_t = rho_t = exp(logp - old_logp)` with the PPO
       min-form clip `[1 - clip_eps_low, 1 + clip_eps_high]` (None: no clip on that side) and, if `dual_clip = c`
       (c > 1), the bound `max(min(rho A, clip(rho) A), c A)` for `A < 0`. Clip arguments are ignored in the
       log-prob form.
@@ -92,7 +96,7 @@ def policy_gradient_loss(logp: torch.Tensor, advantages: torch.Tensor, mask: tor
     if not torch.is_tensor(logp) or logp.dim() != 2 or not logp.is_floating_point():
         raise MathInputError(f"logp: expected a floating tensor [B, T], got {logp_shape}")
     for name, tensor, required in (("advantages", advantages, True), ("mask", mask, True),
-                                   ("behaviour_logp", behaviour_logp, False), ("weights", weights, False)):
+                                   ("old_logp", old_logp, False), ("weights", weights, False)):
         if (required or tensor is not None) and (not torch.is_tensor(tensor) or tuple(tensor.shape) != logp_shape):
             raise MathInputError(f"{name}: expected shape {logp_shape} (that of logp), got {_shape(tensor)}")
     require_choice("normalizer", normalizer, NORMALIZERS)
@@ -110,15 +114,15 @@ def policy_gradient_loss(logp: torch.Tensor, advantages: torch.Tensor, mask: tor
     weight = torch.where(mask, weight, 0.0)
 
     clip_active = dual_active = torch.zeros_like(mask)
-    if behaviour_logp is None:
+    if old_logp is None:
         objective = logp * adv
         ratio = torch.ones_like(adv)
     else:
         low, high = _clip_bounds(clip_eps_low, clip_eps_high)
         if dual_clip is not None and not (isinstance(dual_clip, (int, float)) and 1.0 < dual_clip < math.inf):
             raise MathInputError(f"dual_clip: expected a finite constant c > 1, got {dual_clip!r}")
-        require_finite_where("behaviour_logp", behaviour_logp.detach(), mask)
-        behaviour = torch.where(mask, behaviour_logp.detach().to(logp.dtype), 0.0)
+        require_finite_where("old_logp", old_logp.detach(), mask)
+        behaviour = torch.where(mask, old_logp.detach().to(logp.dtype), 0.0)
         ratio = torch.exp((logp - behaviour).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
         surrogate = ratio * adv
         clipped = (ratio if low is None and high is None else ratio.clamp(low, high)) * adv

@@ -38,15 +38,26 @@ class SparseTeacherLogprobs:
     """A teacher known only on some ids per position, as an inference server returns it.
 
     ids `[..., k_t]` (integer, global vocabulary ids, distinct per position) and logprobs `[..., k_t]` (the
-    teacher's log-probabilities `log q_v` of those ids over the FULL vocabulary, e.g. its top-k). Optionally
-    extra_ids `[..., e]` and extra_logprobs `[..., e]`: the teacher's log-probabilities on further requested
-    ids (typically the student's top-k), which `student_topk` and `union` supports need. An id present in
-    both takes its value from `ids`/`logprobs`."""
+    teacher's log-probabilities `log q_v` of those ids over the FULL vocabulary, e.g. its top-k; k_t may be 0
+    when extra ids are given). Optionally extra_ids `[..., e]` and extra_logprobs `[..., e]`: the teacher's
+    log-probabilities on further requested ids (typically the student's top-k; -1 = an unused slot), which
+    `student_topk` and `union` supports need. An id present in both takes its value from `ids`/`logprobs`.
+
+    student_ids `[..., k_s]` (optional; -1 = unused, distinct otherwise): the ids the student's top-k is chosen
+    from. A served teacher can only score ids it was sent, so the loop ranks the student's top-k_s in a
+    forward-only pass before the request and sends them (`TeacherRequest.extra_ids`); given here, `student_topk`
+    and `union` take the k of these ids that the student's logits rank highest (`top_k_among`, ties to the lower
+    id) instead of ranking the whole vocabulary. Where the ids were ranked from the same logits (the same
+    weights and batch: the loop without teacher.overlap) that is exactly the whole-vocabulary top-k, since the
+    top-k_s (k_s >= k) contains it; where they are stale (teacher.overlap ranks one update earlier), it is the
+    student's best k among the ids the teacher scored, never an id without a teacher value. None: rank the
+    whole vocabulary (the teacher must then hold a value for every winner)."""
 
     ids: torch.Tensor
     logprobs: torch.Tensor
     extra_ids: torch.Tensor | None = None
     extra_logprobs: torch.Tensor | None = None
+    student_ids: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -114,29 +125,64 @@ def top_k_positions(values: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def check_sparse_teacher(teacher: SparseTeacherLogprobs, leading: tuple[int, ...], vocab: int) -> None:
-    pairs = [("teacher.ids", teacher.ids, "teacher.logprobs", teacher.logprobs)]
     if (teacher.extra_ids is None) != (teacher.extra_logprobs is None):
         raise MathInputError("teacher.extra_ids / teacher.extra_logprobs: expected both or neither, got one")
-    if teacher.extra_ids is not None:
-        pairs.append(("teacher.extra_ids", teacher.extra_ids, "teacher.extra_logprobs", teacher.extra_logprobs))
-    for ids_name, ids, lp_name, lp in pairs:
+    extras = teacher.extra_ids is not None
+    # (name, ids, lp name, lp, smallest k, smallest id): -1 marks an unused extra slot.
+    pairs = [("teacher.ids", teacher.ids, "teacher.logprobs", teacher.logprobs, 0 if extras else 1, 0)]
+    if extras:
+        pairs.append(("teacher.extra_ids", teacher.extra_ids, "teacher.extra_logprobs", teacher.extra_logprobs, 1,
+                      -1))
+    for ids_name, ids, lp_name, lp, min_k, min_id in pairs:
         if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.dtype == torch.bool:
             raise MathInputError(f"{ids_name}: expected an integer tensor of vocabulary ids")
         if not isinstance(lp, torch.Tensor) or not lp.is_floating_point():
             raise MathInputError(f"{lp_name}: expected a floating-point tensor of log-probabilities")
         require_same_shape(**{ids_name: ids, lp_name: lp})
-        if ids.dim() < 1 or tuple(ids.shape[:-1]) != tuple(leading) or ids.shape[-1] < 1:
+        if ids.dim() < 1 or tuple(ids.shape[:-1]) != tuple(leading) or ids.shape[-1] < min_k:
             raise MathInputError(f"{ids_name}: expected shape [{', '.join(map(str, leading))}, k] (the positions "
-                                 f"of student_logits, k >= 1), got {tuple(ids.shape)}")
-        if ((ids < 0) | (ids >= vocab)).any():
-            raise MathInputError(f"{ids_name}: expected ids in [0, V) with V = {vocab} (the student's "
+                                 f"of student_logits, k >= {min_k}), got {tuple(ids.shape)}")
+        if ids.numel() and ((ids < min_id) | (ids >= vocab)).any():
+            raise MathInputError(f"{ids_name}: expected ids in [{min_id}, V) with V = {vocab} (the student's "
                                  f"vocabulary), got values in [{int(ids.min())}, {int(ids.max())}]")
         require_finite(lp_name, lp)
+    if teacher.student_ids is not None:
+        _check_student_ids(teacher.student_ids, leading, vocab)
     mass = torch.logsumexp(teacher.logprobs.double(), dim=-1).exp()
     if (mass > 1 + _SPARSE_MASS_SLACK).any():
         raise MathInputError(f"teacher.logprobs: the probabilities sum to more than 1 (up to "
                              f"{float(mass.max()):.4g}) at some position: expected log-probabilities over the "
                              f"full vocabulary (log_softmax), not logits")
+
+
+def _check_student_ids(ids: torch.Tensor, leading: tuple[int, ...], vocab: int) -> None:
+    if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.dtype == torch.bool:
+        raise MathInputError("teacher.student_ids: expected an integer tensor of vocabulary ids")
+    if ids.dim() < 1 or tuple(ids.shape[:-1]) != tuple(leading) or ids.shape[-1] < 1:
+        raise MathInputError(f"teacher.student_ids: expected shape [{', '.join(map(str, leading))}, k_s] (the "
+                             f"positions of student_logits, k_s >= 1), got {tuple(ids.shape)}")
+    if ((ids < -1) | (ids >= vocab)).any():
+        raise MathInputError(f"teacher.student_ids: expected ids in [-1, V) with V = {vocab} (-1 = unused), got "
+                             f"values in [{int(ids.min())}, {int(ids.max())}]")
+    ordered = ids.sort(dim=-1).values
+    if ((ordered[..., 1:] == ordered[..., :-1]) & (ordered[..., 1:] >= 0)).any():
+        raise MathInputError("teacher.student_ids: an id appears twice at one position; expected distinct ids "
+                             "(the student's top-k_s)")
+
+
+def top_k_among(values: torch.Tensor, candidates: torch.Tensor, k: int) -> torch.Tensor:
+    """The k ids `[..., k]` among `candidates [..., n]` (global ids, distinct, -1 = unused) whose `values
+    [..., n]` (the student's logits at the candidates) are largest, in ascending id order; ties to the lower id,
+    as `top_k_positions` (the candidates are sorted by id first, so its position rule is the id rule). An unused
+    candidate never beats a used one; a position with fewer than k used candidates gets -1 slots.
+    `k > n` is an error."""
+    if k > candidates.shape[-1]:
+        raise MathInputError(f"k: expected at most {candidates.shape[-1]} (the student ids the teacher scored: "
+                             f"teacher.student_ids has {candidates.shape[-1]} per position), got {k}")
+    by_id = torch.argsort(candidates, dim=-1, stable=True)
+    sorted_ids = candidates.gather(-1, by_id)
+    ranked = values.gather(-1, by_id).masked_fill(sorted_ids < 0, float("-inf"))
+    return sorted_ids.gather(-1, top_k_positions(ranked, k)).long()
 
 
 def lookup_ids(query_ids: torch.Tensor, ids: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -179,7 +225,8 @@ def build_support(student_logits: torch.Tensor, teacher: torch.Tensor | SparseTe
 
     Sparse teacher: `full` is unavailable (the teacher is unknown outside the ids it returned): an error says
     what works. `teacher_topk` needs k <= k_t; `student_topk` and `union` need the teacher's logprobs on the
-    student's top-k ids (in `ids` or `extra_ids`). The tail is `1 - sum_S q` from the returned logprobs,
+    student's top-k ids (in `ids` or `extra_ids`); with `teacher.student_ids` the student's top-k is taken among
+    those ids (`SparseTeacherLogprobs`). The tail is `1 - sum_S q` from the returned logprobs,
     so a teacher temperature != 1 is only possible with `renormalized` (renormalising `log q / tau` on S is
     exact: the unknown normaliser cancels), not with `tail`. Where the student has no mass outside S (S
     covers the vocabulary) the teacher's tail is set to 0 too: the returned logprobs sum to 1 only up to
@@ -239,7 +286,11 @@ def build_support(student_logits: torch.Tensor, teacher: torch.Tensor | SparseTe
         else:
             teacher_ids = top_k_positions(teacher.detach(), k)
     if support in ("student_topk", "union"):
-        student_ids = top_k_positions(student_logits.detach(), k)
+        if sparse and teacher.student_ids is not None:
+            candidates = teacher.student_ids.long()
+            student_ids = top_k_among(student_logits.detach().gather(-1, candidates.clamp_min(0)), candidates, k)
+        else:
+            student_ids = top_k_positions(student_logits.detach(), k)
     ids = support_ids(support, teacher_ids, student_ids)
     valid = ids >= 0
     safe_ids = ids.clamp_min(0)

@@ -1,5 +1,8 @@
 """Vocab-parallel twin of `routing.py::cr_opd_loss` (CR-OPD) on tensor-parallel-sharded logits, never gathering
 the vocabulary. [Ours, after Survey]: the loss and its definitions are the reference's; this file only shards it.
+Both routed forms (`RoutingConfig.form`): "matched" (default), `L_t = |A_t| (1 - sg pi(y_t)) sum_{v in C_t}
+rho_t(v) (z_{y_t} - z_v)` (= `... [log pi(y_t) - sum_C rho log pi(v)]`), and "kl_target", the restricted
+`|A_t| sg(P_t) KL(p~^S_t || pi^S_t)`; the plain PG term where `A_t >= 0` or `C_t` is empty.
 
 Layout and gradient convention as in `vocab_parallel.py`: TP rank `r` holds logits `[N, V/tp]` for the padded ids
 `[r * V/tp, (r + 1) * V/tp)`; ids `>= true_vocab_size` are padding (-inf, never a member of any set, zero
@@ -23,9 +26,13 @@ How each piece is formed on masks:
   rank keeps the ids it owns.
 - `C_t = Supp_T & Reach_S` minus `y_t`, local. `|C_t|`, the routing weights' normaliser over `C_t`,
   `P_t = sum_S pi`, `pi(y_t)`, `pi^S(y_t)` and the logsumexp over `S_t` are `[N]` all-reduces.
-- the restricted KL over `S_t` is a per-rank partial sum, all-reduced by `ReduceFromTP`; the logsumexp over
-  `S_t` is replicated and enters the per-rank terms through `CopyToTP`, so each rank's shard receives
-  `|A_t| (pi_v - p~_v)` on its own members of `S_t` and exactly 0 elsewhere (the terms read only `z_S`).
+- matched: `sum_C rho (z_y - z_v)` is a per-rank partial sum over this rank's members of `C_t`, all-reduced by
+  `ReduceFromTP`; the replicated `z_{y_t}` (the owner's entry, all-reduced) enters the per-rank terms through
+  `CopyToTP`, so the owner's column of `y_t` receives `|A_t| (1 - pi(y_t))` and each rank's members of `C_t`
+  `-|A_t| (1 - pi(y_t)) rho_t(v)`, every other column exactly 0.
+- kl_target: the restricted KL over `S_t` is a per-rank partial sum, all-reduced by `ReduceFromTP`; the
+  logsumexp over `S_t` is replicated and enters the per-rank terms through `CopyToTP`, so each rank's shard
+  receives `|A_t| (pi_v - p~_v)` on its own members of `S_t` and exactly 0 elsewhere (the terms read only `z_S`).
 - the fallback `-A_t log pi(y_t)` uses the full-vocabulary logsumexp (partial exp-sums all-reduced) and the
   owning rank's `z_{y_t}`.
 Communication: `[N]`-sized all-reduces and the top-k all-gathers (`[tp, N, k]`); nothing of size V.
@@ -156,8 +163,9 @@ def vocab_parallel_cr_opd_loss(student_logits_shard: torch.Tensor, sampled_ids: 
     rank). `true_vocab_size`: the unpadded vocabulary (default: tp x V/tp, no padding); `group`: the TP group
     (default megatron's, else tp = 1).
 
-    Gradient: routed positions send `|A_t| (pi - p~_t)` into each rank's own columns of `S_t = {y_t} U C_t` and
-    exactly 0 to every other column; fallback positions (`A_t >= 0` or `C_t` empty) `-A_t (e_{y_t} - pi)`;
+    Gradient: routed positions send `|A_t| (1 - pi(y_t)) (e_{y_t} - rho_t)` (form "matched") or
+    `|A_t| (pi - p~_t)` (form "kl_target") into each rank's own columns of `S_t = {y_t} U C_t` and exactly 0 to
+    every other column; fallback positions (`A_t >= 0` or `C_t` empty) `-A_t (e_{y_t} - pi)`;
     masked positions nothing.
 
     chunk_size: rows at a time (`vocab_parallel.chunked_rows`): the `[chunk, V/tp]` temporaries of one chunk live
@@ -288,28 +296,47 @@ def _routed_rows(shard: Shard, config: RoutingConfig, flat: torch.Tensor, ids: t
         weight_norm = torch.where(count > 0, weight_norm, 0.0)
         rho = torch.where(candidates, (log_weight - weight_norm.unsqueeze(-1)).exp(), 0.0)
 
-        delta = torch.where(routed, logp_sampled.detach().exp() * -torch.expm1(config.eta * adv.clamp(max=0.0)),
-                            0.0)
+    if config.form == "matched":
+        # sum_{v in C} rho (z_y - z_v) as per-rank partial sums, all-reduced; z_y is replicated, so its gradient
+        # shares are summed over the ranks (`CopyToTP`) before reaching the owner's column.
+        with torch.no_grad():
+            moved = torch.where(routed, adv.abs() * -torch.expm1(logp_sampled.detach()), 0.0)
+        z_y = CopyToTP.apply(_at_ids(shard, z, ids), shard)
+        gap = torch.where(candidates, z_y.unsqueeze(-1) - z, 0.0)
+        routed_loss = moved * ReduceFromTP.apply((rho * gap).sum(dim=-1), shard)
+    else:
+        moved, routed_loss = _kl_target_rows(shard, config, z, logp, ids, adv, onehot, candidates, rho, routed,
+                                             logp_sampled.detach())
+    pg_loss = -adv * logp_sampled
+    loss = torch.where(keep, torch.where(routed, routed_loss, pg_loss), 0.0)
+
+    stats = RoutingStats(routed_mass=moved, candidate_count=count, empty_candidates=keep & (count == 0),
+                         routed=routed, negative_advantage=negative)
+    return loss, stats
+
+
+def _kl_target_rows(shard: Shard, config: RoutingConfig, z: torch.Tensor, logp: torch.Tensor, ids: torch.Tensor,
+                    adv: torch.Tensor, onehot: torch.Tensor, candidates: torch.Tensor, rho: torch.Tensor,
+                    routed: torch.Tensor, logp_sampled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kl_target form on masks: `(delta [n], loss [n])` from the tempered logits `z [n, V/tp]`
+    (differentiable), their log-probs, the local masks of `y_t` and `C_t` and `rho [n, V/tp]`."""
+    with torch.no_grad():
+        zd = z.detach()
+        delta = torch.where(routed, logp_sampled.exp() * -torch.expm1(config.eta * adv.clamp(max=0.0)), 0.0)
         in_s = onehot | candidates
         mass_s = shard.all_reduce(torch.where(in_s, logp.exp(), 0.0).sum(dim=-1))
         # p~^S = pi^S + pi^S(y) (1 - exp(eta A)) (rho - e_y), from pi^S (exact when P underflows), as the reference.
         pi_s = (zd - _logsumexp(shard, zd, in_s).unsqueeze(-1)).exp().masked_fill(~in_s, 0.0)
         moved_s = torch.where(routed, _at_ids(shard, pi_s, ids) * -torch.expm1(config.eta * adv.clamp(max=0.0)),
                               0.0)
-        target_s = pi_s + moved_s.unsqueeze(-1) * (rho - onehot.to(dtype))
+        target_s = pi_s + moved_s.unsqueeze(-1) * (rho - onehot.to(z.dtype))
 
     # Restricted routed loss: per-rank partial KL over this rank's members of S, all-reduced; the logsumexp over
     # S is replicated, so its gradient shares are summed over the ranks (`CopyToTP`).
     log_norm_s = CopyToTP.apply(_logsumexp(shard, z, in_s), shard)
     logp_s = torch.where(in_s, z, -math.inf) - log_norm_s.unsqueeze(-1)
     kl_partial = torch.where(in_s, torch.xlogy(target_s, target_s) - target_s * logp_s, 0.0).sum(dim=-1)
-    routed_loss = adv.abs() * mass_s * ReduceFromTP.apply(kl_partial, shard)
-    pg_loss = -adv * logp_sampled
-    loss = torch.where(keep, torch.where(routed, routed_loss, pg_loss), 0.0)
-
-    stats = RoutingStats(routed_mass=delta, candidate_count=count, empty_candidates=keep & (count == 0),
-                         routed=routed, negative_advantage=negative)
-    return loss, stats
+    return delta, adv.abs() * mass_s * ReduceFromTP.apply(kl_partial, shard)
 
 
 def _members(ids: torch.Tensor, pool: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
@@ -378,8 +405,6 @@ def _routed_rows_on_ids(shard: Shard, config: RoutingConfig, flat: torch.Tensor,
         shift = log_weight.amax(dim=-1, keepdim=True)
         rho = (log_weight - torch.where(torch.isneginf(shift), 0.0, shift)).exp()
         rho = rho / torch.where(count > 0, rho.sum(dim=-1), 1.0).unsqueeze(-1)
-        step = -torch.expm1(config.eta * adv.clamp(max=0.0))
-        delta = torch.where(routed, logp_y.exp() * step, 0.0)
         in_s = torch.cat([torch.ones_like(candidates[:, :1]), candidates], dim=-1)  # slot 0: y_t
 
     # The one differentiable read of the student's logits besides the normaliser: at [y_t, top-k ids] (one
@@ -387,18 +412,27 @@ def _routed_rows_on_ids(shard: Shard, config: RoutingConfig, flat: torch.Tensor,
     raw_s = _at_ids(shard, flat, torch.cat([ids.unsqueeze(-1), top_ids], dim=-1))
     z_s = raw_s.to(dtype) / student_temperature
     logp_sampled = z_s[:, 0] - log_norm
-    masked_s = torch.where(in_s, z_s, -math.inf)
-    log_norm_s = torch.logsumexp(masked_s, dim=-1)
-    logp_s = masked_s - log_norm_s.unsqueeze(-1)
-    with torch.no_grad():
-        mass_s = (log_norm_s - log_norm).exp()
-        pi_s = logp_s.exp()
-        moved = torch.where(routed, pi_s[:, 0] * step, 0.0)
-        target_s = pi_s + moved.unsqueeze(-1) * torch.cat([-torch.ones_like(moved).unsqueeze(-1), rho], dim=-1)
-        target_s = torch.where(in_s, target_s, 0.0)
-    kl = torch.where(in_s, torch.xlogy(target_s, target_s) - target_s * logp_s, 0.0).sum(dim=-1)
-    routed_loss = adv.abs() * mass_s * kl
+    if config.form == "matched":
+        # sum_{v in C} rho (z_y - z_v), on the replicated [n, k] slots (`routing.matched_routed_loss`).
+        moved = torch.where(routed, adv.abs() * -torch.expm1(logp_y), 0.0)
+        gap = torch.where(candidates, z_s[:, :1] - z_s[:, 1:], 0.0)
+        routed_loss = moved * (rho * gap).sum(dim=-1)
+    else:
+        step = -torch.expm1(config.eta * adv.clamp(max=0.0))
+        moved = torch.where(routed, logp_y.exp() * step, 0.0)  # delta_t
+        masked_s = torch.where(in_s, z_s, -math.inf)
+        log_norm_s = torch.logsumexp(masked_s, dim=-1)
+        logp_s = masked_s - log_norm_s.unsqueeze(-1)
+        with torch.no_grad():
+            mass_s = (log_norm_s - log_norm).exp()
+            pi_s = logp_s.exp()
+            moved_s = torch.where(routed, pi_s[:, 0] * step, 0.0)
+            target_s = pi_s + moved_s.unsqueeze(-1) * torch.cat([-torch.ones_like(moved_s).unsqueeze(-1), rho],
+                                                                dim=-1)
+            target_s = torch.where(in_s, target_s, 0.0)
+        kl = torch.where(in_s, torch.xlogy(target_s, target_s) - target_s * logp_s, 0.0).sum(dim=-1)
+        routed_loss = adv.abs() * mass_s * kl
     loss = torch.where(keep, torch.where(routed, routed_loss, -adv * logp_sampled), 0.0)
-    stats = RoutingStats(routed_mass=delta, candidate_count=count, empty_candidates=keep & (count == 0),
+    stats = RoutingStats(routed_mass=moved, candidate_count=count, empty_candidates=keep & (count == 0),
                          routed=routed, negative_advantage=negative)
     return loss, stats

@@ -6,7 +6,9 @@ rank), so `losses.supports.divergence_on_support` applies to it unchanged.
 How each piece is formed (layout and gradient convention as in `vocab_parallel.py`):
 - support ids: `topk.vocab_parallel_topk` of the teacher or student logits shard (one all-gather of k candidates
   per rank; ascending ids, ties to the lower id, as `top_k_positions`), or for a sparse teacher the reference's
-  selection on the server answer, which every rank holds;
+  selection on the server answer, which every rank holds; with a sparse teacher's `student_ids` (the ids a
+  served teacher scored for the student), the reference's `top_k_among` on the student's logits at those ids
+  (gathered as below, exact: the same ranking as `vocab_parallel_topk` on the same logits);
 - the logits at the ids: `scatter_sparse_to_shards` + `gather_owned(fill=0)` on each rank, then an all-reduce SUM
   (`ReduceFromTP`: backward identity, so the gradient of a support slot reaches only the rank owning its id);
 - tail mode: the global normaliser (`vocab_parallel_log_normalizer`, gradient `softmax / tau` into the shard) and
@@ -29,7 +31,7 @@ import torch.distributed as dist
 from opd_megatron.losses.distributional import compute_dtype
 from opd_megatron.losses.supports import (MODES, SparseTeacherLogprobs, SupportedDistributions,
                                           check_sparse_teacher, log_normalize, lookup_ids, safe_logsumexp,
-                                          support_ids, top_k_positions)
+                                          support_ids, top_k_among, top_k_positions)
 from opd_megatron.parallel.topk import gather_owned, scatter_sparse_to_shards, vocab_parallel_topk
 from opd_megatron.parallel.vocab_parallel import (check_inputs, chunked_rows, flatten_rows, ReduceFromTP, row_pieces,
                                                   Shard, vocab_parallel_log_normalizer)
@@ -127,8 +129,10 @@ def vocab_parallel_build_support(student_logits_shard: torch.Tensor,
 
     def rows_of_inputs(piece: slice) -> SupportedDistributions:
         if sparse:
-            piece_teacher = SparseTeacherLogprobs(*(None if t is None else t.reshape(rows, -1)[piece] for t in (
-                teacher.ids, teacher.logprobs, teacher.extra_ids, teacher.extra_logprobs)))
+            # reshape(rows, width), not (rows, -1): a teacher without a top-k has width 0 (only extra ids).
+            piece_teacher = SparseTeacherLogprobs(*(None if t is None else t.reshape(rows, t.shape[-1])[piece]
+                                                    for t in (teacher.ids, teacher.logprobs, teacher.extra_ids,
+                                                              teacher.extra_logprobs, teacher.student_ids)))
         else:
             piece_teacher = teacher_flat[piece]
         return _support_rows(shard, support, k, mode, student_rows(piece), piece_teacher, taus, dtype)
@@ -157,7 +161,11 @@ def _support_rows(shard: Shard, support: str, k: int, mode: str, student: torch.
         teacher_ids = (_sparse_teacher_topk(teacher, k).reshape(-1, k) if sparse
                        else vocab_parallel_topk(teacher_flat, k, vocab, group)[1])
     if support in ("student_topk", "union"):
-        student_ids = vocab_parallel_topk(student.detach(), k, vocab, group)[1]
+        if sparse and teacher.student_ids is not None:
+            candidates = teacher.student_ids.long()
+            student_ids = top_k_among(_at_ids(shard, student.detach(), candidates.clamp_min(0)), candidates, k)
+        else:
+            student_ids = vocab_parallel_topk(student.detach(), k, vocab, group)[1]
     ids = support_ids(support, teacher_ids, student_ids)
     valid = ids >= 0
     safe_ids = ids.clamp_min(0)

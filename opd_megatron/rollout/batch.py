@@ -23,6 +23,10 @@ class RolloutBatch:
     behaviour_logprobs `[B, L-1]` float32: log-probs of the sampled tokens under the policy that generated them, at
         the sampling temperature's distribution (0 off the response); None for data that was not sampled (e.g. the
         fixed-dataset share of GKD's on-policy fraction).
+    old_logprobs `[B, L-1]` float32: log-probs of the sampled tokens under the loss's distribution at the weights
+        that sampled them (full softmax at `opd.student_temperature`, from the same logits): the PPO ratio's
+        denominator `pi_theta_old`, while behaviour_logprobs is `mu`; same convention (0 off the response), None
+        where behaviour_logprobs is.
     group_ids `[B]` int64: rows sampled from the same prompt share a group (leave-one-out baselines).
     on_policy `[B]` bool: sampled by the student (True) or taken from a fixed dataset (False).
     prompts: the prompt texts (for verifiers and reports), domains: per-row tags (multi-teacher routing),
@@ -47,6 +51,8 @@ class RolloutBatch:
     values: Optional[torch.Tensor] = None
     loss_weights: Optional[torch.Tensor] = None   # [B, L-1] normaliser coefficients (objective.normalizer_weights)
     reference_logprobs: Optional[torch.Tensor] = None   # [B, L-1] sampled-token log-probs of the frozen reference
+    old_logprobs: Optional[torch.Tensor] = None   # [B, L-1] pi_theta_old(y_t), the full softmax (see above)
+    outcome_advantages: Optional[torch.Tensor] = None   # [B] R - b_R, centred on the whole batch (outcome hybrid)
     policy_version: int = 0          # the optimizer step whose weights sampled it (staleness = step - this)
 
     @property
@@ -86,7 +92,8 @@ class RolloutBatch:
                 return TeacherScores(
                     sampled_logprobs=x.sampled_logprobs[index], valid=x.valid[index],
                     topk_ids=rows_of(x.topk_ids), topk_logprobs=rows_of(x.topk_logprobs),
-                    extra_logprobs=rows_of(x.extra_logprobs), logits_shard=rows_of(x.logits_shard),
+                    extra_logprobs=rows_of(x.extra_logprobs), extra_ids=rows_of(x.extra_ids),
+                    logits_shard=rows_of(x.logits_shard),
                     teacher_name=x.teacher_name, per_teacher=x.per_teacher)
             return [x[i] for i in picked] if len(x) else []
 
@@ -109,23 +116,25 @@ class RolloutBatch:
             teacher = TeacherScores(
                 sampled_logprobs=cut(teacher.sampled_logprobs, length - 1), valid=cut(teacher.valid, length - 1),
                 topk_ids=cut(teacher.topk_ids, length - 1), topk_logprobs=cut(teacher.topk_logprobs, length - 1),
-                extra_logprobs=cut(teacher.extra_logprobs, length - 1),
+                extra_logprobs=cut(teacher.extra_logprobs, length - 1), extra_ids=cut(teacher.extra_ids, length - 1),
                 logits_shard=cut(teacher.logits_shard, length - 1),
                 teacher_name=teacher.teacher_name, per_teacher=teacher.per_teacher)
         return replace(self, tokens=self.tokens[:, :length], loss_mask=cut(self.loss_mask, length - 1),
                        behaviour_logprobs=cut(self.behaviour_logprobs, length - 1), teacher=teacher,
                        advantages=cut(self.advantages, length - 1), values=cut(self.values, length - 1),
                        loss_weights=cut(self.loss_weights, length - 1),
-                       reference_logprobs=cut(self.reference_logprobs, length - 1))
+                       reference_logprobs=cut(self.reference_logprobs, length - 1),
+                       old_logprobs=cut(self.old_logprobs, length - 1))
 
     @staticmethod
     def from_sequences(prompts_ids: Sequence[Sequence[int]], responses_ids: Sequence[Sequence[int]], pad_id: int,
                        length: Optional[int] = None, behaviour_logprobs: Optional[Sequence[Sequence[float]]] = None,
                        group_ids: Optional[Sequence[int]] = None, on_policy: bool = True,
                        prompts: Optional[list[str]] = None, domains: Optional[list[str]] = None,
-                       policy_version: int = 0) -> "RolloutBatch":
+                       policy_version: int = 0,
+                       old_logprobs: Optional[Sequence[Sequence[float]]] = None) -> "RolloutBatch":
         """Build a batch from per-row prompt and response id lists (responses include eos where one was produced).
-        behaviour_logprobs, if given, has one value per response token."""
+        behaviour_logprobs and old_logprobs, if given, have one value per response token."""
         rows = len(prompts_ids)
         if len(responses_ids) != rows:
             raise ValueError(f"{rows} prompts but {len(responses_ids)} responses")
@@ -139,6 +148,7 @@ class RolloutBatch:
         tokens = torch.full((rows, length), pad_id, dtype=torch.long)
         loss_mask = torch.zeros(rows, length - 1)
         behaviour = torch.zeros(rows, length - 1) if behaviour_logprobs is not None else None
+        old = torch.zeros(rows, length - 1) if old_logprobs is not None else None
         for b, (p, r) in enumerate(zip(prompts_ids, responses_ids)):
             tokens[b, : len(p) + len(r)] = torch.tensor(list(p) + list(r), dtype=torch.long)
             loss_mask[b, len(p) - 1: len(p) + len(r) - 1] = 1.0
@@ -147,13 +157,18 @@ class RolloutBatch:
                 if len(values) != len(r):
                     raise ValueError(f"row {b}: {len(values)} behaviour logprobs for {len(r)} response tokens")
                 behaviour[b, len(p) - 1: len(p) + len(r) - 1] = torch.tensor(values, dtype=torch.float32)
+            if old is not None:
+                values = old_logprobs[b]
+                if len(values) != len(r):
+                    raise ValueError(f"row {b}: {len(values)} old logprobs for {len(r)} response tokens")
+                old[b, len(p) - 1: len(p) + len(r) - 1] = torch.tensor(values, dtype=torch.float32)
         return RolloutBatch(
             tokens=tokens, lengths=torch.tensor(total, dtype=torch.long),
             prompt_lengths=torch.tensor([len(p) for p in prompts_ids], dtype=torch.long), loss_mask=loss_mask,
             behaviour_logprobs=behaviour,
             group_ids=torch.as_tensor(group_ids if group_ids is not None else range(rows), dtype=torch.long),
             on_policy=torch.full((rows,), on_policy, dtype=torch.bool), prompts=list(prompts or []),
-            domains=domains, policy_version=policy_version)
+            domains=domains, policy_version=policy_version, old_logprobs=old)
 
 
 def concat(batches: Sequence[RolloutBatch], pad_id: int) -> RolloutBatch:
@@ -175,6 +190,10 @@ def concat(batches: Sequence[RolloutBatch], pad_id: int) -> RolloutBatch:
         # Fixed-dataset rows were not sampled: zeros, and `on_policy` False says so.
         behaviour = torch.cat([pad(b.behaviour_logprobs if b.behaviour_logprobs is not None
                                    else torch.zeros(b.size, b.tokens.shape[1] - 1), length - 1, 0.0) for b in batches])
+    old = None
+    if any(b.old_logprobs is not None for b in batches):
+        old = torch.cat([pad(b.old_logprobs if b.old_logprobs is not None
+                             else torch.zeros(b.size, b.tokens.shape[1] - 1), length - 1, 0.0) for b in batches])
     offsets, groups = 0, []
     for b in batches:
         groups.append(b.group_ids + offsets)
@@ -188,9 +207,9 @@ def concat(batches: Sequence[RolloutBatch], pad_id: int) -> RolloutBatch:
         loss_mask=torch.cat([pad(b.loss_mask, length - 1, 0.0) for b in batches]), behaviour_logprobs=behaviour,
         group_ids=torch.cat(groups), on_policy=torch.cat([b.on_policy for b in batches]),
         prompts=[p for b in batches for p in b.prompts], domains=domains,
-        policy_version=min(b.policy_version for b in batches))
+        policy_version=min(b.policy_version for b in batches), old_logprobs=old)
 
 
 _PER_ROW = ("tokens", "lengths", "prompt_lengths", "loss_mask", "behaviour_logprobs", "group_ids", "on_policy",
             "prompts", "domains", "privileged", "rewards", "teacher", "advantages", "values", "loss_weights",
-            "reference_logprobs")
+            "reference_logprobs", "old_logprobs", "outcome_advantages")

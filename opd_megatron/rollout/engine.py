@@ -1,4 +1,4 @@
-"""The rollout engine interface: prompts in, a `RolloutBatch` with behaviour log-probs out.
+"""The rollout engine interface: prompts in, a `RolloutBatch` with behaviour and old log-probs out.
 
 The training loop only sees this interface, so generation can move from the megatron student in-process
 (`MegatronRolloutEngine`) to an inference server holding a copy of the student's weights (SGLang/vLLM, with weight
@@ -17,8 +17,12 @@ from opd_megatron.rollout.sampler import MegatronSampler, SamplingConfig
 class RolloutEngine(abc.ABC):
     @abc.abstractmethod
     def generate(self, prompts_ids: Sequence[Sequence[int]], config: SamplingConfig,
-                 prompts: Optional[list[str]] = None, policy_version: int = 0) -> RolloutBatch:
-        """`config.n` samples per prompt, rows prompt-major, with behaviour log-probs."""
+                 prompts: Optional[list[str]] = None, policy_version: int = 0,
+                 sample_key: Optional[tuple] = None) -> RolloutBatch:
+        """`config.n` samples per prompt, rows prompt-major, with behaviour log-probs (`mu`, the distribution
+        sampled from) and old log-probs (full softmax at `config.policy_temperature`). sample_key (ints/strs, e.g.
+        `("rollout", step)`) names the call: its randomness is a pure function of (run seed, key, DP rank), so
+        the same key repeats the same rollouts and the DP replicas draw independently; None: a call counter."""
 
     def sync_weights(self, policy_version: int) -> None:
         """Make the engine sample from the student's current weights (a no-op when it shares them)."""
@@ -36,8 +40,9 @@ class MegatronRolloutEngine(RolloutEngine):
     def __init__(self, module, vocab_size: int, pad_id: int, max_sequence_length: int, seed: int):
         self.sampler = MegatronSampler(module, vocab_size, pad_id, max_sequence_length, seed)
 
-    def generate(self, prompts_ids, config, prompts=None, policy_version=0) -> RolloutBatch:
-        return self.sampler.generate(prompts_ids, config, prompts=prompts, policy_version=policy_version)
+    def generate(self, prompts_ids, config, prompts=None, policy_version=0, sample_key=None) -> RolloutBatch:
+        return self.sampler.generate(prompts_ids, config, prompts=prompts, policy_version=policy_version,
+                                     sample_key=sample_key)
 
     def state_dict(self) -> dict:
         return {"calls": self.sampler.calls}

@@ -4,10 +4,19 @@ Both are stateless: the prompts of (step, data-parallel rank) are a pure functio
 needs only the step. A prompt is `[bos] + encode(prompt)` (through the chat template when configured), the ids a
 rollout continues from; `reference` is the ids of a known good response (the task's answer, or the file's
 `response`) + eos, used by the fixed-dataset share of GKD's on-policy fraction.
+
+Evaluation prompts of a JSONL source never reach training. With a separate `eval.path` they are that file's first
+`eval.prompts` records (read with the rollout keys); without one they are held out of `rollout.path`: the
+`eval.prompts` records whose prompt text has the smallest SHA-256. Either way every `rollout.path` record whose text
+is an evaluation prompt is dropped from training, so no evaluated prompt is ever a training prompt, duplicates
+included. The split depends on the files alone (not on run.seed, the step or the world size): every run and
+`opd-megatron eval` on the same files and eval.prompts evaluate on the same prompts. A task source evaluates on the
+task's own eval split.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from dataclasses import dataclass
@@ -35,25 +44,77 @@ def _prompt_ids(tokenizer: Tokenizer, text: str, chat: bool) -> list[int]:
     return ids
 
 
+def _text_rank(text: str) -> bytes:
+    """The held-out split's order: a hash of the prompt text alone, so the split is the same in every run."""
+    return hashlib.sha256(text.encode("utf-8")).digest()
+
+
+def hold_out(records: list[Prompt], count: int) -> tuple[list[Prompt], list[Prompt]]:
+    """(training records in file order, the `count` evaluation records in hash order).
+
+    Evaluation takes the `count` records of smallest `_text_rank` (ties by file order); training keeps every record
+    whose text is not among theirs, so a duplicate of an evaluation prompt is held out as well."""
+    ranked = sorted(range(len(records)), key=lambda i: (_text_rank(records[i].text), i))
+    evaluation = [records[i] for i in ranked[:count]]
+    held = {p.text for p in evaluation}
+    return [p for p in records if p.text not in held], evaluation
+
+
 class PromptSource:
-    """`prompts(step, rank, world, count)`: this data-parallel rank's `count` prompts of `step`."""
+    """`prompts(step, rank, world, count)`: this data-parallel rank's `count` prompts of `step`;
+    `eval_prompts()`: a JSONL source's `eval_count` evaluation prompts, none of which `prompts` ever returns
+    (from `eval_path` when given, else held out of `path`; see the module docstring)."""
 
     def __init__(self, tokenizer: Tokenizer, seed: int, max_prompt_tokens: int, task: Optional[Task] = None,
                  path: Optional[str] = None, prompt_key: str = "prompt", answer_key: str = "response",
-                 apply_chat_template: bool = False, domain_key: str = "", privileged_key: str = ""):
+                 apply_chat_template: bool = False, domain_key: str = "", privileged_key: str = "",
+                 eval_count: int = 0, eval_path: Optional[str] = None):
         if (task is None) == (path is None):
             raise ValueError("PromptSource needs exactly one of a task or a JSONL path")
+        if task is not None and eval_path:
+            raise ValueError(f"eval.path {eval_path} is read with rollout.source=jsonl only; task {task.name} "
+                             f"evaluates on its own eval split (leave eval.path empty)")
         self.tokenizer, self.seed, self.task, self.chat = tokenizer, seed, task, apply_chat_template
         self.max_prompt_tokens = max_prompt_tokens
         self.domain_key, self.privileged_key = domain_key, privileged_key
-        self.records: list[Prompt] = []
+        self.records: list[Prompt] = []         # training prompts only
+        self._eval: list[Prompt] = []
         self._order: tuple[int, list[int]] = (-1, [])     # the shuffled order of the last epoch read
-        if path is not None:
-            self.records = self._read(Path(path), prompt_key, answer_key)
+        if path is None:
+            return
+        records = self._read(Path(path), prompt_key, answer_key, "rollout.path")
+        if eval_path:
+            evaluation = self._read(Path(eval_path), prompt_key, answer_key, "eval.path")
+            if len(evaluation) < eval_count:
+                raise DataError(f"eval.path {eval_path} holds {len(evaluation)} prompts, fewer than "
+                                f"eval.prompts={eval_count}; lower eval.prompts to {len(evaluation)} or less, or add "
+                                f"prompts to the file")
+            self._eval = evaluation[:eval_count]
+            held = {p.text for p in self._eval}
+            self.records = [p for p in records if p.text not in held]
+            if not self.records:
+                raise DataError(f"every prompt of rollout.path {path} is also an evaluation prompt of eval.path "
+                                f"{eval_path}; expected training prompts that are not evaluated on")
+            return
+        self.records, self._eval = hold_out(records, eval_count)
+        if not self.records:
+            distinct = len({p.text for p in records})
+            raise DataError(f"rollout.path {path} holds {len(records)} prompts ({distinct} distinct); holding out "
+                            f"eval.prompts={eval_count} of them for evaluation leaves none for training: lower "
+                            f"eval.prompts to {distinct - 1} or less, or give a separate evaluation file as eval.path")
 
-    def _read(self, path: Path, prompt_key: str, answer_key: str) -> list[Prompt]:
+    def eval_prompts(self) -> list[Prompt]:
+        """A JSONL source's evaluation prompts, in a fixed order (the same list on every rank and call)."""
+        if self.task is not None:
+            raise ValueError(f"task {self.task.name} evaluates on its own eval split (Task.examples('eval', ...)), "
+                             f"not on PromptSource.eval_prompts")
+        if not self._eval:
+            raise ValueError("this PromptSource holds no evaluation prompts: it was built with eval_count=0")
+        return list(self._eval)
+
+    def _read(self, path: Path, prompt_key: str, answer_key: str, key: str) -> list[Prompt]:
         if not path.is_file():
-            raise FileNotFoundError(f"rollout.path {path} not found; expected a JSONL file of "
+            raise FileNotFoundError(f"{key} {path} not found; expected a JSONL file of "
                                     f'{{"{prompt_key}": "..."}} lines')
         records = []
         with path.open("rb") as stream:

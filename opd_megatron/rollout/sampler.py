@@ -9,8 +9,12 @@ the output layer vocab-parallel (`[B, V/tp]` per rank) and samples from the shar
   max of z/T + g, and the global max (ties to the lower id) is an exact sample of softmax(z/T);
 - top-k / top-p: the distributed top-k of `parallel/topk.py` (k candidates per rank), top-p within it, and one draw
   from a generator seeded identically on every TP rank.
-The behaviour log-prob recorded for importance ratios is the log-probability of the sampled token under the
-distribution actually sampled from: softmax(z/T), renormalised over the top-k / top-p candidates when they apply.
+Two log-probs of each sampled token are recorded, from the logits it was sampled from (opd-math.md, route B):
+- behaviour `mu(y_t)`: under the distribution actually sampled from, softmax(z/T) renormalised over the top-k / top-p
+  candidates when they apply (0 for greedy rows): the sampler-mismatch weight's denominator;
+- old `pi_theta_old(y_t)`: under the loss's distribution, the full softmax(z / policy_temperature) over the true
+  vocabulary (`opd.student_temperature`), by the vocab-parallel log-prob the loss itself uses: the PPO ratio's
+  denominator, so the ratio is 1 on fresh rollouts whatever the sampling temperature / top-k / top-p.
 
 Pipeline parallelism: each decode step runs stage by stage, hidden states `[s, B, H]` sent to the next stage with
 point-to-point ops over the pipeline group; the last stage samples and broadcasts the tokens to every stage.
@@ -19,7 +23,13 @@ Static batching: prompts of different lengths share one KV cache; generation sta
 whose prompt is longer has its prompt token forced at that column (as megatron's static engine does), so positions
 are the column indices of the batch for every row.
 
-Randomness is a pure function of (seed, call index, TP rank): an exact resume needs only the call index.
+Randomness is a pure function of (run seed, sample key, data-parallel rank, column): the key names the call (the loop
+passes `("rollout", step)`, `("eval", step, chunk, kind)`; without one, the sampler's call counter, saved for resume),
+so a resumed run repeats its rollouts exactly. The DP rank makes the replicas draw independent noise (with shared
+noise, row b of every replica would be the same draw and the gradient variance would not fall as 1/dp). Within one
+replica the TP ranks agree on every token: the top-k/top-p draw uses one generator seeded alike on all of them, and
+the Gumbel noise of each rank (seeded with its TP rank too) covers only its own ids, so the noise of the whole
+vocabulary is still i.i.d. and the global argmax an exact sample.
 """
 
 from __future__ import annotations
@@ -37,6 +47,7 @@ from megatron.core.inference.contexts import StaticInferenceContext
 from opd_megatron.errors import NonFiniteLossError
 from opd_megatron.parallel.finite import nonfinite_on_any_tp_rank
 from opd_megatron.parallel.topk import top_p_mask_on_candidates, vocab_parallel_logsumexp, vocab_parallel_topk
+from opd_megatron.parallel.vocab_parallel import vocab_parallel_token_logprobs
 from opd_megatron.rollout.batch import RolloutBatch
 from opd_megatron.student.lm_loss import mask_padded_vocab
 
@@ -45,7 +56,9 @@ from opd_megatron.student.lm_loss import mask_padded_vocab
 class SamplingConfig:
     """temperature 0 = greedy. top_k 0 = off; top_p 1.0 = off. With both, top-p applies to the renormalised top-k
     distribution; with top_p alone the nucleus is taken over the full distribution among the `top_p_candidates`
-    most likely ids (default 64; a nucleus needing more ids is cut there). n: samples per prompt."""
+    most likely ids (default 64; a nucleus needing more ids is cut there). n: samples per prompt.
+    policy_temperature: the temperature of the loss's distribution (`opd.student_temperature`), at which the
+    sampled tokens' `old_logprobs` (the PPO ratio's denominator) are taken over the full vocabulary."""
 
     max_new_tokens: int
     temperature: float = 1.0
@@ -54,12 +67,16 @@ class SamplingConfig:
     top_p_candidates: int = 64
     n: int = 1
     stop_ids: tuple[int, ...] = ()
+    policy_temperature: float = 1.0
 
     def validate(self) -> None:
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not self.policy_temperature > 0:
+            raise ValueError(f"policy_temperature (the loss's opd.student_temperature) must be > 0, "
+                             f"got {self.policy_temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0 or self.n < 1 or self.top_p_candidates < 1:
@@ -68,7 +85,20 @@ class SamplingConfig:
 
 
 def _seed(*parts) -> int:
-    return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:8], "little") & (2**63 - 1)
+    """A 63-bit generator seed that is a pure function of `parts` (ints, strs and tuples of them): 8 bytes of the
+    sha256 of their repr, which tells ("a:b",) from ("a", "b")."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") & (2**63 - 1)
+
+
+def _call_key(sample_key: Optional[tuple], calls: int) -> tuple:
+    """What names a generate() call in the seeds: the caller's key, else the call counter."""
+    if sample_key is None:
+        return ("call", calls)
+    if not isinstance(sample_key, tuple) or not sample_key or not all(
+            isinstance(part, (int, str)) and not isinstance(part, bool) for part in sample_key):
+        raise ValueError(f"sample_key must be a non-empty tuple of ints and strs naming the call (e.g. "
+                         f"('rollout', step)), got {sample_key!r}")
+    return ("key",) + sample_key
 
 
 @contextmanager
@@ -104,7 +134,7 @@ class MegatronSampler:
         self.pad_id = pad_id
         self.max_sequence_length = max_sequence_length
         self.seed = seed
-        self.calls = 0          # generate() calls so far: part of every random seed (saved for exact resume)
+        self.calls = 0          # generate() calls so far: the seeds' key when a call has no sample_key (saved)
 
     def _pp(self) -> int:
         return parallel_state.get_pipeline_model_parallel_world_size() if self.use_pipeline else 1
@@ -117,9 +147,13 @@ class MegatronSampler:
 
     @torch.no_grad()
     def generate(self, prompts_ids: Sequence[Sequence[int]], config: SamplingConfig,
-                 prompts: Optional[list[str]] = None, policy_version: int = 0) -> RolloutBatch:
+                 prompts: Optional[list[str]] = None, policy_version: int = 0,
+                 sample_key: Optional[tuple] = None) -> RolloutBatch:
         """Sample `config.n` responses per prompt. Returns the batch (rows prompt-major: prompt i's samples are rows
-        i*n .. i*n+n-1, sharing group id i) with behaviour log-probs, identical on every rank of the replica."""
+        i*n .. i*n+n-1, sharing group id i) with behaviour and old log-probs, identical on every rank of the
+        replica. sample_key (a tuple of ints/strs, e.g. `("rollout", step)`) names the call: the same key on the
+        same DP rank draws the same noise (exact resume), another key or DP rank independent noise; None uses the
+        call counter instead."""
         config.validate()
         if not prompts_ids:
             raise ValueError("generate needs at least one prompt")
@@ -132,13 +166,15 @@ class MegatronSampler:
             raise ValueError(f"a prompt of {int(prompt_lens.max())} tokens + max_new_tokens {config.max_new_tokens} "
                              f"= {total} exceeds the model's max_position_embeddings {self.max_sequence_length}; "
                              f"shorten the prompt or lower max_new_tokens")
-        call = self.calls
+        key = _call_key(sample_key, self.calls)
         self.calls += 1
+        dp_rank = parallel_state.get_data_parallel_rank()
         batch = len(rows)
         tokens = torch.full((batch, total), self.pad_id, dtype=torch.long)
         for b, p in enumerate(rows):
             tokens[b, : len(p)] = torch.tensor(p, dtype=torch.long)
         behaviour = torch.zeros(batch, total - 1)
+        old = torch.zeros(batch, total - 1)
         done = torch.zeros(batch, dtype=torch.bool)
         ends = prompt_lens + config.max_new_tokens           # one past the last column a row may fill
         stop = torch.tensor(sorted(set(config.stop_ids)), dtype=torch.long)
@@ -153,11 +189,13 @@ class MegatronSampler:
             with _vocab_sharded_output(module):
                 logits = self._forward(module, tokens[:, :column].to(device), 0, context)
                 while True:
-                    sampled, logp = self._sample_last(logits, config, _seed(self.seed, call, column), batch)
+                    sampled, logp, old_logp = self._sample_last(logits, config,
+                                                                _seed(self.seed, key, dp_rank, column), batch)
                     forced = column < prompt_lens
                     fresh = ~forced & ~done
                     tokens[:, column] = torch.where(fresh, sampled, tokens[:, column])
                     behaviour[:, column - 1] = torch.where(fresh, logp, behaviour[:, column - 1])
+                    old[:, column - 1] = torch.where(fresh, old_logp, old[:, column - 1])
                     if stop.numel():
                         done |= fresh & torch.isin(sampled, stop)
                     done |= ~forced & (column + 1 >= ends)
@@ -168,7 +206,7 @@ class MegatronSampler:
         finally:
             module.train(was_training)
         # Response length: up to and including the first stop token, or max_new_tokens.
-        responses, logps = [], []
+        responses, logps, old_logps = [], [], []
         for b in range(batch):
             p = int(prompt_lens[b])
             gen = tokens[b, p: int(ends[b])].tolist()
@@ -179,10 +217,12 @@ class MegatronSampler:
                     break
             responses.append(gen[:cut])
             logps.append(behaviour[b, p - 1: p - 1 + cut].tolist())
+            old_logps.append(old[b, p - 1: p - 1 + cut].tolist())
         group_ids = [i for i in range(len(prompts_ids)) for _ in range(config.n)]
         row_prompts = [p for p in (prompts or []) for _ in range(config.n)]
         return RolloutBatch.from_sequences(rows, responses, self.pad_id, behaviour_logprobs=logps,
-                                           group_ids=group_ids, prompts=row_prompts, policy_version=policy_version)
+                                           group_ids=group_ids, prompts=row_prompts, policy_version=policy_version,
+                                           old_logprobs=old_logps)
 
     def _forward(self, module, tokens: torch.Tensor, offset: int, context: StaticInferenceContext):
         """One step of every pipeline stage on `tokens [B, s]` at positions offset..offset+s-1. Returns the last
@@ -205,50 +245,71 @@ class MegatronSampler:
         return out[:, -1, :]
 
     def _sample_last(self, logits: Optional[torch.Tensor], config: SamplingConfig, seed: int, batch: int):
-        """Sample one token per row on the last stage from the logits shard `[B, V/tp]`, then broadcast
-        (tokens, behaviour log-probs) to every pipeline stage. Returns CPU tensors `[B]`, `[B]`."""
+        """Sample one token per row on the last stage from the logits shard `[B, V/tp]`, then broadcast (tokens,
+        behaviour log-probs, old log-probs) to every pipeline stage. Returns CPU tensors `[B]`, `[B]`, `[B]`."""
         pp = self._pp()
         if logits is not None:
             logits = logits.float()
             if nonfinite_on_any_tp_rank(logits):
                 # A broken model: every stage learns it from the broadcast below and raises the same error.
-                sampled, logp = torch.full((batch,), -1, dtype=torch.long), torch.zeros(batch)
+                sampled, logp, old = torch.full((batch,), -1, dtype=torch.long), torch.zeros(batch), torch.zeros(batch)
             else:
-                sampled, logp = self._sample_shard(logits, config, seed)
+                sampled, logp, old = self._sample_shard(logits, config, seed)
         else:
-            sampled = logp = None
+            sampled = logp = old = None
         if pp > 1:
-            packed = torch.empty(2, batch, dtype=torch.float64)
+            packed = torch.empty(3, batch, dtype=torch.float64)     # float64 holds every token id exactly
             if logits is not None:
-                packed[0], packed[1] = sampled.double().cpu(), logp.double().cpu()
+                packed[0], packed[1], packed[2] = sampled.double().cpu(), logp.double().cpu(), old.double().cpu()
             last = parallel_state.get_pipeline_model_parallel_last_rank()
             dist.broadcast(packed, src=last, group=parallel_state.get_pipeline_model_parallel_group())
-            sampled, logp = packed[0].long(), packed[1].float()
+            sampled, logp, old = packed[0].long(), packed[1].float(), packed[2].float()
         if bool((sampled < 0).any()):
             raise NonFiniteLossError("the model being sampled from produced NaN/inf logits; its weights are broken "
                                      "(the last good checkpoint is kept)")
-        return sampled.cpu(), logp.cpu()
+        return sampled.cpu(), logp.cpu(), old.cpu()
 
     def _sample_shard(self, logits: torch.Tensor, config: SamplingConfig, seed: int):
+        """One token per row from the TP-sharded logits `[B, V/tp]` (padding ids never), the same on every TP rank.
+        Returns CPU tensors: sampled ids `[B]`, behaviour log-probs `[B]` (the distribution sampled from) and old
+        log-probs `[B]` (full softmax at `config.policy_temperature`)."""
         group = parallel_state.get_tensor_model_parallel_group()
         tp_rank = parallel_state.get_tensor_model_parallel_rank()
-        shard = logits.shape[-1]
-        start = tp_rank * shard
+        start = tp_rank * logits.shape[-1]
         logits = mask_padded_vocab(logits, self.vocab_size)
-        if config.temperature == 0:
-            return self._global_argmax(logits, start, group), torch.zeros(logits.shape[0])
-        scaled = logits / config.temperature
         truncate = config.top_k > 0 or config.top_p < 1.0
-        if not truncate:
-            gen = torch.Generator(device="cpu").manual_seed(_seed(seed, "gumbel", tp_rank))
-            uniform = torch.rand(scaled.shape, generator=gen).clamp_(min=1e-20).to(scaled.device)
-            noisy = scaled - torch.log(-torch.log(uniform))
-            sampled = self._global_argmax(noisy, start, group)
-            log_z = vocab_parallel_logsumexp(scaled, self.vocab_size, group)
-            picked = self._value_at(scaled, sampled, start, group)
-            return sampled, (picked - log_z).cpu()
-        # top-k then top-p on the renormalised top-k distribution (the order of HF's logits warpers and vLLM);
-        # with top-p alone, the nucleus of the full distribution within `top_p_candidates` candidates.
+        if config.temperature == 0:
+            sampled, behaviour = self._global_argmax(logits, start, group), torch.zeros(logits.shape[0])
+        elif not truncate:
+            sampled = self._gumbel_max(logits / config.temperature, start, group, _seed(seed, "gumbel", tp_rank))
+            behaviour = self._token_logprobs(logits, sampled, config.temperature, group)
+            if config.policy_temperature == config.temperature:
+                return sampled, behaviour, behaviour          # one distribution: mu = pi_theta_old
+        else:
+            sampled, behaviour = self._top_k_top_p(logits / config.temperature, config, group,
+                                                   _seed(seed, "candidates"))
+        return sampled, behaviour, self._token_logprobs(logits, sampled, config.policy_temperature, group)
+
+    def _token_logprobs(self, logits: torch.Tensor, ids: torch.Tensor, temperature: float, group) -> torch.Tensor:
+        """`log softmax(z / temperature)[ids]` over the true vocabulary, `[B]` on the CPU: the loss's own
+        vocab-parallel log-prob (never gathers the vocabulary)."""
+        return vocab_parallel_token_logprobs(logits, ids.to(logits.device), temperature, self.vocab_size,
+                                             group=group).cpu()
+
+    @staticmethod
+    def _gumbel_max(scaled: torch.Tensor, start: int, group, seed: int) -> torch.Tensor:
+        """An exact sample of softmax(scaled) over the TP shards `[B, V/tp]` (padding at -inf): argmax of
+        scaled + g with g i.i.d. Gumbel(0, 1) per id, drawn by each rank for its own ids from a generator seeded
+        with its TP rank (independent noise per shard is what makes the global argmax exact)."""
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        uniform = torch.rand(scaled.shape, generator=gen).clamp_(min=1e-20).to(scaled.device)
+        return MegatronSampler._global_argmax(scaled - torch.log(-torch.log(uniform)), start, group)
+
+    def _top_k_top_p(self, scaled: torch.Tensor, config: SamplingConfig, group, seed: int):
+        """Top-k then top-p on the renormalised top-k distribution (the order of HF's logits warpers and vLLM);
+        with top-p alone, the nucleus of the full distribution within `top_p_candidates` candidates. One draw per
+        row from a generator seeded alike on every TP rank, so they all pick the same id. Returns CPU ids `[B]`
+        and their log-probs under the renormalised candidates `[B]` (the behaviour log-probs)."""
         k = min(config.top_k if config.top_k > 0 else config.top_p_candidates, self.vocab_size)
         values, ids = vocab_parallel_topk(scaled, k, self.vocab_size, group)
         if config.top_k > 0:
@@ -260,7 +321,7 @@ class MegatronSampler:
             keep &= top_p_mask_on_candidates(candidate_logp, ids, config.top_p)[0]
         masked = values.masked_fill(~keep, float("-inf"))
         logp_candidates = masked - torch.logsumexp(masked, dim=-1, keepdim=True)
-        gen = torch.Generator(device="cpu").manual_seed(_seed(seed, "candidates"))
+        gen = torch.Generator(device="cpu").manual_seed(seed)
         choice = torch.multinomial(logp_candidates.exp().cpu(), 1, generator=gen).squeeze(-1)
         rows = torch.arange(values.shape[0])
         return ids.cpu()[rows, choice], logp_candidates.cpu()[rows, choice]
@@ -276,14 +337,3 @@ class MegatronSampler:
         first = torch.where(hit.any(-1), hit.float().argmax(-1) + start, torch.full_like(local_arg, big))
         dist.all_reduce(first, op=dist.ReduceOp.MIN, group=group)
         return first.cpu()
-
-    @staticmethod
-    def _value_at(values: torch.Tensor, ids: torch.Tensor, start: int, group) -> torch.Tensor:
-        """values[b, ids[b]] from the rank that owns each id, summed over TP."""
-        shard = values.shape[-1]
-        local = ids.to(values.device) - start
-        owned = (local >= 0) & (local < shard)
-        picked = values.gather(-1, local.clamp(0, shard - 1).unsqueeze(-1)).squeeze(-1)
-        picked = torch.where(owned, picked, torch.zeros_like(picked))
-        dist.all_reduce(picked, group=group)
-        return picked.cpu()

@@ -111,7 +111,9 @@ class TeacherScores:
     valid `[B, L-1]` bool: scored columns (the request's `valid_mask()`).
     topk_ids / topk_logprobs `[B, L-1, k]`: the teacher's top-k (global vocabulary ids, descending logprob; ties
         to the lower id where the teacher lets us see them), or None if not asked.
-    extra_logprobs `[B, L-1, E]`: logprobs on the request's `extra_ids` (0 where the id is -1), or None.
+    extra_ids / extra_logprobs `[B, L-1, E]`: the request's `extra_ids` (-1 = unused) and the teacher's logprobs on
+        them (0 where the id is -1), or None. The ids travel with their values so that a consumer (the loss's
+        student_topk / union support) never has to pair them with the request again.
     logits_shard `[B, L-1, V/tp]`: colocated teachers only, this rank's vocabulary shard of the teacher's logits
         at temperature 1 (padding ids included, as the student's shards are); None for served teachers.
     teacher_name: which teacher (or `multi:<names>`); per_teacher: diagnostics keyed by teacher name, e.g.
@@ -123,6 +125,7 @@ class TeacherScores:
     topk_ids: Optional[torch.Tensor] = None
     topk_logprobs: Optional[torch.Tensor] = None
     extra_logprobs: Optional[torch.Tensor] = None
+    extra_ids: Optional[torch.Tensor] = None
     logits_shard: Optional[torch.Tensor] = None
     teacher_name: str = "teacher"
     per_teacher: dict = field(default_factory=dict)
@@ -152,6 +155,8 @@ class TeacherScores:
                 raise TeacherError(f"{self.teacher_name}: extra_logprobs missing or of shape "
                                    f"{None if self.extra_logprobs is None else tuple(self.extra_logprobs.shape)}, "
                                    f"expected {tuple(request.extra_ids.shape)}")
+            if self.extra_ids is not None and not torch.equal(self.extra_ids.long(), request.extra_ids.long()):
+                raise TeacherError(f"{self.teacher_name}: extra_ids in the result are not the request's extra_ids")
             used = self.valid.unsqueeze(-1) & (request.extra_ids >= 0)
             _check_logprobs(self.teacher_name, "extra_logprobs", self.extra_logprobs[used])
         return self

@@ -61,7 +61,10 @@ class ColocatedTeacher(Teacher):
 
     def __init__(self, teacher: Optional[StudentModel], model: ModelSection, *, temperature: float = 1.0,
                  batch_chunk: Optional[int] = None, student_vocab_size: Optional[int] = None,
-                 name: str = "colocated") -> None:
+                 name: str = "colocated", true_vocab_size: Optional[int] = None) -> None:
+        """true_vocab_size: the tokenizer's number of ids when it is smaller than the embedding
+        (`model.vocab_size`, e.g. Qwen3's 151,669 ids in 151,936 rows); the teacher reports it as its vocabulary.
+        Default: the embedding's size."""
         if temperature <= 0:
             raise ValueError(f"ColocatedTeacher.temperature: expected > 0, got {temperature}")
         self.teacher = teacher
@@ -69,6 +72,10 @@ class ColocatedTeacher(Teacher):
         self.temperature = float(temperature)
         self.batch_chunk = batch_chunk
         self.name = name
+        if true_vocab_size is not None and not 1 <= true_vocab_size <= model.vocab_size:
+            raise ValueError(f"{name}: true_vocab_size={true_vocab_size} must lie in [1, model.vocab_size="
+                             f"{model.vocab_size}] (the tokenizer's ids must fit the embedding)")
+        self.true_vocab_size = true_vocab_size
         check_student_vocab(self, student_vocab_size)
 
     @staticmethod
@@ -108,7 +115,7 @@ class ColocatedTeacher(Teacher):
         return cls(teacher, model, name=kwargs.pop("name", f"colocated:{path.name}"), **kwargs)
 
     def vocab_size(self) -> int:
-        return self.model.vocab_size
+        return self.true_vocab_size if self.true_vocab_size is not None else self.model.vocab_size
 
     @torch.no_grad()
     def _logits_shard(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

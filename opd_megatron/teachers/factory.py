@@ -9,7 +9,7 @@ import torch
 
 from opd_megatron.config import RunConfig, TeacherMemberSection
 from opd_megatron.data.tokenizer import Tokenizer, load_tokenizer
-from opd_megatron.teachers.base import Teacher
+from opd_megatron.teachers.base import Teacher, TeacherError
 from opd_megatron.teachers.compat import CompatReport, check_teacher_compatible
 
 
@@ -18,7 +18,7 @@ def _is_hf_dir(path: Path) -> bool:
 
 
 def _single(cfg: RunConfig, t: TeacherMemberSection, device: torch.device, padded_vocab_size: int,
-            name: Optional[str] = None) -> tuple[Teacher, Optional[Tokenizer]]:
+            name: Optional[str] = None, true_vocab_size: Optional[int] = None) -> tuple[Teacher, Optional[Tokenizer]]:
     """One teacher of kind colocated / inprocess / sglang / vllm, and its tokenizer when it has local files."""
     named = {"name": name} if name else {}
     if t.kind == "colocated":
@@ -26,20 +26,31 @@ def _single(cfg: RunConfig, t: TeacherMemberSection, device: torch.device, padde
         from opd_megatron.teachers.colocated import ColocatedTeacher
         path = Path(t.path)
         if _is_hf_dir(path):
-            return (ColocatedTeacher.from_hf(path, cfg.parallel, device, temperature=t.temperature,
-                                             student_vocab_size=cfg.model.vocab_size, **named),
-                    load_tokenizer(str(path)))
+            # Its own tokenizer gives its true vocabulary (config.json's vocab_size counts padding rows); the
+            # compatibility check below compares it with the student's tokenizer.
+            tokenizer = load_tokenizer(str(path))
+            teacher = ColocatedTeacher.from_hf(path, cfg.parallel, device, temperature=t.temperature,
+                                               true_vocab_size=tokenizer.vocab_size, **named)
+            if teacher.model.vocab_size != cfg.model.vocab_size:
+                # Its logits are sharded like the student's: the two embeddings must pad to the same width.
+                raise TeacherError(f"{teacher.name}: embedding of {teacher.model.vocab_size} rows (config.json "
+                                   f"vocab_size), the student's model.vocab_size is {cfg.model.vocab_size}; a "
+                                   f"colocated teacher's logits are sharded like the student's, so set "
+                                   f"model.vocab_size={teacher.model.vocab_size}")
+            return teacher, tokenizer
         resolved = resolve_checkpoint(path)
         if resolved is None:
             raise FileNotFoundError(f"teacher path {t.path!r}: neither an HF checkpoint (config.json) nor a megatron "
                                     f"checkpoint of ours (an iter_* directory or a checkpoints/ directory with one)")
+        # A checkpoint of ours carries no tokenizer: it was trained on the student's (config.py holds the two
+        # embeddings equal), so its true vocabulary is the student tokenizer's.
         return (ColocatedTeacher.from_megatron_checkpoint(resolved, cfg.parallel, device, model=t.model,
-                                                          temperature=t.temperature,
-                                                          student_vocab_size=cfg.model.vocab_size, **named), None)
+                                                          temperature=t.temperature, true_vocab_size=true_vocab_size,
+                                                          **named), None)
     if t.kind == "inprocess":
         from opd_megatron.teachers.inprocess import InProcessTeacher
         return (InProcessTeacher(t.path, temperature=t.temperature, device=device, full_logits=True,
-                                 padded_vocab_size=padded_vocab_size, student_vocab_size=cfg.model.vocab_size,
+                                 padded_vocab_size=padded_vocab_size, student_vocab_size=true_vocab_size,
                                  **named), load_tokenizer(t.path))
     from opd_megatron.teachers.http import HTTPTeacherConfig
     server = HTTPTeacherConfig.from_dict({"temperature": t.temperature, **t.server}, "teacher.server.")
@@ -61,7 +72,8 @@ def build_teacher(cfg: RunConfig, device: torch.device, student_tokenizer: Token
         from opd_megatron.teachers.multi import MultiTeacher
         members = {}
         for member in t.members:
-            teacher, member_tokenizer = _single(cfg, member, device, padded_vocab_size, name=member.name)
+            teacher, member_tokenizer = _single(cfg, member, device, padded_vocab_size, name=member.name,
+                                                true_vocab_size=student_tokenizer.vocab_size)
             check_teacher_compatible(student_tokenizer, teacher, teacher_tokenizer=member_tokenizer,
                                      student_embedding_rows=padded_vocab_size)
             members[member.name] = teacher
@@ -72,14 +84,16 @@ def build_teacher(cfg: RunConfig, device: torch.device, student_tokenizer: Token
         from opd_megatron.teachers.self_teacher import SelfTeacher
         if student is None:
             raise ValueError("teacher.kind=self needs the student model")
+        # The student scoring itself: its vocabulary is its tokenizer's (model.vocab_size may hold padding rows).
         scorer = ColocatedTeacher(student, cfg.model, temperature=t.temperature, name="student",
-                                  student_vocab_size=cfg.model.vocab_size)
+                                  true_vocab_size=student_tokenizer.vocab_size)
         teacher = SelfTeacher(scorer, model=student.module, mode=t.self_mode, ema_decay=t.ema_decay,
                               insert=t.self_insert, keep=t.self_keep, max_length=cfg.model.max_position_embeddings)
     else:
         member = TeacherMemberSection(name="", kind=t.kind, path=t.path, model=t.model, temperature=t.temperature,
                                       server=t.server)
-        teacher, tokenizer = _single(cfg, member, device, padded_vocab_size)
+        teacher, tokenizer = _single(cfg, member, device, padded_vocab_size,
+                                     true_vocab_size=student_tokenizer.vocab_size)
     report = check_teacher_compatible(student_tokenizer, teacher, teacher_tokenizer=tokenizer,
                                       student_embedding_rows=padded_vocab_size)
     return teacher, report

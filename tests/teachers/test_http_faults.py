@@ -1,14 +1,18 @@
 """The served-teacher transport against local servers that misbehave on purpose: refused connections, a server
 dying mid-run, hung requests, malformed replies, 429/503 with Retry-After, the in-flight bound, batching by a token
-budget, and the API key (sent as Bearer, never shown). Every loop is bounded; timeouts are short."""
+budget, and the API key (sent as Bearer, never shown). Every loop is bounded; timeouts are short. Nothing is
+timed: attempts are counted in the servers' request logs (or, where no server answers, in the client's own calls),
+and the waits between them are the values the client chose, recorded by `waits` instead of slept."""
 
 import math
 import threading
 import time
 
+import httpx
 import pytest
 
 from opd_megatron.config import ConfigError
+from opd_megatron.teachers import http
 from opd_megatron.teachers.base import TeacherError
 from opd_megatron.teachers.http import HTTPTeacherConfig, pack_rows, retry_after_s
 from opd_megatron.teachers.sglang import SGLangTeacher
@@ -24,25 +28,61 @@ def sglang(urls, **knobs):
     return SGLangTeacher({"urls": list(urls), **FAST, **knobs})
 
 
-def test_connection_refused_at_start_names_the_url():
+@pytest.fixture
+def waits(monkeypatch):
+    """The retry waits (seconds) the transport chooses, in order. A batch's requests wait on its `stop` event
+    (http.HTTPTransport.post_all); here that event records the wait and returns at once instead of sleeping."""
+    chosen: list[float] = []
+
+    class RecordingEvent(threading.Event):
+        def wait(self, timeout=None):
+            chosen.append(timeout)
+            return self.is_set()
+
+    class Threading:  # http.py's view of `threading`: every name as it is, but Event
+        Event = RecordingEvent
+
+        def __getattr__(self, name):
+            return getattr(threading, name)
+
+    monkeypatch.setattr(http, "threading", Threading())
+    return chosen
+
+
+@pytest.fixture
+def client_calls(monkeypatch):
+    """Every GET / POST the client sends, as (method, url), also those that never reach a server."""
+    calls: list[tuple[str, str]] = []
+    for method in ("get", "post"):
+        original = getattr(httpx.Client, method)
+
+        def sent(self, url, *args, _method=method, _original=original, **kwargs):
+            calls.append((_method.upper(), str(url)))
+            return _original(self, url, *args, **kwargs)
+        monkeypatch.setattr(httpx.Client, method, sent)
+    return calls
+
+
+def test_connection_refused_at_start_names_the_url(client_calls):
     url = f"http://127.0.0.1:{free_port()}"
-    start = time.monotonic()
     with pytest.raises(TeacherError, match=f"GET {url}/health_generate failed.*ConnectError.*is the teacher server "
                                            f"running"):
         sglang([url])
-    assert time.monotonic() - start < 4.0  # one attempt, no retries
+    assert client_calls == [("GET", f"{url}/health_generate")]  # one attempt, no retries
 
 
-def test_server_killed_mid_run_retries_then_fails_naming_the_url():
+def test_server_killed_mid_run_retries_then_fails_naming_the_url(waits, client_calls):
     server = FakeServer(sglang_routes())
     t = sglang([server.url])
     assert_matches_toy(t.score(make_request()), make_request())
+    assert waits == []
     server.stop()
-    start = time.monotonic()
+    client_calls.clear()
     with pytest.raises(TeacherError, match=rf"after 3 attempt\(s\).*{server.url}/generate: ConnectError"):
         t.score(make_request())
-    elapsed = time.monotonic() - start
-    assert 0.07 < elapsed < FAST["max_retry_time_s"] + 2  # two backoffs (>= 0.025 + 0.05 with jitter)
+    assert client_calls == [("POST", f"{server.url}/generate")] * 3  # 1 + max_retries, all to the one server
+    # Two backoffs between them, doubling from backoff_s = 0.05, each jittered into [1/2, 1] of its value.
+    assert len(waits) == 2 and 0.025 <= waits[0] <= 0.05 and 0.05 <= waits[1] <= 0.1, waits
     t.close()
 
 
@@ -56,9 +96,14 @@ def test_server_dying_after_one_request_gives_no_partial_result():
             first = calls["n"] == 1
         return sglang_generate(body) if first else Reply(drop=True)
     with FakeServer(sglang_routes(dies)) as server, sglang([server.url], max_rows_per_request=1, max_inflight=1) as t:
-        with pytest.raises(TeacherError, match="RemoteProtocolError|ReadError|ConnectError"):
-            t.score(make_request())
-        assert calls["n"] <= 1 + 2 * 3  # one good reply, then at most max_retries+1 attempts per failing request
+        request = make_request(lengths=(9, 6), score_start=(4, 1))
+        with pytest.raises(TeacherError, match=r"after 3 attempt\(s\).*(RemoteProtocolError|ReadError|ConnectError)"):
+            t.score(request)
+        # One request per row, one in flight: row 0 answered once and never sent again, row 1 dropped on each of its
+        # 1 + max_retries attempts, nothing after.
+        sent = [body["input_ids"] for body in server.posts("/generate")]
+        assert sent == [[request.row(0)]] + [[request.row(1)]] * 3, [[len(r) for r in rows] for rows in sent]
+        assert calls["n"] == 4
 
 
 def test_another_server_takes_over_when_one_is_down():
@@ -74,10 +119,10 @@ def test_another_server_takes_over_when_one_is_down():
 def test_hung_request_times_out():
     with FakeServer(sglang_routes(lambda b, h: Reply(sglang_generate(b), hang_s=3.0))) as server:
         with sglang([server.url], timeout_s=0.3, max_retries=1) as t:
-            start = time.monotonic()
+            # A ReadTimeout: the client gave up on a request the server had received (it would answer after 3 s).
             with pytest.raises(TeacherError, match=r"after 2 attempt\(s\).*timed out \(ReadTimeout, timeout_s=0.3\)"):
                 t.score(make_request(lengths=(6,), score_start=(2,), length=6))
-            assert time.monotonic() - start < 2.8  # the server would have answered after 3 s
+            assert len(server.posts("/generate")) == 2  # both attempts reached the server
 
 
 def _mangled(routes, build, change):
@@ -149,28 +194,28 @@ def test_vllm_malformed_replies_are_rejected(change, message):
 
 
 @pytest.mark.parametrize("status", [429, 503])
-def test_retry_after_is_honoured_then_success(status):
+def test_retry_after_is_honoured_then_success(status, waits):
     calls = []
 
     def busy(body, headers):
-        calls.append(time.monotonic())
+        calls.append(status)
         if len(calls) <= 2:
             return Reply({"error": "busy"}, status, {"Retry-After": "0.3"})
         return sglang_generate(body)
     request = make_request()
     with FakeServer(sglang_routes(busy)) as server, sglang([server.url], max_retries=3) as t:
         assert_matches_toy(t.score(request), request)
+        assert len(server.posts("/generate")) == 3
     assert len(calls) == 3
-    assert calls[1] - calls[0] >= 0.29 and calls[2] - calls[1] >= 0.29  # Retry-After beats the 0.05 s backoff
+    assert waits == [0.3, 0.3]  # Retry-After beats the 0.05 s and 0.1 s backoffs
 
 
-def test_retry_after_beyond_the_retry_budget_fails_at_once():
+def test_retry_after_beyond_the_retry_budget_fails_at_once(waits):
     route = lambda b, h: Reply({"error": "overloaded"}, 503, {"Retry-After": "60"})
     with FakeServer(sglang_routes(route)) as server, sglang([server.url], max_retry_time_s=2.0) as t:
-        start = time.monotonic()
-        with pytest.raises(TeacherError, match="HTTP 503.*would pass max_retry_time_s=2.0"):
+        with pytest.raises(TeacherError, match=r"HTTP 503.*next retry in 60.00s would pass max_retry_time_s=2.0"):
             t.score(make_request())
-        assert time.monotonic() - start < 1.5
+        assert waits == []  # no wait at all
         assert len(server.posts("/generate")) == 1
 
 

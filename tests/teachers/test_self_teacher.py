@@ -23,6 +23,14 @@ def direct_logits(model, seq):
         return model(torch.tensor([seq[:-1]]))[0].to(torch.float32)
 
 
+def assert_close_at_scale(got, want, scale):
+    """float32 values computed along two paths (another sequence length or batch layout) differ by a few float32
+    ulps of the largest magnitude involved: TinyCausalLM's logits reach ~75 (its weights are scaled x3), and
+    log_softmax subtracts logits of that size, so a log-prob near 0 carries the same absolute error (~1e-5) as one
+    near -75. The tolerance is ~8 ulps of `scale`, not an absolute number."""
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6 * max(1.0, float(scale)))
+
+
 @pytest.mark.parametrize("insert,keep", [("before_prompt", 0), ("before_prompt", 1), ("after_prompt", 0),
                                          ("after_prompt", 2)])
 def test_scores_equal_direct_forward_of_concatenated_sequence(insert, keep):
@@ -40,16 +48,17 @@ def test_scores_equal_direct_forward_of_concatenated_sequence(insert, keep):
         n = len(ctx)
         logits = direct_logits(model, seq)
         logq = torch.log_softmax(logits, dim=-1)
+        scale = logits.abs().max()
         for j in range(PROMPTS[b] - 1, len(row) - 1):
             assert seq[j + n + 1] == row[j + 1]          # the teacher's column j + n predicts the same token
-            torch.testing.assert_close(scores.sampled_logprobs[b, j], logq[j + n, row[j + 1]], rtol=0, atol=1e-5)
+            assert_close_at_scale(scores.sampled_logprobs[b, j], logq[j + n, row[j + 1]], scale)
             top = logq[j + n].topk(4)
             assert scores.topk_ids[b, j].tolist() == top.indices.tolist()
-            torch.testing.assert_close(scores.topk_logprobs[b, j], top.values, rtol=0, atol=1e-5)
+            assert_close_at_scale(scores.topk_logprobs[b, j], top.values, scale)
             ids = request.extra_ids[b, j]
             want = torch.where(ids >= 0, logq[j + n, ids.clamp_min(0)], 0.0)
-            torch.testing.assert_close(scores.extra_logprobs[b, j], want, rtol=0, atol=1e-5)
-            torch.testing.assert_close(scores.logits_shard[b, j], logits[j + n], rtol=0, atol=1e-5)
+            assert_close_at_scale(scores.extra_logprobs[b, j], want, scale)
+            assert_close_at_scale(scores.logits_shard[b, j], logits[j + n], scale)
             checked += 1
         # unscored columns stay 0
         outside = ~request.valid_mask()[b]
@@ -89,7 +98,8 @@ def test_rows_without_context_in_a_mixed_batch_equal_plain_rows():
     plain = ModelTeacher(model, V).score(make_request(ROWS, PROMPTS, vocab_size=V))
     scores = SelfTeacher(ModelTeacher(model, V), prefix_ids=PREFIX).score(
         make_request(ROWS, PROMPTS, vocab_size=V, privileged=[[4, 5], [], []]))
-    torch.testing.assert_close(scores.sampled_logprobs[1:], plain.sampled_logprobs[1:], rtol=0, atol=1e-5)
+    # Row 0 is longer with its context, so the batch is padded differently: rows 1-2 go through other shapes.
+    assert_close_at_scale(scores.sampled_logprobs[1:], plain.sampled_logprobs[1:], plain.sampled_logprobs.abs().max())
     assert float((scores.sampled_logprobs[0] - plain.sampled_logprobs[0]).abs().max()) > 1e-2
 
 
@@ -134,15 +144,18 @@ def test_current_mode_follows_the_live_weights_and_frozen_keeps_the_initial_ones
     frozen = SelfTeacher(ModelTeacher(model, V), model=model, mode="frozen")
     request = make_request(ROWS, PROMPTS, vocab_size=V, privileged=PRIVILEGED)
     _perturb(model, 3)                                      # an optimizer step
+    trained = [p.detach().clone() for p in model.parameters()]
     live = SelfTeacher(ModelTeacher(copy.deepcopy(model), V)).score(request).sampled_logprobs
     old = SelfTeacher(ModelTeacher(initial, V)).score(request).sampled_logprobs
     assert float((live - old).abs().max()) > 1e-2
     assert torch.equal(current.score(request).sampled_logprobs, live)
     before = [p.data_ptr() for p in model.parameters()]
     assert torch.equal(frozen.score(request).sampled_logprobs, old)
-    # The live weights are back, the very same storage.
+    # The live weights are back, the very same storage holding the trained values (not the frozen ones).
     assert [p.data_ptr() for p in model.parameters()] == before
-    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), copy.deepcopy(model).parameters()))
+    for name, p, want in zip([n for n, _ in model.named_parameters()], model.parameters(), trained):
+        assert torch.equal(p, want), f"{name}: frozen scoring left other values in the live parameter"
+    assert torch.equal(current.score(request).sampled_logprobs, live)  # and scoring with them still gives `live`
 
 
 def test_ema_equals_its_formula_and_scores_with_the_ema_weights():
@@ -168,7 +181,7 @@ def test_ema_equals_its_formula_and_scores_with_the_ema_weights():
     request = make_request(ROWS, PROMPTS, topk=2, vocab_size=V, privileged=PRIVILEGED)
     want = SelfTeacher(ModelTeacher(reference, V)).score(request)
     got = teacher.score(request)
-    torch.testing.assert_close(got.sampled_logprobs, want.sampled_logprobs, rtol=0, atol=1e-6)
+    assert_close_at_scale(got.sampled_logprobs, want.sampled_logprobs, want.sampled_logprobs.abs().max())
     assert torch.equal(got.topk_ids, want.topk_ids)
     # Training weights are untouched by scoring.
     assert all(torch.equal(p, t) for p, t in zip(model.parameters(), thetas[3]))

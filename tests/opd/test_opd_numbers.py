@@ -1,0 +1,107 @@
+"""Numbers the spec fixes exactly, one OPD step each (shared/docs/opd-math.md; issue "Trustworthy numbers"):
+- the PPO ratio is pi_theta / pi_theta_old under the loss's distribution: 1 on fresh data under top-p + tempered
+  sampling, the sampler mismatch logged apart (item 3); truncated IS with a PPO ratio weighs by rho, not rho^2
+  (item 8);
+- the reverse-KL baseline scales with opd.kl_coef (item 9); GAE-OPD with an outcome term does not depend on the
+  micro-batch size (item 5); the whole-batch pre-pass clips the log-ratio as the loss does (item 7); the constant
+  normaliser is global rows x rollout.max_new_tokens (item 2);
+- sampling never leaves the tokenizer's vocabulary, and a self-teacher over a padded embedding is its own
+  vocabulary (item 11);
+- the config refuses a rollout temperature other than opd.student_temperature without the flag (item 3) and
+  teacher.overlap without a staleness correction (item 4).
+Each fails on the code before the fix."""
+
+import pytest
+
+from opd_megatron.config import ConfigError, load_config
+from tests.harness import run_distributed
+from tests.opd import numbers_workers as w
+
+
+@pytest.fixture(scope="module")
+def steps(tmp_path_factory):
+    root = tmp_path_factory.mktemp("opd_numbers")
+    return run_distributed(w.scenarios, 1, args=(str(root), list(w.SCENARIOS)), timeout_s=600)[0]
+
+
+def _max_rel(a: dict, b: dict) -> float:
+    scale = max(float(v.abs().max()) for v in b.values())
+    assert scale > 1e-6, "the reference step did not change the weights"
+    return max(float((a[k] - b[k]).abs().max()) for k in b) / scale
+
+
+def test_ppo_ratio_is_one_on_fresh_data_under_top_p_and_temperature(steps):
+    m = steps["ppo_top_p"]["metrics"]
+    for key in ("importance/ratio_mean", "importance/ratio_min", "importance/ratio_max"):
+        assert abs(m[key] - 1.0) <= 1e-6, (key, m[key])
+    assert m["importance/clip_fraction"] == 0.0
+    # The sampler mismatch pi_old / mu is the kept nucleus mass (< 1) on every token: logged on its own keys.
+    assert m["mismatch/ratio_max"] <= 1.0 + 1e-6 and m["mismatch/ratio_mean"] < 0.999, m
+
+
+def test_sampling_stays_in_the_tokenizer_vocabulary(steps):
+    ids = [t for row in steps["ppo_top_p"]["sampled"] for t in row]
+    assert len(ids) > 20 and max(ids) < 14, f"sampled ids {sorted(set(ids))} include ids past the tokenizer's 14"
+
+
+def test_truncated_is_with_ppo_weighs_by_rho_not_rho_squared(steps):
+    assert _max_rel(steps["ppo_tis"]["update"], steps["logprob_tis"]["update"]) <= 1e-5
+
+
+def test_reverse_kl_baseline_scales_with_kl_coef(steps):
+    one, two = steps["rkl_baseline_k1"]["update"], steps["rkl_baseline_k2"]["update"]
+    assert _max_rel({k: v / 2 for k, v in two.items()}, one) <= 1e-5
+
+
+def test_gae_with_outcome_term_does_not_depend_on_micro_batch_size(steps):
+    assert _max_rel(steps["gae_outcome_mb1"]["update"], steps["gae_outcome_mb8"]["update"]) <= 1e-5
+
+
+def test_whole_batch_prepass_clips_the_log_ratio(steps):
+    # |r_t| <= 0.01 after the clip, so returns are within 0.01 x (response length <= 9) and a leave-one-out group
+    # baseline within as much again: |A_t| <= 0.18, hence its std too. Raw log-ratios are O(1).
+    m = steps["group_clip"]["metrics"]
+    assert m["advantage/std"] <= 2 * 0.01 * w.MAX_NEW, m["advantage/std"]
+
+
+def test_constant_normalizer_is_global_rows_times_max_new_tokens(steps):
+    tokens = steps["tokens"]
+    mean = steps["rkl_token_mean"]["metrics"]["loss"]
+    constant = steps["rkl_constant"]["metrics"]["loss"]
+    expected = mean * tokens["mask"] / (tokens["rows"] * tokens["max_new"])
+    assert abs(constant - expected) <= 1e-5 * abs(expected), (constant, expected)
+
+
+def test_self_teacher_over_a_padded_embedding(tmp_path):
+    out = run_distributed(w.self_teacher_padded_embedding, 1, args=(str(tmp_path),), timeout_s=300)[0]
+    assert out["vocab"] == 259 and out["max_id"] < 259 and out["finite"], out
+
+
+BASE = ["run.algorithm=opd", "teacher.kind=colocated", "teacher.path=unused", "parallel.global_batch_size=64"]
+SERVED = ["run.algorithm=opd", "teacher.kind=sglang", "teacher.server.urls=[http://127.0.0.1:1]",
+          "teacher.server.vocab_size=14", "parallel.global_batch_size=64", "opd.support=teacher_topk",
+          "teacher.topk=20"]
+
+
+def test_rollout_temperature_must_match_the_loss_unless_allowed():
+    with pytest.raises(ConfigError, match=r"rollout.temperature=0.7 differs from opd.student_temperature=1.0"):
+        load_config(None, BASE + ["rollout.temperature=0.7"])
+    load_config(None, BASE + ["rollout.temperature=0.7", "opd.allow_temperature_mismatch=true"])
+    load_config(None, BASE + ["rollout.temperature=0.7", "opd.student_temperature=0.7"])
+
+
+@pytest.mark.parametrize("route, ok", [
+    (["opd.loss=policy_gradient"], False),
+    (["opd.loss=cr_opd"], False),
+    (["opd.loss=policy_gradient", "opd.ratio=ppo"], True),
+    (["opd.loss=policy_gradient", "opd.gates.truncated_is=[0.5, 2.0]"], True),
+    (["opd.loss=cr_opd", "opd.gates.truncated_is=[0.5, 2.0]"], True),
+    (["opd.loss=divergence"], True),
+])
+def test_overlap_needs_a_staleness_correction(route, ok):
+    overrides = SERVED + ["teacher.overlap=true"] + route
+    if ok:
+        load_config(None, overrides)
+    else:
+        with pytest.raises(ConfigError, match=r"teacher.overlap: expected false with opd.loss="):
+            load_config(None, overrides)
