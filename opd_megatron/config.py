@@ -276,9 +276,14 @@ class LoggingSection:
     log_interval: int = 1
     tensorboard: bool = True
     progress_bar: bool = True
+    # OPD: the first `rollouts` rows of every data-parallel rank's batch, every step, to <run_dir>/rollouts.jsonl
+    # (step, dp_rank, prompt, response, reward, per-token student / teacher / behaviour log-probs); 0 = off.
+    rollouts: int = 0
 
     def validate(self) -> None:
         _require(self.log_interval >= 1, "logging.log_interval", "an integer >= 1", self.log_interval)
+        _require(self.rollouts >= 0, "logging.rollouts", "an integer >= 0 (rows per data-parallel rank)",
+                 self.rollouts)
 
 
 @dataclass

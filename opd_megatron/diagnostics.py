@@ -19,7 +19,8 @@ Keys (all floats):
     agreement/student_mass_on_teacher_support   `sum_{v in topk_q} pi_v` (the teacher's top-k, or its served ids)
     entropy/teacher, entropy/student       mean `H(q)`, `H(pi)` (nats)
     routing/routed_rate                    share of masked tokens whose CR-OPD loss was routed
-    routing/routed_mass_mean               mean `delta_t` over routed tokens
+    routing/routed_mass_mean               mean routed mass over routed tokens: `|A_t| (1 - pi(y_t))` (the push
+                                           moved from `y_t` to `C_t`) in the matched form, `delta_t` in kl_target
     routing/empty_candidate_rate           share of negative-advantage tokens with an empty `C_t` (the fallback)
     routing/candidate_count_mean           mean `|C_t|` over negative-advantage tokens
     gates/<name>_keep_rate                 each given gate keep rate (`gates.token_weights(...).keep_rates`)

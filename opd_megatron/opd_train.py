@@ -472,6 +472,8 @@ class OpdRun:
             log.warning(message)
         self.timing["update_s"] += time.perf_counter() - started
         metrics = self._diagnostics(batch, stats)
+        if cfg.logging.rollouts:
+            self._log_rollouts(batch, stats)
         if metrics is not None:
             metrics.update({"loss": loss, "lr": lr, "grad_norm": grad_norm, "skipped_steps": self.skipped_steps,
                             "step_skipped": 0.0 if finite else 1.0, "tokens": num_tokens})
@@ -538,6 +540,36 @@ class OpdRun:
         replicas = [g for g in gathered if g]
         keys = sorted({k for g in replicas for k in g})
         return {k: sum(g[k] for g in replicas if k in g) / sum(1 for g in replicas if k in g) for k in keys}
+
+    def _log_rollouts(self, batch: RolloutBatch, stats: list[MicroBatchStats]) -> None:
+        """The first `logging.rollouts` rows of each data-parallel rank's batch, appended to rollouts.jsonl by the
+        logging rank: what was sampled, scored and rewarded, token by token (collective: every rank calls it)."""
+        records = []
+        if stats and _scoring_rank():
+            student = torch.cat([s.student_logprobs for s in stats])
+            teacher = student + torch.cat([s.log_ratio for s in stats])
+            for b in range(min(self.cfg.logging.rollouts, batch.size)):
+                start, end = int(batch.prompt_lengths[b]) - 1, int(batch.lengths[b]) - 1
+                prompt_ids = batch.tokens[b, : int(batch.prompt_lengths[b])].tolist()
+                record = {"step": self.step + 1, "dp_rank": self.ctx.dp_rank, "row": b,
+                          "policy_version": batch.policy_version, "on_policy": bool(batch.on_policy[b]),
+                          "prompt": batch.prompts[b] if batch.prompts else self.tokenizer.decode(prompt_ids),
+                          "response": self.tokenizer.decode(batch.response_ids(b)),
+                          "response_ids": batch.response_ids(b),
+                          "reward": None if batch.rewards is None else float(batch.rewards[b]),
+                          "student_logprobs": [round(x, 6) for x in student[b, start:end].tolist()],
+                          "teacher_logprobs": [round(x, 6) for x in teacher[b, start:end].tolist()]}
+                if batch.behaviour_logprobs is not None:
+                    record["behaviour_logprobs"] = [round(x, 6) for x in batch.behaviour_logprobs[b, start:end].tolist()]
+                records.append(record)
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, records)
+        if self.ctx.is_logging_rank:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            with (self.run_dir / "rollouts.jsonl").open("a") as out:
+                for rank_records in gathered:
+                    for record in rank_records or []:
+                        out.write(json.dumps(record) + "\n")
 
     # -- evaluation ----------------------------------------------------------------------------------------------
     def evaluate(self) -> dict:

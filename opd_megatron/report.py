@@ -86,8 +86,11 @@ def write_report(cfg: RunConfig, run_dir: Path, summary: dict, compat, plots: li
     else:
         loss = "route B: policy gradient on r_t" if o.loss == "policy_gradient" else \
             "route B with CR-OPD routing of negative advantages"
-        support = "sampled token" + (f"; routing {o.routing.teacher_support}/{o.routing.student_reach}, "
-                                     f"weights {o.routing.weights}, eta {o.routing.eta}" if o.loss == "cr_opd" else "")
+        routing = ""
+        if o.loss == "cr_opd":
+            routing = (f"; routing {o.routing.teacher_support}/{o.routing.student_reach}, weights {o.routing.weights}, "
+                       f"form {o.routing.form}" + (f", eta {o.routing.eta}" if o.routing.form == "kl_target" else ""))
+        support = "sampled token" + routing
         credit = f"{o.estimator}, gamma {o.gamma}" + (f", lambda {o.gae_lambda}" if o.estimator == "gae" else "") + \
             (f", baseline {o.baseline}" if o.baseline else "") + f", ratio {o.ratio}" + \
             (f" (clip {o.clip_eps_low}/{o.clip_eps_high})" if o.ratio == "ppo" else "")

@@ -89,21 +89,26 @@ def test_sampled_token_inputs_importance_value_rollout_and_throughput():
     mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
     student_lp = torch.tensor([[-0.5, -1.0, -9.0], [-2.0, 5.0, 0.0]], dtype=F64)
     teacher_lp = torch.tensor([[-0.2, -3.0, -9.0], [-1.0, 7.0, 0.0]], dtype=F64)
-    behaviour = torch.tensor([[-0.4, -1.5, 30.0], [-1.0, -50.0, 0.0]], dtype=F64)
+    old = torch.tensor([[-0.4, -1.5, 30.0], [-1.0, -50.0, 0.0]], dtype=F64)        # pi_theta_old (loss's dist.)
+    behaviour = torch.tensor([[-0.1, -1.5, 0.0], [-3.0, 0.0, 0.0]], dtype=F64)     # mu (what sampled)
     adv = torch.tensor([[1.0, -2.0, 100.0], [0.5, 100.0, 100.0]], dtype=F64)
     values = torch.tensor([[0.5, 1.0, 9.0], [2.0, 9.0, 9.0]], dtype=F64)
     targets = torch.tensor([[1.0, 0.0, -9.0], [2.5, -9.0, -9.0]], dtype=F64)
     out = batch_diagnostics(mask, student_logprobs=student_lp, teacher_logprobs=teacher_lp,
-                            behaviour_logprobs=behaviour, advantages=adv, values=values, value_targets=targets,
-                            staleness=torch.tensor([0, 2]), response_lengths=torch.tensor([2, 1]),
+                            behaviour_logprobs=behaviour, old_logprobs=old, advantages=adv, values=values,
+                            value_targets=targets, staleness=torch.tensor([0, 2]), response_lengths=torch.tensor([2, 1]),
                             teacher_tokens=300, wall_time_s=1.5, gate_keep_rates={"sign": 0.25, "all": 0.2},
                             ratio_interval=(0.8, 1.2))
-    ratio = [math.exp(-0.5 + 0.4), math.exp(-1.0 + 1.5), math.exp(-2.0 + 1.0)]
+    ratio = [math.exp(-0.5 + 0.4), math.exp(-1.0 + 1.5), math.exp(-2.0 + 1.0)]     # the PPO ratio pi / pi_old
+    mismatch = [math.exp(-0.4 + 0.1), math.exp(-1.5 + 1.5), math.exp(-1.0 + 3.0)]  # pi_old / mu
     g, v = [1.0, 0.0, 2.5], [0.5, 1.0, 2.0]
     residual = [a - b for a, b in zip(g, v)]
     expected = {
         "importance/ratio_mean": statistics.fmean(ratio), "importance/ratio_max": max(ratio),
-        "importance/clip_fraction": 2 / 3,
+        "importance/ratio_min": min(ratio), "importance/clip_fraction": 2 / 3,
+        "mismatch/ratio_mean": statistics.fmean(mismatch), "mismatch/ratio_max": max(mismatch),
+        "mismatch/ratio_min": min(mismatch), "mismatch/outside_fraction": 1 / 3,
+        "mismatch/log_ratio_abs_mean": statistics.fmean([0.3, 0.0, 2.0]),
         "advantage/mean": statistics.fmean([1.0, -2.0, 0.5]), "advantage/std": statistics.pstdev([1.0, -2.0, 0.5]),
         "value/explained_variance": 1 - statistics.pvariance(residual) / statistics.pvariance(g),
         "rollout/staleness_mean": 1.0, "rollout/staleness_max": 2.0,

@@ -85,7 +85,9 @@ def _step(root: str, name: str, overrides=(), batch: RolloutBatch | None = None)
         metrics, finite = run.train_step(batch)
         after = _weights(run)
         run.teacher.close()
-        return {"metrics": metrics, "finite": finite, "sampled": sampled,
+        logged = cfg.run.run_dir / "rollouts.jsonl"
+        return {"metrics": metrics, "finite": finite, "sampled": sampled, "batch": batch,
+                "rollouts": [json.loads(line) for line in logged.read_text().splitlines()] if logged.exists() else [],
                 "update": {k: after[k] - before[k] for k in before}}
     finally:
         destroy_parallel()
@@ -94,7 +96,7 @@ def _step(root: str, name: str, overrides=(), batch: RolloutBatch | None = None)
 SCENARIOS = {
     # item 3: PPO ratio 1 on fresh data under nucleus + tempered sampling; the mismatch is logged apart.
     "ppo_top_p": ["opd.loss=policy_gradient", "opd.ratio=ppo", "rollout.top_p=0.8", "rollout.temperature=0.7",
-                  "opd.student_temperature=0.7"],
+                  "opd.student_temperature=0.7", "logging.rollouts=3"],
     # item 8: on fresh data PPO + truncated IS and log-prob + truncated IS give the same update (w rho, not w rho^2).
     "ppo_tis": ["opd.loss=policy_gradient", "opd.ratio=ppo", "opd.gates.truncated_is=[0.01, 100.0]"],
     "logprob_tis": ["opd.loss=policy_gradient", "opd.ratio=logprob", "opd.gates.truncated_is=[0.01, 100.0]"],

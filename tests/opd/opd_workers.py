@@ -172,10 +172,15 @@ def make_init(files: dict) -> dict:
     return out
 
 
-def opd_steps(tp: int, pp: int, files: dict, out: str, routes: list[str], micro_batch_sizes: list[int]) -> dict:
+def opd_steps(tp: int, pp: int, files: dict, out: str, routes: list[str], micro_batch_sizes: list[int],
+              references: dict[str, str]) -> dict:
     """For each route and micro-batch size: one OPD step on this rank's rows of `fixed_batch()` from the student
-    checkpoint, saved under out/<route>_mbs<n>; the logging rank returns the metrics."""
+    checkpoint. `references[route]` is the TP=1 checkpoint after that route's step; the step's update of every
+    local weight shard is compared with the reference's (loaded into this layout by dist_checkpointing, which
+    reshards it). A route without a reference (the TP=1 run, first micro-batch size) saves one instead.
+    The logging rank returns, per (route, mbs): metrics, finite, and `update` (see `_update_errors`) or `saved`."""
     results = {}
+    references = dict(references)
     ctx = None
     for route in routes:
         for mbs in micro_batch_sizes:
@@ -186,16 +191,39 @@ def opd_steps(tp: int, pp: int, files: dict, out: str, routes: list[str], micro_
             batch = rows_of_rank(fixed_batch(files), ctx.dp_rank, ctx.dp)
             if route in STALE_ROUTES:
                 run.step = 1                  # the batch (policy_version 0) is one update stale
+            before = _local_weights(run)
             metrics, finite = run.train_step(batch)
             run.step += 1
-            saved = run.save()
+            entry = {"metrics": metrics, "finite": finite}
+            if route not in references:
+                references[route] = entry["saved"] = run.save()
+            else:
+                after = _local_weights(run)
+                load_checkpoint(resolve_checkpoint(references[route]), run.trainable, ctx, load_optimizer=False)
+                entry["update"] = _update_errors(before, after, _local_weights(run), ctx)
             run.teacher.close()
-            results[(route, mbs)] = {"metrics": metrics, "finite": finite, "saved": saved}
+            results[(route, mbs)] = entry
     return results if ctx.is_logging_rank else {}
 
 
-def full_weights(paths: list[str]) -> list[dict[str, torch.Tensor]]:
-    return _weights(load_config(None, MODEL + ["data.seq_length=24"]), paths)
+def _local_weights(run: OpdRun) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in run.trainable.module.named_parameters()}
+
+
+def _update_errors(before: dict, after: dict, reference: dict, ctx) -> dict[str, tuple[float, float]]:
+    """Per weight shard of every rank, "<name> [tp t pp p dp d]" -> (max |update - reference update|,
+    max |reference update|), where update = after - before (SGD without momentum: -lr x gradient)."""
+    from megatron.core import parallel_state
+    import torch.distributed as dist
+    where = (f"[tp{parallel_state.get_tensor_model_parallel_rank()} pp{parallel_state.get_pipeline_model_parallel_rank()}"
+             f" dp{ctx.dp_rank}]")
+    local = {}
+    for name, start in before.items():
+        got, ref = after[name] - start, reference[name] - start
+        local[f"{name} {where}"] = (float((got - ref).abs().max()), float(ref.abs().max()))
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, local)
+    return {k: v for part in gathered for k, v in part.items()}
 
 
 def _weights(cfg, paths: list[str]) -> list[dict[str, torch.Tensor]]:

@@ -44,6 +44,21 @@ def test_sampling_stays_in_the_tokenizer_vocabulary(steps):
     assert len(ids) > 20 and max(ids) < 14, f"sampled ids {sorted(set(ids))} include ids past the tokenizer's 14"
 
 
+def test_logged_rollouts_are_the_rows_that_trained(steps):
+    """logging.rollouts=3: three rows of the step, each with its ids, reward and per-token student, teacher and
+    behaviour log-probs (the last equal to the batch's)."""
+    rows, batch = steps["ppo_top_p"]["rollouts"], steps["ppo_top_p"]["batch"]
+    assert [r["row"] for r in rows] == [0, 1, 2] and all(r["step"] == 1 and r["dp_rank"] == 0 for r in rows)
+    for r in rows:
+        ids = batch.response_ids(r["row"])
+        assert r["response_ids"] == ids and r["reward"] in (0.0, 1.0)
+        assert len(r["student_logprobs"]) == len(r["teacher_logprobs"]) == len(r["behaviour_logprobs"]) == len(ids)
+        assert all(x <= 0 for x in r["student_logprobs"] + r["teacher_logprobs"] + r["behaviour_logprobs"])
+        start = int(batch.prompt_lengths[r["row"]]) - 1
+        expected = batch.behaviour_logprobs[r["row"], start: start + len(ids)].tolist()
+        assert r["behaviour_logprobs"] == pytest.approx(expected, abs=1e-6)
+
+
 def test_truncated_is_with_ppo_weighs_by_rho_not_rho_squared(steps):
     assert _max_rel(steps["ppo_tis"]["update"], steps["logprob_tis"]["update"]) <= 1e-5
 

@@ -1,64 +1,126 @@
-"""One OPD step at TP=2 and at PP=2 equals the TP=1 step (loss, and the SGD update of every weight within 1e-4 of the largest update, float32)
-given the same rollouts and teacher, for route A (full reverse KL; JSD on a union+tail support with the sequence
-normaliser), route B (return-to-go with PPO ratio and truncated IS; group baseline + verifier hybrid with the
-constant normaliser; GAE with a value head; MiniLLM's single-step decomposition), CR-OPD, and forward KL with a
-reference-KL regulariser, an entropy bonus and a teacher-confidence gate.""" 
+"""One OPD step at every parallel layout equals the TP=1 step, given the same rollouts and teacher: the loss, the SGD
+update of every weight (within 1e-4 of the largest update, float32), the grad norm and the logged metrics, for
+every route of `opd_workers.ROUTES` (route A: full reverse KL, JSD on a union+tail support with the sequence
+normaliser, forward KL with a reference-KL regulariser, an entropy bonus and a teacher-confidence gate; route B:
+return-to-go with a PPO ratio and truncated IS, group baseline + verifier hybrid with the constant normaliser, a
+batch-mean baseline, a group baseline on the clipped log-ratio, GAE with a value head, MiniLLM's single-step
+decomposition, a PPO step on stale data sampled at another temperature / top-p; CR-OPD), at TP=2, TP=4, PP=2, DP=2,
+TP2xPP2 and TP2xDP2, each at two micro-batch sizes of the same global batch.
+
+The vocabulary is a real 1000-id tokenizer (not a multiple of 128: padded to 1024, so at TP=4 every rank holds
+real ids and the last one padding too), and the fixed batch's responses and both models' top-k candidates fall
+on every TP=4 shard (`test_the_batch_reaches_every_vocab_shard`): every vocab-parallel merge is exercised. At DP=2
+each data-parallel rank trains its own half of the batch (whole prompt groups), as the loop gives it.
+"""
+
+import time
 
 import pytest
+import torch
 
 from tests.harness import run_distributed
 from tests.opd import opd_workers as w
 
+pytestmark = pytest.mark.slow
+
 ROUTES = list(w.ROUTES)
-LAYOUTS = {"tp1": (1, 1), "tp2": (2, 1), "pp2": (1, 2)}
+LAYOUTS = {"tp1": (1, 1, 1), "tp2": (2, 1, 1), "tp4": (4, 1, 1), "pp2": (1, 2, 1), "dp2": (1, 1, 2),
+           "tp2pp2": (2, 2, 1), "tp2dp2": (2, 1, 2)}          # (tp, pp, dp)
+MICRO_BATCH_SIZES = [4, 2]        # the first one at TP=1 is the reference; global batch 8 rows
+CASES = [(layout, mbs) for layout in LAYOUTS for mbs in MICRO_BATCH_SIZES if (layout, mbs) != ("tp1", 4)]
+TIMINGS: dict[str, float] = {}
 
 
 @pytest.fixture(scope="module")
-def steps(tmp_path_factory):
+def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("opd_parity")
-    student, teacher = str(root / "student"), str(root / "teacher")
-    run_distributed(w.make_init, 1, args=(student, teacher), timeout_s=120)
-    out = {}
-    for name, (tp, pp) in LAYOUTS.items():
-        ranks = run_distributed(w.opd_step, tp * pp, args=(tp, pp, student, teacher, str(root / name), ROUTES),
-                                timeout_s=400)
-        out[name] = ranks[0]
-    paths = [out[name][route]["saved"] for name in LAYOUTS for route in ROUTES]
-    weights = run_distributed(w.full_weights, 1, args=(paths + [student],), timeout_s=120)[0]
-    it = iter(weights)
-    for name in LAYOUTS:
-        for route in ROUTES:
-            out[name][route]["weights"] = next(it)
-    out["init"] = next(it)
-    return out
+    files = {"tokenizer": w.write_tokenizer(str(root / "tokenizer.json")),
+             "prompts": w.write_prompts(str(root / "prompts.jsonl")), "student": str(root / "student"),
+             "teacher": str(root / "teacher"), "start_logprobs": str(root / "start_logprobs.pt")}
+    started = time.perf_counter()
+    reach = run_distributed(w.make_init, 1, args=(files,), timeout_s=300)[0]
+    TIMINGS["init"] = time.perf_counter() - started
+    return {"root": root, "files": files, "reach": reach, "layouts": {}}
 
 
-def _rel(a, b):
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+@pytest.fixture(scope="module")
+def layout_steps(setup):
+    """layout -> {(route, mbs): result}, computed on first use (TP=1 first: its checkpoints are the references)."""
+    def get(layout: str) -> dict:
+        done = setup["layouts"]
+        if layout not in done:
+            if layout != "tp1":
+                get("tp1")
+            tp, pp, dp = LAYOUTS[layout]
+            references = {} if layout == "tp1" else {route: done["tp1"][(route, MICRO_BATCH_SIZES[0])]["saved"]
+                                                     for route in ROUTES}
+            started = time.perf_counter()
+            ranks = run_distributed(w.opd_steps, tp * pp * dp,
+                                    args=(tp, pp, setup["files"], str(setup["root"] / layout), ROUTES,
+                                          MICRO_BATCH_SIZES, references), timeout_s=900)
+            TIMINGS[layout] = time.perf_counter() - started
+            print(f"\n[parity] {layout}: {len(ROUTES)} routes x {len(MICRO_BATCH_SIZES)} micro-batch sizes on "
+                  f"{tp * pp * dp} processes in {TIMINGS[layout]:.1f} s")
+            done[layout] = ranks[0]
+        return done[layout]
+    return get
+
+
+def test_the_batch_reaches_every_vocab_shard(setup):
+    from opd_megatron.data.tokenizer import load_tokenizer
+    from opd_megatron.student.model import padded_vocab_size
+    tokenizer = load_tokenizer(setup["files"]["tokenizer"])
+    assert tokenizer.vocab_size == w.VOCAB and w.VOCAB % 128 != 0
+    padded = padded_vocab_size(w.VOCAB, 4)
+    assert padded - padded // 4 < w.VOCAB < padded, "the last TP=4 shard must hold real ids and padding"
+    reach = setup["reach"]
+    for key in ("response_shards", "student_top4_shards", "teacher_top4_shards"):
+        assert min(reach[key]) > 0, f"{key}: {reach[key]} (count per TP=4 vocab shard); expected every shard"
+
+
+def test_routes_are_active_at_tp1(layout_steps):
+    ref = layout_steps("tp1")
+    metrics = {route: ref[(route, MICRO_BATCH_SIZES[0])]["metrics"] for route in ROUTES}
+    losses = {route: m["loss"] for route, m in metrics.items()}
+    assert len({round(v, 6) for v in losses.values()}) == len(ROUTES), losses
+    # Each gate and routing keeps some tokens and drops (or clips) others: the merge paths they add are exercised.
+    for route, key in (("cr_opd", "routing/routed_rate"), ("fkl_reference_entropy", "gates/teacher_confidence_keep_rate"),
+                       ("pg_rtg_ppo", "gates/truncated_is_keep_rate"), ("pg_ppo_sampled", "gates/truncated_is_keep_rate"),
+                       ("pg_group_logclip", "gates/log_ratio_clip_keep_rate"),
+                       ("pg_ppo_sampled", "importance/clip_fraction")):
+        assert 0.0 < metrics[route][key] < 1.0, f"{route}: {key} = {metrics[route][key]}; expected in (0, 1)"
+    assert "value/explained_variance" in metrics["gae"]
+
+
+def _close(a: float, b: float, rel: float) -> bool:
+    return abs(a - b) <= rel * max(abs(b), 1e-3)
 
 
 @pytest.mark.parametrize("route", ROUTES)
-@pytest.mark.parametrize("layout", ["tp2", "pp2"])
-def test_step_matches_tp1(steps, layout, route):
-    ref, got = steps["tp1"][route], steps[layout][route]
-    assert ref["finite"] and got["finite"]
+@pytest.mark.parametrize("layout,mbs", CASES, ids=[f"{layout}-mbs{mbs}" for layout, mbs in CASES])
+def test_step_matches_tp1(layout_steps, layout, mbs, route):
+    ref = layout_steps("tp1")[(route, MICRO_BATCH_SIZES[0])]
+    got = layout_steps(layout)[(route, mbs)]
+    where = f"{layout} mbs={mbs} {route}"
+    assert ref["finite"] and got["finite"], where
     a, b = got["metrics"]["loss"], ref["metrics"]["loss"]
-    assert abs(a - b) <= 1e-5 * max(abs(b), 1e-3), f"{layout} {route}: loss {a} vs TP=1 {b}"
-    # SGD without momentum: the update is -lr * gradient, so comparing updates compares gradients.
-    init = steps["init"]
-    deltas = {k: (got["weights"][k] - init[k], ref["weights"][k] - init[k]) for k in ref["weights"]}
-    scale = max(float(d_ref.abs().max()) for _, d_ref in deltas.values())
-    assert scale > 1e-4, f"{route}: the TP=1 step did not change the weights"
-    worst = max((float((d_got - d_ref).abs().max()) / scale, k) for k, (d_got, d_ref) in deltas.items())
-    assert worst[0] <= 1e-4, f"{layout} {route}: the update of {worst[1]} differs by {worst[0]:.2e} of the largest"
+    assert _close(a, b, 1e-5), f"{where}: loss {a} vs TP=1 {b}"
+    # SGD without momentum or clipping: the update is -lr * gradient, so comparing updates compares gradients.
+    update = got["update"]
+    scale = max(ref_max for _, ref_max in update.values())
+    assert scale > 1e-4, f"{where}: the TP=1 step did not change the weights"
+    worst = max((diff / scale, name) for name, (diff, _) in update.items())
+    assert worst[0] <= 1e-4, f"{where}: the update of {worst[1]} differs by {worst[0]:.2e} of the largest update"
+    a, b = got["metrics"]["grad_norm"], ref["metrics"]["grad_norm"]
+    assert _close(a, b, 1e-5), f"{where}: grad_norm {a} vs TP=1 {b}"
+
+
+@pytest.mark.parametrize("route", ROUTES)
+@pytest.mark.parametrize("layout,mbs", CASES, ids=[f"{layout}-mbs{mbs}" for layout, mbs in CASES])
+def test_metrics_match_tp1(layout_steps, layout, mbs, route):
+    """The logged metrics describe the global batch whatever the layout (not one replica's share)."""
+    ref = layout_steps("tp1")[(route, MICRO_BATCH_SIZES[0])]["metrics"]
+    got = layout_steps(layout)[(route, mbs)]["metrics"]
     for key in ("log_ratio/mean", "tokens/count", "kl/rkl_exact"):
-        assert abs(got["metrics"][key] - ref["metrics"][key]) <= 1e-5 * max(1.0, abs(ref["metrics"][key])), key
-
-
-def test_routes_differ(steps):
-    losses = {route: steps["tp1"][route]["metrics"]["loss"] for route in ROUTES}
-    assert len({round(v, 6) for v in losses.values()}) == len(ROUTES), losses
-    cr = steps["tp1"]["cr_opd"]["metrics"]
-    assert "routing/routed_rate" in cr and 0.0 < cr["routing/routed_rate"] <= 1.0
-    gae = steps["tp1"]["gae"]["metrics"]
-    assert "value/explained_variance" in gae
+        assert abs(got[key] - ref[key]) <= 1e-5 * max(1.0, abs(ref[key])), \
+            f"{layout} mbs={mbs} {route}: {key} = {got[key]} vs TP=1 {ref[key]}"

@@ -1,5 +1,6 @@
 """Process bodies for the sampler tests: the same checkpoint at TP=1, TP=2 and PP=2 samples the same greedy
-rollouts, with behaviour log-probs equal to a plain full-sequence forward (importable: spawned processes load it)."""
+rollouts, with behaviour and old log-probs equal to a plain full-sequence forward (importable: spawned processes load
+it)."""
 
 from __future__ import annotations
 
@@ -59,13 +60,19 @@ def sample(tp: int, pp: int, checkpoint: Optional[str], save_to: Optional[str]) 
     greedy = sampler.generate(PROMPTS, SamplingConfig(max_new_tokens=10, temperature=0.0, stop_ids=(STOP,)))
     sampled = sampler.generate(PROMPTS, SamplingConfig(max_new_tokens=10, temperature=1.0, n=3))
     nucleus = sampler.generate(PROMPTS, SamplingConfig(max_new_tokens=6, temperature=0.8, top_k=16, top_p=0.7, n=2))
+    # top-p 0.8 at temperature 0.7, the loss at 0.7: mu (the nucleus, renormalised) != pi_old (the full softmax).
+    tempered = sampler.generate(PROMPTS, SamplingConfig(max_new_tokens=6, temperature=0.7, top_p=0.8, n=2,
+                                                        policy_temperature=0.7), sample_key=("rollout", 0))
     out = {"greedy": greedy.tokens, "greedy_lengths": greedy.lengths, "sampled": sampled.tokens,
            "sampled_logp": sampled.behaviour_logprobs, "sampled_mask": sampled.loss_mask,
            "nucleus": nucleus.tokens, "nucleus_logp": nucleus.behaviour_logprobs, "nucleus_mask": nucleus.loss_mask,
-           "calls": sampler.calls}
+           "greedy_old": greedy.old_logprobs, "greedy_mask": greedy.loss_mask,
+           "sampled_old": sampled.old_logprobs, "nucleus_old": nucleus.old_logprobs,
+           "tempered": tempered.tokens, "tempered_logp": tempered.behaviour_logprobs,
+           "tempered_old": tempered.old_logprobs, "tempered_mask": tempered.loss_mask, "calls": sampler.calls}
     module = sampler._core().eval()
     with torch.no_grad():
-        for name, batch in (("greedy", greedy), ("sampled", sampled), ("nucleus", nucleus)):
+        for name, batch in (("greedy", greedy), ("sampled", sampled), ("nucleus", nucleus), ("tempered", tempered)):
             logits = _full_logits(module, batch.tokens[:, :-1])
             out[f"{name}_logits"] = None if logits is None else logits[..., :VOCAB].clone()
             out[f"{name}_padding_max"] = None if logits is None else float(logits[..., VOCAB:].max()) if \

@@ -1,6 +1,7 @@
 """The megatron sampler: KV-cache greedy decoding equals a plain full-sequence argmax; sampled tokens' behaviour
 log-probs equal the model's log-probs of the distribution sampled from (full softmax(z/T), or renormalised over the
-top-k/top-p candidates); TP=2 and PP=2 generate exactly the TP=1 greedy rollouts from the same checkpoint."""
+top-k/top-p candidates) and their old log-probs the full softmax at policy_temperature; TP=2 and PP=2 generate
+exactly the TP=1 greedy rollouts from the same checkpoint."""
 
 import pytest
 import torch
@@ -45,6 +46,8 @@ def test_behaviour_logprobs_full_softmax(runs):
     mask = r["sampled_mask"].bool()
     assert mask.sum() == 4 * 3 * 10
     assert (expected[mask] - r["sampled_logp"][mask]).abs().max() < 1e-5
+    # Sampled at T = policy_temperature = 1 without truncation: mu and pi_old are one distribution.
+    assert torch.equal(r["sampled_old"], r["sampled_logp"])
     assert (r["sampled"] < w.VOCAB).all()
     # Three samples per prompt differ from each other (temperature 1 on a near-uniform model).
     assert len({tuple(row.tolist()) for row in tokens[:3]}) == 3
@@ -66,6 +69,47 @@ def test_behaviour_logprobs_top_k_top_p(runs):
         renorm = row[kept].log_softmax(-1)
         expected = float(renorm[kept.tolist().index(token)])
         assert abs(expected - float(r["nucleus_logp"][b, col])) < 1e-5
+    # pi_old: the full softmax at policy_temperature 1, not the truncated one.
+    full = r["nucleus_logits"].log_softmax(-1).gather(-1, tokens[:, 1:].unsqueeze(-1)).squeeze(-1)
+    assert (full[mask] - r["nucleus_old"][mask]).abs().max() < 1e-5
+
+
+def _nucleus_logprob(scaled: torch.Tensor, token: int, top_p: float, candidates: int = 64) -> float:
+    """log mu(token) for top-p alone: the nucleus of softmax(scaled) (mass before < top_p) among the `candidates`
+    most likely ids, renormalised (SamplingConfig's definition)."""
+    full = scaled.log_softmax(-1)
+    top = torch.topk(full, candidates)
+    probs = top.values.exp()
+    kept = top.indices[(probs.cumsum(-1) - probs) < top_p].tolist()
+    assert token in kept, f"{token} outside the nucleus"
+    return float(scaled[kept].log_softmax(-1)[kept.index(token)])
+
+
+@pytest.mark.parametrize("layout", ["tp1", "tp2", "pp2"])
+def test_old_logprobs_are_the_full_softmax_at_policy_temperature(runs, layout):
+    """top_p 0.8, temperature 0.7, policy_temperature 0.7: old = log softmax(z/0.7)[y] over the whole vocabulary,
+    behaviour = the same renormalised over the nucleus, so old < behaviour on every token (opd-math.md: the PPO
+    ratio vs the sampler-mismatch weight)."""
+    ranks = runs[layout] if layout != "tp1" else [runs["tp1"]]
+    for rank, r in enumerate(ranks[1:], start=1):      # every rank (TP and PP) holds the same batch
+        for name in ("tempered", "tempered_logp", "tempered_old", "greedy_old"):
+            assert torch.equal(r[name], ranks[0][name]), f"{layout} rank {rank}: {name} differs from rank 0"
+    r = next(r for r in ranks if r["tempered_logits"] is not None)
+    tokens, mask = r["tempered"], r["tempered_mask"].bool()
+    scaled = r["tempered_logits"].double() / 0.7
+    expected_old = scaled.log_softmax(-1).gather(-1, tokens[:, 1:].unsqueeze(-1)).squeeze(-1)
+    assert mask.sum() == 4 * 2 * 6
+    assert (expected_old[mask] - r["tempered_old"][mask].double()).abs().max() < 1e-5
+    for b, col in mask.nonzero().tolist():
+        expected = _nucleus_logprob(scaled[b, col], int(tokens[b, col + 1]), 0.8)
+        assert abs(expected - float(r["tempered_logp"][b, col])) < 1e-5, f"row {b} column {col}"
+    gap = (r["tempered_logp"] - r["tempered_old"])[mask]
+    assert float(gap.min()) > 1e-3, f"mu(y) must exceed pi_old(y) (nucleus mass < 1), min log gap {float(gap.min())}"
+    assert bool((r["tempered_old"][~mask] == 0).all()) and bool((r["tempered_logp"][~mask] == 0).all())
+    # Greedy rows: behaviour log 1 = 0, old the full softmax at policy_temperature (1 here) of the argmax.
+    greedy_mask = r["greedy_mask"].bool()
+    expected = r["greedy_logits"].log_softmax(-1).gather(-1, r["greedy"][:, 1:].unsqueeze(-1)).squeeze(-1)
+    assert (expected[greedy_mask] - r["greedy_old"][greedy_mask]).abs().max() < 1e-5
 
 
 @pytest.mark.parametrize("layout", ["tp2", "pp2"])
@@ -74,7 +118,7 @@ def test_parallel_layouts_generate_the_tp1_greedy_rollouts(runs, layout):
     for rank, r in enumerate(runs[layout]):
         assert torch.equal(r["greedy"], ref["greedy"]), f"{layout} rank {rank}"
         assert torch.equal(r["greedy_lengths"], ref["greedy_lengths"])
-        assert r["calls"] == 3
+        assert r["calls"] == 4
     last = [r for r in runs[layout] if r["greedy_logits"] is not None]
     assert last
     assert (last[0]["greedy_logits"] - ref["greedy_logits"]).abs().max() < 1e-4
