@@ -133,6 +133,7 @@ class OpdRun:
         self.skipped_steps = 0
         self.pending: Optional[RolloutBatch] = None        # the next step's batch (teacher.overlap)
         self.pending_future: Optional[concurrent.futures.Future] = None
+        self.pending_extra_ids: Optional[torch.Tensor] = None   # the pending batch's student top-k ids (last stage)
         self.baseline_eval: dict = {}
         self.teacher_tokens = 0
         self.teacher_seconds = 0.0
@@ -174,14 +175,14 @@ class OpdRun:
             self.teacher.load_state_dict(rank_state["self_teacher"])
         if rank_state.get("pending") is not None:
             self.pending = rank_state["pending"]
-            self.pending_future = self._submit(self.pending)
+            self.pending_future = self._submit(self.pending, restored=rank_state)
         if self.ctx.is_logging_rank:
             print(f"[opd-megatron] resumed from {path} at step {self.step}", flush=True)
 
     def save(self) -> str:
         data_state = {"opd": {"engine": self.engine.state_dict(), "skipped_steps": self.skipped_steps,
                               "baseline_eval": self.baseline_eval, "teacher_tokens": self.teacher_tokens}}
-        rank_state = {"pending": self.pending}
+        rank_state = {"pending": self.pending, "pending_extra_ids": self.pending_extra_ids}
         if hasattr(self.teacher, "update_ema"):
             rank_state["self_teacher"] = self.teacher.state_dict()
         if self.value_head is not None:
@@ -276,30 +277,34 @@ class OpdRun:
         scored = batch.teacher_request().valid_mask().unsqueeze(-1)
         return torch.where(scored, ids, -1)
 
-    def _submit(self, batch: RolloutBatch) -> Optional[concurrent.futures.Future]:
+    def _submit(self, batch: RolloutBatch, restored: Optional[dict] = None) -> Optional[concurrent.futures.Future]:
         """Start scoring `batch` in the background (served teacher with teacher.overlap). The student top-k pass
         the request needs runs first, here, on the main thread of every rank of the replica. Returns the scoring
         future on the scoring rank and an already finished one (holding None) on the other ranks, so that every
         rank's `_scores_for` knows the batch was submitted (and runs no second pass); None for a dense teacher or
-        without teacher.overlap."""
+        without teacher.overlap. `restored`: the rank state of a resumed run, whose pending batch's student top-k
+        ids were ranked with the weights before the checkpoint's last update; they are reused (every rank skips
+        the pass) so that a resume asks the teacher exactly what the uninterrupted run asked."""
         if self.dense_teacher or not self.cfg.teacher.overlap:
             return None
-        extra_ids = self._student_topk(batch)
+        extra_ids = self._student_topk(batch) if restored is None else restored.get("pending_extra_ids")
+        self.pending_extra_ids = extra_ids
         if self.executor is None or not _scoring_rank():
             done: concurrent.futures.Future = concurrent.futures.Future()
             done.set_result(None)
             return done
         return self.executor.submit(self._score_now, batch, extra_ids)
 
-    def _scores_for(self, batch: RolloutBatch,
-                    future: Optional[concurrent.futures.Future] = None) -> Optional[TeacherScores]:
+    def _scores_for(self, batch: RolloutBatch, future: Optional[concurrent.futures.Future] = None,
+                    student_topk: bool = True) -> Optional[TeacherScores]:
         """The served teacher's answer for `batch` on the last stage (broadcast within its TP group); None for a
         dense teacher (it scores inside the loss) and on the other stages. `future`: from `_submit` (every rank
         has one for a submitted batch); without it the batch is scored now, after the student top-k pass (every
-        rank of the replica takes part in it)."""
+        rank of the replica takes part in it). student_topk=False: sampled-token and top-k scores only (evaluation
+        reads no support)."""
         if self.dense_teacher:
             return None
-        extra_ids = self._student_topk(batch) if future is None else None
+        extra_ids = self._student_topk(batch) if future is None and student_topk else None
         if not parallel_state.is_pipeline_last_stage():
             return None
         started = time.perf_counter()
@@ -598,7 +603,7 @@ class OpdRun:
                                                                stop_ids=stops,
                                                                policy_temperature=cfg.opd.student_temperature),
                                                 sample_key=("eval", self.step, start, "sampled"))
-            sampled.teacher = self._scores_for(sampled) if not self.dense_teacher else None
+            sampled.teacher = self._scores_for(sampled, student_topk=False) if not self.dense_teacher else None
             total, count = self._reverse_kl(sampled)
             rkl += torch.tensor([total, count], dtype=torch.float64)
         group = parallel_state.get_data_parallel_group()

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from opd_megatron import credit
-from opd_megatron.credit import advantages, gae, outcome_hybrid, returns_to_go
+from opd_megatron.credit import advantages, batch_mean_advantages, gae, outcome_hybrid, returns_to_go
 from opd_megatron.tensor_checks import MathInputError
 
 DTYPE = torch.float64
@@ -223,3 +223,22 @@ def test_property_finite_and_zero_off_the_mask(batch, length, seed, empty_rows, 
         assert (out[~mask] == 0).all()
     gae_out = credit.gae(log_ratio, mask, values, gamma, lam)
     assert torch.isfinite(gae_out.value_targets).all() and (gae_out.value_targets[~mask] == 0).all()
+
+
+def test_batch_mean_from_global_column_totals_equals_the_whole_batch_estimator():
+    """Two 'data-parallel ranks' of different lengths: each rank's A from the global column totals equals the
+    batch-mean baseline estimator run on the concatenated batch (a rank-local mean would not)."""
+    gen = torch.Generator().manual_seed(4)
+    whole = torch.randn(6, 7, generator=gen, dtype=torch.float64)
+    mask = torch.rand(6, 7, generator=gen) < 0.7
+    mask[4:, 5:] = False           # the second rank's rows are shorter: its batch is trimmed to 5 columns
+    expected = advantages(whole, mask, "baseline", 0.9, baseline="batch_mean")
+    returns = returns_to_go(whole, mask, 0.9)
+    sums, counts = torch.where(mask, returns, 0.0).sum(0), mask.double().sum(0)
+    for rows, width in ((slice(0, 4), 7), (slice(4, 6), 5)):
+        part_mask = mask[rows, :width]
+        got = batch_mean_advantages(returns[rows, :width], mask[rows, :width], sums[:width], counts[:width])
+        torch.testing.assert_close(torch.where(part_mask, got, 0.0), torch.where(part_mask, expected[rows, :width], 0.0),
+                                   rtol=1e-12, atol=1e-12)
+    local = advantages(whole[:4], mask[:4], "baseline", 0.9, baseline="batch_mean")
+    assert not torch.allclose(torch.where(mask[:4], local, 0.0), torch.where(mask[:4], expected[:4], 0.0))

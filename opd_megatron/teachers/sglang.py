@@ -13,6 +13,13 @@ reply    one object per row; `meta_info.input_token_logprobs` is a list of [logp
 
 So sending logprob_start_len = score_start puts entry i at column score_start + i - 1: entries 1..n-1-s cover
 exactly the scored columns score_start .. lengths-2, and entry 0 (null) is the column before, never scored.
+
+`token_ids_logprob` is ONE id list per row, scored at every position in the order sent (logits_processor.py
+`get_token_ids_logprobs`: `logprobs[pos, token_ids]`; detokenised into [logprob, id, text] triples by
+tokenizer_manager.py). The student's top-k differs per column, so a row sends the sorted union of its scored
+columns' `extra_ids` (bounded by teacher.max_extra_ids) and each column's ids are picked from the reply
+(`http._pick_extra`, by id, so the reply's order does not matter). The training loop fills `extra_ids` with the
+student's top-k from a forward-only pass (`OpdRun._student_topk`) for the student_topk / union supports.
 """
 
 from __future__ import annotations

@@ -52,12 +52,12 @@ def config(tp: int, pp: int, out: str, route: str, kind: str, teacher_dir: str, 
         "rollout.prompts_per_step=4", "rollout.samples_per_prompt=2", "rollout.max_new_tokens=8",
         "checkpoint.resume=false", f"checkpoint.load={student_init}", "optim.optimizer=sgd", "optim.sgd_momentum=0",
         "optim.lr=0.5", "optim.clip_grad=0", "optim.weight_decay=0", "logging.progress_bar=false",
-        "logging.tensorboard=false", "opd.loss=divergence", f"opd.support_k={SUPPORT_K}", *ROUTES[route],
-        *teacher_options(kind, route, teacher_dir, url), *extra])
+        "logging.tensorboard=false", "eval.prompts=2", "opd.loss=divergence", f"opd.support_k={SUPPORT_K}",
+        *ROUTES[route], *teacher_options(kind, route, teacher_dir, url), *extra])
 
 
 def write_prompts(out: str) -> None:
-    words = ["a b c", "1 2 3 =", "x y z ?", "h e l l o", "5 + 7 =", "q r s t"]
+    words = ["a b c", "1 2 3 =", "x y z ?", "h e l l o", "5 + 7 =", "q r s t", "m n", "9 8 7", "d e f g", "u v"]
     Path(out).mkdir(parents=True, exist_ok=True)
     (Path(out) / "prompts.jsonl").write_text("".join(f'{{"prompt": "{w}"}}\n' for w in words))
 
@@ -136,14 +136,15 @@ def overlap_steps(tp: int, pp: int, out: str, teacher_dir: str, url: str, studen
         if ctx is None:
             ctx = init_parallel(cfg)
         run = OpdRun(cfg, ctx, stop=None)
-        original = run._student_topk
+        original = getattr(run, "_student_topk", None)     # None before the fix: nothing to record
 
         def recorded(batch, original=original):
             ids = original(batch)
             passes.append(threading.current_thread() is threading.main_thread())
             return ids
 
-        run._student_topk = recorded
+        if original is not None:
+            run._student_topk = recorded
         steps = 3 if overlap else 1
         losses[overlap] = []
         for _ in range(steps):
@@ -190,8 +191,8 @@ def support_checks(tp: int = 2) -> int:
             for kind in sw.KINDS:
                 loss, ref = divergence_on_support(kind, got), divergence_on_support(kind, want)
                 sw.assert_close(case + " loss", loss.detach(), ref.detach())
-                grad_leaf = torch.autograd.grad(loss.sum(), leaf)[0]
-                grad_full = torch.autograd.grad(ref.sum(), full)[0]
+                grad_leaf = torch.autograd.grad(loss.sum(), leaf, retain_graph=True)[0]
+                grad_full = torch.autograd.grad(ref.sum(), full, retain_graph=True)[0]
                 sw.assert_close(case + " grad", sw.gather_shards(grad_leaf, tp)[:, :sw.VOCAB], grad_full)
                 checks += 1
     return checks

@@ -93,7 +93,9 @@ def test_routes_are_active_at_tp1(layout_steps):
 
 
 def _close(a: float, b: float, rel: float) -> bool:
-    return abs(a - b) <= rel * max(abs(b), 1e-3)
+    """Relative to max(|b|, 1): a policy-gradient loss is a sum of O(1..10) terms (-A_t log pi, log pi ~ -7 over
+    1000 ids) that may cancel to far below 1, and float32 sums carry errors relative to the terms."""
+    return abs(a - b) <= rel * max(abs(b), 1.0)
 
 
 @pytest.mark.parametrize("route", ROUTES)
@@ -121,6 +123,6 @@ def test_metrics_match_tp1(layout_steps, layout, mbs, route):
     """The logged metrics describe the global batch whatever the layout (not one replica's share)."""
     ref = layout_steps("tp1")[(route, MICRO_BATCH_SIZES[0])]["metrics"]
     got = layout_steps(layout)[(route, mbs)]["metrics"]
-    for key in ("log_ratio/mean", "tokens/count", "kl/rkl_exact"):
-        assert abs(got[key] - ref[key]) <= 1e-5 * max(1.0, abs(ref[key])), \
-            f"{layout} mbs={mbs} {route}: {key} = {got[key]} vs TP=1 {ref[key]}"
+    wrong = {key: (got[key], ref[key]) for key in ("log_ratio/mean", "tokens/count", "kl/rkl_exact")
+             if not _close(got[key], ref[key], 1e-5)}
+    assert not wrong, f"{layout} mbs={mbs} {route}: metric (this layout, TP=1): {wrong}"

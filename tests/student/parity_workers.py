@@ -1,8 +1,8 @@
 """Process bodies for the parallel-parity, resharding and optimizer tests (importable: spawned processes load them).
 
 All layouts train the same tiny model from the same checkpoint on the same synthetic global batches; each returns
-its per-step losses and, from a forward-only pass on a fixed batch, the full-vocabulary logits (gathered over TP
-here in the test only, to compare with TP=1)."""
+its per-step losses and gradient norms and, from a forward-only pass on a fixed batch, the full-vocabulary logits
+(gathered over TP here in the test only, to compare with TP=1)."""
 
 from __future__ import annotations
 
@@ -29,6 +29,12 @@ TINY = ["model.num_layers=4", "model.hidden_size=64", "model.ffn_hidden_size=128
         f"data.seq_length={SEQ}", "parallel.micro_batch_size=2", "parallel.global_batch_size=8",
         "optim.lr=1e-3", "optim.warmup_steps=1", "optim.decay_style=cosine", "optim.clip_grad=1.0",
         "optim.weight_decay=0.01", "run.seed=7"]
+# Plain SGD without momentum, clipping, warm-up or weight decay: the update is -lr * gradient, so a constant factor
+# on the gradient (a data-parallel sum instead of a mean, an all-reduce applied twice) changes every weight update
+# and the gradient norm by that factor. Adam (whose update m / sqrt(v) is invariant to a gradient scale), clipping
+# to a norm and a first step at lr 0 would all hide it.
+SGD = ("optim.optimizer=sgd", "optim.sgd_momentum=0", "optim.clip_grad=0", "optim.warmup_steps=0",
+       "optim.weight_decay=0", "optim.decay_style=constant", "optim.lr=0.5")
 
 
 def tiny_config(tp: int, pp: int, extra: tuple[str, ...] = ()):
@@ -69,7 +75,8 @@ def _gather_vocab(logits: torch.Tensor) -> torch.Tensor:
 
 def train_layout(tp: int, pp: int, init: Optional[str], save_to: Optional[str], steps: int,
                  extra: tuple[str, ...] = (), load_optimizer: bool = False, first_step: int = 0) -> dict:
-    """Train `steps` steps on the batches of steps first_step.. and report losses and eval logits.
+    """Train `steps` steps on the batches of steps first_step.. and report the losses, the gradient norms (before
+    any clipping, the same on every rank) and eval logits.
     `init`: a checkpoint to start from: weights only (an initial model), or with optimizer and schedule (a resume)."""
     cfg = tiny_config(tp, pp, extra)
     ctx = init_parallel(cfg)
@@ -78,13 +85,14 @@ def train_layout(tp: int, pp: int, init: Optional[str], save_to: Optional[str], 
         # An initial checkpoint holds weights only: a fresh optimizer has no state yet.
         load_checkpoint(resolve_checkpoint(init), trainable, ctx, load_optimizer=load_optimizer)
     mbs = cfg.parallel.micro_batch_size
-    losses = []
+    losses, grad_norms = [], []
     for step in range(first_step, first_step + steps):
         zero_grads(trainable)
         loss_sum, tokens = forward_backward(trainable.ddp, _micro_batches(global_batch(step), ctx, mbs),
                                             _loss_fn(), SEQ, mbs)
-        optimizer_step(trainable)
+        _, grad_norm = optimizer_step(trainable)
         losses.append(loss_sum / tokens)
+        grad_norms.append(grad_norm)
     captured: list = []
     eval_batch = global_batch(99, size=2 * ctx.dp)
     forward_backward(trainable.ddp, _micro_batches(eval_batch, ctx, 2), _loss_fn(captured), SEQ, 2,
@@ -96,17 +104,19 @@ def train_layout(tp: int, pp: int, init: Optional[str], save_to: Optional[str], 
             logits = full
     if save_to is not None:
         save_checkpoint(save_to, first_step + steps, trainable, ctx, {}, cfg.to_dict())
-    return {"losses": losses, "logits": logits, "lr": trainable.optimizer.param_groups[0]["lr"]}
+    return {"losses": losses, "grad_norms": grad_norms, "logits": logits,
+            "lr": trainable.optimizer.param_groups[0]["lr"]}
 
 
 def full_weights(paths: list[str]) -> list[dict[str, torch.Tensor]]:
-    """Load each checkpoint at TP=1 PP=1 (one process) and return the whole model's weights."""
+    """Load each checkpoint's weights at TP=1 PP=1 (one process) and return the whole model's weights (weights only:
+    an initial checkpoint has no optimizer state, and an SGD run's differs from this Adam model's)."""
     cfg = tiny_config(1, 1)
     ctx = init_parallel(cfg)
     trainable = wrap_for_training(build_student(cfg.model, cfg.parallel, ctx.device), cfg.optim, cfg.model, 10)
     out = []
     for path in paths:
-        load_checkpoint(resolve_checkpoint(path), trainable, ctx)
+        load_checkpoint(resolve_checkpoint(path), trainable, ctx, load_optimizer=False)
         out.append({k: v.detach().clone() for k, v in trainable.module.state_dict().items()
                     if isinstance(v, torch.Tensor) and "_extra_state" not in k})
     return out

@@ -12,7 +12,8 @@ import torch
 
 from opd_megatron.student import cpu_shims
 
-pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the shims apply only without CUDA")
+pytestmark = [pytest.mark.cpu_only,
+              pytest.mark.skipif(torch.cuda.is_available(), reason="the shims apply only without CUDA")]
 
 _PROBE = """
 import sys

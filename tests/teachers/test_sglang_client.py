@@ -94,3 +94,46 @@ def test_last_vocab_id_reported_as_zero_is_accepted():
     with FakeServer(sglang_routes(clipped)) as server, teacher(server) as t:
         scores = t.score(request)
     torch.testing.assert_close(scores.sampled_logprobs, expected_scores(request)[0])
+
+
+def test_scores_from_a_real_model_equal_the_model_itself():
+    """The fake server answering from a real (tiny) causal LM: every column of the sampled, top-k and extra-id
+    (token_ids_logprob) logprobs equals a direct forward of the same model on the padded batch."""
+    from tests.teachers.fake_server import causal_lm_logprobs
+    from tests.teachers.reference_teacher import ModelTeacher, TinyCausalLM, make_request as model_request, \
+        random_rows
+
+    model = TinyCausalLM(vocab_size=37).eval()
+    request = model_request(random_rows([9, 14, 6], seed=4), [3, 6, 2], topk=3, extra=4, seed=5)
+    want = ModelTeacher(model, 37).score(request)
+    routes = sglang_routes(lambda body, headers: sglang_generate(body, causal_lm_logprobs(model)))
+    with FakeServer(routes) as server, SGLangTeacher({"urls": [server.url], "vocab_size": 37}) as t:
+        got = t.score(request)
+    assert torch.equal(got.valid, want.valid) and torch.equal(got.extra_ids, request.extra_ids)
+    torch.testing.assert_close(got.sampled_logprobs, want.sampled_logprobs, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got.topk_ids, want.topk_ids)
+    torch.testing.assert_close(got.topk_logprobs, want.topk_logprobs, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.extra_logprobs, want.extra_logprobs, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fault", ["other_id", "short_position"])
+def test_extra_id_reply_faults_are_named(fault):
+    """A reply whose input_token_ids_logprobs lacks a requested id at one position, or holds fewer entries there
+    than the id list sent, fails naming the column / what was expected."""
+    def broken(body, headers):
+        reply = sglang_generate(body)
+        position = reply[0]["meta_info"]["input_token_ids_logprobs"][2]
+        if fault == "other_id":
+            position[0][1] = VOCAB - 1 if position[0][1] != VOCAB - 1 else 0
+        else:
+            position.pop()
+        return reply
+    request = make_request(extra=3)
+    scored = request.extra_ids[0, 4:8]           # row 0 scores columns 4..7; the union sent is their ids, sorted
+    first = int(scored[scored >= 0].min())       # the entry changed above
+    request.extra_ids[0, 5, 0] = first          # asked for at column 5 (entry 2)
+    match = (f"no logprob for extra id {first} at column 5" if fault == "other_id"
+             else "positions hold different numbers of entries")
+    with FakeServer(sglang_routes(broken)) as server, teacher(server) as t:
+        with pytest.raises(TeacherError, match=match):
+            t.score(request)
