@@ -215,16 +215,21 @@ class OpdRun:
                                                 self.tokenizer.pad_id, on_policy=False,
                                                 prompts=[p.text for p in prompts], policy_version=self.step,
                                                 length=max(len(p.ids) + len(p.reference) for p in prompts))
-        rows = prompts if len(prompts) == batch.size else [p for p in prompts for _ in range(n)]
-        if all(p.domain is not None for p in rows):
-            batch.domains = [p.domain for p in rows]
-        if self.cfg.teacher.kind == "self" and all(p.privileged is not None for p in rows):
-            batch.privileged = [p.privileged for p in rows]
+        self._annotate(batch, prompts if len(prompts) == batch.size else [p for p in prompts for _ in range(n)])
         if self.task is not None:
             batch.rewards = torch.tensor([self.task.score(text, self.tokenizer.decode(batch.response_ids(b)))
                                           for b, text in enumerate(batch.prompts)], dtype=torch.float32)
         self.timing["rollout_s"] += time.perf_counter() - started
         return batch
+
+    def _annotate(self, batch: RolloutBatch, rows: list[Prompt]) -> None:
+        """What the teacher needs of each row besides its tokens: the domain (multi-teacher routing) and a
+        self-teacher's privileged context. Training and evaluation batches alike: evaluation scored without them
+        measures the reverse KL to the wrong teacher."""
+        if all(p.domain is not None for p in rows):
+            batch.domains = [p.domain for p in rows]
+        if self.cfg.teacher.kind == "self" and all(p.privileged is not None for p in rows):
+            batch.privileged = [p.privileged for p in rows]
 
     def _score_now(self, batch: RolloutBatch, extra_ids: Optional[torch.Tensor] = None) -> TeacherScores:
         """The teacher's answer for `batch`, with its log-probs on `extra_ids` (the student's top-k) when given."""
@@ -603,6 +608,7 @@ class OpdRun:
                                                                stop_ids=stops,
                                                                policy_temperature=cfg.opd.student_temperature),
                                                 sample_key=("eval", self.step, start, "sampled"))
+            self._annotate(sampled, chunk)
             sampled.teacher = self._scores_for(sampled, student_topk=False) if not self.dense_teacher else None
             total, count = self._reverse_kl(sampled)
             rkl += torch.tensor([total, count], dtype=torch.float64)
@@ -616,8 +622,10 @@ class OpdRun:
 
     def _eval_prompts(self) -> list[Prompt]:
         if self.task is not None:
+            # Built as training's task prompts are (rollout/prompts.py): the domain and the privileged answer too.
             examples = self.task.examples("eval", self.cfg.eval.prompts, self.cfg.run.seed)
-            return [Prompt(ex.prompt, [self.tokenizer.bos_id] + self.tokenizer.encode(ex.prompt)) for ex in examples]
+            return [Prompt(ex.prompt, [self.tokenizer.bos_id] + self.tokenizer.encode(ex.prompt),
+                           domain=self.task.name, privileged=self.tokenizer.encode(ex.answer)) for ex in examples]
         return self.source.eval_prompts()
 
     def _reverse_kl(self, batch: RolloutBatch) -> tuple[float, float]:

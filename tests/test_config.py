@@ -48,6 +48,8 @@ def test_repository_configs_load():
     (["parallel=4"], r"parallel: expected a mapping of keys, got int 4"),
     (["tp=2"], r"unknown config key 'tp'"),
     (["parallel.tp"], r"override 'parallel.tp': expected the form section.key=value"),
+    (["logging.rollouts=-1"], r"logging.rollouts: expected an integer >= 0 \(rows per data-parallel rank\), got -1"),
+    (["opd.routing.form=kl"], r"opd.routing.form: expected one of \['matched', 'kl_target'\]"),
 ])
 def test_bad_config_errors_name_the_key_and_the_expectation(overrides, message):
     with pytest.raises(ConfigError, match=message):

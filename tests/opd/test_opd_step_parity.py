@@ -21,7 +21,6 @@ import torch
 from tests.harness import run_distributed
 from tests.opd import opd_workers as w
 
-pytestmark = pytest.mark.slow
 
 ROUTES = list(w.ROUTES)
 LAYOUTS = {"tp1": (1, 1, 1), "tp2": (2, 1, 1), "tp4": (4, 1, 1), "pp2": (1, 2, 1), "dp2": (1, 1, 2),
@@ -46,8 +45,13 @@ def setup(tmp_path_factory):
 @pytest.fixture(scope="module")
 def layout_steps(setup):
     """layout -> {(route, mbs): result}, computed on first use (TP=1 first: its checkpoints are the references)."""
+    failed: dict[str, str] = {}
+
     def get(layout: str) -> dict:
         done = setup["layouts"]
+        if layout in failed:      # one crash fails every test of the layout, without running it again
+            pytest.fail(f"the {layout} processes failed (see the first failing test of {layout}):\n"
+                        f"{failed[layout][-3000:]}")
         if layout not in done:
             if layout != "tp1":
                 get("tp1")
@@ -55,9 +59,13 @@ def layout_steps(setup):
             references = {} if layout == "tp1" else {route: done["tp1"][(route, MICRO_BATCH_SIZES[0])]["saved"]
                                                      for route in ROUTES}
             started = time.perf_counter()
-            ranks = run_distributed(w.opd_steps, tp * pp * dp,
-                                    args=(tp, pp, setup["files"], str(setup["root"] / layout), ROUTES,
-                                          MICRO_BATCH_SIZES, references), timeout_s=900)
+            try:
+                ranks = run_distributed(w.opd_steps, tp * pp * dp,
+                                        args=(tp, pp, setup["files"], str(setup["root"] / layout), ROUTES,
+                                              MICRO_BATCH_SIZES, references), timeout_s=600)
+            except Exception as exc:
+                failed[layout] = str(exc)
+                raise
             TIMINGS[layout] = time.perf_counter() - started
             print(f"\n[parity] {layout}: {len(ROUTES)} routes x {len(MICRO_BATCH_SIZES)} micro-batch sizes on "
                   f"{tp * pp * dp} processes in {TIMINGS[layout]:.1f} s")

@@ -1,4 +1,5 @@
-"""Process body for the optimizer test: megatron's DDP + get_megatron_optimizer + schedule vs plain PyTorch."""
+"""Process body for the optimizer test: megatron's DDP + get_megatron_optimizer + schedule vs plain PyTorch
+(AdamW, or SGD for `optim.optimizer=sgd`)."""
 
 import torch
 
@@ -24,9 +25,11 @@ def megatron_vs_reference(steps: int, extra: tuple[str, ...]) -> dict:
     decay = [p for n, p in reference.named_parameters() if p.dim() > 1 and not n.endswith(".bias")]
     no_decay = [p for n, p in reference.named_parameters() if not (p.dim() > 1 and not n.endswith(".bias"))]
     o = cfg.optim
-    adamw = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
-                               {"params": no_decay, "weight_decay": 0.0}],
-                              lr=o.lr, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps)
+    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if o.optimizer == "sgd":  # megatron builds torch.optim.SGD (L2 weight decay) when apex is missing
+        torch_optimizer = torch.optim.SGD(groups, lr=o.lr, momentum=o.sgd_momentum)
+    else:
+        torch_optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps)
     lrs, grad_norms = [], []
     for step in range(steps):
         samples = global_batch(step)
@@ -36,8 +39,8 @@ def megatron_vs_reference(steps: int, extra: tuple[str, ...]) -> dict:
                          SEQ, cfg.parallel.micro_batch_size)
         _, grad_norm = optimizer_step(trainable)
         # The reference: plain PyTorch gradient accumulation over the same micro-batches (sum of token losses),
-        # divided by the global token count, then clip and AdamW at the same lr.
-        adamw.zero_grad()
+        # divided by the global token count, then clip (clip_grad 0: no clipping) and step at the same lr.
+        torch_optimizer.zero_grad()
         micro = _micro_batches(samples, ctx, cfg.parallel.micro_batch_size)
         for batch in micro:
             positions = torch.arange(SEQ).unsqueeze(0).expand_as(batch.tokens)
@@ -48,10 +51,13 @@ def megatron_vs_reference(steps: int, extra: tuple[str, ...]) -> dict:
         total_tokens = sum(float(b.loss_mask.sum()) for b in micro)
         for p in reference.parameters():
             p.grad /= total_tokens
-        ref_norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), o.clip_grad)
-        for group in adamw.param_groups:
+        if o.clip_grad > 0:
+            ref_norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), o.clip_grad)
+        else:
+            ref_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in reference.parameters()]))
+        for group in torch_optimizer.param_groups:
             group["lr"] = lr
-        adamw.step()
+        torch_optimizer.step()
         lrs.append(lr)
         grad_norms.append((grad_norm, float(ref_norm)))
     worst = max(float((p.detach() - ref_params[n.removeprefix("module.")].detach()).abs().max()
