@@ -46,6 +46,7 @@ from opd_megatron.rollout.batch import RolloutBatch
 from opd_megatron.rollout.engine import MegatronRolloutEngine
 from opd_megatron.rollout.prompts import Prompt, PromptSource
 from opd_megatron.rollout.sampler import MegatronSampler, SamplingConfig
+from opd_megatron.routing import RoutingStats
 from opd_megatron.sampling import OnPolicyMixture
 from opd_megatron.student.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
 from opd_megatron.student.model import build_student
@@ -57,6 +58,10 @@ from opd_megatron.teachers.base import NonFiniteTeacherError, TeacherScores
 from opd_megatron.teachers.factory import build_teacher
 
 log = logging.getLogger("opd_megatron.opd_train")
+# MicroBatchStats' per-token fields the step's diagnostics read (`_diagnostics`).
+_PER_TOKEN_DIAGNOSTICS = ("mask", "log_ratio", "student_logprobs", "old_logprobs", "advantages", "values",
+                          "value_targets", "rkl_exact", "student_entropy", "teacher_entropy", "top1_match",
+                          "topk_overlap", "mass_on_teacher", "reference_kl")
 
 
 @dataclass
@@ -504,52 +509,80 @@ class OpdRun:
         return not bool(bad.item())
 
     def _diagnostics(self, batch: RolloutBatch, stats: list[MicroBatchStats]) -> Optional[dict]:
-        """This replica's diagnostics (last stage, TP rank 0), averaged over data-parallel replicas, on rank 0."""
-        local: dict = {}
+        """The step's diagnostics over the GLOBAL batch, on the logging rank (None elsewhere). Each replica's scoring
+        rank (last stage, TP rank 0) sends its per-token values `[B, S]` and per-row values to the logging rank,
+        which computes every statistic once on their concatenation: token means weighted by tokens, counts summed,
+        quantiles, standard deviations and the explained variance exact. (An average of the replicas' statistics
+        is none of these: it halves `tokens/count` at dp=2 and weighs a short replica's tokens more.) The cost is
+        one gather of a few `[B, S]` float tensors per step, a few bytes per token of the global batch."""
+        payload = None
         if stats and _scoring_rank():
-            cat = lambda name: torch.cat([getattr(s, name) for s in stats]) \
+            cat = lambda name: torch.cat([getattr(s, name) for s in stats]).cpu() \
                 if all(getattr(s, name) is not None for s in stats) else None  # noqa: E731
-            mask = cat("mask")
-            keep_rates: dict = {}
+            keep_counts: dict = {}
             for s in stats:
                 for key, value in s.gate_keep.items():
-                    keep_rates[key] = keep_rates.get(key, 0.0) + value * float(s.mask.sum())
-            total = float(mask.sum())
-            keep_rates = {k: v / max(total, 1.0) for k, v in keep_rates.items()}
+                    keep_counts[key] = keep_counts.get(key, 0.0) + value * float(s.mask.sum())
             routing = None
             if all(s.routing is not None for s in stats):
-                routing = type(stats[0].routing)(**{f: torch.cat([getattr(s.routing, f) for s in stats])
-                                                    for f in stats[0].routing.__dataclass_fields__})
-            behaviour = batch.behaviour_logprobs if bool(batch.on_policy.all()) else None
-            local = batch_diagnostics(
-                mask, log_ratio=cat("log_ratio"), student_logprobs=cat("student_logprobs"),
-                behaviour_logprobs=behaviour, old_logprobs=cat("old_logprobs"),
-                ratio_interval=(1.0 - self.cfg.opd.clip_eps_low, 1.0 + self.cfg.opd.clip_eps_high),
-                mismatch_interval=self.cfg.opd.gates.truncated_is or (0.5, 2.0), advantages=cat("advantages"), gate_keep_rates=keep_rates,
-                routing_stats=routing, values=cat("values"), value_targets=cat("value_targets"),
-                staleness=float(self.step - batch.policy_version),
-                response_lengths=(batch.lengths - batch.prompt_lengths).float())
-            keep = mask > 0
-            for key, name in (("kl/rkl_exact", "rkl_exact"), ("entropy/student", "student_entropy"),
-                              ("entropy/teacher", "teacher_entropy"), ("agreement/teacher_top1_match", "top1_match"),
-                              ("agreement/topk_overlap", "topk_overlap"),
-                              ("agreement/student_mass_on_teacher_support", "mass_on_teacher"),
-                              ("kl/reference", "reference_kl")):
-                values = cat(name)
-                if values is not None and bool(keep.any()):
-                    local[key] = float(values[keep].double().mean())
-            if batch.rewards is not None:
-                local["reward/mean"] = float(batch.rewards.mean())
-            local["rollout/on_policy"] = float(batch.on_policy.float().mean())
-            if self.teacher_seconds > 0:
-                local["throughput/teacher_tokens_per_s"] = self.teacher_tokens / self.teacher_seconds
-        gathered = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, local)
+                routing = {f: torch.cat([getattr(s.routing, f) for s in stats]).cpu()
+                           for f in stats[0].routing.__dataclass_fields__}
+            per_token = {name: cat(name) for name in _PER_TOKEN_DIAGNOSTICS}
+            per_token["behaviour"] = batch.behaviour_logprobs if bool(batch.on_policy.all()) else None
+            payload = {"per_token": per_token, "routing": routing, "keep_counts": keep_counts,
+                       "teacher": (self.teacher_tokens, self.teacher_seconds),
+                       "rows": {"staleness": torch.full((batch.size,), float(self.step - batch.policy_version)),
+                                "response_lengths": (batch.lengths - batch.prompt_lengths).float(),
+                                "rewards": batch.rewards, "on_policy": batch.on_policy.float()}}
+        gathered = [None] * dist.get_world_size() if self.ctx.is_logging_rank else None
+        dist.gather_object(payload, gathered, dst=0)
         if not self.ctx.is_logging_rank:
             return None
-        replicas = [g for g in gathered if g]
-        keys = sorted({k for g in replicas for k in g})
-        return {k: sum(g[k] for g in replicas if k in g) / sum(1 for g in replicas if k in g) for k in keys}
+        parts = [g for g in gathered if g is not None]
+        width = max(int(p["per_token"]["mask"].shape[1]) for p in parts)
+
+        def joined(values: list) -> Optional[torch.Tensor]:
+            """Rows of every replica, each padded with zeros (masked out) to the widest replica's columns."""
+            if any(v is None for v in values):
+                return None
+            return torch.cat([torch.nn.functional.pad(v, (0, width - v.shape[1])) if v.dim() == 2 else v
+                              for v in values])
+
+        token = lambda name: joined([p["per_token"][name] for p in parts])  # noqa: E731
+        row = lambda name: joined([p["rows"][name] for p in parts])  # noqa: E731
+        mask = token("mask")
+        total = float(mask.sum())
+        keep_rates = {k: sum(p["keep_counts"].get(k, 0.0) for p in parts) / max(total, 1.0)
+                      for k in parts[0]["keep_counts"]}
+        routing = None
+        if all(p["routing"] is not None for p in parts):
+            routing = RoutingStats(**{f: joined([p["routing"][f] for p in parts]) for f in parts[0]["routing"]})
+        opd = self.cfg.opd
+        out = batch_diagnostics(
+            mask, log_ratio=token("log_ratio"), student_logprobs=token("student_logprobs"),
+            behaviour_logprobs=token("behaviour"), old_logprobs=token("old_logprobs"),
+            ratio_interval=(1.0 - opd.clip_eps_low, 1.0 + opd.clip_eps_high),
+            mismatch_interval=opd.gates.truncated_is or (0.5, 2.0), advantages=token("advantages"),
+            gate_keep_rates=keep_rates, routing_stats=routing, values=token("values"),
+            value_targets=token("value_targets"), staleness=row("staleness"), response_lengths=row("response_lengths"))
+        keep = mask > 0
+        for key, name in (("kl/rkl_exact", "rkl_exact"), ("entropy/student", "student_entropy"),
+                          ("entropy/teacher", "teacher_entropy"), ("agreement/teacher_top1_match", "top1_match"),
+                          ("agreement/topk_overlap", "topk_overlap"),
+                          ("agreement/student_mass_on_teacher_support", "mass_on_teacher"),
+                          ("kl/reference", "reference_kl")):
+            values = token(name)
+            if values is not None and bool(keep.any()):
+                out[key] = float(values[keep].double().mean())
+        rewards = row("rewards")
+        if rewards is not None:
+            out["reward/mean"] = float(rewards.double().mean())
+        out["rollout/on_policy"] = float(row("on_policy").double().mean())
+        rates = [tokens / seconds for tokens, seconds in (p["teacher"] for p in parts) if seconds > 0]
+        if rates:
+            # The replicas ask the teacher(s) concurrently, each for its share: their rates add up.
+            out["throughput/teacher_tokens_per_s"] = sum(rates)
+        return out
 
     def _log_rollouts(self, batch: RolloutBatch, stats: list[MicroBatchStats]) -> None:
         """The first `logging.rollouts` rows of each data-parallel rank's batch, appended to rollouts.jsonl by the
@@ -593,13 +626,15 @@ class OpdRun:
         stops = self.sampling.stop_ids
         correct = torch.zeros(2, dtype=torch.float64)
         rkl = torch.zeros(2, dtype=torch.float64)
+        # The same noise at every evaluation (keys without the step): before/after comparisons are paired, and
+        # `opd-megatron eval` of a checkpoint reproduces the run's final evaluation.
         for start in range(0, len(mine), e.batch_size):
             chunk = mine[start: start + e.batch_size]
             if self.task is not None:
                 greedy = self.eval_engine.generate([p.ids for p in chunk],
                                                    SamplingConfig(max_new_tokens=max_new, temperature=0.0,
                                                                   stop_ids=stops),
-                                                   sample_key=("eval", self.step, start, "greedy"))
+                                                   sample_key=("eval", start, "greedy"))
                 for b, p in enumerate(chunk):
                     correct[0] += self.task.score(p.text, self.tokenizer.decode(greedy.response_ids(b)))
                 correct[1] += len(chunk)
@@ -607,7 +642,7 @@ class OpdRun:
                                                 SamplingConfig(max_new_tokens=max_new, temperature=1.0,
                                                                stop_ids=stops,
                                                                policy_temperature=cfg.opd.student_temperature),
-                                                sample_key=("eval", self.step, start, "sampled"))
+                                                sample_key=("eval", start, "sampled"))
             self._annotate(sampled, chunk)
             sampled.teacher = self._scores_for(sampled, student_topk=False) if not self.dense_teacher else None
             total, count = self._reverse_kl(sampled)

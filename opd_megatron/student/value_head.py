@@ -4,7 +4,8 @@ A linear map of the student's final hidden states (detached: the value loss neve
 pipeline stage. Its input is captured with a forward pre-hook on the output layer, so it reads the same `[S, B, H]`
 hidden states the logits come from (replicated on the TP ranks without sequence parallelism, so every TP rank holds
 the same head and takes the same step). Its own Adam optimizer steps after the student's; gradients are summed over
-tokens in the loss and divided by the global token count and averaged over data-parallel ranks here.
+tokens in the loss, then here divided by the global token count and summed over data-parallel ranks: the gradient of
+the mean value loss over the global batch, whatever the data-parallel split.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ class ValueHead(torch.nn.Module):
         self._hook = module.output_layer.register_forward_pre_hook(hook)
 
     def step(self, total_tokens: float) -> None:
-        """Average the token-summed gradients over the global batch and the data-parallel ranks, then step."""
+        """The gradient of the global batch's mean value loss (token sums / global token count, summed over the
+        data-parallel ranks), then step."""
         group = parallel_state.get_data_parallel_group()
         for param in self.parameters():
             if param.grad is None:

@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from opd_megatron.config import load_config
 from opd_megatron.opd_train import OpdRun
@@ -82,7 +83,7 @@ def write_prompts(path: str) -> str:
     return path
 
 
-def config(tp: int, pp: int, files: dict, out: str, route: str, mbs: int, extra=()):
+def config(tp: int, pp: int, files: dict, out: str, route: str, mbs: int):
     cfg = load_config(None, MODEL + TEACHER + [
         "run.algorithm=opd", f"run.output_dir={out}", f"run.name={route}_mbs{mbs}", "run.seed=5",
         "run.train_steps=4", f"parallel.tp={tp}", f"parallel.pp={pp}", f"parallel.micro_batch_size={mbs}",
@@ -93,8 +94,7 @@ def config(tp: int, pp: int, files: dict, out: str, route: str, mbs: int, extra=
         "checkpoint.resume=false", f"checkpoint.load={files['student']}", "optim.optimizer=sgd",
         "optim.sgd_momentum=0", "optim.lr=0.5", "optim.clip_grad=0", "optim.weight_decay=0",
         "optim.warmup_steps=0", "logging.progress_bar=false", "logging.tensorboard=false",
-        *[o for o in ROUTES[route] if o.split("=")[0] not in {f"opd.{k}" for k in AFTER_VALIDATION.get(route, {})}],
-        *extra])
+        *[o for o in ROUTES[route] if o.split("=")[0] not in {f"opd.{k}" for k in AFTER_VALIDATION.get(route, {})}]])
     for key, value in AFTER_VALIDATION.get(route, {}).items():
         setattr(cfg.opd, key, value)
     return cfg
@@ -213,10 +213,7 @@ def _local_weights(run: OpdRun) -> dict[str, torch.Tensor]:
 def _update_errors(before: dict, after: dict, reference: dict, ctx) -> dict[str, tuple[float, float]]:
     """Per weight shard of every rank, "<name> [tp t pp p dp d]" -> (max |update - reference update|,
     max |reference update|), where update = after - before (SGD without momentum: -lr x gradient)."""
-    from megatron.core import parallel_state
-    import torch.distributed as dist
-    where = (f"[tp{parallel_state.get_tensor_model_parallel_rank()} pp{parallel_state.get_pipeline_model_parallel_rank()}"
-             f" dp{ctx.dp_rank}]")
+    where = f"[tp{ctx.tp_rank} pp{ctx.pp_rank} dp{ctx.dp_rank}]"
     local = {}
     for name, start in before.items():
         got, ref = after[name] - start, reference[name] - start

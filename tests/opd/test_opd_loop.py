@@ -1,6 +1,8 @@
 """The OPD loop as a user runs it (real processes, real files, signals): a quickstart-sized run whose held-out
-score rises; exact resume after SIGTERM; the run's outputs; bad inputs that must fail clearly before a step runs;
-NaN teacher logits that skip steps (counted) or stop the run, as opd.nonfinite says, never saving."""
+score rises; exact resume after SIGTERM, and bit-exact resume of the stateful parts (teacher.overlap's pending
+batch, GAE's value head, an EMA self-teacher, a served teacher) at DP=2 / PP=2 / TP=2; the run's outputs; bad
+inputs that must fail clearly before a step runs; NaN teacher logits that skip steps (counted) or stop the run, as
+opd.nonfinite says, never saving."""
 
 import json
 import os

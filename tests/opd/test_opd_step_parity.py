@@ -16,11 +16,9 @@ each data-parallel rank trains its own half of the batch (whole prompt groups), 
 import time
 
 import pytest
-import torch
 
 from tests.harness import run_distributed
 from tests.opd import opd_workers as w
-
 
 ROUTES = list(w.ROUTES)
 LAYOUTS = {"tp1": (1, 1, 1), "tp2": (2, 1, 1), "tp4": (4, 1, 1), "pp2": (1, 2, 1), "dp2": (1, 1, 2),
@@ -92,10 +90,12 @@ def test_routes_are_active_at_tp1(layout_steps):
     losses = {route: m["loss"] for route, m in metrics.items()}
     assert len({round(v, 6) for v in losses.values()}) == len(ROUTES), losses
     # Each gate and routing keeps some tokens and drops (or clips) others: the merge paths they add are exercised.
-    for route, key in (("cr_opd", "routing/routed_rate"), ("fkl_reference_entropy", "gates/teacher_confidence_keep_rate"),
-                       ("pg_rtg_ppo", "gates/truncated_is_keep_rate"), ("pg_ppo_sampled", "gates/truncated_is_keep_rate"),
-                       ("pg_group_logclip", "gates/log_ratio_clip_keep_rate"),
-                       ("pg_ppo_sampled", "importance/clip_fraction")):
+    for route, key in (("cr_opd", "routing/routed_rate"),
+                       ("fkl_reference_entropy", "gates/teacher_confidence_keep_rate"),
+                       ("pg_rtg_ppo", "gates/truncated_is_keep_rate"),
+                       ("pg_ppo_sampled", "gates/truncated_is_keep_rate"),
+                       ("pg_ppo_sampled", "importance/clip_fraction"),
+                       ("pg_group_logclip", "gates/log_ratio_clip_keep_rate")):
         assert 0.0 < metrics[route][key] < 1.0, f"{route}: {key} = {metrics[route][key]}; expected in (0, 1)"
     assert "value/explained_variance" in metrics["gae"]
 
