@@ -140,7 +140,8 @@ class OpdRun:
         self.pending_future: Optional[concurrent.futures.Future] = None
         self.pending_extra_ids: Optional[torch.Tensor] = None   # the pending batch's student top-k ids (last stage)
         self.baseline_eval: dict = {}
-        self.teacher_tokens = 0
+        self.teacher_tokens = 0               # scored for this replica since this process started
+        self.teacher_tokens_before = 0        # scored by every replica before the checkpoint this run resumed
         self.teacher_seconds = 0.0
         self.timing = {"rollout_s": 0.0, "teacher_s": 0.0, "update_s": 0.0}
         self.reference: Optional[list[torch.Tensor]] = None   # the frozen reference's parameters (this rank's)
@@ -172,7 +173,7 @@ class OpdRun:
         self.engine.load_state_dict(state.get("engine", {}))
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.baseline_eval = state.get("baseline_eval", {})
-        self.teacher_tokens = int(state.get("teacher_tokens", 0))
+        self.teacher_tokens_before = int(state.get("teacher_tokens", 0))
         rank_state = loaded.rank_state or {}
         if self.value_head is not None and "value_head" in rank_state:
             self.value_head.load(rank_state["value_head"])
@@ -184,9 +185,16 @@ class OpdRun:
         if self.ctx.is_logging_rank:
             print(f"[opd-megatron] resumed from {path} at step {self.step}", flush=True)
 
+    def global_teacher_tokens(self) -> int:
+        """Teacher tokens scored for every data-parallel replica since the run began (collective: every rank calls
+        it; each replica's scoring rank contributes its own count, the other ranks of the replica 0)."""
+        own = torch.tensor([float(self.teacher_tokens) if _scoring_rank() else 0.0], dtype=torch.float64)
+        dist.all_reduce(own)
+        return self.teacher_tokens_before + int(own.item())
+
     def save(self) -> str:
         data_state = {"opd": {"engine": self.engine.state_dict(), "skipped_steps": self.skipped_steps,
-                              "baseline_eval": self.baseline_eval, "teacher_tokens": self.teacher_tokens}}
+                              "baseline_eval": self.baseline_eval, "teacher_tokens": self.global_teacher_tokens()}}
         rank_state = {"pending": self.pending, "pending_extra_ids": self.pending_extra_ids}
         if hasattr(self.teacher, "update_ema"):
             rank_state["self_teacher"] = self.teacher.state_dict()
@@ -804,13 +812,14 @@ def train_opd(cfg: RunConfig, ctx, stop):
     result.stopped_by_signal = outcome["stopped"]
     result.checkpoint = outcome["checkpoint"]
     result.wall_s = outcome["wall_s"]
+    teacher_tokens = run.global_teacher_tokens()
     if ctx.is_logging_rank:
         summary = {**run.baseline_eval,
                    "student_score_after": outcome["after"].get("score"), "rkl_after": outcome["after"].get("rkl"),
                    "steps": run.step, "start_step": result.start_step, "skipped_steps": run.skipped_steps,
                    "stopped_by_signal": result.stopped_by_signal, "checkpoint": result.checkpoint,
                    "wall_s": round(result.wall_s, 3), "time_split_s": {k: round(v, 3) for k, v in run.timing.items()},
-                   "teacher": run.teacher.name, "teacher_tokens_scored": run.teacher_tokens,
+                   "teacher": run.teacher.name, "teacher_tokens_scored": teacher_tokens,
                    "layout": {"tp": ctx.tp, "pp": ctx.pp, "dp": ctx.dp},
                    "first_loss": result.losses[0] if result.losses else None,
                    "last_loss": result.losses[-1] if result.losses else None}
