@@ -613,8 +613,9 @@ class OpdRun:
                 if batch.behaviour_logprobs is not None:
                     record["behaviour_logprobs"] = [round(x, 6) for x in batch.behaviour_logprobs[b, start:end].tolist()]
                 records.append(record)
-        gathered = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, records)
+        # Only the logging rank writes: gather to it, not to every rank.
+        gathered = [None] * dist.get_world_size() if self.ctx.is_logging_rank else None
+        dist.gather_object(records, gathered, dst=0)
         if self.ctx.is_logging_rank:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             with (self.run_dir / "rollouts.jsonl").open("a") as out:

@@ -147,21 +147,19 @@ class RolloutBatch:
                 raise ValueError(f"row {b}: prompt and response need >= 1 token each, got {len(p)} and {len(r)}")
         tokens = torch.full((rows, length), pad_id, dtype=torch.long)
         loss_mask = torch.zeros(rows, length - 1)
-        behaviour = torch.zeros(rows, length - 1) if behaviour_logprobs is not None else None
-        old = torch.zeros(rows, length - 1) if old_logprobs is not None else None
+        # Per-response-token log-probs (one value per response token) placed on the response's label columns.
+        per_token = {name: (given, torch.zeros(rows, length - 1)) for name, given in
+                     (("behaviour", behaviour_logprobs), ("old", old_logprobs)) if given is not None}
         for b, (p, r) in enumerate(zip(prompts_ids, responses_ids)):
             tokens[b, : len(p) + len(r)] = torch.tensor(list(p) + list(r), dtype=torch.long)
             loss_mask[b, len(p) - 1: len(p) + len(r) - 1] = 1.0
-            if behaviour is not None:
-                values = behaviour_logprobs[b]
+            for name, (given, out) in per_token.items():
+                values = given[b]
                 if len(values) != len(r):
-                    raise ValueError(f"row {b}: {len(values)} behaviour logprobs for {len(r)} response tokens")
-                behaviour[b, len(p) - 1: len(p) + len(r) - 1] = torch.tensor(values, dtype=torch.float32)
-            if old is not None:
-                values = old_logprobs[b]
-                if len(values) != len(r):
-                    raise ValueError(f"row {b}: {len(values)} old logprobs for {len(r)} response tokens")
-                old[b, len(p) - 1: len(p) + len(r) - 1] = torch.tensor(values, dtype=torch.float32)
+                    raise ValueError(f"row {b}: {len(values)} {name} logprobs for {len(r)} response tokens")
+                out[b, len(p) - 1: len(p) + len(r) - 1] = torch.tensor(values, dtype=torch.float32)
+        behaviour = per_token["behaviour"][1] if "behaviour" in per_token else None
+        old = per_token["old"][1] if "old" in per_token else None
         return RolloutBatch(
             tokens=tokens, lengths=torch.tensor(total, dtype=torch.long),
             prompt_lengths=torch.tensor([len(p) for p in prompts_ids], dtype=torch.long), loss_mask=loss_mask,
@@ -185,15 +183,15 @@ def concat(batches: Sequence[RolloutBatch], pad_id: int) -> RolloutBatch:
 
     if any(b.teacher is not None or b.advantages is not None for b in batches):
         raise ValueError("concat batches before teacher scoring and credit assignment")
-    behaviour = None
-    if any(b.behaviour_logprobs is not None for b in batches):
-        # Fixed-dataset rows were not sampled: zeros, and `on_policy` False says so.
-        behaviour = torch.cat([pad(b.behaviour_logprobs if b.behaviour_logprobs is not None
-                                   else torch.zeros(b.size, b.tokens.shape[1] - 1), length - 1, 0.0) for b in batches])
-    old = None
-    if any(b.old_logprobs is not None for b in batches):
-        old = torch.cat([pad(b.old_logprobs if b.old_logprobs is not None
-                             else torch.zeros(b.size, b.tokens.shape[1] - 1), length - 1, 0.0) for b in batches])
+    def sampled(name: str) -> Optional[torch.Tensor]:
+        """A sampler's per-token log-probs over every batch; fixed-dataset rows were not sampled: zeros, and
+        `on_policy` False says so."""
+        if all(getattr(b, name) is None for b in batches):
+            return None
+        return torch.cat([pad(getattr(b, name) if getattr(b, name) is not None
+                              else torch.zeros(b.size, b.tokens.shape[1] - 1), length - 1, 0.0) for b in batches])
+
+    behaviour, old = sampled("behaviour_logprobs"), sampled("old_logprobs")
     offsets, groups = 0, []
     for b in batches:
         groups.append(b.group_ids + offsets)
