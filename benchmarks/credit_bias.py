@@ -1,7 +1,8 @@
 """Bias and variance of every route-B credit estimator on a tiny tabular policy; writes docs/credit-bias.md.
 
 The policy (vocabulary 3, length 3, a free logit table per prefix state) and its fixed teacher come from
-`opd_megatron.credit_enumeration`, the same code `tests/test_credit_enumeration.py` asserts on. For each estimator:
+`opd_megatron.math.credit_enumeration`, the same code `tests/math/test_credit_enumeration.py` asserts on. For each
+estimator:
 - bias, exact: every sequence (or every group of 3 rollouts, for the leave-one-out baseline) is enumerated, so
   `E[g]` is a sum; reported as `||E[g] - grad KL(pi||q)_seq||`, relative to `||grad KL||`, and the cosine;
 - variance, Monte Carlo: `tr Cov[g(y)]` of the per-sequence gradient estimate, measured on `--repeats` batches of
@@ -27,8 +28,8 @@ if str(REPO_ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from opd_megatron.credit_enumeration import (GROUP_SIZE, EstimatorSpec, TabularProblem,  # noqa: E402
-                                             standard_estimators)
+from opd_megatron.math.credit_enumeration import (GROUP_SIZE, EstimatorSpec, TabularProblem,  # noqa: E402
+                                                  standard_estimators)
 
 DEFAULT_OUTPUT = REPO_ROOT / "docs" / "credit-bias.md"
 
@@ -116,7 +117,7 @@ def render(rows: list[dict], problem: TabularProblem, exact: torch.Tensor, predi
         f"The immediate estimator's bias is the gradient through the state distribution it ignores: since "
         f"`KL_seq = sum_s d(s) RKL(s)`, `E[g_immediate] - grad KL = -sum_s grad d(s) RKL(s)`, computed separately by "
         f"autograd through `d(s)` alone; it matches the measured difference to {predicted_bias:.1e} "
-        f"(`tests/test_credit_enumeration.py` asserts 1e-9). GAE with lambda = 1 is return-to-go minus the value "
+        f"(`tests/math/test_credit_enumeration.py` asserts 1e-9). GAE with lambda = 1 is return-to-go minus the value "
         f"for any value, so its zero-value row equals the return-to-go row and its perfect-value row the "
         f"perfect-value baseline (up to Monte Carlo noise). The batch leave-one-out mean (`baseline=\"batch_mean\"`) "
         f"is the group mean of a single group: with one prompt it is the group row.",

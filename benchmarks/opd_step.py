@@ -57,7 +57,7 @@ def make_teacher(out: str) -> str:
 
 def worker(tp: int, teacher: str, out: str, steps: int, warmup: int) -> dict:
     from opd_megatron.config import load_config
-    from opd_megatron.opd_train import OpdRun, StudentInput
+    from opd_megatron.loop.opd import OpdRun, StudentInput
     from opd_megatron.student.distributed import init_parallel
     from opd_megatron.student.lm_loss import token_cross_entropy_sum
     from opd_megatron.student.optimizer import optimizer_step, zero_grads

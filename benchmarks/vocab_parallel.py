@@ -88,9 +88,9 @@ def bench_worker(tp: int, tokens: int, hidden_size: int, vocab: int, chunk_size:
     from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region, vocab_parallel_cross_entropy
 
     from opd_megatron.parallel import fused
-    from opd_megatron.parallel import vocab_parallel as vp
-    from opd_megatron.parallel.routing import vocab_parallel_cr_opd_loss
-    from opd_megatron.routing import RoutingConfig
+    from opd_megatron.parallel import divergences as vp
+    from opd_megatron.parallel.cr_opd import vocab_parallel_cr_opd_loss
+    from opd_megatron.math.cr_opd import RoutingConfig
     from opd_megatron.student.cpu_shims import apply_cpu_shims
 
     apply_cpu_shims()

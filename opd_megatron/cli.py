@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         if args.command == "train":
-            from opd_megatron.train import train
+            from opd_megatron.loop.sft import train
             cfg = load_config(args.config, args.overrides)
             result = train(cfg)
             if int(os.environ.get("RANK", "0")) == 0:
@@ -91,18 +91,18 @@ def main(argv: list[str] | None = None) -> int:
                       f"{result.losses[-1] if result.losses else float('nan'):.4f}, {result.wall_s:.1f} s, "
                       f"checkpoint {result.checkpoint}", flush=True)
         elif args.command == "quickstart":
-            from opd_megatron.quickstart import default_config_path, run_quickstart
+            from opd_megatron.tools.quickstart import default_config_path, run_quickstart
             cfg = load_config(args.config or default_config_path(), args.overrides)
             summary = run_quickstart(cfg, args.run_dir)
             print(_quickstart_lines(summary, args.run_dir or str(cfg.run.run_dir)), flush=True)
         elif args.command == "eval":
-            from opd_megatron.opd_train import evaluate_checkpoint
+            from opd_megatron.loop.opd import evaluate_checkpoint
             cfg = load_config(args.config, args.overrides)
             result = evaluate_checkpoint(cfg, args.checkpoint)
             if int(os.environ.get("RANK", "0")) == 0:
                 print(json.dumps(result, indent=2), flush=True)
         elif args.command == "dry-run":
-            from opd_megatron.dry_run import run_dry_run
+            from opd_megatron.tools.dry_run import run_dry_run
             print(run_dry_run(args.config, args.overrides, args.world_size, args.gpu_memory_gb))
         elif args.command == "preprocess":
             from opd_megatron.data.indexed import preprocess_jsonl

@@ -420,7 +420,7 @@ class GatesSection:
     truncated_is: Optional[tuple[float, float]] = None
 
     def validate(self) -> None:
-        from opd_megatron.gates import GateConfig
+        from opd_megatron.math.gates import GateConfig
         _check_with("opd.gates", GateConfig, self)
 
 
@@ -439,7 +439,7 @@ class RoutingSection:
     eta: float = 1.0
 
     def validate(self) -> None:
-        from opd_megatron.routing import RoutingConfig
+        from opd_megatron.math.cr_opd import RoutingConfig
         _check_with("opd.routing", RoutingConfig, self)
 
 

@@ -43,10 +43,10 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
-from opd_megatron.losses.distributional import compute_dtype
-from opd_megatron.parallel.vocab_parallel import (CopyToTP, divergence_rows, divergence_terms, global_log_normalizer,
-                                                  row_chunks, Shard)
-from opd_megatron.tensor_checks import MathInputError, require_positive, require_positive_int
+from opd_megatron.math.divergences import compute_dtype
+from opd_megatron.parallel.divergences import (CopyToTP, divergence_rows, divergence_terms, global_log_normalizer,
+                                               row_chunks, Shard)
+from opd_megatron.math.checks import MathInputError, require_positive, require_positive_int
 
 DEFAULT_CHUNK_SIZE = 1024  # tokens per chunk: 1024 x V/tp floats of logits live at a time
 

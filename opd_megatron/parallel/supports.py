@@ -1,4 +1,4 @@
-"""Vocab-parallel twin of `losses/supports.py::build_support`: both distributions on a top-k support (teacher
+"""Vocab-parallel twin of `opd_megatron/math/supports.py::build_support`: both distributions on a top-k support (teacher
 top-k, student top-k or their union; renormalised or with a tail bucket) from TP-sharded logits, never gathering
 the vocabulary. The result is the reference's `SupportedDistributions` (`[..., K(+1)]`, replicated on every TP
 rank), so `losses.supports.divergence_on_support` applies to it unchanged.
@@ -28,14 +28,14 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from opd_megatron.losses.distributional import compute_dtype
-from opd_megatron.losses.supports import (MODES, SparseTeacherLogprobs, SupportedDistributions,
-                                          check_sparse_teacher, log_normalize, lookup_ids, safe_logsumexp,
-                                          support_ids, top_k_among, top_k_positions)
+from opd_megatron.math.divergences import compute_dtype
+from opd_megatron.math.supports import (MODES, SparseTeacherLogprobs, SupportedDistributions,
+                                        check_sparse_teacher, log_normalize, lookup_ids, safe_logsumexp,
+                                        support_ids, top_k_among, top_k_positions)
 from opd_megatron.parallel.topk import gather_owned, scatter_sparse_to_shards, vocab_parallel_topk
-from opd_megatron.parallel.vocab_parallel import (check_inputs, chunked_rows, flatten_rows, ReduceFromTP, row_pieces,
-                                                  Shard, vocab_parallel_log_normalizer)
-from opd_megatron.tensor_checks import MathInputError, require_choice, require_positive, require_positive_int
+from opd_megatron.parallel.divergences import (check_inputs, chunked_rows, flatten_rows, ReduceFromTP, row_pieces,
+                                               Shard, vocab_parallel_log_normalizer)
+from opd_megatron.math.checks import MathInputError, require_choice, require_positive, require_positive_int
 
 TOPK_SUPPORTS = ("teacher_topk", "student_topk", "union")
 
@@ -91,7 +91,7 @@ def vocab_parallel_build_support(student_logits_shard: torch.Tensor,
     recomputed in backward, so memory does not grow with N)."""
     if support == "full":
         raise MathInputError("support: 'full' is not built vocab-parallel (it would be [..., V]); use the "
-                             "full-vocabulary divergences of opd_megatron.parallel.vocab_parallel, or one of "
+                             "full-vocabulary divergences of opd_megatron.parallel.divergences, or one of "
                              f"{TOPK_SUPPORTS}")
     require_choice("support", support, TOPK_SUPPORTS)
     require_choice("mode", mode, MODES)

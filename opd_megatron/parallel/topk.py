@@ -27,8 +27,8 @@ from typing import NamedTuple, Optional
 import torch
 import torch.distributed as dist
 
-from opd_megatron.losses.supports import top_k_positions
-from opd_megatron.tensor_checks import MathInputError, require_finite, require_floating, require_positive_int
+from opd_megatron.math.supports import top_k_positions
+from opd_megatron.math.checks import MathInputError, require_finite, require_floating, require_positive_int
 
 
 def _tp_group(group: Optional[dist.ProcessGroup]) -> Optional[dist.ProcessGroup]:

@@ -11,7 +11,7 @@ import abc
 from typing import Optional, Sequence
 
 from opd_megatron.rollout.batch import RolloutBatch
-from opd_megatron.rollout.sampler import MegatronSampler, SamplingConfig
+from opd_megatron.rollout.generate import MegatronSampler, SamplingConfig
 
 
 class RolloutEngine(abc.ABC):
@@ -35,7 +35,7 @@ class RolloutEngine(abc.ABC):
 
 
 class MegatronRolloutEngine(RolloutEngine):
-    """Samples from the training student itself (same weights, same TP/PP layout); see `rollout/sampler.py`."""
+    """Samples from the training student itself (same weights, same TP/PP layout); see `rollout/generate.py`."""
 
     def __init__(self, module, vocab_size: int, pad_id: int, max_sequence_length: int, seed: int):
         self.sampler = MegatronSampler(module, vocab_size, pad_id, max_sequence_length, seed)

@@ -33,7 +33,7 @@ from megatron.core import dist_checkpointing, parallel_state
 from opd_megatron.config import ModelSection, ParallelSection
 from opd_megatron.parallel.topk import (gather_owned, scatter_sparse_to_shards, vocab_parallel_topk,
                                         vocab_shard_range)
-from opd_megatron.parallel.vocab_parallel import vocab_parallel_log_normalizer, vocab_parallel_token_logprobs
+from opd_megatron.parallel.divergences import vocab_parallel_log_normalizer, vocab_parallel_token_logprobs
 from opd_megatron.student.hf_bridge import load_hf_weights, model_section_from_hf_config
 from opd_megatron.student.model import StudentModel, build_student
 from opd_megatron.parallel.finite import nonfinite_on_any_tp_rank

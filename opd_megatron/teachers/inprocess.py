@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from opd_megatron.losses.supports import top_k_positions
+from opd_megatron.math.supports import top_k_positions
 from opd_megatron.teachers.base import NonFiniteTeacherError, Teacher, TeacherError, TeacherRequest, TeacherScores
 
 

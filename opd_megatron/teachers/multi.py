@@ -273,7 +273,7 @@ class MultiTeacher(Teacher):
     def _mixed_logits(self, request: TeacherRequest) -> TeacherScores:
         """Every teacher returned its logits shard: the mixture's logits, and every field exactly from them."""
         from opd_megatron.parallel.topk import vocab_parallel_logsumexp, vocab_parallel_topk
-        from opd_megatron.parallel.vocab_parallel import vocab_parallel_token_logprobs
+        from opd_megatron.parallel.divergences import vocab_parallel_token_logprobs
 
         names = list(self.teachers)
         plain = TeacherRequest(tokens=request.tokens, lengths=request.lengths, score_start=request.score_start,

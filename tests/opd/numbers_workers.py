@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from opd_megatron.config import load_config
-from opd_megatron.opd_train import OpdRun
+from opd_megatron.loop.opd import OpdRun
 from opd_megatron.rollout.batch import RolloutBatch
 from opd_megatron.student.checkpoint import save_checkpoint
 from opd_megatron.student.distributed import destroy_parallel, init_parallel

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from opd_megatron.config import load_config
-from opd_megatron.opd_train import OpdRun
+from opd_megatron.loop.opd import OpdRun
 from opd_megatron.rollout.batch import RolloutBatch
 from opd_megatron.student.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
 from opd_megatron.student.distributed import destroy_parallel, init_parallel

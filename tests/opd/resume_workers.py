@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 
 from opd_megatron.config import load_config
-from opd_megatron.opd_train import train_opd
+from opd_megatron.loop.opd import train_opd
 from opd_megatron.student.checkpoint import load_checkpoint, resolve_checkpoint
 from opd_megatron.student.distributed import init_parallel, seed_everything
 from opd_megatron.student.model import build_student

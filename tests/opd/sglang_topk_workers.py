@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 
 from opd_megatron.config import load_config
-from opd_megatron.losses.supports import build_support, divergence_on_support
-from opd_megatron.opd_train import OpdRun
+from opd_megatron.math.supports import build_support, divergence_on_support
+from opd_megatron.loop.opd import OpdRun
 from opd_megatron.parallel.supports import vocab_parallel_build_support
 from opd_megatron.rollout.batch import RolloutBatch
 from opd_megatron.student.checkpoint import save_checkpoint
@@ -163,7 +163,7 @@ def support_checks(tp: int = 2) -> int:
     """`vocab_parallel_build_support` with a sparse teacher's `student_ids` (some stale, some -1, tied logits across
     shards) equals the single-device `build_support`: ids, both sides' log-probs, the loss and its gradient, for
     student_topk / union in both modes. Returns the number of checks."""
-    from opd_megatron.losses.supports import SparseTeacherLogprobs, top_k_positions
+    from opd_megatron.math.supports import SparseTeacherLogprobs, top_k_positions
     from tests.parallel import supports_workers as sw
 
     rank = sw._init(tp)

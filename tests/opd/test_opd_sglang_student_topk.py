@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from opd_megatron.losses.supports import SparseTeacherLogprobs, build_support, divergence_on_support, top_k_positions
+from opd_megatron.math.supports import SparseTeacherLogprobs, build_support, divergence_on_support, top_k_positions
 from tests.harness import run_distributed
 from tests.opd import sglang_topk_workers as w
 from tests.teachers.fake_server import FakeServer, causal_lm_logprobs, sglang_generate, sglang_routes
@@ -138,7 +138,7 @@ def test_fresh_student_ids_give_the_dense_teacher_support(support, mode):
 def test_stale_student_ids_give_the_best_scored_ids():
     """teacher.overlap: the ids were ranked one update earlier. The support is the student's best k among them
     (ties to the lower id), every one with a teacher value; the fresh top-k id the teacher never saw is left out."""
-    from opd_megatron.losses.supports import top_k_among
+    from opd_megatron.math.supports import top_k_among
     student = torch.tensor([[5.0, 4.0, 3.0, 3.0, 1.0, 0.0, 9.0]], dtype=torch.float64)
     stale = torch.tensor([[4, 3, 2, 1, 0]])      # id 6 (now the best) was not sent; ids 2 and 3 tie
     assert top_k_among(student.gather(-1, stale), stale, 3).tolist() == [[0, 1, 2]]

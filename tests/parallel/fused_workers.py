@@ -15,10 +15,10 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
 
-from opd_megatron.losses import distributional as ref
+from opd_megatron.math import divergences as ref
 from opd_megatron.parallel import fused
-from opd_megatron.parallel import vocab_parallel as vp
-from tests.parallel.vocab_parallel_workers import _err, _init, _raises
+from opd_megatron.parallel import divergences as vp
+from tests.parallel.divergences_workers import _err, _init, _raises
 
 ROWS, HIDDEN, VOCAB = 12, 8, 37  # 37 is not divisible by 2 or 4: the padded vocabulary has padding rows
 SEQ, BATCH = 4, 3  # ROWS as megatron's [S, B]: S/tp rows of the sequence per rank under sequence parallelism

@@ -1,7 +1,7 @@
 """Process body: the student trained through megatron's pipeline schedule with the loss computed by our
 vocab-parallel token log-probs on the last stage (chunked), instead of megatron's cross-entropy."""
 
-from opd_megatron.parallel.vocab_parallel import vocab_parallel_token_logprobs
+from opd_megatron.parallel.divergences import vocab_parallel_token_logprobs
 from opd_megatron.student.checkpoint import load_checkpoint, resolve_checkpoint
 from opd_megatron.student.distributed import init_parallel
 from opd_megatron.student.model import build_student

@@ -13,14 +13,14 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from opd_megatron.diagnostics import batch_diagnostics
-from opd_megatron.gates import teacher_confidence_gate, teacher_entropy_gate
-from opd_megatron.losses.regularizers import entropy as ref_entropy
-from opd_megatron.losses.supports import (SparseTeacherLogprobs, build_support, divergence_on_support,
-                                          top_k_positions)
-from opd_megatron.parallel.stats import (vocab_parallel_student_mass_on_teacher_support,
-                                         vocab_parallel_teacher_confidence, vocab_parallel_topk_overlap,
-                                         vocab_parallel_vocab_entropy)
+from opd_megatron.math.diagnostics import batch_diagnostics
+from opd_megatron.math.gates import teacher_confidence_gate, teacher_entropy_gate
+from opd_megatron.math.regularizers import entropy as ref_entropy
+from opd_megatron.math.supports import (SparseTeacherLogprobs, build_support, divergence_on_support,
+                                        top_k_positions)
+from opd_megatron.parallel.diagnostics import (vocab_parallel_student_mass_on_teacher_support,
+                                               vocab_parallel_teacher_confidence, vocab_parallel_topk_overlap,
+                                               vocab_parallel_vocab_entropy)
 from opd_megatron.parallel.supports import vocab_parallel_build_support
 
 N, VOCAB = 6, 37

@@ -7,10 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from opd_megatron.losses.supports import top_k_positions
+from opd_megatron.math.supports import top_k_positions
 from opd_megatron.parallel.topk import (gather_owned, scatter_sparse_to_shards, top_p_mask_on_candidates,
                                         vocab_parallel_topk)
-from opd_megatron.tensor_checks import MathInputError
+from opd_megatron.math.checks import MathInputError
 from tests.harness import run_distributed
 from tests.parallel import topk_workers
 

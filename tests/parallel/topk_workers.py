@@ -11,11 +11,11 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from opd_megatron.losses.supports import top_k_positions
+from opd_megatron.math.supports import top_k_positions
 from opd_megatron.parallel.topk import (gather_owned, scatter_sparse_to_shards, vocab_parallel_logsumexp,
                                         vocab_parallel_top_p_mask, vocab_parallel_topk, vocab_shard_range)
-from opd_megatron.routing import RoutingConfig, student_reach
-from opd_megatron.tensor_checks import MathInputError
+from opd_megatron.math.cr_opd import RoutingConfig, student_reach
+from opd_megatron.math.checks import MathInputError
 
 N, VOCAB = 10, 37
 KS = (1, 5, 12)  # 12 > V/tp = 10 at tp = 4

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from opd_megatron.rollout.sampler import MegatronSampler, SamplingConfig
+from opd_megatron.rollout.generate import MegatronSampler, SamplingConfig
 
 VOCAB, PADDED = 203, 256
 PAD_LOGIT = 30.0

@@ -27,7 +27,7 @@ def _source(path: str, seed: int = 7, **kwargs) -> PromptSource:
 
 def _run_eval_prompts(source: PromptSource, count: int) -> list:
     """What the OPD loop evaluates on: OpdRun._eval_prompts of a JSONL run (the task branch is not taken)."""
-    from opd_megatron.opd_train import OpdRun
+    from opd_megatron.loop.opd import OpdRun
     run = SimpleNamespace(task=None, source=source, tokenizer=TOKENIZER,
                           cfg=SimpleNamespace(eval=SimpleNamespace(prompts=count), run=SimpleNamespace(seed=7)))
     return OpdRun._eval_prompts(run)

@@ -14,7 +14,7 @@ from megatron.core import parallel_state
 
 from opd_megatron.config import load_config
 from opd_megatron.data.jsonl import collate, make_sample
-from opd_megatron.data.sampler import split_for_rank
+from opd_megatron.data.batch_indices import split_for_rank
 from opd_megatron.student.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
 from opd_megatron.student.distributed import init_parallel
 from opd_megatron.student.lm_loss import token_cross_entropy_sum

@@ -1,0 +1,406 @@
+"""The OPD objective of one micro-batch on the student's last pipeline stage, from TP-sharded logits.
+
+`OpdObjective.micro_batch_loss(logits_shard [B, S, V/tp], mb)` returns `(loss_sum, token_count, stats)` in
+megatron's per-token-loss contract: the schedule sums `loss_sum` and `token_count` over micro-batches and
+data-parallel ranks and divides the gradients by the total count. The normaliser of the spec (token mean, sequence
+mean, constant) is folded into per-token coefficients `mb.loss_weights` computed for the whole global batch
+(`normalizer_weights`), so every normaliser comes out exact whatever the micro-batching:
+`loss = sum_t c_t l_t / N` with `c_t = N * (1/Z)_t`.
+
+Routes (shared/docs/opd-math.md):
+- `divergence` (route A): FKL / RKL / JSD(beta) / skew KLs / TV per position, on the full vocabulary from the
+  teacher's logits shard, or on a top-k / union support (dense shard or a server's sparse answer).
+- `policy_gradient` (route B): `r_t = log q(y_t) - log pi(y_t)` (no gradient), credit `A_t` by the configured
+  estimator (rows are whole inside a micro-batch, so returns and GAE need nothing from other micro-batches; group
+  and batch baselines take `mb.advantages` computed beforehand on the whole batch), optional verifier hybrid, then
+  the log-prob or PPO-ratio loss.
+- `cr_opd`: route B's advantages with CR-OPD routing of negative advantages.
+Gates multiply into w_t; an entropy bonus is optional. Nothing here gathers the vocabulary: every vocabulary sum
+is a vocab-parallel op of `opd_megatron.parallel`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+import torch
+from megatron.core import parallel_state
+
+from opd_megatron.config import OpdSection, TeacherSection
+from opd_megatron.math.credit import advantages as credit_advantages
+from opd_megatron.math.credit import gae, outcome_hybrid
+from opd_megatron.math.gates import GateConfig, clip_log_ratio, token_weights
+from opd_megatron.math.policy_gradient import policy_gradient_loss
+from opd_megatron.math.regularizers import reference_kl
+from opd_megatron.math.supports import SparseTeacherLogprobs, divergence_on_support
+from opd_megatron.parallel import divergences as vp
+from opd_megatron.parallel.cr_opd import vocab_parallel_cr_opd_loss
+from opd_megatron.parallel.diagnostics import (vocab_parallel_student_mass_on_teacher_support,
+                                               vocab_parallel_teacher_confidence, vocab_parallel_topk_overlap)
+from opd_megatron.parallel.supports import vocab_parallel_build_support
+from opd_megatron.parallel.finite import nonfinite_on_any_tp_rank
+from opd_megatron.parallel.topk import vocab_parallel_topk, vocab_shard_range
+from opd_megatron.rollout.batch import RolloutBatch
+from opd_megatron.math.cr_opd import RoutingConfig
+from opd_megatron.teachers.base import NonFiniteTeacherError, Teacher, TeacherScores
+
+_DIVERGENCES = {"reverse_kl": vp.vocab_parallel_reverse_kl, "forward_kl": vp.vocab_parallel_forward_kl,
+                "tv": vp.vocab_parallel_total_variation}
+_OVERLAP_K = 8
+
+
+def normalizer_weights(mask: torch.Tensor, normalizer: str, total_tokens: float, total_sequences: float,
+                       total_rows: float, max_new_tokens: int) -> torch.Tensor:
+    """Per-token coefficients `c_t = N * (1/Z)_t` `[B, T]` for this rank's rows, from global counts: `N` masked
+    tokens and `total_sequences` rows with a token over all data-parallel ranks, `total_rows` rows in all.
+    token_mean: 1; sequence_mean: `N / (n_b * #sequences)`; constant: `N / (#rows * max_new_tokens)`, i.e.
+    `Z = global batch rows x rollout.max_new_tokens`, the same on every rank and every step (Dr. GRPO's choice;
+    opd-math.md, "normaliser") [Survey]. Never a rank's own padded length: that differs between ranks and steps."""
+    mask = mask.float()
+    if normalizer == "token_mean":
+        return mask.clone()
+    if normalizer == "sequence_mean":
+        per_row = mask.sum(dim=1, keepdim=True).clamp_min(1.0)
+        return mask * (total_tokens / (per_row * max(total_sequences, 1.0)))
+    if normalizer == "constant":
+        return mask * (total_tokens / (max(total_rows, 1.0) * max_new_tokens))
+    raise ValueError(f"unknown normalizer {normalizer!r}")
+
+
+@dataclass
+class MicroBatchStats:
+    """Detached per-token tensors `[B, S]` and counters of one micro-batch, for the step's diagnostics."""
+    mask: torch.Tensor
+    log_ratio: torch.Tensor
+    student_logprobs: torch.Tensor
+    old_logprobs: Optional[torch.Tensor] = None     # pi_theta_old(y_t) under the loss's distribution
+    advantages: Optional[torch.Tensor] = None
+    per_token_loss: Optional[torch.Tensor] = None
+    rkl_exact: Optional[torch.Tensor] = None
+    student_entropy: Optional[torch.Tensor] = None
+    teacher_entropy: Optional[torch.Tensor] = None
+    top1_match: Optional[torch.Tensor] = None
+    topk_overlap: Optional[torch.Tensor] = None
+    mass_on_teacher: Optional[torch.Tensor] = None
+    routing: Optional[object] = None
+    gate_keep: dict = field(default_factory=dict)
+    pg: dict = field(default_factory=dict)
+    values: Optional[torch.Tensor] = None
+    value_targets: Optional[torch.Tensor] = None
+    value_loss_sum: float = 0.0
+    reference_kl: Optional[torch.Tensor] = None
+    nonfinite: bool = False       # NaN/inf logits (student or teacher): this micro-batch contributed nothing
+
+
+class OpdObjective:
+    """Builds the per-micro-batch loss from the run config. `teacher` scores micro-batches on the last stage
+    when it gives dense logits (colocated, in-process); served teachers' scores arrive on `mb.teacher`."""
+
+    def __init__(self, opd: OpdSection, teacher_cfg: TeacherSection, true_vocab_size: int,
+                 teacher: Optional[Teacher] = None, value_head: Optional[torch.nn.Module] = None):
+        self.opd = opd
+        self.teacher_cfg = teacher_cfg
+        self.vocab = true_vocab_size
+        self.teacher = teacher
+        self.value_head = value_head
+        self.gates = GateConfig(**asdict(opd.gates))
+        self.routing = RoutingConfig(**asdict(opd.routing))
+        self.dense_teacher = teacher is not None and teacher.gives_full_logits
+        self._loss_is_full_rkl = (self.dense_teacher and opd.loss == "divergence" and opd.support == "full"
+                                  and opd.divergence == "reverse_kl")
+
+    # -- the teacher's view of a micro-batch -------------------------------------------------------------------
+    def teacher_scores(self, mb: RolloutBatch, logits_shard: torch.Tensor) -> TeacherScores:
+        if mb.teacher is not None:
+            return mb.teacher
+        if self.teacher is None:
+            raise RuntimeError("the micro-batch has no teacher scores and no in-loop teacher was given")
+        scores = self.teacher.score(mb.teacher_request(topk=0))
+        if scores.logits_shard is None:
+            raise RuntimeError(f"{self.teacher.name} returned no logits; full-vocabulary losses need a colocated "
+                               f"or in-process teacher")
+        scores.logits_shard = _to_shard(scores.logits_shard, logits_shard.shape[-1]).to(logits_shard.device)
+        return scores
+
+    def teacher_token_logprobs(self, scores: TeacherScores, labels: torch.Tensor) -> torch.Tensor:
+        """`log q(y_t)` `[B, S]` of the sampled tokens: from the logits shard (dense teachers, at the teacher
+        temperature) or as served."""
+        if scores.logits_shard is not None:
+            return vp.vocab_parallel_token_logprobs(scores.logits_shard.detach(), labels, self.teacher_cfg.temperature,
+                                                    self.vocab, chunk_size=self.opd.chunk_size)
+        return scores.sampled_logprobs.to(labels.device)
+
+    def credit_log_ratio(self, log_ratio: torch.Tensor) -> torch.Tensor:
+        """`kappa * r_t` `[B, S]` as every credit estimator sees it (the loss and the whole-batch pre-pass alike):
+        clamped to `[-c, c]` first under `opd.gates.log_ratio_clip_mode=clip` [Survey]."""
+        gates = self.gates
+        if gates.log_ratio_clip is not None and gates.log_ratio_clip_mode == "clip":
+            log_ratio = clip_log_ratio(log_ratio, gates.log_ratio_clip)
+        return log_ratio * self.opd.kl_coef
+
+    def old_logprobs(self, mb: RolloutBatch, student_logp: torch.Tensor, staleness: int) -> torch.Tensor:
+        """`log pi_theta_old(y_t)` `[B, S]`: the sampled tokens' log-probs at the weights that sampled them, under
+        the loss's distribution (full softmax at opd.student_temperature). With fresh data (staleness 0) those are
+        the current weights, so the current log-probs (detached) are used and the PPO ratio is exactly 1; stale
+        data (teacher.overlap) needs the values the sampler recorded (`mb.old_logprobs`). opd-math.md, Route B."""
+        if staleness == 0:
+            return student_logp.detach()
+        if mb.old_logprobs is None:
+            raise RuntimeError(f"the batch is {staleness} update(s) stale but carries no old_logprobs (the sampling "
+                               f"weights' log-probs); the PPO ratio and the staleness correction need them")
+        return mb.old_logprobs.to(student_logp.device)
+
+    @property
+    def credit_gamma(self) -> float:
+        """The discount the configured estimator uses (return-to-go is gamma = 1 by definition)."""
+        return self.opd.gamma if self.opd.estimator in ("discounted", "baseline", "single_step") else 1.0
+
+    # -- the loss ------------------------------------------------------------------------------------------------
+    def micro_batch_loss(self, logits_shard: torch.Tensor, mb: RolloutBatch, hidden: Optional[torch.Tensor] = None,
+                         *, staleness: int) -> tuple[torch.Tensor, torch.Tensor, MicroBatchStats]:
+        """logits_shard `[B, S, V/tp]` (S = L - 1, with gradient), mb the micro-batch (`loss_weights` set).
+        hidden `[B, S, H]` (detached final hidden states) is needed only by a value head. staleness: optimizer
+        updates since the weights that sampled `mb` (0: fresh on-policy data)."""
+        opd, vocab, chunk = self.opd, self.vocab, self.opd.chunk_size
+        device = logits_shard.device
+        mask = mb.loss_mask.to(device)
+        keep = mask > 0
+        coef = mb.loss_weights.to(device)
+        labels = mb.labels.to(device)
+        try:
+            scores = self.teacher_scores(mb, logits_shard)
+        except NonFiniteTeacherError:
+            scores = None
+        teacher_shard = None if scores is None else scores.logits_shard
+        if scores is None or nonfinite_on_any_tp_rank(logits_shard, teacher_shard):
+            # NaN/inf logits: contribute a zero loss with a zero gradient, keeping every rank of the pipeline and
+            # of the TP group in step; the loop sees the flag and skips (or stops) the whole optimizer step.
+            zeros = torch.zeros_like(mask)
+            stats = MicroBatchStats(mask=mask.detach(), log_ratio=zeros, student_logprobs=zeros, nonfinite=True)
+            return torch.nan_to_num(logits_shard, 0.0, 0.0, 0.0).sum() * 0.0, mask.sum(), stats
+        tau_s, tau_t = opd.student_temperature, self.teacher_cfg.temperature
+        if teacher_shard is not None:
+            teacher_shard = teacher_shard.detach()
+        teacher_logp = torch.where(keep, self.teacher_token_logprobs(scores, labels), 0.0)
+        sparse = None if teacher_shard is not None else _sparse_teacher(scores, keep)
+
+        student_logp = vp.vocab_parallel_token_logprobs(logits_shard, labels, tau_s, vocab, chunk_size=chunk)
+        log_ratio = torch.where(keep, teacher_logp - student_logp.detach(), 0.0)
+        sampled = mb.behaviour_logprobs is not None and bool(mb.on_policy.all())
+        old_logp = torch.where(keep, self.old_logprobs(mb, student_logp, staleness), 0.0) if sampled else None
+        stats = MicroBatchStats(mask=mask.detach(), log_ratio=log_ratio.detach(), student_logprobs=student_logp.detach(),
+                                old_logprobs=old_logp)
+
+        with torch.no_grad():
+            self._vocab_diagnostics(stats, logits_shard, teacher_shard, sparse, labels, keep)
+        # Truncated IS corrects what the PPO ratio does not (opd-math.md, Route B): with opd.ratio=ppo the ratio
+        # carries pi_theta / pi_theta_old, so the weight is the sampler mismatch pi_theta_old / mu; otherwise the
+        # weight is the whole pi_theta / mu (staleness and sampler mismatch). Never both: that weighs by rho^2.
+        is_numerator = old_logp if (opd.loss == "policy_gradient" and opd.ratio == "ppo") else student_logp.detach()
+        gate = token_weights(self.gates, mask, log_ratio=log_ratio,
+                             teacher_topk_logprobs=None if sparse is None else sparse.logprobs,
+                             student_logprobs=is_numerator,
+                             behaviour_logprobs=None if mb.behaviour_logprobs is None else mb.behaviour_logprobs.to(device),
+                             student_temperature=tau_s, teacher_temperature=tau_t,
+                             **self._gate_inputs(stats, teacher_shard))
+        stats.gate_keep = {k: v for k, v in gate.keep_rates.items()}
+        weights = gate.weights * coef
+
+        if opd.loss == "divergence":
+            per_token = self._divergence(logits_shard, teacher_shard, sparse) * opd.kl_coef
+            # Unscored columns hold filler (or padding's -inf) values: select, never multiply, them away.
+            per_token = torch.where(keep, per_token, 0.0)
+            loss_sum = (per_token * weights).sum()
+            stats.per_token_loss = per_token.detach()
+            if self._loss_is_full_rkl:
+                stats.rkl_exact = stats.per_token_loss / opd.kl_coef
+        else:
+            adv, value_loss = self._advantages(mb, self.credit_log_ratio(log_ratio), mask, stats, hidden)
+            stats.advantages = adv
+            if opd.loss == "policy_gradient":
+                # PPO ratio pi_theta / pi_theta_old, both under the loss's distribution: 1 on fresh data.
+                loss_mean, pg = policy_gradient_loss(
+                    student_logp, adv, mask, old_logp=old_logp if opd.ratio == "ppo" else None, weights=weights,
+                    normalizer="token_mean",
+                    clip_eps_low=opd.clip_eps_low, clip_eps_high=opd.clip_eps_high, dual_clip=opd.dual_clip)
+                loss_sum = loss_mean * mask.sum()
+                stats.pg = {k: float(v) for k, v in asdict(pg).items() if isinstance(v, (int, float, torch.Tensor))
+                            and (not isinstance(v, torch.Tensor) or v.numel() == 1)}
+            else:
+                per_token, routing_stats = vocab_parallel_cr_opd_loss(
+                    logits_shard, labels, adv, mask, teacher_logits_shard=teacher_shard,
+                    teacher_topk_ids=None if sparse is None else sparse.ids,
+                    teacher_topk_logprobs=None if sparse is None else sparse.logprobs,
+                    config=self.routing, student_temperature=tau_s, teacher_temperature=tau_t, true_vocab_size=vocab)
+                loss_sum = (torch.where(keep, per_token, 0.0) * weights).sum()
+                stats.routing = routing_stats
+            if value_loss is not None:
+                stats.value_loss_sum = float(value_loss.detach())
+                loss_sum = loss_sum + opd.value_coef * value_loss
+        if opd.loss != "divergence" and opd.estimator == "single_step":
+            # MiniLLM's single-step decomposition: the PG term above carries the future (gamma G_(t+1)); the step-t
+            # term is the exact reverse KL over the vocabulary at the visited state [MiniLLM].
+            step_term = vp.vocab_parallel_reverse_kl(logits_shard, teacher_shard, student_temperature=tau_s,
+                                                     teacher_temperature=tau_t, true_vocab_size=vocab, chunk_size=chunk)
+            loss_sum = loss_sum + opd.kl_coef * (torch.where(keep, step_term, 0.0) * weights).sum()
+        if opd.entropy_coef:
+            entropy = vp.vocab_parallel_entropy(logits_shard, tau_s, vocab, chunk_size=chunk)
+            loss_sum = loss_sum - opd.entropy_coef * (entropy * weights).sum()
+        if opd.reference_kl_coef:
+            ref = mb.reference_logprobs.to(device)
+            per_token = reference_kl(torch.where(keep, student_logp, 0.0), torch.where(keep, ref, 0.0),
+                                     opd.reference_kl_estimator)
+            stats.reference_kl = torch.where(keep, per_token.detach(), 0.0)
+            loss_sum = loss_sum + opd.reference_kl_coef * (torch.where(keep, per_token, 0.0) * weights).sum()
+        return loss_sum, mask.sum(), stats
+
+    def _divergence(self, student: torch.Tensor, teacher: Optional[torch.Tensor],
+                    sparse: Optional[SparseTeacherLogprobs]) -> torch.Tensor:
+        opd = self.opd
+        tau_s, tau_t = opd.student_temperature, self.teacher_cfg.temperature
+        kind = {"jsd": "generalized_jsd", "tv": "total_variation"}.get(opd.divergence, opd.divergence)
+        if opd.support == "full":
+            common = dict(student_temperature=tau_s, teacher_temperature=tau_t, true_vocab_size=self.vocab,
+                          chunk_size=opd.chunk_size)
+            if opd.divergence == "jsd":
+                return vp.vocab_parallel_generalized_jsd(student, teacher, opd.jsd_beta, **common)
+            if opd.divergence == "skew_forward_kl":
+                return vp.vocab_parallel_skew_forward_kl(student, teacher, opd.skew_alpha, **common)
+            if opd.divergence == "skew_reverse_kl":
+                return vp.vocab_parallel_skew_reverse_kl(student, teacher, opd.skew_alpha, **common)
+            return _DIVERGENCES[opd.divergence](student, teacher, **common)
+        supported = vocab_parallel_build_support(
+            student, teacher if teacher is not None else sparse, opd.support, opd.support_k, opd.support_mode,
+            student_temperature=tau_s, teacher_temperature=tau_t if teacher is not None else 1.0,
+            true_vocab_size=self.vocab)
+        beta = opd.jsd_beta if opd.divergence == "jsd" else None
+        alpha = opd.skew_alpha if opd.divergence.startswith("skew") else None
+        return divergence_on_support(kind, supported, beta=beta, alpha=alpha)
+
+    def _advantages(self, mb: RolloutBatch, log_ratio: torch.Tensor, mask: torch.Tensor, stats: MicroBatchStats,
+                    hidden: Optional[torch.Tensor]):
+        """`A_t` `[B, S]` of the micro-batch from `kappa r_t` (`credit_log_ratio`), and the value head's loss.
+        Group / batch baselines arrive precomputed on the whole batch (`mb.advantages`); the outcome term
+        `R - b_R` too (`mb.outcome_advantages`): a micro-batch may split a group."""
+        opd = self.opd
+        value_loss = None
+        values = None
+        if self.value_head is not None:
+            if hidden is None:
+                raise RuntimeError("the value head needs the final hidden states")
+            values = self.value_head(hidden.detach().float()).squeeze(-1) * mask
+        if mb.advantages is not None:                    # computed on the whole batch (group / batch baselines)
+            adv = mb.advantages.to(log_ratio.device)
+        elif opd.estimator == "gae":
+            out = gae(log_ratio, mask, values.detach(), gamma=opd.gamma, lam=opd.gae_lambda)
+            adv = out.advantages
+            targets = out.value_targets
+            value_loss = 0.5 * (((values - targets.detach()) ** 2) * mask).sum()
+            stats.values, stats.value_targets = values.detach(), targets.detach()
+        else:
+            kwargs = {}
+            if opd.baseline == "reverse_kl":
+                # b(s_t) = -kappa RKL_t: the baseline is in the units of the scaled reward kappa r_t [vOPD].
+                kwargs["reverse_kl"] = stats.rkl_exact * opd.kl_coef
+            if opd.baseline == "value":
+                kwargs["values"] = values.detach()
+                returns = credit_advantages(log_ratio, mask, "discounted", gamma=opd.gamma)
+                value_loss = 0.5 * (((values - returns) ** 2) * mask).sum()
+                stats.values, stats.value_targets = values.detach(), returns
+            if opd.estimator == "single_step":
+                kwargs["length_normalized"] = opd.length_normalized
+            adv = credit_advantages(log_ratio, mask, opd.estimator, self.credit_gamma, baseline=opd.baseline,
+                                    **kwargs)
+        if opd.outcome_beta:
+            if mb.outcome_advantages is None:
+                raise RuntimeError("opd.outcome_beta > 0 needs the batch's centred rewards (outcome_advantages), "
+                                   "computed on the whole batch before the micro-batches")
+            # A_t = alpha A_t^OPD + beta (R - b_R), with R - b_R from the whole batch [Survey].
+            adv = outcome_hybrid(adv, mask, mb.outcome_advantages.to(adv.device), opd.outcome_alpha, opd.outcome_beta,
+                                 reward_baseline="none")
+        return adv.detach(), value_loss
+
+    def _gate_inputs(self, stats: MicroBatchStats, teacher: Optional[torch.Tensor]) -> dict:
+        """Per-position vocabulary statistics for the gates, from the shards (never a `[..., V]` tensor)."""
+        g, out = self.gates, {}
+        if g.teacher_confidence is not None and teacher is not None:
+            out["teacher_confidence"] = vocab_parallel_teacher_confidence(teacher, self.teacher_cfg.temperature,
+                                                                          self.vocab)
+        if g.teacher_entropy is not None:
+            out["teacher_entropy"] = stats.teacher_entropy
+        if g.student_entropy is not None:
+            out["student_entropy"] = stats.student_entropy
+        return out
+
+    @torch.no_grad()
+    def _vocab_diagnostics(self, stats: MicroBatchStats, student, teacher, sparse, labels, keep) -> None:
+        vocab, tau_s, tau_t = self.vocab, self.opd.student_temperature, self.teacher_cfg.temperature
+        zero = lambda x: torch.where(keep, x, 0.0)  # noqa: E731
+        stats.student_entropy = zero(vp.vocab_parallel_entropy(student.detach(), tau_s, vocab,
+                                                               chunk_size=self.opd.chunk_size))
+        if teacher is not None and not self._loss_is_full_rkl:     # otherwise the loss itself is the exact RKL
+            stats.rkl_exact = zero(vp.vocab_parallel_reverse_kl(student.detach(), teacher, student_temperature=tau_s,
+                                                                teacher_temperature=tau_t, true_vocab_size=vocab,
+                                                                chunk_size=self.opd.chunk_size))
+        if teacher is not None:
+            stats.teacher_entropy = zero(vp.vocab_parallel_entropy(teacher, tau_t, vocab,
+                                                                   chunk_size=self.opd.chunk_size))
+            top1 = vocab_parallel_topk(teacher, 1, vocab)[1][..., 0]
+            reference = teacher
+        else:
+            top1 = sparse.ids[..., 0] if sparse.ids.shape[-1] else None
+            reference = sparse if sparse.ids.shape[-1] >= _OVERLAP_K else None
+        if top1 is not None:
+            stats.top1_match = zero((top1 == labels).float())
+        if reference is not None:
+            stats.topk_overlap = zero(vocab_parallel_topk_overlap(student.detach(), reference, _OVERLAP_K, vocab))
+            stats.mass_on_teacher = zero(vocab_parallel_student_mass_on_teacher_support(
+                student.detach(), reference, _OVERLAP_K, tau_s, vocab))
+
+
+def _to_shard(logits: torch.Tensor, shard_width: int) -> torch.Tensor:
+    """A dense teacher's logits: already this rank's shard (colocated), or the full vocabulary (an in-process
+    model at TP=1 semantics): then pad to tp x shard with -inf and take this rank's columns."""
+    if logits.shape[-1] == shard_width:
+        return logits
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    padded = tp * shard_width
+    if logits.shape[-1] > padded:
+        raise RuntimeError(f"teacher logits have {logits.shape[-1]} columns, more than the student's padded "
+                           f"vocabulary {padded}")
+    if logits.shape[-1] < padded:
+        filler = logits.new_full(logits.shape[:-1] + (padded - logits.shape[-1],), float("-inf"))
+        logits = torch.cat([logits, filler], dim=-1)
+    start, end = vocab_shard_range(shard_width)
+    return logits[..., start:end]
+
+
+def _sparse_teacher(scores: TeacherScores, keep: torch.Tensor) -> SparseTeacherLogprobs:
+    """A served teacher's answer as the math's sparse teacher: its top-k, and, when the loop asked for them
+    (student_topk / union supports), its log-probs on the student's top-k ids, which are also the ids the loss's
+    student top-k is taken from (`SparseTeacherLogprobs.student_ids`: the loop ranked them with the weights of
+    this step, or one update earlier with teacher.overlap). Unscored columns get a harmless uniform filler
+    (distinct ids 0..k-1 and 0..e-1, each log(1/(k+e+1)), so any support there leaves the tail bucket a positive
+    mass) so the math's checks hold there; they are selected out of every sum."""
+    device, valid = keep.device, keep.unsqueeze(-1)
+    k = 0 if scores.topk_ids is None else scores.topk_ids.shape[-1]
+    e = 0 if scores.extra_ids is None else scores.extra_ids.shape[-1]
+    filler = -math.log(k + e + 1)
+
+    def filled(ids: torch.Tensor, logprobs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, logprobs = ids.to(device).long(), logprobs.to(device)
+        return (torch.where(valid, ids, torch.arange(ids.shape[-1], device=device).expand_as(ids)),
+                torch.where(valid, logprobs, torch.full_like(logprobs, filler)))
+
+    if k:
+        ids, logprobs = filled(scores.topk_ids, scores.topk_logprobs)
+    else:
+        ids = torch.zeros(keep.shape + (0,), dtype=torch.long, device=device)
+        logprobs = ids.float()
+    if not e:
+        return SparseTeacherLogprobs(ids=ids, logprobs=logprobs)
+    extra_ids, extra_logprobs = filled(scores.extra_ids, scores.extra_logprobs)
+    return SparseTeacherLogprobs(ids=ids, logprobs=logprobs, extra_ids=extra_ids, extra_logprobs=extra_logprobs,
+                                 student_ids=extra_ids)

@@ -1,0 +1,2 @@
+"""Commands around a run: `quickstart.py` (the CPU quickstart), `dry_run.py` (layout and memory without tensors),
+`report.py` (report.md and plots of a run)."""

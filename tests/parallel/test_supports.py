@@ -1,0 +1,82 @@
+"""Vocab-parallel supports (`parallel/supports.py`) and vocabulary statistics (`parallel/diagnostics.py`) equal their
+single-device references at TP = 1, 2, 4 (one gloo process group per TP size runs every check,
+`supports_workers.all_checks`); argument errors are checked in this process (raised before any communication)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from opd_megatron.math.supports import build_support, divergence_on_support
+from opd_megatron.parallel.diagnostics import vocab_parallel_topk_overlap
+from opd_megatron.parallel.supports import vocab_parallel_build_support
+from opd_megatron.math.checks import MathInputError
+from tests.harness import run_distributed
+from tests.parallel import supports_workers as workers
+
+# supports x modes x divergence kinds: random logits dense (4 k) + sparse (3 k), tied logits dense + sparse (2 k)
+EXPECTED_SUPPORT_CHECKS = 3 * 2 * 2 * (4 + 3 + 2 + 2)
+# confidence (+ gate) and entropies (+ gate), then overlap + mass for 3 k, dense and sparse teacher
+EXPECTED_STATS_CHECKS = 2 + 3 * 2
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_vocab_parallel_supports_and_stats_equal_reference(tp):
+    checks = run_distributed(workers.all_checks, world_size=tp, args=(tp,), timeout_s=240)
+    assert checks == [EXPECTED_SUPPORT_CHECKS + EXPECTED_STATS_CHECKS] * tp
+
+
+def test_single_process_without_distributed_equals_reference():
+    student, teacher = workers.random_logits(0), workers.random_logits(1)
+    for mode in workers.MODES:
+        got = vocab_parallel_build_support(student, teacher, "union", 5, mode, student_temperature=0.7)
+        want = build_support(student, teacher, "union", 5, mode, student_temperature=0.7)
+        assert torch.equal(got.ids, want.ids)
+        workers.assert_close(mode, divergence_on_support("reverse_kl", got), divergence_on_support("reverse_kl", want))
+
+
+def test_leading_dims_are_kept():
+    student, teacher = workers.random_logits(0).reshape(2, 3, -1), workers.random_logits(1).reshape(2, 3, -1)
+    got = vocab_parallel_build_support(student, teacher, "teacher_topk", 4, "tail")
+    assert got.student_logp.shape == (2, 3, 5) and got.ids.shape == (2, 3, 4)
+    assert vocab_parallel_topk_overlap(student, teacher, 4).shape == (2, 3)
+
+
+def test_argument_errors_name_the_argument():
+    student, teacher = workers.random_logits(0), workers.random_logits(1)
+    served = workers.sparse_teacher(teacher, student)
+    with pytest.raises(MathInputError, match="support: 'full' is not built vocab-parallel"):
+        vocab_parallel_build_support(student, teacher, "full", 5)
+    with pytest.raises(MathInputError, match="support: "):
+        vocab_parallel_build_support(student, teacher, "bogus", 5)
+    with pytest.raises(MathInputError, match="k: .*at most 37"):
+        vocab_parallel_build_support(student, teacher, "teacher_topk", 38)
+    with pytest.raises(MathInputError, match="k: expected at most 12"):
+        vocab_parallel_build_support(student, served, "teacher_topk", 13)
+    with pytest.raises(MathInputError, match="teacher_temperature: a sparse teacher's tail"):
+        vocab_parallel_build_support(student, served, "teacher_topk", 5, "tail", teacher_temperature=2.0)
+    with pytest.raises(MathInputError, match="true_vocab_size"):
+        vocab_parallel_build_support(student, teacher, "teacher_topk", 5, true_vocab_size=38)
+    with pytest.raises(MathInputError, match="teacher: expected a teacher logits shard"):
+        vocab_parallel_build_support(student, [1.0], "teacher_topk", 5)
+    foreign = served.ids.clone()
+    foreign[0, 0] = workers.VOCAB  # a server id outside the student's vocabulary
+    with pytest.raises(MathInputError, match=r"teacher.ids: expected ids in \[0, V\) with V = 37"):
+        vocab_parallel_build_support(student, workers.SparseTeacherLogprobs(foreign, served.logprobs),
+                                     "teacher_topk", 5)
+    without_extras = workers.SparseTeacherLogprobs(served.ids, served.logprobs)
+    with pytest.raises(MathInputError, match="teacher: support 'student_topk' needs"):
+        vocab_parallel_build_support(student, without_extras, "student_topk", 12)
+
+
+def test_float32_within_1e5_relative():
+    student, teacher = workers.random_logits(0).float(), workers.random_logits(1).float()
+    for mode in workers.MODES:
+        leaf, ref_leaf = student.clone().requires_grad_(True), student.clone().requires_grad_(True)
+        got = divergence_on_support("forward_kl", vocab_parallel_build_support(leaf, teacher, "union", 5, mode))
+        want = divergence_on_support("forward_kl", build_support(ref_leaf, teacher, "union", 5, mode))
+        got.sum().backward()
+        want.sum().backward()
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(leaf.grad, ref_leaf.grad, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,37 @@
+"""report.md says where the evaluation prompts came from: the task's eval split, eval.path, or records held out of
+rollout.path, never a blanket "held-out"."""
+
+import pytest
+
+from opd_megatron.config import RunConfig
+from opd_megatron.tools.report import write_report
+
+SUMMARY = {"layout": {"tp": 1, "pp": 1, "dp": 1}, "steps": 2, "skipped_steps": 0}
+
+
+def _report(tmp_path, **sections) -> str:
+    cfg = RunConfig()
+    cfg.run.algorithm = "opd"
+    for section, values in sections.items():
+        for key, value in values.items():
+            setattr(getattr(cfg, section), key, value)
+    write_report(cfg, tmp_path, SUMMARY, None, [])
+    return (tmp_path / "report.md").read_text()
+
+
+@pytest.mark.parametrize("case", ["task", "eval_path", "held_out"])
+def test_report_names_the_origin_of_the_eval_prompts(tmp_path, case):
+    jsonl = {"source": "jsonl", "path": "/data/prompts.jsonl"}
+    sections, sentence = {
+        "task": ({"rollout": {"source": "task", "task": "add"}, "eval": {"prompts": 50}},
+                 "Evaluation prompts: 50 prompts of task add's eval split, disjoint from its training split."),
+        "eval_path": ({"rollout": jsonl, "eval": {"prompts": 30, "path": "/data/eval.jsonl"}},
+                      "Evaluation prompts: the first 30 prompts of eval.path /data/eval.jsonl; rollout.path "
+                      "/data/prompts.jsonl records with the same text are not trained on."),
+        "held_out": ({"rollout": jsonl, "eval": {"prompts": 20}},
+                     "Evaluation prompts: 20 records held out of rollout.path /data/prompts.jsonl (those with the "
+                     "smallest SHA-256 of their prompt text; training never samples them or their duplicates)."),
+    }[case]
+    report = _report(tmp_path, **sections)
+    assert sentence in report
+    assert "held-out prompts" not in report
