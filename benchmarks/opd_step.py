@@ -1,6 +1,6 @@
 """One OPD step of the loop at TP=1 and TP=2, split into rollout / update, against an SFT step on the same tokens.
 
-The OPD side is the project's loop itself (`opd_train.OpdRun`): `make_batch` (KV-cache sampling of
+The OPD side is the project's loop itself (`loop/opd.py::OpdRun`): `make_batch` (KV-cache sampling of
 prompts x samples rollouts from the megatron student, verifier rewards) and `train_step` (the colocated teacher's
 forward inside the loss, the vocab-parallel objective and diagnostics, megatron's optimizer step). The baseline,
 measured in the same processes on the same rollout batch, is a plain SFT step: megatron's vocab-parallel
@@ -33,7 +33,7 @@ CONFIG = str(REPO_ROOT / "configs" / "quickstart.yaml")
 
 
 def _overrides(tp: int, teacher: str, out: str) -> list[str]:
-    return [f"parallel.tp={tp}", f"teacher.path={teacher}", f"run.output_dir={out}", "run.name=bench",
+    return [f"parallel.tp={tp}", f"teacher.colocated.path={teacher}", f"run.output_dir={out}", "run.name=bench",
             "checkpoint.resume=false", "logging.progress_bar=false", "logging.tensorboard=false", "eval.prompts=8"]
 
 
@@ -45,9 +45,9 @@ def make_teacher(out: str) -> str:
     from opd_megatron.student.model import build_student
     from opd_megatron.student.optimizer import wrap_for_training
 
-    base = load_config(CONFIG, ["teacher.path=unused"])
-    cfg = load_config(CONFIG, ["teacher.path=unused", "run.algorithm=sft", "data.path=unused.jsonl"]
-                      + [f"model.{k}={v}" for k, v in vars(base.teacher.model).items()
+    base = load_config(CONFIG, ["teacher.colocated.path=unused"])
+    cfg = load_config(CONFIG, ["teacher.colocated.path=unused", "run.algorithm=sft", "data.path=unused.jsonl"]
+                      + [f"model.{k}={v}" for k, v in vars(base.teacher.colocated.model).items()
                          if v is not None and k != "preset"], validate=False)
     ctx = init_parallel(cfg)
     trainable = wrap_for_training(build_student(cfg.model, cfg.parallel, ctx.device), cfg.optim, cfg.model, 1)
@@ -65,7 +65,7 @@ def worker(tp: int, teacher: str, out: str, steps: int, warmup: int) -> dict:
 
     cfg = load_config(CONFIG, _overrides(tp, teacher, out))
     ctx = init_parallel(cfg)
-    run = OpdRun(cfg, ctx, stop=None)
+    run = OpdRun(cfg, ctx)
     vocab = cfg.model.vocab_size
     timings = {"rollout_ms": [], "opd_update_ms": [], "sft_update_ms": []}
     for step in range(warmup + steps):

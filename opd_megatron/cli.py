@@ -4,7 +4,7 @@
     opd-megatron train --config configs/sft_tiny.yaml parallel.tp=2 optim.lr=1e-4
     opd-megatron eval --config runs/quickstart/config.yaml --checkpoint runs/quickstart/checkpoints
     torchrun --nproc_per_node 2 -m opd_megatron train --config configs/sft_tiny.yaml parallel.tp=2
-    opd-megatron dry-run --config configs/llama3_8b.yaml --world-size 64 --gpu-memory-gb 80
+    opd-megatron dry-run --config configs/llama3_8b_sft.yaml --world-size 64 --gpu-memory-gb 80
     opd-megatron preprocess --input corpus.jsonl --output-prefix data/corpus --tokenizer path/to/tokenizer
 """
 
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         if args.command == "train":
-            from opd_megatron.loop.sft import train
+            from opd_megatron.loop.train import train
             cfg = load_config(args.config, args.overrides)
             result = train(cfg)
             if int(os.environ.get("RANK", "0")) == 0:

@@ -89,7 +89,8 @@ SLOW: dict[str, frozenset[str] | None] = {
     "tests/parallel/test_topk.py": frozenset({"test_vocab_parallel_topk_top_p_and_sparse_equal_reference"}),
     "tests/parallel/test_divergences.py": frozenset({"test_parity_with_single_device_reference"}),
     "tests/parallel/test_cr_opd.py": frozenset({"test_parity_with_single_device_reference"}),
-    "tests/parallel/test_supports.py": frozenset({"test_vocab_parallel_supports_and_stats_equal_reference"}),
+    "tests/parallel/test_supports.py": frozenset({"test_vocab_parallel_supports_equal_reference"}),
+    "tests/parallel/test_diagnostics.py": frozenset({"test_vocab_parallel_statistics_equal_reference"}),
     "tests/tools/test_dry_run.py": frozenset({"test_layout_and_counts_equal_megatron_on_four_processes"}),
 }
 

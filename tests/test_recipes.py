@@ -32,7 +32,7 @@ SERVED = {name for name, extra in TWINS["twins"].items()
           if "served" in extra or any("vllm" in str(item) for item in extra)}
 MEMBERS = ("math", "code", "general")   # the multi-teacher twin's teachers, each behind its own URL
 ROUTES = {"math": "math", "code": "code"}  # mimo_mopd_qwen3_30b_a3b.yaml: routes; other domains go to `general`
-TOPK = 5                                 # teacher.topk / opd.support_k of the top-k twins (cpu_twins.yaml)
+TOPK = 5                                 # teacher.topk / opd.route_a.support_k of the top-k twins (cpu_twins.yaml)
 RESPONSE, TEXT = "w5 w6 w7 </s>", "w8 w9 </s>"  # the prompts' reference answers (rollout.answer_key)
 
 
@@ -180,7 +180,7 @@ def _fixed_dataset_rows(run: TwinRun, answer: str) -> None:
 
 def _fresh_ppo_ratio(run: TwinRun) -> None:
     """On fresh on-policy rows the PPO ratio pi_theta / pi_theta_old is 1 (the rows were sampled by these
-    weights; opd-math.md, route B) and the clip removes nothing."""
+    weights; docs/opd-math.md, Route B) and the clip removes nothing."""
     for ratio in _every_step(run, "importance/ratio_mean"):
         assert abs(ratio - 1.0) <= 1e-5, f"importance/ratio_mean {ratio} on fresh rows, expected 1"
     assert _every_step(run, "importance/clip_fraction") == [0.0] * len(run.steps)
@@ -307,8 +307,8 @@ def test_cpu_twin_trains(name, twins):
 
 
 def test_multi_teacher_evaluation_rows_go_to_their_domain_teacher(twins):
-    """Evaluation samples carry their prompts' domains (OpdRun._annotate), so eval/rkl is measured against each
-    row's own teacher; before the fix every evaluation row went to the default member."""
+    """Evaluation samples carry their prompts' domains (`rollout/prompts.py::with_prompt_context`), so eval/rkl is
+    measured against each row's own teacher; before the fix every evaluation row went to the default member."""
     run = twins("mimo_mopd_qwen3_30b_a3b")
     if run.result.returncode != 0:
         pytest.fail(run.result.stdout[-2000:] + run.result.stderr[-4000:])

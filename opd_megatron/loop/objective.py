@@ -7,7 +7,7 @@ mean, constant) is folded into per-token coefficients `mb.loss_weights` computed
 (`normalizer_weights`), so every normaliser comes out exact whatever the micro-batching:
 `loss = sum_t c_t l_t / N` with `c_t = N * (1/Z)_t`.
 
-Routes (shared/docs/opd-math.md):
+Routes (docs/opd-math.md, "The loss of one step"):
 - `divergence` (route A): FKL / RKL / JSD(beta) / skew KLs / TV per position, on the full vocabulary from the
   teacher's logits shard, or on a top-k / union support (dense shard or a server's sparse answer).
 - `policy_gradient` (route B): `r_t = log q(y_t) - log pi(y_t)` (no gradient), credit `A_t` by the configured
@@ -30,8 +30,8 @@ from megatron.core import parallel_state
 
 from opd_megatron.config import OpdSection, TeacherSection
 from opd_megatron.math.credit import advantages as credit_advantages
-from opd_megatron.math.credit import gae, outcome_hybrid
-from opd_megatron.math.gates import GateConfig, clip_log_ratio, token_weights
+from opd_megatron.math.credit import gae_advantages, outcome_hybrid
+from opd_megatron.math.gates import clip_log_ratio, token_weights
 from opd_megatron.math.policy_gradient import policy_gradient_loss
 from opd_megatron.math.regularizers import reference_kl
 from opd_megatron.math.supports import SparseTeacherLogprobs, divergence_on_support
@@ -43,7 +43,6 @@ from opd_megatron.parallel.supports import vocab_parallel_build_support
 from opd_megatron.parallel.finite import nonfinite_on_any_tp_rank
 from opd_megatron.parallel.topk import vocab_parallel_topk, vocab_shard_range
 from opd_megatron.rollout.batch import RolloutBatch
-from opd_megatron.math.cr_opd import RoutingConfig
 from opd_megatron.teachers.base import NonFiniteTeacherError, Teacher, TeacherScores
 
 _DIVERGENCES = {"reverse_kl": vp.vocab_parallel_reverse_kl, "forward_kl": vp.vocab_parallel_forward_kl,
@@ -57,7 +56,8 @@ def normalizer_weights(mask: torch.Tensor, normalizer: str, total_tokens: float,
     tokens and `total_sequences` rows with a token over all data-parallel ranks, `total_rows` rows in all.
     token_mean: 1; sequence_mean: `N / (n_b * #sequences)`; constant: `N / (#rows * max_new_tokens)`, i.e.
     `Z = global batch rows x rollout.max_new_tokens`, the same on every rank and every step (Dr. GRPO's choice;
-    opd-math.md, "normaliser") [Survey]. Never a rank's own padded length: that differs between ranks and steps."""
+    docs/opd-math.md, "Normalisers") [Survey]. Never a rank's own padded length: that differs between ranks and
+    steps."""
     mask = mask.float()
     if normalizer == "token_mean":
         return mask.clone()
@@ -67,6 +67,19 @@ def normalizer_weights(mask: torch.Tensor, normalizer: str, total_tokens: float,
     if normalizer == "constant":
         return mask * (total_tokens / (max(total_rows, 1.0) * max_new_tokens))
     raise ValueError(f"unknown normalizer {normalizer!r}")
+
+
+@dataclass
+class StudentInput:
+    """One micro-batch as megatron's pipeline schedule reads it (`tokens`: the student's inputs `[B, L-1]`) with
+    the rollout rows behind it, which the loss reads."""
+    tokens: torch.Tensor
+    rollout: RolloutBatch
+
+    @staticmethod
+    def of(batch: RolloutBatch, micro_batch_size: int) -> list["StudentInput"]:
+        """`batch` in micro-batches of `micro_batch_size` rows, in row order."""
+        return [StudentInput(tokens=mb.input_tokens, rollout=mb) for mb in batch.micro_batches(micro_batch_size)]
 
 
 @dataclass
@@ -93,6 +106,15 @@ class MicroBatchStats:
     reference_kl: Optional[torch.Tensor] = None
     nonfinite: bool = False       # NaN/inf logits (student or teacher): this micro-batch contributed nothing
 
+    def diagnostic_tensors(self) -> dict[str, Optional[torch.Tensor]]:
+        """The per-token tensors `[B, S]` the step's diagnostics read, by name (None where not measured)."""
+        return {"mask": self.mask, "log_ratio": self.log_ratio, "student_logprobs": self.student_logprobs,
+                "old_logprobs": self.old_logprobs, "advantages": self.advantages, "values": self.values,
+                "value_targets": self.value_targets, "rkl_exact": self.rkl_exact,
+                "student_entropy": self.student_entropy, "teacher_entropy": self.teacher_entropy,
+                "top1_match": self.top1_match, "topk_overlap": self.topk_overlap,
+                "mass_on_teacher": self.mass_on_teacher, "reference_kl": self.reference_kl}
+
 
 class OpdObjective:
     """Builds the per-micro-batch loss from the run config. `teacher` scores micro-batches on the last stage
@@ -105,11 +127,11 @@ class OpdObjective:
         self.vocab = true_vocab_size
         self.teacher = teacher
         self.value_head = value_head
-        self.gates = GateConfig(**asdict(opd.gates))
-        self.routing = RoutingConfig(**asdict(opd.routing))
+        self.gates = opd.gates
+        self.routing = opd.cr_opd
         self.dense_teacher = teacher is not None and teacher.gives_full_logits
-        self._loss_is_full_rkl = (self.dense_teacher and opd.loss == "divergence" and opd.support == "full"
-                                  and opd.divergence == "reverse_kl")
+        self._loss_is_full_rkl = (self.dense_teacher and opd.loss == "divergence" and opd.route_a.support == "full"
+                                  and opd.route_a.divergence == "reverse_kl")
 
     # -- the teacher's view of a micro-batch -------------------------------------------------------------------
     def teacher_scores(self, mb: RolloutBatch, logits_shard: torch.Tensor) -> TeacherScores:
@@ -144,7 +166,7 @@ class OpdObjective:
         """`log pi_theta_old(y_t)` `[B, S]`: the sampled tokens' log-probs at the weights that sampled them, under
         the loss's distribution (full softmax at opd.student_temperature). With fresh data (staleness 0) those are
         the current weights, so the current log-probs (detached) are used and the PPO ratio is exactly 1; stale
-        data (teacher.overlap) needs the values the sampler recorded (`mb.old_logprobs`). opd-math.md, Route B."""
+        data (teacher.overlap) needs the values the sampler recorded (`mb.old_logprobs`). docs/opd-math.md, Route B."""
         if staleness == 0:
             return student_logp.detach()
         if mb.old_logprobs is None:
@@ -155,7 +177,8 @@ class OpdObjective:
     @property
     def credit_gamma(self) -> float:
         """The discount the configured estimator uses (return-to-go is gamma = 1 by definition)."""
-        return self.opd.gamma if self.opd.estimator in ("discounted", "baseline", "single_step") else 1.0
+        credit = self.opd.credit
+        return credit.gamma if credit.estimator in ("discounted", "baseline", "single_step") else 1.0
 
     # -- the loss ------------------------------------------------------------------------------------------------
     def micro_batch_loss(self, logits_shard: torch.Tensor, mb: RolloutBatch, hidden: Optional[torch.Tensor] = None,
@@ -180,7 +203,7 @@ class OpdObjective:
             zeros = torch.zeros_like(mask)
             stats = MicroBatchStats(mask=mask.detach(), log_ratio=zeros, student_logprobs=zeros, nonfinite=True)
             return torch.nan_to_num(logits_shard, 0.0, 0.0, 0.0).sum() * 0.0, mask.sum(), stats
-        tau_s, tau_t = opd.student_temperature, self.teacher_cfg.temperature
+        tau_s = opd.student_temperature
         if teacher_shard is not None:
             teacher_shard = teacher_shard.detach()
         teacher_logp = torch.where(keep, self.teacher_token_logprobs(scores, labels), 0.0)
@@ -190,23 +213,12 @@ class OpdObjective:
         log_ratio = torch.where(keep, teacher_logp - student_logp.detach(), 0.0)
         sampled = mb.behaviour_logprobs is not None and bool(mb.on_policy.all())
         old_logp = torch.where(keep, self.old_logprobs(mb, student_logp, staleness), 0.0) if sampled else None
-        stats = MicroBatchStats(mask=mask.detach(), log_ratio=log_ratio.detach(), student_logprobs=student_logp.detach(),
-                                old_logprobs=old_logp)
+        stats = MicroBatchStats(mask=mask.detach(), log_ratio=log_ratio.detach(),
+                                student_logprobs=student_logp.detach(), old_logprobs=old_logp)
 
         with torch.no_grad():
             self._vocab_diagnostics(stats, logits_shard, teacher_shard, sparse, labels, keep)
-        # Truncated IS corrects what the PPO ratio does not (opd-math.md, Route B): with opd.ratio=ppo the ratio
-        # carries pi_theta / pi_theta_old, so the weight is the sampler mismatch pi_theta_old / mu; otherwise the
-        # weight is the whole pi_theta / mu (staleness and sampler mismatch). Never both: that weighs by rho^2.
-        is_numerator = old_logp if (opd.loss == "policy_gradient" and opd.ratio == "ppo") else student_logp.detach()
-        gate = token_weights(self.gates, mask, log_ratio=log_ratio,
-                             teacher_topk_logprobs=None if sparse is None else sparse.logprobs,
-                             student_logprobs=is_numerator,
-                             behaviour_logprobs=None if mb.behaviour_logprobs is None else mb.behaviour_logprobs.to(device),
-                             student_temperature=tau_s, teacher_temperature=tau_t,
-                             **self._gate_inputs(stats, teacher_shard))
-        stats.gate_keep = {k: v for k, v in gate.keep_rates.items()}
-        weights = gate.weights * coef
+        weights = self._token_weights(mb, mask, log_ratio, student_logp, old_logp, teacher_shard, sparse, stats) * coef
 
         if opd.loss == "divergence":
             per_token = self._divergence(logits_shard, teacher_shard, sparse) * opd.kl_coef
@@ -217,66 +229,116 @@ class OpdObjective:
             if self._loss_is_full_rkl:
                 stats.rkl_exact = stats.per_token_loss / opd.kl_coef
         else:
-            adv, value_loss = self._advantages(mb, self.credit_log_ratio(log_ratio), mask, stats, hidden)
-            stats.advantages = adv
-            if opd.loss == "policy_gradient":
-                # PPO ratio pi_theta / pi_theta_old, both under the loss's distribution: 1 on fresh data.
-                loss_mean, pg = policy_gradient_loss(
-                    student_logp, adv, mask, old_logp=old_logp if opd.ratio == "ppo" else None, weights=weights,
-                    normalizer="token_mean",
-                    clip_eps_low=opd.clip_eps_low, clip_eps_high=opd.clip_eps_high, dual_clip=opd.dual_clip)
-                loss_sum = loss_mean * mask.sum()
-                stats.pg = {k: float(v) for k, v in asdict(pg).items() if isinstance(v, (int, float, torch.Tensor))
-                            and (not isinstance(v, torch.Tensor) or v.numel() == 1)}
-            else:
-                per_token, routing_stats = vocab_parallel_cr_opd_loss(
-                    logits_shard, labels, adv, mask, teacher_logits_shard=teacher_shard,
-                    teacher_topk_ids=None if sparse is None else sparse.ids,
-                    teacher_topk_logprobs=None if sparse is None else sparse.logprobs,
-                    config=self.routing, student_temperature=tau_s, teacher_temperature=tau_t, true_vocab_size=vocab)
-                loss_sum = (torch.where(keep, per_token, 0.0) * weights).sum()
-                stats.routing = routing_stats
-            if value_loss is not None:
-                stats.value_loss_sum = float(value_loss.detach())
-                loss_sum = loss_sum + opd.value_coef * value_loss
-        if opd.loss != "divergence" and opd.estimator == "single_step":
+            loss_sum = self._route_b_loss(logits_shard, mb, log_ratio, student_logp, old_logp, teacher_shard, sparse,
+                                          weights, stats, hidden)
+        loss_sum = self._added_terms(loss_sum, logits_shard, mb, student_logp, teacher_shard, weights, stats)
+        return loss_sum, mask.sum(), stats
+
+    def _token_weights(self, mb: RolloutBatch, mask: torch.Tensor, log_ratio: torch.Tensor,
+                       student_logp: torch.Tensor, old_logp: Optional[torch.Tensor],
+                       teacher_shard: Optional[torch.Tensor], sparse: Optional[SparseTeacherLogprobs],
+                       stats: MicroBatchStats) -> torch.Tensor:
+        """The gates' per-token weights `w_t` `[B, S]` (their keep rates go to `stats`)."""
+        opd = self.opd
+        # Truncated IS corrects what the PPO ratio does not (docs/opd-math.md, Route B): with
+        # opd.policy_gradient.ratio=ppo the ratio carries pi_theta / pi_theta_old, so the weight is the sampler
+        # mismatch pi_theta_old / mu; otherwise the weight is the whole pi_theta / mu (staleness and sampler
+        # mismatch). Never both: that weighs by rho^2.
+        is_numerator = old_logp if self._ppo else student_logp.detach()
+        behaviour = None if mb.behaviour_logprobs is None else mb.behaviour_logprobs.to(mask.device)
+        gate = token_weights(self.gates, mask, log_ratio=log_ratio,
+                             teacher_topk_logprobs=None if sparse is None else sparse.logprobs,
+                             student_logprobs=is_numerator, behaviour_logprobs=behaviour,
+                             student_temperature=opd.student_temperature,
+                             teacher_temperature=self.teacher_cfg.temperature,
+                             **self._gate_inputs(stats, teacher_shard))
+        stats.gate_keep = {k: v for k, v in gate.keep_rates.items()}
+        return gate.weights
+
+    @property
+    def _ppo(self) -> bool:
+        return self.opd.loss == "policy_gradient" and self.opd.policy_gradient.ratio == "ppo"
+
+    def _route_b_loss(self, logits_shard: torch.Tensor, mb: RolloutBatch, log_ratio: torch.Tensor,
+                      student_logp: torch.Tensor, old_logp: Optional[torch.Tensor],
+                      teacher_shard: Optional[torch.Tensor], sparse: Optional[SparseTeacherLogprobs],
+                      weights: torch.Tensor, stats: MicroBatchStats, hidden: Optional[torch.Tensor]) -> torch.Tensor:
+        """Route B (policy_gradient) and CR-OPD: the advantages from `kappa r_t`, the loss summed over tokens, plus
+        the value head's loss."""
+        opd, pg_cfg = self.opd, self.opd.policy_gradient
+        mask = mb.loss_mask.to(logits_shard.device)
+        adv, value_loss = self._advantages(mb, self.credit_log_ratio(log_ratio), mask, stats, hidden)
+        stats.advantages = adv
+        if opd.loss == "policy_gradient":
+            # PPO ratio pi_theta / pi_theta_old, both under the loss's distribution: 1 on fresh data.
+            loss_mean, pg = policy_gradient_loss(
+                student_logp, adv, mask, old_logp=old_logp if self._ppo else None, weights=weights,
+                normalizer="token_mean", clip_eps_low=pg_cfg.clip_eps_low, clip_eps_high=pg_cfg.clip_eps_high,
+                dual_clip=pg_cfg.dual_clip)
+            loss_sum = loss_mean * mask.sum()
+            stats.pg = {k: float(v) for k, v in asdict(pg).items() if isinstance(v, (int, float, torch.Tensor))
+                        and (not isinstance(v, torch.Tensor) or v.numel() == 1)}
+        else:
+            per_token, routing_stats = vocab_parallel_cr_opd_loss(
+                logits_shard, mb.labels.to(logits_shard.device), adv, mask, teacher_logits_shard=teacher_shard,
+                teacher_topk_ids=None if sparse is None else sparse.ids,
+                teacher_topk_logprobs=None if sparse is None else sparse.logprobs,
+                config=self.routing, student_temperature=opd.student_temperature,
+                teacher_temperature=self.teacher_cfg.temperature, true_vocab_size=self.vocab)
+            loss_sum = (torch.where(mask > 0, per_token, 0.0) * weights).sum()
+            stats.routing = routing_stats
+        if value_loss is not None:
+            stats.value_loss_sum = float(value_loss.detach())
+            loss_sum = loss_sum + opd.credit.value_coef * value_loss
+        return loss_sum
+
+    def _added_terms(self, loss_sum: torch.Tensor, logits_shard: torch.Tensor, mb: RolloutBatch,
+                     student_logp: torch.Tensor, teacher_shard: Optional[torch.Tensor], weights: torch.Tensor,
+                     stats: MicroBatchStats) -> torch.Tensor:
+        """`loss_sum` plus the terms any route may add, in this order: MiniLLM's single-step term, the entropy
+        bonus, the KL to the frozen reference."""
+        opd, reg, vocab, chunk = self.opd, self.opd.regularizers, self.vocab, self.opd.chunk_size
+        tau_s = opd.student_temperature
+        keep = mb.loss_mask.to(logits_shard.device) > 0
+        if opd.loss != "divergence" and opd.credit.estimator == "single_step":
             # MiniLLM's single-step decomposition: the PG term above carries the future (gamma G_(t+1)); the step-t
             # term is the exact reverse KL over the vocabulary at the visited state [MiniLLM].
             step_term = vp.vocab_parallel_reverse_kl(logits_shard, teacher_shard, student_temperature=tau_s,
-                                                     teacher_temperature=tau_t, true_vocab_size=vocab, chunk_size=chunk)
+                                                     teacher_temperature=self.teacher_cfg.temperature,
+                                                     true_vocab_size=vocab, chunk_size=chunk)
             loss_sum = loss_sum + opd.kl_coef * (torch.where(keep, step_term, 0.0) * weights).sum()
-        if opd.entropy_coef:
+        if reg.entropy_coef:
             entropy = vp.vocab_parallel_entropy(logits_shard, tau_s, vocab, chunk_size=chunk)
-            loss_sum = loss_sum - opd.entropy_coef * (entropy * weights).sum()
-        if opd.reference_kl_coef:
-            ref = mb.reference_logprobs.to(device)
+            loss_sum = loss_sum - reg.entropy_coef * (entropy * weights).sum()
+        if reg.reference_kl_coef:
+            ref = mb.reference_logprobs.to(logits_shard.device)
             per_token = reference_kl(torch.where(keep, student_logp, 0.0), torch.where(keep, ref, 0.0),
-                                     opd.reference_kl_estimator)
+                                     reg.reference_kl_estimator)
             stats.reference_kl = torch.where(keep, per_token.detach(), 0.0)
-            loss_sum = loss_sum + opd.reference_kl_coef * (torch.where(keep, per_token, 0.0) * weights).sum()
-        return loss_sum, mask.sum(), stats
+            loss_sum = loss_sum + reg.reference_kl_coef * (torch.where(keep, per_token, 0.0) * weights).sum()
+        return loss_sum
 
     def _divergence(self, student: torch.Tensor, teacher: Optional[torch.Tensor],
                     sparse: Optional[SparseTeacherLogprobs]) -> torch.Tensor:
-        opd = self.opd
+        opd, a = self.opd, self.opd.route_a
         tau_s, tau_t = opd.student_temperature, self.teacher_cfg.temperature
-        kind = {"jsd": "generalized_jsd", "tv": "total_variation"}.get(opd.divergence, opd.divergence)
-        if opd.support == "full":
+        kind = {"jsd": "generalized_jsd", "tv": "total_variation"}.get(a.divergence, a.divergence)
+        if a.support == "full":
             common = dict(student_temperature=tau_s, teacher_temperature=tau_t, true_vocab_size=self.vocab,
                           chunk_size=opd.chunk_size)
-            if opd.divergence == "jsd":
-                return vp.vocab_parallel_generalized_jsd(student, teacher, opd.jsd_beta, **common)
-            if opd.divergence == "skew_forward_kl":
-                return vp.vocab_parallel_skew_forward_kl(student, teacher, opd.skew_alpha, **common)
-            if opd.divergence == "skew_reverse_kl":
-                return vp.vocab_parallel_skew_reverse_kl(student, teacher, opd.skew_alpha, **common)
-            return _DIVERGENCES[opd.divergence](student, teacher, **common)
+            if a.divergence == "jsd":
+                return vp.vocab_parallel_generalized_jsd(student, teacher, a.jsd_beta, **common)
+            if a.divergence == "skew_forward_kl":
+                return vp.vocab_parallel_skew_forward_kl(student, teacher, a.skew_alpha, **common)
+            if a.divergence == "skew_reverse_kl":
+                return vp.vocab_parallel_skew_reverse_kl(student, teacher, a.skew_alpha, **common)
+            return _DIVERGENCES[a.divergence](student, teacher, **common)
         supported = vocab_parallel_build_support(
-            student, teacher if teacher is not None else sparse, opd.support, opd.support_k, opd.support_mode,
+            student, teacher if teacher is not None else sparse, a.support, a.support_k, a.support_mode,
             student_temperature=tau_s, teacher_temperature=tau_t if teacher is not None else 1.0,
             true_vocab_size=self.vocab)
-        beta = opd.jsd_beta if opd.divergence == "jsd" else None
-        alpha = opd.skew_alpha if opd.divergence.startswith("skew") else None
+        beta = a.jsd_beta if a.divergence == "jsd" else None
+        alpha = a.skew_alpha if a.divergence.startswith("skew") else None
         return divergence_on_support(kind, supported, beta=beta, alpha=alpha)
 
     def _advantages(self, mb: RolloutBatch, log_ratio: torch.Tensor, mask: torch.Tensor, stats: MicroBatchStats,
@@ -284,7 +346,7 @@ class OpdObjective:
         """`A_t` `[B, S]` of the micro-batch from `kappa r_t` (`credit_log_ratio`), and the value head's loss.
         Group / batch baselines arrive precomputed on the whole batch (`mb.advantages`); the outcome term
         `R - b_R` too (`mb.outcome_advantages`): a micro-batch may split a group."""
-        opd = self.opd
+        opd, credit = self.opd, self.opd.credit
         value_loss = None
         values = None
         if self.value_head is not None:
@@ -293,33 +355,33 @@ class OpdObjective:
             values = self.value_head(hidden.detach().float()).squeeze(-1) * mask
         if mb.advantages is not None:                    # computed on the whole batch (group / batch baselines)
             adv = mb.advantages.to(log_ratio.device)
-        elif opd.estimator == "gae":
-            out = gae(log_ratio, mask, values.detach(), gamma=opd.gamma, lam=opd.gae_lambda)
+        elif credit.estimator == "gae":
+            out = gae_advantages(log_ratio, mask, values.detach(), gamma=credit.gamma, lam=credit.gae_lambda)
             adv = out.advantages
             targets = out.value_targets
             value_loss = 0.5 * (((values - targets.detach()) ** 2) * mask).sum()
             stats.values, stats.value_targets = values.detach(), targets.detach()
         else:
             kwargs = {}
-            if opd.baseline == "reverse_kl":
+            if credit.baseline == "reverse_kl":
                 # b(s_t) = -kappa RKL_t: the baseline is in the units of the scaled reward kappa r_t [vOPD].
                 kwargs["reverse_kl"] = stats.rkl_exact * opd.kl_coef
-            if opd.baseline == "value":
+            if credit.baseline == "value":
                 kwargs["values"] = values.detach()
-                returns = credit_advantages(log_ratio, mask, "discounted", gamma=opd.gamma)
+                returns = credit_advantages(log_ratio, mask, "discounted", gamma=credit.gamma)
                 value_loss = 0.5 * (((values - returns) ** 2) * mask).sum()
                 stats.values, stats.value_targets = values.detach(), returns
-            if opd.estimator == "single_step":
-                kwargs["length_normalized"] = opd.length_normalized
-            adv = credit_advantages(log_ratio, mask, opd.estimator, self.credit_gamma, baseline=opd.baseline,
+            if credit.estimator == "single_step":
+                kwargs["length_normalized"] = credit.length_normalized
+            adv = credit_advantages(log_ratio, mask, credit.estimator, self.credit_gamma, baseline=credit.baseline,
                                     **kwargs)
-        if opd.outcome_beta:
+        if credit.outcome_beta:
             if mb.outcome_advantages is None:
-                raise RuntimeError("opd.outcome_beta > 0 needs the batch's centred rewards (outcome_advantages), "
-                                   "computed on the whole batch before the micro-batches")
+                raise RuntimeError("opd.credit.outcome_beta > 0 needs the batch's centred rewards "
+                                   "(outcome_advantages), computed on the whole batch before the micro-batches")
             # A_t = alpha A_t^OPD + beta (R - b_R), with R - b_R from the whole batch [Survey].
-            adv = outcome_hybrid(adv, mask, mb.outcome_advantages.to(adv.device), opd.outcome_alpha, opd.outcome_beta,
-                                 reward_baseline="none")
+            adv = outcome_hybrid(adv, mask, mb.outcome_advantages.to(adv.device), credit.outcome_alpha,
+                                 credit.outcome_beta, reward_baseline="none")
         return adv.detach(), value_loss
 
     def _gate_inputs(self, stats: MicroBatchStats, teacher: Optional[torch.Tensor]) -> dict:

@@ -9,7 +9,7 @@ proportion to `pi`, teacher-rejected ones included. CR-OPD sends that mass only 
     C_t = { v != y_t : v in Supp_T(s_t) and v in Reach_S(s_t) }
 
 (teacher-supported, student-reachable alternatives), split by routing weights `rho_t(v)` on `C_t`. Two forms of
-the routed loss (`RoutingConfig.form`, config key `opd.routing.form`), both [Ours, after Survey]:
+the routed loss (`RoutingConfig.form`, config key `opd.cr_opd.form`), both [Ours, after Survey]:
 - matched (default): `L_t = |A_t| (1 - sg pi(y_t)) [log pi(y_t) - sum_{v in C_t} rho_t(v) log pi(v)]`, logit
   gradient `|A_t| (1 - pi(y_t)) (e_{y_t} - rho_t)`: `y_t` is pushed down exactly as by the plain PG term, linear
   in `A_t`, and the freed mass goes to `C_t` by `rho_t` instead of to every token by `pi`.
@@ -20,7 +20,7 @@ With `A_t >= 0` or `C_t` empty both forms are the plain PG term `-A_t log pi(y_t
 
 Shapes: logits `[..., V]` (`[N, V]` or `[B, T, V]`); per-position tensors (sampled ids, advantages, mask) have the
 leading shape `[...]`. Everything is computed on the flattened `[N, V]` view and returned in the leading shape.
-This is the single-device reference; it imports only torch and `tensor_checks`.
+This is the single-device reference; it imports only torch and `checks.py`.
 """
 
 from __future__ import annotations
@@ -315,62 +315,10 @@ def cr_opd_loss(student_logits: torch.Tensor, sampled_ids: torch.Tensor, advanta
 
     Returns `(loss [...], RoutingStats)`; masked positions have loss 0 and no gradient.
     """
-    # --- argument checks -------------------------------------------------------------------------------------
-    require_floating("student_logits", student_logits)
-    if student_logits.dim() < 2:
-        raise MathInputError(f"student_logits: expected shape [..., V] with at least 2 dims, "
-                             f"got {tuple(student_logits.shape)}")
-    require_finite("student_logits", student_logits)
-    leading, vocab = tuple(student_logits.shape[:-1]), student_logits.shape[-1]
-    require_mask_shape(sampled_ids, leading, "sampled_ids")
-    require_mask_shape(advantages, leading, "advantages")
-    require_floating("advantages", advantages)
-    if mask is None:
-        mask = torch.ones(leading, dtype=torch.bool, device=student_logits.device)
-    require_mask_shape(mask, leading, "mask")
-    keep = require_binary_mask("mask", mask)
-    if not torch.isfinite(advantages[keep]).all():
-        raise MathInputError("advantages: expected finite values on unmasked positions, found NaN/inf")
-    require_token_ids("sampled_ids", sampled_ids[keep], vocab)
-    require_positive("student_temperature", student_temperature)
-    require_positive("teacher_temperature", teacher_temperature)
-    if config.student_reach == "topk":
-        require_positive_int("student_top_k", config.student_top_k, at_most=vocab, what="the vocabulary size V")
+    keep = _checked_mask(student_logits, sampled_ids, advantages, mask, teacher_logits, teacher_topk_ids,
+                         teacher_topk_logprobs, config, student_temperature, teacher_temperature)
     dense = teacher_logits is not None
-    sparse = teacher_topk_ids is not None or teacher_topk_logprobs is not None
-    if dense == sparse:
-        raise MathInputError("teacher_logits / teacher_topk_ids+teacher_topk_logprobs: expected exactly one "
-                             "teacher input, dense logits or sparse top-k ids with their log-probs")
-    if dense:
-        require_floating("teacher_logits", teacher_logits)
-        require_finite("teacher_logits", teacher_logits)
-        if tuple(teacher_logits.shape) != tuple(student_logits.shape):
-            raise MathInputError(f"teacher_logits: expected the shape of student_logits "
-                                 f"{tuple(student_logits.shape)} (same positions and vocabulary), "
-                                 f"got {tuple(teacher_logits.shape)}")
-        if config.teacher_support == "topk":
-            require_positive_int("teacher_top_k", config.teacher_top_k, at_most=vocab,
-                                 what="the vocabulary size V")
-    else:
-        if teacher_topk_ids is None or teacher_topk_logprobs is None:
-            raise MathInputError("teacher_topk_ids / teacher_topk_logprobs: the sparse teacher needs both")
-        if teacher_topk_ids.dim() != len(leading) + 1 or tuple(teacher_topk_ids.shape[:-1]) != leading:
-            raise MathInputError(f"teacher_topk_ids: expected shape {leading + ('K',)}, "
-                                 f"got {tuple(teacher_topk_ids.shape)}")
-        if tuple(teacher_topk_logprobs.shape) != tuple(teacher_topk_ids.shape):
-            raise MathInputError(f"teacher_topk_logprobs: expected the shape of teacher_topk_ids "
-                                 f"{tuple(teacher_topk_ids.shape)}, got {tuple(teacher_topk_logprobs.shape)}")
-        require_floating("teacher_topk_logprobs", teacher_topk_logprobs)
-        require_finite("teacher_topk_logprobs", teacher_topk_logprobs)
-        if (teacher_topk_logprobs > 1e-6).any():
-            raise MathInputError("teacher_topk_logprobs: expected log-probabilities (<= 0), found positive values")
-        require_token_ids("teacher_topk_ids", teacher_topk_ids[keep], vocab)
-        if teacher_temperature != 1.0:
-            raise MathInputError("teacher_temperature: sparse teacher log-probs are used as the server gave them; "
-                                 f"expected 1.0, got {teacher_temperature}")
-        if config.teacher_support == "topk":
-            require_positive_int("teacher_top_k", config.teacher_top_k, at_most=teacher_topk_ids.shape[-1],
-                                 what="the K ids the sparse teacher gave")
+    leading, vocab = tuple(student_logits.shape[:-1]), student_logits.shape[-1]
 
     # --- flatten; padding rows become harmless zeros so they cannot poison values or gradients ----------------
     n = math.prod(leading)
@@ -412,3 +360,74 @@ def cr_opd_loss(student_logits: torch.Tensor, sampled_ids: torch.Tensor, advanta
                          empty_candidates=(keep & (count == 0)).reshape(leading), routed=routed.reshape(leading),
                          negative_advantage=negative.reshape(leading))
     return loss.reshape(leading), stats
+
+
+def _checked_mask(student_logits: torch.Tensor, sampled_ids: torch.Tensor, advantages: torch.Tensor,
+                  mask: Optional[torch.Tensor], teacher_logits: Optional[torch.Tensor],
+                  teacher_topk_ids: Optional[torch.Tensor], teacher_topk_logprobs: Optional[torch.Tensor],
+                  config: RoutingConfig, student_temperature: float, teacher_temperature: float) -> torch.Tensor:
+    """`cr_opd_loss`'s argument checks; returns the mask as bool `[...]` (all True when not given)."""
+    require_floating("student_logits", student_logits)
+    if student_logits.dim() < 2:
+        raise MathInputError(f"student_logits: expected shape [..., V] with at least 2 dims, "
+                             f"got {tuple(student_logits.shape)}")
+    require_finite("student_logits", student_logits)
+    leading, vocab = tuple(student_logits.shape[:-1]), student_logits.shape[-1]
+    require_mask_shape(sampled_ids, leading, "sampled_ids")
+    require_mask_shape(advantages, leading, "advantages")
+    require_floating("advantages", advantages)
+    if mask is None:
+        mask = torch.ones(leading, dtype=torch.bool, device=student_logits.device)
+    require_mask_shape(mask, leading, "mask")
+    keep = require_binary_mask("mask", mask)
+    if not torch.isfinite(advantages[keep]).all():
+        raise MathInputError("advantages: expected finite values on unmasked positions, found NaN/inf")
+    require_token_ids("sampled_ids", sampled_ids[keep], vocab)
+    require_positive("student_temperature", student_temperature)
+    require_positive("teacher_temperature", teacher_temperature)
+    if config.student_reach == "topk":
+        require_positive_int("student_top_k", config.student_top_k, at_most=vocab, what="the vocabulary size V")
+    dense = teacher_logits is not None
+    sparse = teacher_topk_ids is not None or teacher_topk_logprobs is not None
+    if dense == sparse:
+        raise MathInputError("teacher_logits / teacher_topk_ids+teacher_topk_logprobs: expected exactly one "
+                             "teacher input, dense logits or sparse top-k ids with their log-probs")
+    if dense:
+        require_floating("teacher_logits", teacher_logits)
+        require_finite("teacher_logits", teacher_logits)
+        if tuple(teacher_logits.shape) != tuple(student_logits.shape):
+            raise MathInputError(f"teacher_logits: expected the shape of student_logits "
+                                 f"{tuple(student_logits.shape)} (same positions and vocabulary), "
+                                 f"got {tuple(teacher_logits.shape)}")
+        if config.teacher_support == "topk":
+            require_positive_int("teacher_top_k", config.teacher_top_k, at_most=vocab,
+                                 what="the vocabulary size V")
+    else:
+        _check_sparse_teacher(teacher_topk_ids, teacher_topk_logprobs, keep, vocab, config, teacher_temperature)
+    return keep
+
+
+def _check_sparse_teacher(teacher_topk_ids: Optional[torch.Tensor], teacher_topk_logprobs: Optional[torch.Tensor],
+                          keep: torch.Tensor, vocab: int, config: RoutingConfig, teacher_temperature: float) -> None:
+    """A server's answer `[..., K]`: both fields, one shape, log-probabilities <= 0, ids in the vocabulary on
+    unmasked positions, used at temperature 1, and at least `teacher_top_k` of them for a top-k support."""
+    leading = tuple(keep.shape)
+    if teacher_topk_ids is None or teacher_topk_logprobs is None:
+        raise MathInputError("teacher_topk_ids / teacher_topk_logprobs: the sparse teacher needs both")
+    if teacher_topk_ids.dim() != len(leading) + 1 or tuple(teacher_topk_ids.shape[:-1]) != leading:
+        raise MathInputError(f"teacher_topk_ids: expected shape {leading + ('K',)}, "
+                             f"got {tuple(teacher_topk_ids.shape)}")
+    if tuple(teacher_topk_logprobs.shape) != tuple(teacher_topk_ids.shape):
+        raise MathInputError(f"teacher_topk_logprobs: expected the shape of teacher_topk_ids "
+                             f"{tuple(teacher_topk_ids.shape)}, got {tuple(teacher_topk_logprobs.shape)}")
+    require_floating("teacher_topk_logprobs", teacher_topk_logprobs)
+    require_finite("teacher_topk_logprobs", teacher_topk_logprobs)
+    if (teacher_topk_logprobs > 1e-6).any():
+        raise MathInputError("teacher_topk_logprobs: expected log-probabilities (<= 0), found positive values")
+    require_token_ids("teacher_topk_ids", teacher_topk_ids[keep], vocab)
+    if teacher_temperature != 1.0:
+        raise MathInputError("teacher_temperature: sparse teacher log-probs are used as the server gave them; "
+                             f"expected 1.0, got {teacher_temperature}")
+    if config.teacher_support == "topk":
+        require_positive_int("teacher_top_k", config.teacher_top_k, at_most=teacher_topk_ids.shape[-1],
+                             what="the K ids the sparse teacher gave")

@@ -20,7 +20,8 @@ Estimators (the `estimator` argument of `advantages`):
 - `"single_step"`   `A_t = gamma * G^gamma_{t+1}` (optionally `/ n_future_t`) [MiniLLM]: the long-term part of
                     MiniLLM's single-step decomposition; the caller adds the step-t term exactly over the
                     vocabulary (route A reverse KL at every visited state).
-- `"gae"`           GAE-OPD [Survey]: `delta_t = r_t + gamma V(s_t+1) - V(s_t)`, `A_t = sum_l (gamma lam)^l delta_t+l`.
+- `"gae"`           GAE-OPD [Survey]: `delta_t = r_t + gamma V(s_t+1) - V(s_t)`, `A_t = sum_l (gamma lam)^l delta_t+l`
+                    (`gae_advantages`, which also returns the value head's targets).
 The outcome/verifier hybrid `alpha A^OPD + beta (R - b_R)` [Survey] is `outcome_hybrid`.
 """
 
@@ -103,7 +104,7 @@ def advantages(log_ratio: torch.Tensor, mask: torch.Tensor, estimator: str, gamm
     if estimator == "gae":
         if values is None:
             raise MathInputError("values: estimator='gae' needs the value predictions V(s_t) [B, T]")
-        return _gae(rewards, mask, _check_per_position("values", values, mask, rewards.dtype), gamma, lam)[0]
+        return gae_advantages(log_ratio, mask, values, gamma, lam).advantages
     if estimator == "single_step":
         future = _returns(rewards, mask, gamma) - rewards
         if length_normalized:
@@ -151,21 +152,33 @@ def returns_to_go(log_ratio: torch.Tensor, mask: torch.Tensor, gamma: float = 1.
     return _returns(torch.where(mask, log_ratio, 0.0), mask, gamma)
 
 
-def gae(log_ratio: torch.Tensor, mask: torch.Tensor, values: torch.Tensor, gamma: float = 1.0,
-        lam: float = 1.0) -> GaeOutput:
-    """GAE-OPD [Survey] (GAE, Schulman et al. 2016, on the OPD reward `r_t`).
+def gae_advantages(log_ratio: torch.Tensor, mask: torch.Tensor, values: torch.Tensor, gamma: float = 1.0,
+                   lam: float = 1.0) -> GaeOutput:
+    """GAE-OPD [Survey]: generalized advantage estimation (GAE, Schulman et al. 2016) on the OPD reward `r_t`.
 
     `delta_t = r_t + gamma V(s_t+1) - V(s_t)`, `A_t = sum_l (gamma lam)^l delta_{t+l}`, value targets
-    `A_t + V(s_t)`. `s_t+1` is the next unmasked position; after the last one `V = 0` (terminal). `lam = 1`
-    telescopes to `G^gamma_t - V(s_t)` (return-to-go minus the value at gamma = 1) for any `values`; `lam = 0` is
-    TD(0), `A_t = delta_t`. `values` `[B, T]` are predictions (detached here); masked entries are ignored.
+    `A_t + V(s_t)` (the lambda-returns). `s_t+1` is the next unmasked position; after the last one `V = 0`
+    (terminal). `lam = 1` telescopes to `G^gamma_t - V(s_t)` (return-to-go minus the value at gamma = 1) for any
+    `values`; `lam = 0` is TD(0), `A_t = delta_t`. Inputs `[B, T]`: `log_ratio`, `mask`, and `values` (the value
+    head's predictions, detached here; masked entries are ignored). Outputs `[B, T]`, zero on masked positions.
     """
     require_in_range("gamma", gamma, 0.0, 1.0)
     require_in_range("lam", lam, 0.0, 1.0)
     log_ratio, mask = _check_log_ratio(log_ratio, mask)
     values = _check_per_position("values", values, mask, log_ratio.dtype)
-    advantage, targets = _gae(torch.where(mask, log_ratio, 0.0), mask, values, gamma, lam)
-    return GaeOutput(advantages=advantage, value_targets=targets)
+    rewards = torch.where(mask, log_ratio, 0.0)
+    # Backwards over positions: `running` is A at the next unmasked position, `next_value` its V; a masked
+    # position is not a step, so both pass through it unchanged (module docstring).
+    advantage = torch.zeros_like(rewards)
+    running = rewards.new_zeros(rewards.shape[0])
+    next_value = rewards.new_zeros(rewards.shape[0])
+    for t in reversed(range(rewards.shape[1])):
+        m = mask[:, t]
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        running = torch.where(m, delta + gamma * lam * running, running)
+        next_value = torch.where(m, values[:, t], next_value)
+        advantage[:, t] = torch.where(m, running, 0.0)
+    return GaeOutput(advantages=advantage, value_targets=torch.where(mask, advantage + values, 0.0))
 
 
 def centred_rewards(rewards: torch.Tensor, reward_baseline: str = "group_mean",
@@ -276,21 +289,6 @@ def _returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.T
         running = torch.where(mask[:, t], rewards[:, t] + gamma * running, running)
         out[:, t] = torch.where(mask[:, t], running, 0.0)
     return out
-
-
-def _gae(rewards: torch.Tensor, mask: torch.Tensor, values: torch.Tensor, gamma: float,
-         lam: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The GAE scan on checked inputs: (advantages, value targets)."""
-    advantage = torch.zeros_like(rewards)
-    running = rewards.new_zeros(rewards.shape[0])
-    next_value = rewards.new_zeros(rewards.shape[0])
-    for t in reversed(range(rewards.shape[1])):
-        m = mask[:, t]
-        delta = rewards[:, t] + gamma * next_value - values[:, t]
-        running = torch.where(m, delta + gamma * lam * running, running)
-        next_value = torch.where(m, values[:, t], next_value)
-        advantage[:, t] = torch.where(m, running, 0.0)
-    return advantage, torch.where(mask, advantage + values, 0.0)
 
 
 def _describe(value) -> str:

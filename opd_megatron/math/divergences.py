@@ -91,6 +91,20 @@ def _kl_terms(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
     return terms.masked_fill(zero, 0.0).masked_fill(infinite, float("inf"))
 
 
+def require_divergence_parameters(kind: str, beta: float | None, alpha: float | None) -> None:
+    """`kind` is one of `DIVERGENCES` and gets exactly its own parameter: `beta` in [0, 1] for
+    `generalized_jsd`, `alpha` in [0, 1] for the skew KLs, neither for the others."""
+    require_choice("kind", kind, DIVERGENCES)
+    needs = {"generalized_jsd": "beta", "skew_forward_kl": "alpha", "skew_reverse_kl": "alpha"}.get(kind)
+    for name, value in (("beta", beta), ("alpha", alpha)):
+        if name == needs:
+            if value is None:
+                raise MathInputError(f"{name}: required for kind {kind!r}, got None")
+            require_in_range(name, float(value), 0.0, 1.0)
+        elif value is not None:
+            raise MathInputError(f"{name}: not a parameter of kind {kind!r} (expected None), got {value}")
+
+
 def divergence_from_log_probs(kind: str, student_logp: torch.Tensor, teacher_logp: torch.Tensor, *,
                               beta: float | None = None, alpha: float | None = None) -> torch.Tensor:
     """Per-position divergence from normalised log-probabilities `[..., K]` of the student (`pi`) and the
@@ -107,16 +121,8 @@ def divergence_from_log_probs(kind: str, student_logp: torch.Tensor, teacher_log
 
     Outcomes that are -inf on both sides (masked vocabulary, unused support slots) contribute exactly 0. The
     teacher side is used as given (detach it before if it must not receive gradient)."""
-    require_choice("kind", kind, DIVERGENCES)
+    require_divergence_parameters(kind, beta, alpha)
     require_same_shape(student_logp=student_logp, teacher_logp=teacher_logp)
-    needs = {"generalized_jsd": "beta", "skew_forward_kl": "alpha", "skew_reverse_kl": "alpha"}.get(kind)
-    for name, value in (("beta", beta), ("alpha", alpha)):
-        if name == needs:
-            if value is None:
-                raise MathInputError(f"{name}: required for kind {kind!r}, got None")
-            require_in_range(name, float(value), 0.0, 1.0)
-        elif value is not None:
-            raise MathInputError(f"{name}: not a parameter of kind {kind!r} (expected None), got {value}")
 
     # Outcomes impossible on both sides are taken out before any arithmetic: every term below is then
     # finite or a true +inf, and their gradients are clean.

@@ -1,11 +1,11 @@
 """Token gates: the token weight `w_t` as a product of gates, and each gate's keep rate.
-[Survey] `docs/opd-math.md`, "Gates, weights, normalisers, regularisers".
+[Survey] `docs/opd-math.md`, "Gates and token weights".
 
 Every gate is a boolean keep-set `[...]` over positions (`[B, T]` for a batch), computed without gradient; the
 truncated train/inference importance weight is the one non-binary factor. `token_weights` multiplies the
 configured ones into `w_t [...]` (0 on masked positions) and reports, for each gate, the share of masked tokens it
 keeps (alone, not after the others). This is the single-device reference; it imports only torch and
-`tensor_checks`.
+`checks.py` (and `regularizers.entropy`).
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ on `[B, T]` tensors of sampled-token quantities, with `A_t` from `opd_megatron.m
 - importance-ratio form `c_t = rho_t = pi_theta(y_t|s_t) / pi_theta_old(y_t|s_t) = exp(logp - old_logp)`, the PPO
   ratio of the current weights to the weights that sampled, both under the loss's distribution (so exactly 1 on
   fresh on-policy data whatever the rollout's top-p / top-k / temperature; the sampler mismatch
-  `pi_theta_old / mu` is a separate weight, truncated IS in `gates.py`, opd-math.md Route B), PPO-clipped in
+  `pi_theta_old / mu` is a separate weight, truncated IS in `gates.py`; docs/opd-math.md, Route B), PPO-clipped in
   the min form with separate low/high epsilon, `min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A)`, and an
   optional dual clip `max(., c A)` for `A < 0` (Ye et al. 2020) [Survey].
 At `rho = 1` both forms have the same gradient `-(1/Z) m w A grad log pi`.
@@ -82,7 +82,7 @@ def policy_gradient_loss(logp: torch.Tensor, advantages: torch.Tensor, mask: tor
       log-prob form.
     - `weights` `[B, T]` or None: token weights `w_t >= 0` (a product of gates, truncated IS weights),
       treated as constants (detached).
-    - `normalizer` (`Z`), shared with route A (`losses.distributional.reduce_loss`): `"token_mean"` - the number
+    - `normalizer` (`Z`), shared with route A (`divergences.reduce_loss`): `"token_mean"` - the number
       of unmasked tokens in the batch (gated tokens with `w_t = 0` still count); `"sequence_mean"` - each
       sequence's sum over its own unmasked-token count, then the mean over sequences that have at least one
       unmasked token; `"constant"` - `B * max_length` (each sequence's sum over a fixed length, default

@@ -39,7 +39,7 @@ def reference_kl(student_logp: torch.Tensor, reference_logp: torch.Tensor, estim
     - `k3 = (r - 1) - log r`: unbiased for KL(pi||ref) and >= 0 per sample; its gradient is unbiased for
       grad KL(ref||pi), the forward KL (module docstring).
 
-    Reduce with `distributional.reduce_loss`. k3 is computed as `expm1(log r) - log r` (no cancellation near
+    Reduce with `divergences.reduce_loss`. k3 is computed as `expm1(log r) - log r` (no cancellation near
     r = 1); it overflows to +inf for log r above ~709 (float64), a true reflection of `r = ref/pi` there."""
     require_choice("estimator", estimator, KL_ESTIMATORS)
     for name, tensor in (("student_logp", student_logp), ("reference_logp", reference_logp)):

@@ -11,7 +11,7 @@ union student top-k, between k and 2k ids). Modes on a top-k support S:
   (dense teacher; tested).
 
 `build_support` returns a `SupportedDistributions` (both sides' log-probs on the support and the support's
-name, e.g. "teacher_top64+tail"); `divergence_on_support` evaluates any divergence of `distributional.py` on
+name, e.g. "teacher_top64+tail"); `divergence_on_support` evaluates any divergence of `divergences.py` on
 it. With `k = V` every support equals the full vocabulary and the losses equal the full-vocabulary ones.
 """
 
@@ -124,7 +124,11 @@ def top_k_positions(values: torch.Tensor, k: int) -> torch.Tensor:
     return take.nonzero()[:, -1].view(*values.shape[:-1], k)
 
 
-def check_sparse_teacher(teacher: SparseTeacherLogprobs, leading: tuple[int, ...], vocab: int) -> None:
+def check_sparse_teacher(teacher: SparseTeacherLogprobs, leading: tuple[int, ...], vocab: int,
+                         values: bool = True) -> None:
+    """Types and shapes of a sparse teacher's fields for positions `leading`; with `values` (the default) also
+    what needs the values (read on the host): ids in the vocabulary, finite log-probs summing to at most 1,
+    distinct `student_ids`. The vocab-parallel twin checks the values only with its debug checks on."""
     if (teacher.extra_ids is None) != (teacher.extra_logprobs is None):
         raise MathInputError("teacher.extra_ids / teacher.extra_logprobs: expected both or neither, got one")
     extras = teacher.extra_ids is not None
@@ -142,32 +146,82 @@ def check_sparse_teacher(teacher: SparseTeacherLogprobs, leading: tuple[int, ...
         if ids.dim() < 1 or tuple(ids.shape[:-1]) != tuple(leading) or ids.shape[-1] < min_k:
             raise MathInputError(f"{ids_name}: expected shape [{', '.join(map(str, leading))}, k] (the positions "
                                  f"of student_logits, k >= {min_k}), got {tuple(ids.shape)}")
-        if ids.numel() and ((ids < min_id) | (ids >= vocab)).any():
-            raise MathInputError(f"{ids_name}: expected ids in [{min_id}, V) with V = {vocab} (the student's "
-                                 f"vocabulary), got values in [{int(ids.min())}, {int(ids.max())}]")
-        require_finite(lp_name, lp)
+        if values:
+            _require_ids_in(ids_name, ids, min_id, vocab, "the student's vocabulary")
+            require_finite(lp_name, lp)
     if teacher.student_ids is not None:
-        _check_student_ids(teacher.student_ids, leading, vocab)
-    mass = torch.logsumexp(teacher.logprobs.double(), dim=-1).exp()
-    if (mass > 1 + _SPARSE_MASS_SLACK).any():
-        raise MathInputError(f"teacher.logprobs: the probabilities sum to more than 1 (up to "
-                             f"{float(mass.max()):.4g}) at some position: expected log-probabilities over the "
-                             f"full vocabulary (log_softmax), not logits")
+        _check_student_ids(teacher.student_ids, leading, vocab, values)
+    if values:
+        mass = torch.logsumexp(teacher.logprobs.double(), dim=-1).exp()
+        if (mass > 1 + _SPARSE_MASS_SLACK).any():
+            raise MathInputError(f"teacher.logprobs: the probabilities sum to more than 1 (up to "
+                                 f"{float(mass.max()):.4g}) at some position: expected log-probabilities over the "
+                                 f"full vocabulary (log_softmax), not logits")
 
 
-def _check_student_ids(ids: torch.Tensor, leading: tuple[int, ...], vocab: int) -> None:
+def _require_ids_in(name: str, ids: torch.Tensor, min_id: int, vocab: int, what: str) -> None:
+    if ids.numel() and ((ids < min_id) | (ids >= vocab)).any():
+        raise MathInputError(f"{name}: expected ids in [{min_id}, V) with V = {vocab} ({what}), got values in "
+                             f"[{int(ids.min())}, {int(ids.max())}]")
+
+
+def _check_student_ids(ids: torch.Tensor, leading: tuple[int, ...], vocab: int, values: bool) -> None:
     if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.dtype == torch.bool:
         raise MathInputError("teacher.student_ids: expected an integer tensor of vocabulary ids")
     if ids.dim() < 1 or tuple(ids.shape[:-1]) != tuple(leading) or ids.shape[-1] < 1:
         raise MathInputError(f"teacher.student_ids: expected shape [{', '.join(map(str, leading))}, k_s] (the "
                              f"positions of student_logits, k_s >= 1), got {tuple(ids.shape)}")
-    if ((ids < -1) | (ids >= vocab)).any():
-        raise MathInputError(f"teacher.student_ids: expected ids in [-1, V) with V = {vocab} (-1 = unused), got "
-                             f"values in [{int(ids.min())}, {int(ids.max())}]")
+    if not values:
+        return
+    _require_ids_in("teacher.student_ids", ids, -1, vocab, "-1 = unused")
     ordered = ids.sort(dim=-1).values
     if ((ordered[..., 1:] == ordered[..., :-1]) & (ordered[..., 1:] >= 0)).any():
         raise MathInputError("teacher.student_ids: an id appears twice at one position; expected distinct ids "
                              "(the student's top-k_s)")
+
+
+def check_sparse_request(teacher: SparseTeacherLogprobs, support: str, k: int, mode: str,
+                         teacher_temperature: float) -> None:
+    """What a top-k support asks of a sparse teacher: `k <= k_t` where the teacher's top-k is the support, and
+    temperature 1 for the tail (the tail mass of `log q / tau` is unknown)."""
+    k_teacher = teacher.ids.shape[-1]
+    if support in ("teacher_topk", "union") and k > k_teacher:
+        raise MathInputError(f"k: expected at most {k_teacher} (the teacher top-k returned: teacher.ids has "
+                             f"{k_teacher} per position) for support {support!r}, got {k}")
+    if mode == "tail" and teacher_temperature != 1.0:
+        raise MathInputError(f"teacher_temperature: a sparse teacher's tail mass is unknown at temperature "
+                             f"{teacher_temperature}; expected 1.0 with mode 'tail', or use mode "
+                             f"'renormalized'")
+
+
+def sparse_teacher_topk(teacher: SparseTeacherLogprobs, k: int) -> torch.Tensor:
+    """The teacher's top-k ids `[..., k]` among the served ones, ascending, ties to the lower id: the returned
+    slots are sorted by id first, so that the position tie rule of `top_k_positions` is the id rule."""
+    by_id = torch.argsort(teacher.ids, dim=-1, stable=True)
+    sorted_ids = teacher.ids.gather(-1, by_id)
+    chosen = top_k_positions(teacher.logprobs.gather(-1, by_id), k)
+    return sorted_ids.gather(-1, chosen).long()
+
+
+def sparse_teacher_logprobs(teacher: SparseTeacherLogprobs, ids: torch.Tensor, valid: torch.Tensor, support: str,
+                            k: int, teacher_temperature: float, dtype: torch.dtype,
+                            require_found: bool = True) -> torch.Tensor:
+    """A sparse teacher's `log q / tau` at the support ids `[..., K]` (`ids` with unused slots clamped to 0 and
+    marked False in `valid`, where the result is -inf), looked up among `ids` and `extra_ids`. require_found:
+    an id in neither is an error (counted on the host); without it such a slot holds an arbitrary served value."""
+    all_ids, all_lp = teacher.ids.long(), teacher.logprobs.detach().to(dtype)
+    if teacher.extra_ids is not None:
+        all_ids = torch.cat([all_ids, teacher.extra_ids.long()], dim=-1)
+        all_lp = torch.cat([all_lp, teacher.extra_logprobs.detach().to(dtype)], dim=-1)
+    lq_s, found = lookup_ids(ids, all_ids, all_lp)
+    if require_found:
+        missing = int((valid & ~found).sum())
+        if missing:
+            raise MathInputError(f"teacher: support {support!r} needs the teacher's logprobs on the student's "
+                                 f"top-{k} ids; {missing} of them are in neither teacher.ids nor "
+                                 f"teacher.extra_ids (request them from the server as extra_ids/extra_logprobs, "
+                                 f"or use support 'teacher_topk')")
+    return (lq_s / teacher_temperature).masked_fill(~valid, float("-inf"))
 
 
 def top_k_among(values: torch.Tensor, candidates: torch.Tensor, k: int) -> torch.Tensor:
@@ -231,67 +285,15 @@ def build_support(student_logits: torch.Tensor, teacher: torch.Tensor | SparseTe
     exact: the unknown normaliser cancels), not with `tail`. Where the student has no mass outside S (S
     covers the vocabulary) the teacher's tail is set to 0 too: the returned logprobs sum to 1 only up to
     rounding, and a rounding residue against a zero student tail would make forward KL infinite."""
-    require_choice("support", support, SUPPORTS)
-    require_choice("mode", mode, MODES)
-    check_logits("student_logits", student_logits)
-    require_positive("student_temperature", student_temperature)
-    require_positive("teacher_temperature", teacher_temperature)
-    vocab = student_logits.shape[-1]
-    leading = tuple(student_logits.shape[:-1])
+    dtype = _check_support_inputs(student_logits, teacher, support, mode, student_temperature, teacher_temperature)
     sparse = isinstance(teacher, SparseTeacherLogprobs)
-    if sparse:
-        check_sparse_teacher(teacher, leading, vocab)
-        dtype = compute_dtype(student_logits, teacher.logprobs)
-    elif isinstance(teacher, torch.Tensor):
-        check_logits("teacher_logits", teacher)
-        require_same_shape(student_logits=student_logits, teacher_logits=teacher)
-        dtype = compute_dtype(student_logits, teacher)
-    else:
-        raise MathInputError(f"teacher: expected teacher logits [..., V] (a tensor) or SparseTeacherLogprobs, "
-                             f"got {type(teacher).__name__}")
-
     if support == "full":
-        if sparse:
-            raise MathInputError("support: 'full' needs the teacher on the whole vocabulary (dense teacher logits "
-                                 "[..., V]); with a sparse teacher (top-k ids + logprobs) use 'teacher_topk' "
-                                 "(k <= the returned k), or 'student_topk'/'union' with the teacher's logprobs on "
-                                 "the student's top-k ids as extra_ids/extra_logprobs")
-        if k is not None:
-            raise MathInputError(f"k: not used by support 'full' (expected None), got {k!r}")
-        lp = log_probs(student_logits, student_temperature, dtype)
-        lq = log_probs(teacher.detach(), teacher_temperature, dtype)
-        ids = torch.arange(vocab, device=lp.device).expand(*leading, vocab)
-        return SupportedDistributions(lp, lq, ids, "full", None, None, False)
-
+        return _full_support(student_logits, teacher, sparse, k, student_temperature, teacher_temperature, dtype)
+    vocab = student_logits.shape[-1]
     require_positive_int("k", k, at_most=vocab, what=f"the vocabulary size V = {vocab}")
     if sparse:
-        k_teacher = teacher.ids.shape[-1]
-        if support in ("teacher_topk", "union") and k > k_teacher:
-            raise MathInputError(f"k: expected at most {k_teacher} (the teacher top-k returned: teacher.ids has "
-                                 f"{k_teacher} per position) for support {support!r}, got {k}")
-        if mode == "tail" and teacher_temperature != 1.0:
-            raise MathInputError(f"teacher_temperature: a sparse teacher's tail mass is unknown at temperature "
-                                 f"{teacher_temperature}; expected 1.0 with mode 'tail', or use mode "
-                                 f"'renormalized'")
-
-    # Rank by the raw logits (a temperature does not change the order, its rounding could break ties).
-    teacher_ids = student_ids = None
-    if support in ("teacher_topk", "union"):
-        if sparse:
-            # Sort the returned slots by id so that the position tie rule of top_k_positions is the id rule.
-            by_id = torch.argsort(teacher.ids, dim=-1, stable=True)
-            sorted_ids = teacher.ids.gather(-1, by_id)
-            chosen = top_k_positions(teacher.logprobs.gather(-1, by_id), k)
-            teacher_ids = sorted_ids.gather(-1, chosen).long()
-        else:
-            teacher_ids = top_k_positions(teacher.detach(), k)
-    if support in ("student_topk", "union"):
-        if sparse and teacher.student_ids is not None:
-            candidates = teacher.student_ids.long()
-            student_ids = top_k_among(student_logits.detach().gather(-1, candidates.clamp_min(0)), candidates, k)
-        else:
-            student_ids = top_k_positions(student_logits.detach(), k)
-    ids = support_ids(support, teacher_ids, student_ids)
+        check_sparse_request(teacher, support, k, mode, teacher_temperature)
+    ids = _topk_support_ids(student_logits, teacher, support, k, sparse)
     valid = ids >= 0
     safe_ids = ids.clamp_min(0)
 
@@ -304,18 +306,7 @@ def build_support(student_logits: torch.Tensor, teacher: torch.Tensor | SparseTe
     lp = torch.log_softmax(scaled_s, dim=-1) if mode == "tail" else scaled_s
     lp_s = lp.gather(-1, safe_ids).masked_fill(~valid, neg_inf)
     if sparse:
-        all_ids, all_lp = teacher.ids.long(), teacher.logprobs.detach().to(dtype)
-        if teacher.extra_ids is not None:
-            all_ids = torch.cat([all_ids, teacher.extra_ids.long()], dim=-1)
-            all_lp = torch.cat([all_lp, teacher.extra_logprobs.detach().to(dtype)], dim=-1)
-        lq_s, found = lookup_ids(safe_ids, all_ids, all_lp)
-        missing = int((valid & ~found).sum())
-        if missing:
-            raise MathInputError(f"teacher: support {support!r} needs the teacher's logprobs on the student's "
-                                 f"top-{k} ids; {missing} of them are in neither teacher.ids nor "
-                                 f"teacher.extra_ids (request them from the server as extra_ids/extra_logprobs, "
-                                 f"or use support 'teacher_topk')")
-        lq_s = (lq_s / teacher_temperature).masked_fill(~valid, neg_inf)
+        lq_s = sparse_teacher_logprobs(teacher, safe_ids, valid, support, k, teacher_temperature, dtype)
     else:
         lq = torch.log_softmax(scaled_t, dim=-1) if mode == "tail" else scaled_t
         lq_s = lq.gather(-1, safe_ids).masked_fill(~valid, neg_inf)
@@ -326,20 +317,78 @@ def build_support(student_logits: torch.Tensor, teacher: torch.Tensor | SparseTe
         in_support = torch.zeros(lp.shape, dtype=torch.int32, device=lp.device)
         in_support = in_support.scatter_add(-1, safe_ids, valid.to(torch.int32)) > 0
         tail_p = safe_logsumexp(lp.masked_fill(in_support, neg_inf), keepdim=True)
-        if sparse:
-            covered = safe_logsumexp(lq_s, keepdim=True).clamp_max(0.0)
-            tail_q = torch.log(-torch.expm1(covered))
-            tail_q = tail_q.masked_fill(torch.isneginf(tail_p), neg_inf)
-        else:
-            tail_q = safe_logsumexp(lq.masked_fill(in_support, neg_inf), keepdim=True)
+        tail_q = (sparse_tail(lq_s, tail_p) if sparse
+                  else safe_logsumexp(lq.masked_fill(in_support, neg_inf), keepdim=True))
         lp_s = torch.cat([lp_s, tail_p], dim=-1)
         lq_s = torch.cat([lq_s, tail_q], dim=-1)
     return SupportedDistributions(lp_s, lq_s, ids, support, k, mode, sparse)
 
 
+def _check_support_inputs(student_logits: torch.Tensor, teacher: torch.Tensor | SparseTeacherLogprobs,
+                          support: str, mode: str, student_temperature: float,
+                          teacher_temperature: float) -> torch.dtype:
+    """`build_support`'s argument checks that do not depend on k; returns the compute dtype."""
+    require_choice("support", support, SUPPORTS)
+    require_choice("mode", mode, MODES)
+    check_logits("student_logits", student_logits)
+    require_positive("student_temperature", student_temperature)
+    require_positive("teacher_temperature", teacher_temperature)
+    if isinstance(teacher, SparseTeacherLogprobs):
+        check_sparse_teacher(teacher, tuple(student_logits.shape[:-1]), student_logits.shape[-1])
+        return compute_dtype(student_logits, teacher.logprobs)
+    if isinstance(teacher, torch.Tensor):
+        check_logits("teacher_logits", teacher)
+        require_same_shape(student_logits=student_logits, teacher_logits=teacher)
+        return compute_dtype(student_logits, teacher)
+    raise MathInputError(f"teacher: expected teacher logits [..., V] (a tensor) or SparseTeacherLogprobs, "
+                         f"got {type(teacher).__name__}")
+
+
+def _full_support(student_logits: torch.Tensor, teacher: torch.Tensor | SparseTeacherLogprobs, sparse: bool,
+                  k: int | None, student_temperature: float, teacher_temperature: float,
+                  dtype: torch.dtype) -> SupportedDistributions:
+    """Support `full`: both log-softmaxes over the vocabulary (a dense teacher only)."""
+    if sparse:
+        raise MathInputError("support: 'full' needs the teacher on the whole vocabulary (dense teacher logits "
+                             "[..., V]); with a sparse teacher (top-k ids + logprobs) use 'teacher_topk' "
+                             "(k <= the returned k), or 'student_topk'/'union' with the teacher's logprobs on "
+                             "the student's top-k ids as extra_ids/extra_logprobs")
+    if k is not None:
+        raise MathInputError(f"k: not used by support 'full' (expected None), got {k!r}")
+    lp = log_probs(student_logits, student_temperature, dtype)
+    lq = log_probs(teacher.detach(), teacher_temperature, dtype)
+    vocab = student_logits.shape[-1]
+    ids = torch.arange(vocab, device=lp.device).expand(*student_logits.shape[:-1], vocab)
+    return SupportedDistributions(lp, lq, ids, "full", None, None, False)
+
+
+def _topk_support_ids(student_logits: torch.Tensor, teacher: torch.Tensor | SparseTeacherLogprobs, support: str,
+                      k: int, sparse: bool) -> torch.Tensor:
+    """The ids `[..., K]` of a top-k support, ranked by the raw logits (a temperature does not change the order,
+    its rounding could break ties), the student's without gradient."""
+    teacher_ids = student_ids = None
+    if support in ("teacher_topk", "union"):
+        teacher_ids = sparse_teacher_topk(teacher, k) if sparse else top_k_positions(teacher.detach(), k)
+    if support in ("student_topk", "union"):
+        if sparse and teacher.student_ids is not None:
+            candidates = teacher.student_ids.long()
+            student_ids = top_k_among(student_logits.detach().gather(-1, candidates.clamp_min(0)), candidates, k)
+        else:
+            student_ids = top_k_positions(student_logits.detach(), k)
+    return support_ids(support, teacher_ids, student_ids)
+
+
+def sparse_tail(teacher_logp_on_support: torch.Tensor, student_tail: torch.Tensor) -> torch.Tensor:
+    """A sparse teacher's tail bucket `log(1 - sum_S q)` `[..., 1]` from its log-probs on the support `[..., K]`;
+    -inf where the student's tail is -inf (S covers the vocabulary: the served log-probs sum to 1 only up to
+    rounding, and a residue against a zero student tail would make forward KL infinite)."""
+    covered = safe_logsumexp(teacher_logp_on_support, keepdim=True).clamp_max(0.0)
+    return torch.log(-torch.expm1(covered)).masked_fill(torch.isneginf(student_tail), float("-inf"))
+
+
 def divergence_on_support(kind: str, supported: SupportedDistributions, *, beta: float | None = None,
                           alpha: float | None = None) -> torch.Tensor:
-    """Per-position divergence `kind` (one of `distributional.DIVERGENCES`, with its `beta` or `alpha`) between
+    """Per-position divergence `kind` (one of `divergences.DIVERGENCES`, with its `beta` or `alpha`) between
     the student and the teacher on `supported` -> `[...]`: the sum over the support slots (and the tail bucket)
     of the divergence's terms, with `supported.name` saying which support that was. With k = V it equals the
     full-vocabulary function of the same name."""

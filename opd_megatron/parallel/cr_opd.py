@@ -1,10 +1,10 @@
-"""Vocab-parallel twin of `routing.py::cr_opd_loss` (CR-OPD) on tensor-parallel-sharded logits, never gathering
+"""Vocab-parallel twin of `math/cr_opd.py::cr_opd_loss` (CR-OPD) on tensor-parallel-sharded logits, never gathering
 the vocabulary. [Ours, after Survey]: the loss and its definitions are the reference's; this file only shards it.
 Both routed forms (`RoutingConfig.form`): "matched" (default), `L_t = |A_t| (1 - sg pi(y_t)) sum_{v in C_t}
 rho_t(v) (z_{y_t} - z_v)` (= `... [log pi(y_t) - sum_C rho log pi(v)]`), and "kl_target", the restricted
 `|A_t| sg(P_t) KL(p~^S_t || pi^S_t)`; the plain PG term where `A_t >= 0` or `C_t` is empty.
 
-Layout and gradient convention as in `vocab_parallel.py`: TP rank `r` holds logits `[N, V/tp]` for the padded ids
+Layout and gradient convention as in `shard.py`: TP rank `r` holds logits `[N, V/tp]` for the padded ids
 `[r * V/tp, (r + 1) * V/tp)`; ids `>= true_vocab_size` are padding (-inf, never a member of any set, zero
 gradient). Every result is replicated on the TP ranks; the gradient reaching each rank's shard is that of the one
 (replicated) loss wrt the shard.
@@ -45,16 +45,15 @@ import math
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 
+from opd_megatron.math.checks import MathInputError, require_floating, require_positive, require_positive_int
+from opd_megatron.math.cr_opd import RoutingConfig, RoutingStats
 from opd_megatron.math.divergences import compute_dtype
+from opd_megatron.parallel.shard import (CopyToTP, LogNormalizer, ReduceFromTP, Shard, check_inputs, chunked_rows,
+                                         debug_checks_enabled, flatten_rows, global_log_normalizer, ids_outside,
+                                         masked_logsumexp, row_pieces, token_mask, values_at_ids)
 from opd_megatron.parallel.topk import (scatter_sparse_to_shards, top_p_mask_on_candidates, vocab_parallel_top_p_mask,
                                         vocab_parallel_topk)
-from opd_megatron.parallel.divergences import (check_inputs, chunked_rows, CopyToTP, flatten_rows, LogNormalizer,
-                                               global_log_normalizer, ReduceFromTP, row_pieces, Shard)
-from opd_megatron.math.cr_opd import RoutingConfig, RoutingStats
-from opd_megatron.math.checks import (MathInputError, require_binary_mask, require_floating, require_positive,
-                                      require_positive_int)
 
 
 def _local_mask(shard: Shard, ids: torch.Tensor, chosen: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -69,39 +68,16 @@ def _local_mask(shard: Shard, ids: torch.Tensor, chosen: Optional[torch.Tensor] 
     return members[:, :shard.width]
 
 
-def _at_ids(shard: Shard, values: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """`values [N, V/tp]` at the global ids `[N]` or `[N, k]`, replicated: the owner's entry, all-reduced
-    (differentiable, the gradient reaching only the owner's column)."""
-    local = ids - shard.start
-    owned = (local >= 0) & (local < shard.width)
-    index = local.clamp(0, shard.width - 1)
-    picked = values.gather(-1, index if ids.dim() == 2 else index.unsqueeze(-1))
-    picked = picked if ids.dim() == 2 else picked.squeeze(-1)
-    return ReduceFromTP.apply(torch.where(owned, picked, torch.zeros_like(picked)), shard)
-
-
-def _logsumexp(shard: Shard, z: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
-    """`log sum_{v in members} exp(z_v)` over all ranks, `[N]`, replicated and differentiable (gradient
-    `softmax` over the members, only into each rank's own members). A row without members gives -inf (only
-    used without gradient)."""
-    masked = torch.where(members, z, -math.inf)
-    with torch.no_grad():
-        shift = shard.all_reduce(masked.amax(dim=-1), dist.ReduceOp.MAX)
-        shift = shift.masked_fill(torch.isneginf(shift), 0.0)
-    partial = (masked - shift.unsqueeze(-1)).exp().sum(dim=-1)
-    return shift + ReduceFromTP.apply(partial, shard).log()
-
-
 def _teacher_support(shard: Shard, config: RoutingConfig, keep: torch.Tensor, *,
                      teacher_logits: Optional[torch.Tensor], teacher_topk_ids: Optional[torch.Tensor],
                      teacher_topk_logprobs: Optional[torch.Tensor], teacher_temperature: float,
                      dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Local `Supp_T [N, V/tp]` and teacher log-probs `[N, V/tp]` (-inf off the sparse answer and on padding),
-    as `routing.teacher_support`."""
+    as `math/cr_opd.py::teacher_support`."""
     if teacher_logits is not None:
         raw = torch.where(keep.unsqueeze(-1), teacher_logits, 0.0)
         scaled = shard.scaled(raw, teacher_temperature, dtype)
-        logq = scaled - _logsumexp(shard, scaled, torch.ones_like(scaled, dtype=torch.bool)).unsqueeze(-1)
+        logq = scaled - masked_logsumexp(shard, scaled, torch.ones_like(scaled, dtype=torch.bool)).unsqueeze(-1)
         if config.teacher_support == "topk":
             _, top = vocab_parallel_topk(raw.to(dtype) / teacher_temperature, config.teacher_top_k,
                                          shard.true_vocab_size, shard.group)
@@ -125,7 +101,7 @@ def _teacher_support(shard: Shard, config: RoutingConfig, keep: torch.Tensor, *,
 def _student_reach(shard: Shard, config: RoutingConfig, logits: torch.Tensor, logp: torch.Tensor
                    ) -> torch.Tensor:
     """Local `Reach_S [N, V/tp]` from the tempered student logits and log-probs (no gradient), as
-    `routing.student_reach`. top_p: the nucleus from the student's top-k, k doubled until every row's top-k
+    `math/cr_opd.py::student_reach`. top_p: the nucleus from the student's top-k, k doubled until every row's top-k
     holds mass `>= top_p` (the nucleus then lies inside it, exactly) or k covers the vocabulary."""
     if config.student_reach == "threshold":
         reach = logp >= math.log(config.student_min_prob)
@@ -153,7 +129,7 @@ def vocab_parallel_cr_opd_loss(student_logits_shard: torch.Tensor, sampled_ids: 
                                teacher_temperature: float = 1.0, true_vocab_size: Optional[int] = None,
                                group=None, chunk_size: Optional[int] = None) -> tuple[torch.Tensor, RoutingStats]:
     """Per-position CR-OPD loss `[...]` and its `RoutingStats`, from TP-sharded logits; twin of
-    `routing.cr_opd_loss` (same value, same gradient wrt the student logits, same statistics), replicated on
+    `math/cr_opd.py::cr_opd_loss` (same value, same gradient wrt the student logits, same statistics), replicated on
     every TP rank.
 
     Inputs: `student_logits_shard [..., V/tp]` (differentiable), `sampled_ids [...]` (global ids `y_t`),
@@ -168,25 +144,67 @@ def vocab_parallel_cr_opd_loss(student_logits_shard: torch.Tensor, sampled_ids: 
     every other column; fallback positions (`A_t >= 0` or `C_t` empty) `-A_t (e_{y_t} - pi)`;
     masked positions nothing.
 
-    chunk_size: rows at a time (`vocab_parallel.chunked_rows`): the `[chunk, V/tp]` temporaries of one chunk live
+    chunk_size: rows at a time (`shard.chunked_rows`): the `[chunk, V/tp]` temporaries of one chunk live
     at a time, and with gradient each chunk is recomputed in backward, so memory does not grow with N.
     """
-    # --- argument checks (those needing other ranks' data agree through `check_inputs`) ----------------------
+    inputs = _checked_inputs(student_logits_shard, sampled_ids, advantages, mask, teacher_logits_shard,
+                             teacher_topk_ids, teacher_topk_logprobs, config, student_temperature,
+                             teacher_temperature, true_vocab_size, group)
+    # Teacher top-k support with a top-k or top-p student reach: every set is a list of ids (`_routed_rows_on_ids`,
+    # the default config's fast path); a threshold on either side needs the `[N, V/tp]` masks (`_routed_rows`).
+    on_ids = config.teacher_support == "topk" and config.student_reach in ("topk", "top_p")
+    routed_rows = _routed_rows_on_ids if on_ids else _routed_rows
+    student_rows = row_pieces(inputs.student, chunk_size)
+
+    def rows(piece: slice) -> tuple[torch.Tensor, RoutingStats]:
+        rows_teacher = {name: None if value is None else value[piece] for name, value in inputs.teacher.items()}
+        return routed_rows(inputs.shard, config, student_rows(piece), inputs.ids[piece], inputs.advantages[piece],
+                           inputs.keep[piece], rows_teacher, float(student_temperature), float(teacher_temperature))
+
+    # The ids path keeps only `[n, k]` / `[n]` tensors (and a reference to the logits) for backward, so its chunks
+    # need no recomputation; the masks path keeps `[n, V/tp]` masks, so its chunks are recomputed in backward.
+    loss, stats = chunked_rows(rows, inputs.student.shape[0], chunk_size,
+                               inputs.student.requires_grad and not on_ids)
+    leading = tuple(student_logits_shard.shape[:-1])
+    return loss.reshape(leading), dataclasses.replace(stats, **{
+        field.name: getattr(stats, field.name).reshape(leading) for field in dataclasses.fields(stats)})
+
+
+@dataclasses.dataclass
+class _RoutingInputs:
+    """Checked, flattened inputs: the student `[N, V/tp]`, `ids`, `advantages` `[N]` (zero on masked rows),
+    `keep` `[N]` and the teacher as `_routed_rows` takes it (dense `[N, V/tp]` or sparse `[N, K]` fields)."""
+
+    student: torch.Tensor
+    shard: Shard
+    ids: torch.Tensor
+    advantages: torch.Tensor
+    keep: torch.Tensor
+    teacher: dict
+
+
+def _checked_inputs(student_logits_shard: torch.Tensor, sampled_ids: torch.Tensor, advantages: torch.Tensor,
+                    mask: Optional[torch.Tensor], teacher_logits_shard: Optional[torch.Tensor],
+                    teacher_topk_ids: Optional[torch.Tensor], teacher_topk_logprobs: Optional[torch.Tensor],
+                    config: RoutingConfig, student_temperature: float, teacher_temperature: float,
+                    true_vocab_size: Optional[int], group) -> _RoutingInputs:
+    """`vocab_parallel_cr_opd_loss`'s argument checks: the reference's rules, those that need the values (finite
+    advantages, ids in the vocabulary, log-probabilities <= 0) and the ranks' agreement only with the debug
+    checks on (`shard.py`)."""
     require_floating("student_logits_shard", student_logits_shard)
     flat = flatten_rows("student_logits_shard", student_logits_shard)
-    leading, width = tuple(student_logits_shard.shape[:-1]), flat.shape[-1]
-    shard = Shard(width, true_vocab_size, group)
-    n = flat.shape[0]
+    leading, n = tuple(student_logits_shard.shape[:-1]), flat.shape[0]
+    shard = Shard(flat.shape[-1], true_vocab_size, group)
     for name, tensor in (("sampled_ids", sampled_ids), ("advantages", advantages)):
         if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != leading:
-            raise MathInputError(f"{name}: expected shape {leading} (the positions of the logits), got "
-                                 f"{tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__}")
+            given = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+            raise MathInputError(f"{name}: expected shape {leading} (the positions of the logits), got {given}")
     require_floating("advantages", advantages)
     if mask is None:
         mask = torch.ones(leading, dtype=torch.bool, device=flat.device)
     if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != leading:
         raise MathInputError(f"mask: expected shape {leading} (the positions of the logits)")
-    keep = require_binary_mask("mask", mask).reshape(n)
+    keep = token_mask("mask", mask).reshape(n)
     require_positive("student_temperature", student_temperature)
     require_positive("teacher_temperature", teacher_temperature)
     dense = teacher_logits_shard is not None
@@ -195,7 +213,7 @@ def vocab_parallel_cr_opd_loss(student_logits_shard: torch.Tensor, sampled_ids: 
                              "teacher input, dense logits shard or sparse top-k ids with their log-probs")
     ids = torch.where(keep, sampled_ids.reshape(n), 0).long()
     adv = torch.where(keep, advantages.reshape(n).detach(), 0.0)
-    if not torch.isfinite(adv).all():
+    if debug_checks_enabled() and not torch.isfinite(adv).all():
         raise MathInputError("advantages: expected finite values on unmasked positions, found NaN/inf")
     shards = {"student_logits_shard": flat}
     if dense:
@@ -212,48 +230,39 @@ def vocab_parallel_cr_opd_loss(student_logits_shard: torch.Tensor, sampled_ids: 
         teacher = dict(teacher_logits=shards["teacher_logits_shard"], teacher_topk_ids=None,
                        teacher_topk_logprobs=None)
     else:
-        if teacher_topk_ids is None or teacher_topk_logprobs is None:
-            raise MathInputError("teacher_topk_ids / teacher_topk_logprobs: the sparse teacher needs both")
-        if tuple(teacher_topk_ids.shape[:-1]) != leading or teacher_topk_ids.dim() != len(leading) + 1 \
-                or tuple(teacher_topk_logprobs.shape) != tuple(teacher_topk_ids.shape):
-            raise MathInputError(f"teacher_topk_ids / teacher_topk_logprobs: expected equal shapes "
-                                 f"{leading + ('K',)}, got {tuple(teacher_topk_ids.shape)} and "
-                                 f"{tuple(teacher_topk_logprobs.shape)}")
-        require_floating("teacher_topk_logprobs", teacher_topk_logprobs)
-        if torch.isnan(teacher_topk_logprobs).any() or (teacher_topk_logprobs > 1e-6).any():
-            raise MathInputError("teacher_topk_logprobs: expected log-probabilities (<= 0, no NaN)")
-        if teacher_temperature != 1.0:
-            raise MathInputError("teacher_temperature: sparse teacher log-probs are used as the server gave them; "
-                                 f"expected 1.0, got {teacher_temperature}")
-        k = teacher_topk_ids.shape[-1]
-        served = teacher_topk_ids.reshape(n, k)[keep]
-        if served.is_floating_point() or (served.numel() and (int(served.min()) < 0
-                                                              or int(served.max()) >= shard.true_vocab_size)):
-            raise MathInputError(f"teacher_topk_ids: expected integer global vocabulary ids in [0, "
-                                 f"{shard.true_vocab_size}) (the student's vocabulary) on unmasked positions")
-        if config.teacher_support == "topk":
-            require_positive_int("teacher_top_k", config.teacher_top_k, at_most=k,
-                                 what="the K ids the sparse teacher gave")
-        teacher = dict(teacher_logits=None, teacher_topk_ids=teacher_topk_ids.reshape(n, k),
-                       teacher_topk_logprobs=teacher_topk_logprobs.reshape(n, k).detach())
+        teacher = _checked_sparse_teacher(teacher_topk_ids, teacher_topk_logprobs, leading, keep, config,
+                                          teacher_temperature, shard.true_vocab_size)
+    return _RoutingInputs(flat, shard, ids, adv, keep, teacher)
 
-    # Teacher top-k support with a top-k or top-p student reach: every set is a list of ids (`_routed_rows_on_ids`,
-    # the default config's fast path); a threshold on either side needs the `[N, V/tp]` masks (`_routed_rows`).
-    on_ids = config.teacher_support == "topk" and config.student_reach in ("topk", "top_p")
-    routed_rows = _routed_rows_on_ids if on_ids else _routed_rows
 
-    student_rows = row_pieces(flat, chunk_size)
-
-    def rows(piece: slice) -> tuple[torch.Tensor, RoutingStats]:
-        rows_teacher = {name: None if value is None else value[piece] for name, value in teacher.items()}
-        return routed_rows(shard, config, student_rows(piece), ids[piece], adv[piece], keep[piece], rows_teacher,
-                           float(student_temperature), float(teacher_temperature))
-
-    # The ids path keeps only `[n, k]` / `[n]` tensors (and a reference to the logits) for backward, so its chunks
-    # need no recomputation; the masks path keeps `[n, V/tp]` masks, so its chunks are recomputed in backward.
-    loss, stats = chunked_rows(rows, n, chunk_size, flat.requires_grad and not on_ids)
-    return loss.reshape(leading), dataclasses.replace(stats, **{
-        field.name: getattr(stats, field.name).reshape(leading) for field in dataclasses.fields(stats)})
+def _checked_sparse_teacher(teacher_topk_ids: Optional[torch.Tensor], teacher_topk_logprobs: Optional[torch.Tensor],
+                            leading: tuple[int, ...], keep: torch.Tensor, config: RoutingConfig,
+                            teacher_temperature: float, vocab: int) -> dict:
+    """A server's answer `[..., K]` checked and flattened to `[N, K]` (ids in the vocabulary on unmasked rows
+    and log-probabilities <= 0: debug checks)."""
+    if teacher_topk_ids is None or teacher_topk_logprobs is None:
+        raise MathInputError("teacher_topk_ids / teacher_topk_logprobs: the sparse teacher needs both")
+    if tuple(teacher_topk_ids.shape[:-1]) != leading or teacher_topk_ids.dim() != len(leading) + 1 \
+            or tuple(teacher_topk_logprobs.shape) != tuple(teacher_topk_ids.shape):
+        raise MathInputError(f"teacher_topk_ids / teacher_topk_logprobs: expected equal shapes "
+                             f"{leading + ('K',)}, got {tuple(teacher_topk_ids.shape)} and "
+                             f"{tuple(teacher_topk_logprobs.shape)}")
+    require_floating("teacher_topk_logprobs", teacher_topk_logprobs)
+    if debug_checks_enabled() and (torch.isnan(teacher_topk_logprobs).any() or (teacher_topk_logprobs > 1e-6).any()):
+        raise MathInputError("teacher_topk_logprobs: expected log-probabilities (<= 0, no NaN)")
+    if teacher_temperature != 1.0:
+        raise MathInputError("teacher_temperature: sparse teacher log-probs are used as the server gave them; "
+                             f"expected 1.0, got {teacher_temperature}")
+    n, k = keep.shape[0], teacher_topk_ids.shape[-1]
+    if teacher_topk_ids.is_floating_point() or (
+            debug_checks_enabled() and ids_outside(teacher_topk_ids.reshape(n, k)[keep], 0, vocab)):
+        raise MathInputError(f"teacher_topk_ids: expected integer global vocabulary ids in [0, "
+                             f"{vocab}) (the student's vocabulary) on unmasked positions")
+    if config.teacher_support == "topk":
+        require_positive_int("teacher_top_k", config.teacher_top_k, at_most=k,
+                             what="the K ids the sparse teacher gave")
+    return dict(teacher_logits=None, teacher_topk_ids=teacher_topk_ids.reshape(n, k),
+                teacher_topk_logprobs=teacher_topk_logprobs.reshape(n, k).detach())
 
 
 def _routed_rows(shard: Shard, config: RoutingConfig, flat: torch.Tensor, ids: torch.Tensor, adv: torch.Tensor,
@@ -265,9 +274,9 @@ def _routed_rows(shard: Shard, config: RoutingConfig, flat: torch.Tensor, ids: t
     dtype = compute_dtype(flat)
     z = shard.scaled(torch.where(keep.unsqueeze(-1), flat, 0.0), student_temperature, dtype)
     everything = torch.ones_like(z, dtype=torch.bool)
-    log_norm = _logsumexp(shard, z, everything)  # differentiable (the fallback's normaliser)
-    logp_sampled = _at_ids(shard, z, ids) - log_norm  # differentiable log pi(y_t)
-    if torch.isneginf(logp_sampled.detach()).any():
+    log_norm = masked_logsumexp(shard, z, everything)  # differentiable (the fallback's normaliser)
+    logp_sampled = values_at_ids(shard, z, ids) - log_norm  # differentiable log pi(y_t)
+    if debug_checks_enabled() and torch.isneginf(logp_sampled.detach()).any():
         raise MathInputError("student_logits_shard: the sampled token (sampled_ids) has a -inf logit at an "
                              "unmasked position; pi(y_t) = 0 cannot have been sampled")
 
@@ -292,7 +301,7 @@ def _routed_rows(shard: Shard, config: RoutingConfig, flat: torch.Tensor, ids: t
             log_weight = 0.5 * (logq + logp)
         else:
             log_weight = torch.zeros_like(logp)
-        weight_norm = _logsumexp(shard, log_weight, candidates)
+        weight_norm = masked_logsumexp(shard, log_weight, candidates)
         weight_norm = torch.where(count > 0, weight_norm, 0.0)
         rho = torch.where(candidates, (log_weight - weight_norm.unsqueeze(-1)).exp(), 0.0)
 
@@ -301,7 +310,7 @@ def _routed_rows(shard: Shard, config: RoutingConfig, flat: torch.Tensor, ids: t
         # shares are summed over the ranks (`CopyToTP`) before reaching the owner's column.
         with torch.no_grad():
             moved = torch.where(routed, adv.abs() * -torch.expm1(logp_sampled.detach()), 0.0)
-        z_y = CopyToTP.apply(_at_ids(shard, z, ids), shard)
+        z_y = CopyToTP.apply(values_at_ids(shard, z, ids), shard)
         gap = torch.where(candidates, z_y.unsqueeze(-1) - z, 0.0)
         routed_loss = moved * ReduceFromTP.apply((rho * gap).sum(dim=-1), shard)
     else:
@@ -326,14 +335,14 @@ def _kl_target_rows(shard: Shard, config: RoutingConfig, z: torch.Tensor, logp: 
         in_s = onehot | candidates
         mass_s = shard.all_reduce(torch.where(in_s, logp.exp(), 0.0).sum(dim=-1))
         # p~^S = pi^S + pi^S(y) (1 - exp(eta A)) (rho - e_y), from pi^S (exact when P underflows), as the reference.
-        pi_s = (zd - _logsumexp(shard, zd, in_s).unsqueeze(-1)).exp().masked_fill(~in_s, 0.0)
-        moved_s = torch.where(routed, _at_ids(shard, pi_s, ids) * -torch.expm1(config.eta * adv.clamp(max=0.0)),
+        pi_s = (zd - masked_logsumexp(shard, zd, in_s).unsqueeze(-1)).exp().masked_fill(~in_s, 0.0)
+        moved_s = torch.where(routed, values_at_ids(shard, pi_s, ids) * -torch.expm1(config.eta * adv.clamp(max=0.0)),
                               0.0)
         target_s = pi_s + moved_s.unsqueeze(-1) * (rho - onehot.to(z.dtype))
 
     # Restricted routed loss: per-rank partial KL over this rank's members of S, all-reduced; the logsumexp over
     # S is replicated, so its gradient shares are summed over the ranks (`CopyToTP`).
-    log_norm_s = CopyToTP.apply(_logsumexp(shard, z, in_s), shard)
+    log_norm_s = CopyToTP.apply(masked_logsumexp(shard, z, in_s), shard)
     logp_s = torch.where(in_s, z, -math.inf) - log_norm_s.unsqueeze(-1)
     kl_partial = torch.where(in_s, torch.xlogy(target_s, target_s) - target_s * logp_s, 0.0).sum(dim=-1)
     return delta, adv.abs() * mass_s * ReduceFromTP.apply(kl_partial, shard)
@@ -356,45 +365,21 @@ def _routed_rows_on_ids(shard: Shard, config: RoutingConfig, flat: torch.Tensor,
     Slot 0 of `S_t` is `y_t`, slots `1..k` the teacher's top-k ids masked to `C_t`. Same value, gradient and
     statistics as `_routed_rows` (and the reference)."""
     dtype = compute_dtype(flat)
-    vocab = shard.true_vocab_size
     if not bool(keep.all()):  # masked rows become zeros, as in the reference (whatever they held)
         flat = torch.where(keep.unsqueeze(-1), flat, 0.0)
     log_norm = LogNormalizer.apply(flat, shard, student_temperature, None).to(dtype)  # gradient softmax / tau
     with torch.no_grad():
         zd = shard.scaled(flat.detach(), student_temperature, dtype)
         lse = log_norm.detach()
-        logp_y = _at_ids(shard, zd, ids) - lse
-    if torch.isneginf(logp_y).any():
+        logp_y = values_at_ids(shard, zd, ids) - lse
+    if debug_checks_enabled() and torch.isneginf(logp_y).any():
         raise MathInputError("student_logits_shard: the sampled token (sampled_ids) has a -inf logit at an "
                              "unmasked position; pi(y_t) = 0 cannot have been sampled")
 
     with torch.no_grad():
-        # Teacher: its top-k ids `[n, k]` and log q there.
-        if teacher["teacher_logits"] is not None:
-            raw = teacher["teacher_logits"]
-            raw = raw if bool(keep.all()) else torch.where(keep.unsqueeze(-1), raw, 0.0)
-            scaled_t = shard.scaled(raw, teacher_temperature, dtype)
-            top_logits, top_ids = vocab_parallel_topk(scaled_t, config.teacher_top_k, vocab, shard.group,
-                                                      check_values=False)
-            logq = top_logits - global_log_normalizer(shard, scaled_t, 1.0, dtype, None).unsqueeze(-1)
-        else:
-            served = torch.where(keep.unsqueeze(-1), teacher["teacher_topk_ids"], 0).long()
-            chosen = teacher["teacher_topk_logprobs"].topk(config.teacher_top_k, dim=-1).indices
-            top_ids = served.gather(-1, chosen)
-            logq = teacher["teacher_topk_logprobs"].gather(-1, chosen).to(dtype)
-        # Student reach as a list of ids (the top-p nucleus from a top-k widened until it holds it).
-        k = min(config.student_top_k, vocab)
-        while True:
-            values, reach_ids = vocab_parallel_topk(zd, k, vocab, shard.group, check_values=False)
-            if config.student_reach == "topk":
-                in_reach = torch.ones_like(reach_ids, dtype=torch.bool)
-                break
-            in_reach, complete = top_p_mask_on_candidates(values - lse.unsqueeze(-1), reach_ids,
-                                                          config.student_top_p)
-            if bool(complete.all()) or k == vocab:  # replicated values: every rank agrees
-                break
-            k = min(2 * k, vocab)
-        logp = _at_ids(shard, zd, top_ids) - lse.unsqueeze(-1)
+        top_ids, logq = _teacher_topk_on_ids(shard, config, teacher, keep, teacher_temperature, dtype)
+        reach_ids, in_reach = _student_reach_on_ids(shard, config, zd, lse)
+        logp = values_at_ids(shard, zd, top_ids) - lse.unsqueeze(-1)
         candidates = ((logq > -math.inf) & (logp > -math.inf) & _members(top_ids, reach_ids, in_reach)
                       & (top_ids != ids.unsqueeze(-1)) & keep.unsqueeze(-1))
         count = candidates.sum(dim=-1)
@@ -409,30 +394,72 @@ def _routed_rows_on_ids(shard: Shard, config: RoutingConfig, flat: torch.Tensor,
 
     # The one differentiable read of the student's logits besides the normaliser: at [y_t, top-k ids] (one
     # sparse gradient, so backward adds a single [n, V/tp] term to the normaliser's softmax).
-    raw_s = _at_ids(shard, flat, torch.cat([ids.unsqueeze(-1), top_ids], dim=-1))
+    raw_s = values_at_ids(shard, flat, torch.cat([ids.unsqueeze(-1), top_ids], dim=-1))
     z_s = raw_s.to(dtype) / student_temperature
     logp_sampled = z_s[:, 0] - log_norm
     if config.form == "matched":
-        # sum_{v in C} rho (z_y - z_v), on the replicated [n, k] slots (`routing.matched_routed_loss`).
+        # sum_{v in C} rho (z_y - z_v), on the replicated [n, k] slots (`math/cr_opd.py::matched_routed_loss`).
         moved = torch.where(routed, adv.abs() * -torch.expm1(logp_y), 0.0)
         gap = torch.where(candidates, z_s[:, :1] - z_s[:, 1:], 0.0)
         routed_loss = moved * (rho * gap).sum(dim=-1)
     else:
-        step = -torch.expm1(config.eta * adv.clamp(max=0.0))
-        moved = torch.where(routed, logp_y.exp() * step, 0.0)  # delta_t
-        masked_s = torch.where(in_s, z_s, -math.inf)
-        log_norm_s = torch.logsumexp(masked_s, dim=-1)
-        logp_s = masked_s - log_norm_s.unsqueeze(-1)
-        with torch.no_grad():
-            mass_s = (log_norm_s - log_norm).exp()
-            pi_s = logp_s.exp()
-            moved_s = torch.where(routed, pi_s[:, 0] * step, 0.0)
-            target_s = pi_s + moved_s.unsqueeze(-1) * torch.cat([-torch.ones_like(moved_s).unsqueeze(-1), rho],
-                                                                dim=-1)
-            target_s = torch.where(in_s, target_s, 0.0)
-        kl = torch.where(in_s, torch.xlogy(target_s, target_s) - target_s * logp_s, 0.0).sum(dim=-1)
-        routed_loss = adv.abs() * mass_s * kl
+        moved, routed_loss = _kl_target_on_ids(config, z_s, in_s, log_norm, logp_y, adv, rho, routed)
     loss = torch.where(keep, torch.where(routed, routed_loss, -adv * logp_sampled), 0.0)
     stats = RoutingStats(routed_mass=moved, candidate_count=count, empty_candidates=keep & (count == 0),
                          routed=routed, negative_advantage=negative)
     return loss, stats
+
+
+def _teacher_topk_on_ids(shard: Shard, config: RoutingConfig, teacher: dict, keep: torch.Tensor,
+                         temperature: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's top-k ids `[n, k]` (global, replicated) and its log-probs there: from its logits shard (a
+    distributed top-k and the global normaliser) or among a server's answer. Masked rows read zeros."""
+    if teacher["teacher_logits"] is not None:
+        raw = teacher["teacher_logits"]
+        raw = raw if bool(keep.all()) else torch.where(keep.unsqueeze(-1), raw, 0.0)
+        scaled_t = shard.scaled(raw, temperature, dtype)
+        top_logits, top_ids = vocab_parallel_topk(scaled_t, config.teacher_top_k, shard.true_vocab_size,
+                                                  shard.group, check_values=False)
+        return top_ids, top_logits - global_log_normalizer(shard, scaled_t, 1.0, dtype, None).unsqueeze(-1)
+    served = torch.where(keep.unsqueeze(-1), teacher["teacher_topk_ids"], 0).long()
+    chosen = teacher["teacher_topk_logprobs"].topk(config.teacher_top_k, dim=-1).indices
+    return served.gather(-1, chosen), teacher["teacher_topk_logprobs"].gather(-1, chosen).to(dtype)
+
+
+def _student_reach_on_ids(shard: Shard, config: RoutingConfig, logits: torch.Tensor,
+                          log_normalizer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The student's reach as a list of ids: its top-k ids `[n, k']` and which of them are reachable (all for a
+    top-k reach; the top-p nucleus otherwise, from a top-k widened until every row's holds the nucleus), from
+    the tempered logits `[n, V/tp]` and their global log-normaliser `[n]`."""
+    vocab = shard.true_vocab_size
+    k = min(config.student_top_k, vocab)
+    while True:
+        values, reach_ids = vocab_parallel_topk(logits, k, vocab, shard.group, check_values=False)
+        if config.student_reach == "topk":
+            return reach_ids, torch.ones_like(reach_ids, dtype=torch.bool)
+        in_reach, complete = top_p_mask_on_candidates(values - log_normalizer.unsqueeze(-1), reach_ids,
+                                                      config.student_top_p)
+        if bool(complete.all()) or k == vocab:  # replicated values: every rank agrees
+            return reach_ids, in_reach
+        k = min(2 * k, vocab)
+
+
+def _kl_target_on_ids(config: RoutingConfig, z_s: torch.Tensor, in_s: torch.Tensor, log_norm: torch.Tensor,
+                      logp_y: torch.Tensor, adv: torch.Tensor, rho: torch.Tensor,
+                      routed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kl_target form on the replicated slots of `S_t` (slot 0 `y_t`): `(delta [n], loss [n])` from the
+    tempered student logits at the slots `z_s [n, k+1]` (differentiable), their membership `in_s`, the global
+    log-normaliser `[n]`, `log pi(y_t)` (no gradient) and the routing weights `rho [n, k]`."""
+    step = -torch.expm1(config.eta * adv.clamp(max=0.0))
+    moved = torch.where(routed, logp_y.exp() * step, 0.0)  # delta_t
+    masked_s = torch.where(in_s, z_s, -math.inf)
+    log_norm_s = torch.logsumexp(masked_s, dim=-1)
+    logp_s = masked_s - log_norm_s.unsqueeze(-1)
+    with torch.no_grad():
+        mass_s = (log_norm_s - log_norm).exp()
+        pi_s = logp_s.exp()
+        moved_s = torch.where(routed, pi_s[:, 0] * step, 0.0)
+        target_s = pi_s + moved_s.unsqueeze(-1) * torch.cat([-torch.ones_like(moved_s).unsqueeze(-1), rho], dim=-1)
+        target_s = torch.where(in_s, target_s, 0.0)
+    kl = torch.where(in_s, torch.xlogy(target_s, target_s) - target_s * logp_s, 0.0).sum(dim=-1)
+    return moved, adv.abs() * mass_s * kl

@@ -5,7 +5,7 @@ single-device definition of `gates.py` / `diagnostics.py` on the gathered, unpad
 - `vocab_parallel_teacher_confidence`: `max_v q_v` (the `teacher_confidence` gate keeps `>= c`): the local max
   and the normaliser, two all-reduces (MAX, SUM) of `[N]` plus one MAX.
 - `vocab_parallel_vocab_entropy`: `H(p)` of teacher or student (the `teacher_entropy` gate keeps `H(q) <= h`;
-  `entropy/teacher`, `entropy/student`): `vocab_parallel.vocab_parallel_entropy` without gradient.
+  `entropy/teacher`, `entropy/student`): `divergences.vocab_parallel_entropy` without gradient.
 - `vocab_parallel_topk_overlap`: `|topk_q & topk_pi| / k` (`agreement/topk_overlap`): two distributed top-k
   (all-gathers of `[tp, N, k]`), then a replicated `[N, k, k]` comparison.
 - `vocab_parallel_student_mass_on_teacher_support`: `sum_{v in topk_q} pi_v`
@@ -24,13 +24,13 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from opd_megatron.math.divergences import compute_dtype
-from opd_megatron.math.supports import SparseTeacherLogprobs, check_sparse_teacher
-from opd_megatron.parallel.supports import _at_ids, _sparse_teacher_topk
-from opd_megatron.parallel.topk import vocab_parallel_topk
-from opd_megatron.parallel.divergences import (check_inputs, flatten_rows, global_log_normalizer, Shard,
-                                               vocab_parallel_entropy)
 from opd_megatron.math.checks import MathInputError, require_positive, require_positive_int
+from opd_megatron.math.divergences import compute_dtype
+from opd_megatron.math.supports import SparseTeacherLogprobs, check_sparse_teacher, sparse_teacher_topk
+from opd_megatron.parallel.divergences import vocab_parallel_entropy
+from opd_megatron.parallel.shard import (Shard, check_inputs, checked_rows, debug_checks_enabled, flatten_rows,
+                                         global_log_normalizer, values_at_ids)
+from opd_megatron.parallel.topk import vocab_parallel_topk
 
 
 @torch.no_grad()
@@ -39,9 +39,7 @@ def vocab_parallel_teacher_confidence(teacher_logits_shard: torch.Tensor, teache
     """`max_v q_v` of `q = softmax(z^T / tau_T)`, teacher logits `[..., V/tp]` -> `[...]` in (0, 1]; the
     `teacher_confidence_gate` keeps positions with `>= c`."""
     require_positive("teacher_temperature", teacher_temperature)
-    flat = flatten_rows("teacher_logits_shard", teacher_logits_shard)
-    shard = Shard(flat.shape[-1], true_vocab_size, group)
-    check_inputs(shard, {"teacher_logits_shard": flat})
+    flat, shard = checked_rows("teacher_logits_shard", teacher_logits_shard, true_vocab_size, group)
     dtype = compute_dtype(flat)
     lse = global_log_normalizer(shard, flat, float(teacher_temperature), dtype, None)
     top1 = shard.all_reduce(shard.scaled(flat, teacher_temperature, dtype).amax(dim=-1), dist.ReduceOp.MAX)
@@ -63,10 +61,10 @@ def _teacher_topk_ids(shard: Shard, teacher: torch.Tensor | SparseTeacherLogprob
     vocab = shard.true_vocab_size
     if isinstance(teacher, SparseTeacherLogprobs):
         check_inputs(shard, {"student_logits_shard": student})
-        check_sparse_teacher(teacher, leading, vocab)
+        check_sparse_teacher(teacher, leading, vocab, values=debug_checks_enabled())
         require_positive_int("k", k, at_most=teacher.ids.shape[-1],
                              what="the teacher top-k returned (teacher.ids per position)")
-        return _sparse_teacher_topk(teacher, k).reshape(-1, k)
+        return sparse_teacher_topk(teacher, k).reshape(-1, k)
     if not isinstance(teacher, torch.Tensor):
         raise MathInputError(f"teacher: expected a teacher logits shard [..., V/tp] (a tensor) or "
                              f"SparseTeacherLogprobs, got {type(teacher).__name__}")
@@ -104,5 +102,5 @@ def vocab_parallel_student_mass_on_teacher_support(student_logits_shard: torch.T
     teacher_ids = _teacher_topk_ids(shard, teacher, student, k, tuple(student_logits_shard.shape[:-1]))
     dtype = compute_dtype(student)
     lse = global_log_normalizer(shard, student, float(student_temperature), dtype, None)
-    at_ids = _at_ids(shard, shard.scaled(student, student_temperature, dtype), teacher_ids)
+    at_ids = values_at_ids(shard, shard.scaled(student, student_temperature, dtype), teacher_ids)
     return (at_ids - lse.unsqueeze(-1)).exp().sum(dim=-1).reshape(student_logits_shard.shape[:-1])

@@ -1,21 +1,10 @@
-"""Vocab-parallel twins of the Route A math (`math/divergences.py`, `math/regularizers.py::entropy`) on
-tensor-parallel-sharded logits, never gathering the vocabulary.
-
-Layout (megatron's `ColumnParallelLinear` output): TP rank `r` of `tp` holds logits `[..., V/tp]` for the
-contiguous slice `[r * V/tp, (r + 1) * V/tp)` of the padded vocabulary. Ids `>= true_vocab_size` are padding:
-they are set to -inf before any arithmetic, so they carry no probability mass and receive zero gradient.
+"""Vocab-parallel twins of `math/divergences.py` (the Route A divergences), `math/regularizers.py::entropy`, the
+sampled-token log-probabilities and the log-normaliser, on tensor-parallel-sharded logits, never gathering the
+vocabulary. The shard layout, the gradient convention (`ReduceFromTP` / `CopyToTP`), the input checks and the
+chunking are `shard.py`'s.
 
 Communication: only all-reduces of `[N]`-sized statistics over the TP group (MAX of the row maxima, SUM of the
 exp-sums, SUM of per-rank partial sums), the pattern of megatron-core's `tensor_parallel/cross_entropy.py`.
-
-Gradient convention (megatron's): every result is replicated on all TP ranks and the caller forms the same loss
-on each; the gradient that reaches each rank's shard is the gradient of that one loss wrt the shard. Two
-autograd ops follow from it [Ours]:
-- `ReduceFromTP` (forward all-reduce SUM of per-rank partial sums, backward identity): the output is used
-  identically on every rank, so its gradient is already the full one on each rank, and the partial sum of rank
-  `r` only depends on rank `r`'s shard (plus replicated statistics).
-- `CopyToTP` (forward identity, backward all-reduce SUM): a replicated statistic (the normaliser) consumed by
-  rank-local partial terms; each rank's gradient wrt it is only its own terms' share, so the shares are summed.
 
 Chunking: every function takes `chunk_size` (rows of `[N, V/tp]` at a time), so float temporaries are
 `chunk x V/tp`. What each op saves for backward:
@@ -26,7 +15,7 @@ Chunking: every function takes `chunk_size` (rows of `[N, V/tp]` at a time), so 
   normaliser passes), backward recomputes it per chunk, using `d RKL / d z_v = pi_v (log pi_v - log q_v - RKL)
   / tau_S`; with keep_softmax, `pi` and the log-ratio `[N, V/tp]` are kept instead and become the gradient in
   place. No communication in backward.
-- log-normaliser (`LogNormalizer`): the logits shard (reference) and the normaliser `[N]`.
+- log-normaliser (`shard.LogNormalizer`): the logits shard (reference) and the normaliser `[N]`.
 - the other divergences and the entropy go through autograd on `[chunk, V/tp]` pieces: with `chunk_size` set
   and gradient enabled, each chunk runs under activation checkpointing (saves only its inputs, recomputes the
   chunk, all-reduces included, in backward); without `chunk_size`, autograd keeps its `[N, V/tp]` temporaries.
@@ -38,217 +27,26 @@ without `group`) the functions run as tp=1 without communication.
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, TypedDict
 
 import torch
 import torch.distributed as dist
-from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
+from typing_extensions import Unpack
 
-from opd_megatron.math.divergences import DIVERGENCES, compute_dtype, divergence_from_log_probs
-from opd_megatron.math.checks import (MathInputError, require_choice, require_in_range, require_positive,
-                                      require_positive_int)
-
-# ---------------------------------------------------------------------------------------------------------------
-# Layout and input checks
-
-
-class Shard:
-    """Where this rank's vocabulary slice sits: `start`, the local width, `tp`, and the local padding mask."""
-
-    def __init__(self, width: int, true_vocab_size: Optional[int], group) -> None:
-        self.group = group
-        if group is None:
-            from megatron.core import parallel_state
-            if parallel_state.model_parallel_is_initialized():
-                self.group = parallel_state.get_tensor_model_parallel_group()
-        distributed = self.group is not None and dist.is_available() and dist.is_initialized()
-        self.tp = dist.get_world_size(self.group) if distributed else 1
-        self.rank = dist.get_rank(self.group) if distributed else 0
-        self.width = width
-        self.start = self.rank * width
-        padded = self.tp * width
-        self.true_vocab_size = padded if true_vocab_size is None else true_vocab_size
-        if not isinstance(self.true_vocab_size, int) or not 1 <= self.true_vocab_size <= padded:
-            raise MathInputError(f"true_vocab_size: expected an integer in [1, {padded}] (tp x shard width "
-                                 f"{self.tp} x {width}), got {true_vocab_size!r}")
-        self.valid_width = min(max(self.true_vocab_size - self.start, 0), width)  # local columns that are real
-
-    def all_reduce(self, tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
-        if self.tp > 1:
-            dist.all_reduce(tensor, op=op, group=self.group)
-        return tensor
-
-    def scaled(self, logits: torch.Tensor, temperature: float, dtype: torch.dtype) -> torch.Tensor:
-        """`logits / temperature` in `dtype`, padding columns -inf (differentiable). When there is nothing to do
-        (tau = 1, same dtype, no padding on this rank) it is the input itself, not a copy: callers never write
-        into it."""
-        if temperature == 1.0 and logits.dtype == dtype and self.valid_width == self.width:
-            return logits
-        z = logits.to(dtype) / temperature
-        if self.valid_width < self.width:
-            pad = torch.zeros(self.width, dtype=torch.bool, device=z.device)
-            pad[self.valid_width:] = True
-            z = z.masked_fill(pad, float("-inf"))
-        return z
-
-
-def flatten_rows(name: str, logits: torch.Tensor) -> torch.Tensor:
-    if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
-        raise MathInputError(f"{name}: expected a floating-point tensor [..., V/tp]")
-    if logits.dim() < 2 or logits.shape[-1] < 1:
-        raise MathInputError(f"{name}: expected shape [N, V/tp] or [B, T, V/tp], got {tuple(logits.shape)}")
-    return logits.reshape(-1, logits.shape[-1])
-
-
-def check_inputs(shard: Shard, logits: dict[str, torch.Tensor], token_ids: Optional[torch.Tensor] = None,
-                 check_values: bool = True) -> None:
-    """Checks agreed on by all TP ranks with one small all-reduce, so a bad shard on one rank makes every rank
-    raise the same error instead of leaving the others waiting in a collective: shapes equal across ranks and
-    between student and teacher, no NaN/+inf, token ids in `[0, true_vocab_size)`. check_values=False skips the
-    NaN/+inf pass (one read of each tensor), for an op whose replicated result turns NaN on bad values and that
-    calls the full check only then."""
-    names = list(logits)
-    shapes = [tuple(t.shape) for t in logits.values()]
-    if len(set(shapes)) > 1:
-        raise MathInputError("expected equal shapes, got " + ", ".join(f"{n} {s}" for n, s in zip(names, shapes)))
-    rows, width = shapes[0]
-    # One reduction pass per tensor and no [N, V/tp] temporaries: max() propagates NaN, and +inf is the max.
-    bad = [float(check_values and bool(t.numel()) and not bool(t.max() < float("inf"))) for t in logits.values()]
-    ids_bad = 0.0
-    if token_ids is not None:
-        if token_ids.is_floating_point() or token_ids.is_complex() or token_ids.dtype == torch.bool:
-            raise MathInputError(f"token_ids: expected an integer tensor of token ids, got dtype {token_ids.dtype}")
-        if token_ids.numel() != rows:
-            raise MathInputError(f"token_ids: expected {rows} ids (the positions of the logits), got shape "
-                                 f"{tuple(token_ids.shape)}")
-        ids_bad = float(bool(token_ids.numel()) and (int(token_ids.min()) < 0
-                                                    or int(token_ids.max()) >= shard.true_vocab_size))
-    flags = torch.tensor(bad + [ids_bad, rows, width, -rows, -width], dtype=torch.float64)
-    shard.all_reduce(flags, dist.ReduceOp.MAX)
-    if flags[-4] != -flags[-2] or flags[-3] != -flags[-1]:
-        raise MathInputError(f"{names[0]}: expected the same shard shape [N, V/tp] on every TP rank; this rank "
-                             f"has {(rows, width)}, the ranks' N range over [{-int(flags[-2])}, {int(flags[-4])}] "
-                             f"and V/tp over [{-int(flags[-1])}, {int(flags[-3])}]")
-    for name, flag in zip(names, flags[:len(names)]):
-        if flag:
-            raise MathInputError(f"{name}: expected finite values (or -inf for masked entries), found NaN/+inf "
-                                 "on some TP rank")
-    if flags[len(names)]:
-        raise MathInputError(f"token_ids: expected token ids in [0, {shard.true_vocab_size}) (the true "
-                             f"vocabulary), got values in [{int(token_ids.min())}, {int(token_ids.max())}]")
-
-
-def row_chunks(rows: int, chunk_size: Optional[int]) -> list[slice]:
-    if chunk_size is None:
-        return [slice(0, rows)]
-    require_positive_int("chunk_size", chunk_size)
-    return [slice(i, min(i + chunk_size, rows)) for i in range(0, rows, chunk_size)] or [slice(0, 0)]
-
-
-def global_log_normalizer(shard: Shard, logits: torch.Tensor, temperature: float, dtype: torch.dtype,
-                chunk_size: Optional[int]) -> torch.Tensor:
-    """`logsumexp_v(z_v / tau)` over the whole vocabulary `[N]` (no gradient): local max -> all-reduce MAX ->
-    local exp-sum -> all-reduce SUM, each local step on `[chunk, V/tp]`."""
-    rows = logits.shape[0]
-    row_max = torch.empty(rows, dtype=dtype, device=logits.device)
-    with torch.no_grad():
-        for piece in row_chunks(rows, chunk_size):
-            row_max[piece] = shard.scaled(logits[piece], temperature, dtype).amax(dim=-1)
-        shard.all_reduce(row_max, dist.ReduceOp.MAX)
-        if torch.isneginf(row_max).any():
-            raise MathInputError("logits: every logit of the (unpadded) vocabulary is -inf at some position "
-                                 "(no distribution there)")
-        sum_exp = torch.empty_like(row_max)
-        for piece in row_chunks(rows, chunk_size):
-            shifted = shard.scaled(logits[piece], temperature, dtype) - row_max[piece, None]
-            sum_exp[piece] = shifted.exp_().sum(dim=-1)  # in place: one [chunk, V/tp] temporary, not two
-        shard.all_reduce(sum_exp)
-    return row_max + sum_exp.log()
-
-
-def _normalizer_keeping_softmax(shard: Shard, logits: torch.Tensor, temperature: float, dtype: torch.dtype,
-                                chunk_size: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """`global_log_normalizer` that also returns `softmax(z / tau)` `[N, V/tp]` (megatron CE's trade: one exp pass in all,
-    the softmax held until backward), built in one buffer: shifted logits, exp in place, divided in place."""
-    rows = logits.shape[0]
-    row_max = torch.empty(rows, dtype=dtype, device=logits.device)
-    softmax = torch.empty(logits.shape, dtype=dtype, device=logits.device)
-    with torch.no_grad():
-        for piece in row_chunks(rows, chunk_size):
-            row_max[piece] = shard.scaled(logits[piece], temperature, dtype).amax(dim=-1)
-        shard.all_reduce(row_max, dist.ReduceOp.MAX)
-        if torch.isneginf(row_max).any():
-            raise MathInputError("logits: every logit of the (unpadded) vocabulary is -inf at some position "
-                                 "(no distribution there)")
-        sum_exp = torch.empty_like(row_max)
-        for piece in row_chunks(rows, chunk_size):
-            out = softmax[piece]
-            torch.sub(shard.scaled(logits[piece], temperature, dtype), row_max[piece, None], out=out)
-            sum_exp[piece] = out.exp_().sum(dim=-1)
-        shard.all_reduce(sum_exp)
-        softmax.div_(sum_exp[:, None])
-    return row_max + sum_exp.log(), softmax
-
+from opd_megatron.math.checks import MathInputError, require_positive
+from opd_megatron.math.divergences import compute_dtype, divergence_from_log_probs, require_divergence_parameters
+from opd_megatron.parallel.shard import (CopyToTP, LogNormalizer, ReduceFromTP, Shard, check_inputs, checked_rows,
+                                         chunked_rows, debug_checks_enabled, flatten_rows, global_log_normalizer,
+                                         require_some_mass, row_chunks, row_pieces)
 
 # ---------------------------------------------------------------------------------------------------------------
 # Autograd ops
 
 
-class ReduceFromTP(torch.autograd.Function):
-    """All-reduce SUM of per-rank partial sums; backward identity (module docstring)."""
-
-    @staticmethod
-    def forward(ctx, partial: torch.Tensor, shard: Shard) -> torch.Tensor:
-        return shard.all_reduce(partial.clone())
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return grad, None
-
-
-class CopyToTP(torch.autograd.Function):
-    """Identity on a replicated statistic; backward all-reduce SUM of the ranks' gradient shares."""
-
-    @staticmethod
-    def forward(ctx, replicated: torch.Tensor, shard: Shard) -> torch.Tensor:
-        ctx.shard = shard
-        return replicated.clone()
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return ctx.shard.all_reduce(grad.clone()), None
-
-
-class LogNormalizer(torch.autograd.Function):
-    """`logsumexp(z / tau)` `[N]`, replicated; gradient `softmax(z / tau) / tau` on the shard. Saves the logits
-    shard (reference) and the normaliser; backward recomputes the softmax per chunk, no communication."""
-
-    @staticmethod
-    def forward(ctx, logits, shard: Shard, temperature: float, chunk_size: Optional[int]):
-        dtype = compute_dtype(logits)
-        lse = global_log_normalizer(shard, logits, temperature, dtype, chunk_size)
-        ctx.save_for_backward(logits, lse)
-        ctx.shard, ctx.temperature, ctx.chunk_size = shard, temperature, chunk_size
-        return lse
-
-    @staticmethod
-    def backward(ctx, grad_lse):
-        logits, lse = ctx.saved_tensors
-        grad = torch.empty_like(logits)
-        for piece in row_chunks(logits.shape[0], ctx.chunk_size):
-            z = ctx.shard.scaled(logits[piece], ctx.temperature, lse.dtype)
-            # softmax * g / tau written in place (into the gradient itself when the dtypes agree).
-            probs = torch.sub(z, lse[piece, None], out=grad[piece]) if grad.dtype == lse.dtype else z - lse[piece, None]
-            probs.exp_().mul_((grad_lse[piece] / ctx.temperature).to(lse.dtype)[:, None])
-            if probs.data_ptr() != grad[piece].data_ptr():
-                grad[piece] = probs.to(grad.dtype)
-        return grad, None, None, None
-
-
 class _TokenLogProbs(torch.autograd.Function):
     """`log p(y) = z_y / tau - logsumexp(z / tau)` `[N]`, replicated. Forward: local max -> all-reduce MAX ->
-    one all-reduce SUM of the stacked `[2, N]` (local exp-sums, the owning rank's `z_y`). Saves the logits shard
+    local exp-sum -> all-reduce SUM (`global_log_normalizer`), and one all-reduce SUM of the owning rank's `z_y`.
+    Saves the logits shard
     (reference), the ids and the normaliser `[N]`; backward `(onehot(y) - softmax) / tau` per chunk, no
     communication (the output is replicated, so each rank's gradient is already the full one)."""
 
@@ -256,17 +54,12 @@ class _TokenLogProbs(torch.autograd.Function):
     def forward(ctx, logits, token_ids, shard: Shard, temperature: float, chunk_size: Optional[int],
                 keep_softmax: bool = False):
         dtype = compute_dtype(logits)
-        ctx.softmax = None
-        if keep_softmax:
-            lse, ctx.softmax = _normalizer_keeping_softmax(shard, logits, temperature, dtype, chunk_size)
-        else:
-            lse = global_log_normalizer(shard, logits, temperature, dtype, chunk_size)
-        local = token_ids - shard.start
-        owned = (local >= 0) & (local < shard.width)
-        rows = torch.arange(logits.shape[0], device=logits.device)
-        picked = torch.zeros(logits.shape[0], dtype=dtype, device=logits.device)
-        picked[owned] = logits[rows[owned], local[owned]].to(dtype) / temperature
-        shard.all_reduce(picked)
+        ctx.softmax = torch.empty(logits.shape, dtype=dtype, device=logits.device) if keep_softmax else None
+        lse = global_log_normalizer(shard, logits, temperature, dtype, chunk_size, softmax_out=ctx.softmax)
+        owned, index = _owned_columns(shard, token_ids)
+        # A gather and a where, not boolean indexing (whose result size is read on the host: a sync).
+        picked = logits.gather(-1, index).squeeze(-1).to(dtype) / temperature
+        picked = shard.all_reduce(torch.where(owned, picked, 0.0))
         ctx.save_for_backward(logits, token_ids, lse)
         ctx.shard, ctx.temperature, ctx.chunk_size = shard, temperature, chunk_size
         return picked - lse
@@ -288,13 +81,18 @@ class _TokenLogProbs(torch.autograd.Function):
             elif chunk_grad.data_ptr() != softmax[piece].data_ptr():
                 chunk_grad.copy_(softmax[piece])
             chunk_grad.mul_(-g[:, None])
-            local = token_ids[piece] - shard.start
-            owned = (local >= 0) & (local < shard.width)
-            rows = torch.arange(chunk_grad.shape[0], device=grad.device)
-            chunk_grad[rows[owned], local[owned]] += g[owned]
+            owned, index = _owned_columns(shard, token_ids[piece])
+            chunk_grad.scatter_add_(-1, index, torch.where(owned, g, 0.0).unsqueeze(-1))
             if chunk_grad.data_ptr() != grad[piece].data_ptr():
                 grad[piece] = chunk_grad.to(grad.dtype)
         return grad, None, None, None, None, None
+
+
+def _owned_columns(shard: Shard, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For ids `[n]`: whether this rank holds each one's column, and the column `[n, 1]` to gather from or
+    scatter into (any in-range column where not owned: the caller masks those entries out)."""
+    local = token_ids - shard.start
+    return (local >= 0) & (local < shard.width), local.clamp(0, shard.width - 1).unsqueeze(-1)
 
 
 def _local_log_softmax(shard: Shard, logits: torch.Tensor, temperature: float, out: torch.Tensor,
@@ -430,60 +228,30 @@ class _ReverseKL(torch.autograd.Function):
 def _normalizer_corrections(shard: Shard, local_lse: torch.Tensor) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
     """From the ranks' local log-normalisers `[k, N]` (-inf where a rank has no mass): the corrections
     `c = lse - lse_r` `[k, N]` to the global normalisers (all-reduce MAX, then one all-reduce SUM); None at
-    tp = 1 (no correction). Raises where a distribution has no mass at all."""
+    tp = 1 (no correction). With the debug checks on, raises where a distribution has no mass at all."""
     if shard.tp == 1:
         return None
     top = shard.all_reduce(local_lse.clone(), dist.ReduceOp.MAX)
-    if torch.isneginf(top).any():
-        raise MathInputError("logits: every logit of the (unpadded) vocabulary is -inf at some position "
-                             "(no distribution there)")
+    require_some_mass(top)
     total = top + shard.all_reduce(torch.where(torch.isneginf(local_lse), 0.0, (local_lse - top).exp())).log()
     return total - local_lse
 
 
+
 # ---------------------------------------------------------------------------------------------------------------
-# Public API
+# The generic path: any divergence through autograd, chunk by chunk
 
 
-def vocab_parallel_log_normalizer(logits_shard: torch.Tensor, temperature: float = 1.0,
-                                  true_vocab_size: Optional[int] = None, *, group=None,
-                                  chunk_size: Optional[int] = None) -> torch.Tensor:
-    """`log sum_v exp(z_v / tau)` over the whole (unpadded) vocabulary, logits `[..., V/tp]` -> `[...]`,
-    replicated on the TP ranks, with gradient `softmax / tau` into the shard."""
-    require_positive("temperature", temperature)
-    flat = flatten_rows("logits_shard", logits_shard)
-    shard = Shard(flat.shape[-1], true_vocab_size, group)
-    check_inputs(shard, {"logits_shard": flat})
-    return LogNormalizer.apply(flat, shard, float(temperature), chunk_size).reshape(logits_shard.shape[:-1])
-
-
-def vocab_parallel_token_logprobs(logits_shard: torch.Tensor, token_ids: torch.Tensor, temperature: float = 1.0,
-                                  true_vocab_size: Optional[int] = None, *, group=None,
-                                  chunk_size: Optional[int] = None, keep_softmax: bool = False) -> torch.Tensor:
-    """`log softmax(z / tau)[y]` of the tokens `y` (global vocabulary ids `[...]`), logits `[..., V/tp]` ->
-    `[...]`, with gradient into the shard (call under `torch.no_grad()` for a teacher). Equals
-    `-vocab_parallel_cross_entropy` of megatron-core on the same shards (padding set to -inf).
-
-    keep_softmax: False (default) saves only `[N]` statistics and recomputes the softmax per chunk in backward
-    (memory flat in the chunk, two exp passes); True holds the `[N, V/tp]` softmax until backward and turns it
-    into the gradient in place (megatron CE's trade: one exp pass, one `[N, V/tp]` buffer; backward only once)."""
-    require_positive("temperature", temperature)
-    flat = flatten_rows("logits_shard", logits_shard)
-    shard = Shard(flat.shape[-1], true_vocab_size, group)
-    if not isinstance(token_ids, torch.Tensor):
-        raise MathInputError(f"token_ids: expected an integer tensor, got {type(token_ids).__name__}")
-    if tuple(token_ids.shape) != tuple(logits_shard.shape[:-1]):
-        raise MathInputError(f"token_ids: expected shape {tuple(logits_shard.shape[:-1])} (the positions of the "
-                             f"logits), got {tuple(token_ids.shape)}")
-    ids = token_ids.reshape(-1)
-    # NaN/+inf logits make the replicated result NaN on every rank: the full check (one more read of the
-    # shard) runs only then, as for the reverse KL.
-    check_inputs(shard, {"logits_shard": flat}, ids, check_values=False)
-    keep = keep_softmax and torch.is_grad_enabled() and flat.requires_grad
-    out = _TokenLogProbs.apply(flat, ids.to(torch.long), shard, float(temperature), chunk_size, keep)
-    if bool(torch.isnan(out).any()):
-        check_inputs(shard, {"logits_shard": flat}, ids)
-    return out.reshape(logits_shard.shape[:-1])
+def divergence_terms(kind: str, student_temperature: float, teacher_temperature: float,
+                     beta: Optional[float] = None,
+                     alpha: Optional[float] = None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Check a divergence's arguments and return its per-entry terms `(log pi, log q) [n, w] -> [n]` summed over
+    the given columns: every divergence of `math/divergences.py` is a sum over v of a term in `(pi_v, q_v)`, so
+    a shard's sum is an exact partial of the whole-vocabulary value."""
+    require_divergence_parameters(kind, beta, alpha)
+    require_positive("student_temperature", student_temperature)
+    require_positive("teacher_temperature", teacher_temperature)
+    return lambda lp, lq: divergence_from_log_probs(kind, lp, lq, beta=beta, alpha=alpha)
 
 
 def _entropy_terms(lp: torch.Tensor, _unused: torch.Tensor) -> torch.Tensor:
@@ -491,50 +259,6 @@ def _entropy_terms(lp: torch.Tensor, _unused: torch.Tensor) -> torch.Tensor:
     zero = torch.isneginf(lp)
     safe = lp.masked_fill(zero, 0.0)
     return -(safe.exp() * safe).masked_fill(zero, 0.0).sum(dim=-1)
-
-
-def _concat(parts: list) -> Any:
-    """Concatenate per-chunk results along the rows: tensors, tuples of results, or a dataclass's tensor fields
-    (its other fields are the first chunk's)."""
-    first = parts[0]
-    if isinstance(first, torch.Tensor):
-        return torch.cat(parts) if len(parts) > 1 else first
-    if dataclasses.is_dataclass(first):
-        return dataclasses.replace(first, **{field.name: _concat([getattr(part, field.name) for part in parts])
-                                            for field in dataclasses.fields(first)
-                                            if isinstance(getattr(first, field.name), torch.Tensor)})
-    if isinstance(first, tuple):
-        return tuple(_concat(list(column)) for column in zip(*parts))
-    return first
-
-
-def chunked_rows(rows_fn: Callable[[slice], Any], rows: int, chunk_size: Optional[int],
-                 differentiable: bool) -> Any:
-    """`rows_fn(piece)` for each chunk of `chunk_size` rows, the results concatenated along the rows (tensors,
-    tuples of them, dataclass tensor fields): the chunking of every op whose rows are independent.
-
-    With `chunk_size` set and `differentiable` (an input needs a gradient, and gradient is enabled), each chunk
-    runs under activation checkpointing: autograd keeps only what the chunk reads from outside (references to
-    the caller's tensors), so memory stays at one chunk's temporaries whatever N, and backward recomputes the
-    chunk, its collectives included. Every rank runs the same chunks in the same order, and early stopping of
-    the recomputation is off, so the recomputed collectives meet on all ranks even where the ranks' graphs save
-    different tensors (padding is masked on the last rank only)."""
-    pieces = row_chunks(rows, chunk_size)
-    if chunk_size is None or not (differentiable and torch.is_grad_enabled()):
-        return _concat([rows_fn(piece) for piece in pieces])
-    with set_checkpoint_early_stop(False):
-        return _concat([checkpoint(rows_fn, piece, use_reentrant=False) for piece in pieces])
-
-
-def row_pieces(tensor: torch.Tensor, chunk_size: Optional[int]) -> Callable[[slice], torch.Tensor]:
-    """`piece -> tensor[piece]` for the pieces of `row_chunks`, through one `torch.split`: autograd then joins the
-    chunks' gradients once (one `[N, ...]` buffer) instead of zero-filling a full-size gradient per chunk and
-    adding them up, as indexing each chunk would (that cost grows with the number of chunks times N)."""
-    if chunk_size is None:
-        return lambda piece: tensor[piece]
-    require_positive_int("chunk_size", chunk_size)
-    parts = {index * chunk_size: part for index, part in enumerate(tensor.split(chunk_size))}
-    return lambda piece: parts[piece.start] if piece.start in parts else tensor[piece]
 
 
 def divergence_rows(terms: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
@@ -568,113 +292,141 @@ def _autograd_path(terms: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], 
                            teacher_temperature, student.shape[0], dtype, chunk_size, student.requires_grad)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Public API
+
+
+def vocab_parallel_log_normalizer(logits_shard: torch.Tensor, temperature: float = 1.0,
+                                  true_vocab_size: Optional[int] = None, *, group=None,
+                                  chunk_size: Optional[int] = None) -> torch.Tensor:
+    """`log sum_v exp(z_v / tau)` over the whole (unpadded) vocabulary, logits `[..., V/tp]` -> `[...]`,
+    replicated on the TP ranks, with gradient `softmax / tau` into the shard."""
+    require_positive("temperature", temperature)
+    flat, shard = checked_rows("logits_shard", logits_shard, true_vocab_size, group)
+    return LogNormalizer.apply(flat, shard, float(temperature), chunk_size).reshape(logits_shard.shape[:-1])
+
+
+def vocab_parallel_token_logprobs(logits_shard: torch.Tensor, token_ids: torch.Tensor, temperature: float = 1.0,
+                                  true_vocab_size: Optional[int] = None, *, group=None,
+                                  chunk_size: Optional[int] = None, keep_softmax: bool = False) -> torch.Tensor:
+    """`log softmax(z / tau)[y]` of the tokens `y` (global vocabulary ids `[...]`), logits `[..., V/tp]` ->
+    `[...]`, with gradient into the shard (call under `torch.no_grad()` for a teacher). Equals
+    `-vocab_parallel_cross_entropy` of megatron-core on the same shards (padding set to -inf).
+
+    keep_softmax: False (default) saves only `[N]` statistics and recomputes the softmax per chunk in backward
+    (memory flat in the chunk, two exp passes); True holds the `[N, V/tp]` softmax until backward and turns it
+    into the gradient in place (megatron CE's trade: one exp pass, one `[N, V/tp]` buffer; backward only once)."""
+    require_positive("temperature", temperature)
+    flat = flatten_rows("logits_shard", logits_shard)
+    shard = Shard(flat.shape[-1], true_vocab_size, group)
+    if not isinstance(token_ids, torch.Tensor):
+        raise MathInputError(f"token_ids: expected an integer tensor, got {type(token_ids).__name__}")
+    if tuple(token_ids.shape) != tuple(logits_shard.shape[:-1]):
+        raise MathInputError(f"token_ids: expected shape {tuple(logits_shard.shape[:-1])} (the positions of the "
+                             f"logits), got {tuple(token_ids.shape)}")
+    ids = token_ids.reshape(-1)
+    check_inputs(shard, {"logits_shard": flat}, ids)
+    keep = keep_softmax and torch.is_grad_enabled() and flat.requires_grad
+    out = _TokenLogProbs.apply(flat, ids.to(torch.long), shard, float(temperature), chunk_size, keep)
+    return out.reshape(logits_shard.shape[:-1])
+
+
 def vocab_parallel_entropy(logits_shard: torch.Tensor, temperature: float = 1.0,
                            true_vocab_size: Optional[int] = None, *, group=None,
                            chunk_size: Optional[int] = None) -> torch.Tensor:
     """Entropy `-sum_v pi_v log pi_v` of `softmax(z / tau)` over the whole vocabulary, logits `[..., V/tp]` ->
     `[...]`, with gradient; twin of `regularizers.entropy`."""
     require_positive("temperature", temperature)
-    flat = flatten_rows("logits_shard", logits_shard)
-    shard = Shard(flat.shape[-1], true_vocab_size, group)
-    check_inputs(shard, {"logits_shard": flat})
+    flat, shard = checked_rows("logits_shard", logits_shard, true_vocab_size, group)
     out = _autograd_path(_entropy_terms, flat, None, shard, float(temperature), 1.0, chunk_size)
     return out.reshape(logits_shard.shape[:-1])
 
 
-def divergence_terms(kind: str, student_temperature: float, teacher_temperature: float,
-                     beta: Optional[float] = None,
-                     alpha: Optional[float] = None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """Check a divergence's arguments and return its per-entry terms `(log pi, log q) [n, w] -> [n]` summed over
-    the given columns: every divergence of `distributional` is a sum over v of a term in `(pi_v, q_v)`, so a
-    shard's sum is an exact partial of the whole-vocabulary value."""
-    require_choice("kind", kind, DIVERGENCES)
-    require_positive("student_temperature", student_temperature)
-    require_positive("teacher_temperature", teacher_temperature)
-    for name, value in (("beta", beta), ("alpha", alpha)):
-        if value is not None:
-            require_in_range(name, float(value), 0.0, 1.0)
-    return lambda lp, lq: divergence_from_log_probs(kind, lp, lq, beta=beta, alpha=alpha)
+def vocab_parallel_divergence(kind: str, student_logits_shard: torch.Tensor, teacher_logits_shard: torch.Tensor,
+                              *, beta: Optional[float] = None, alpha: Optional[float] = None,
+                              student_temperature: float = 1.0, teacher_temperature: float = 1.0,
+                              true_vocab_size: Optional[int] = None, group=None, chunk_size: Optional[int] = None,
+                              keep_softmax: bool = False) -> torch.Tensor:
+    """Any full-vocabulary divergence of `math/divergences.py` (`forward_kl`, `reverse_kl`, `generalized_jsd`
+    with `beta`, `skew_forward_kl` / `skew_reverse_kl` with `alpha`, `total_variation`) `[...]` of the student
+    `softmax(z^S / tau_S)` against the teacher `softmax(z^T / tau_T)` (detached), from logits shards
+    `[..., V/tp]`; twin of `divergence_from_log_probs` on the references' log-probs. Gradient into the student's
+    shard.
 
-
-def _divergence(kind: str, student_logits_shard: torch.Tensor, teacher_logits_shard: torch.Tensor,
-                student_temperature: float, teacher_temperature: float, true_vocab_size: Optional[int], group,
-                chunk_size: Optional[int], beta: Optional[float] = None,
-                alpha: Optional[float] = None, keep_softmax: bool = False) -> torch.Tensor:
+    The reverse KL is a dedicated autograd Function (one pass over each chunk). keep_softmax (reverse KL only):
+    False (default) recomputes the chunk in backward (memory three `[chunk, V/tp]` buffers); True keeps `pi` and
+    `log pi - log q` (two `[N, V/tp]` buffers) until backward, which turns them into the gradient in place
+    (megatron CE's trade). The others go through autograd chunk by chunk (`divergence_rows`)."""
     terms = divergence_terms(kind, student_temperature, teacher_temperature, beta, alpha)
+    if keep_softmax and kind != "reverse_kl":
+        raise MathInputError(f"keep_softmax: only the reverse KL keeps its softmax for backward, got kind {kind!r}")
     student = flatten_rows("student_logits_shard", student_logits_shard)
     teacher = flatten_rows("teacher_logits_shard", teacher_logits_shard).detach()
     shard = Shard(student.shape[-1], true_vocab_size, group)
-    tensors = {"student_logits_shard": student, "teacher_logits_shard": teacher}
+    check_inputs(shard, {"student_logits_shard": student, "teacher_logits_shard": teacher})
     tau_s, tau_t = float(student_temperature), float(teacher_temperature)
-    if kind == "reverse_kl":
-        # Values are checked after the fact: NaN/+inf inputs (and only they, or a row with no mass) make the
-        # replicated result NaN on every rank, so the full check (one pass per tensor) runs only then.
-        check_inputs(shard, tensors, check_values=False)
+    if kind != "reverse_kl":
+        out = _autograd_path(terms, student, teacher, shard, tau_s, tau_t, chunk_size)
+    else:
         keep = keep_softmax and torch.is_grad_enabled() and student.requires_grad
         out = _ReverseKL.apply(student, teacher, shard, tau_s, tau_t, chunk_size, keep)
-        if bool(torch.isnan(out).any()):
-            check_inputs(shard, tensors)
+        # With the inputs checked finite, a NaN here is a row without mass (at tp = 1; tp > 1 raised above).
+        if debug_checks_enabled() and bool(torch.isnan(out).any()):
             raise MathInputError("logits: every logit of the (unpadded) vocabulary is -inf at some position "
                                  "(no distribution there)")
-    else:
-        check_inputs(shard, tensors)
-        out = _autograd_path(terms, student, teacher, shard, tau_s, tau_t, chunk_size)
     return out.reshape(student_logits_shard.shape[:-1])
 
 
-def vocab_parallel_forward_kl(student_logits_shard: torch.Tensor, teacher_logits_shard: torch.Tensor, *,
-                              student_temperature: float = 1.0, teacher_temperature: float = 1.0,
-                              true_vocab_size: Optional[int] = None, group=None,
-                              chunk_size: Optional[int] = None) -> torch.Tensor:
-    """Forward KL `KL(q || pi)` `[...]` from sharded logits `[..., V/tp]`; twin of `distributional.forward_kl`."""
-    return _divergence("forward_kl", student_logits_shard, teacher_logits_shard, student_temperature,
-                       teacher_temperature, true_vocab_size, group, chunk_size)
+class DivergenceOptions(TypedDict, total=False):
+    """The keyword options of the named divergences below, as `vocab_parallel_divergence` takes them."""
+
+    student_temperature: float
+    teacher_temperature: float
+    true_vocab_size: Optional[int]
+    group: Any
+    chunk_size: Optional[int]
 
 
-def vocab_parallel_reverse_kl(student_logits_shard: torch.Tensor, teacher_logits_shard: torch.Tensor, *,
-                              student_temperature: float = 1.0, teacher_temperature: float = 1.0,
-                              true_vocab_size: Optional[int] = None, group=None,
-                              chunk_size: Optional[int] = None, keep_softmax: bool = False) -> torch.Tensor:
-    """Reverse KL `KL(pi || q)` `[...]` from sharded logits `[..., V/tp]` (dedicated autograd Function, one pass
-    over each chunk); twin of `distributional.reverse_kl`. keep_softmax: False (default) recomputes the chunk in
-    backward (memory three `[chunk, V/tp]` buffers); True keeps `pi` and `log pi - log q` (two `[N, V/tp]`
-    buffers) until backward, which turns them into the gradient in place (megatron CE's trade)."""
-    return _divergence("reverse_kl", student_logits_shard, teacher_logits_shard, student_temperature,
-                       teacher_temperature, true_vocab_size, group, chunk_size, keep_softmax=keep_softmax)
+class ReverseKLOptions(DivergenceOptions, total=False):
+    keep_softmax: bool
+
+
+def vocab_parallel_forward_kl(student_logits_shard: torch.Tensor, teacher_logits_shard: torch.Tensor,
+                              **options: Unpack[DivergenceOptions]) -> torch.Tensor:
+    """Forward KL `KL(q || pi)` `[...]`; twin of `divergences.forward_kl`."""
+    return vocab_parallel_divergence("forward_kl", student_logits_shard, teacher_logits_shard, **options)
+
+
+def vocab_parallel_reverse_kl(student_logits_shard: torch.Tensor, teacher_logits_shard: torch.Tensor,
+                              **options: Unpack[ReverseKLOptions]) -> torch.Tensor:
+    """Reverse KL `KL(pi || q)` `[...]` (dedicated autograd Function, `keep_softmax` as in
+    `vocab_parallel_divergence`); twin of `divergences.reverse_kl`."""
+    return vocab_parallel_divergence("reverse_kl", student_logits_shard, teacher_logits_shard, **options)
 
 
 def vocab_parallel_generalized_jsd(student_logits_shard: torch.Tensor, teacher_logits_shard: torch.Tensor,
-                                   beta: float, *, student_temperature: float = 1.0,
-                                   teacher_temperature: float = 1.0, true_vocab_size: Optional[int] = None,
-                                   group=None, chunk_size: Optional[int] = None) -> torch.Tensor:
+                                   beta: float, **options: Unpack[DivergenceOptions]) -> torch.Tensor:
     """Generalized JSD, GKD/TRL convention (`beta = 0` IS forward KL, `beta = 1` IS reverse KL); twin of
-    `distributional.generalized_jsd`. The mixture `log M_v` is local given both log-probs."""
-    return _divergence("generalized_jsd", student_logits_shard, teacher_logits_shard, student_temperature,
-                       teacher_temperature, true_vocab_size, group, chunk_size, beta=beta)
+    `divergences.generalized_jsd`. The mixture `log M_v` is local given both log-probs."""
+    return vocab_parallel_divergence("generalized_jsd", student_logits_shard, teacher_logits_shard, beta=beta,
+                                     **options)
 
 
 def vocab_parallel_skew_forward_kl(student_logits_shard: torch.Tensor, teacher_logits_shard: torch.Tensor,
-                                   alpha: float, *, student_temperature: float = 1.0,
-                                   teacher_temperature: float = 1.0, true_vocab_size: Optional[int] = None,
-                                   group=None, chunk_size: Optional[int] = None) -> torch.Tensor:
-    """Skew forward KL `KL(q || alpha q + (1 - alpha) pi)`; twin of `distributional.skew_forward_kl`."""
-    return _divergence("skew_forward_kl", student_logits_shard, teacher_logits_shard, student_temperature,
-                       teacher_temperature, true_vocab_size, group, chunk_size, alpha=alpha)
+                                   alpha: float, **options: Unpack[DivergenceOptions]) -> torch.Tensor:
+    """Skew forward KL `KL(q || alpha q + (1 - alpha) pi)`; twin of `divergences.skew_forward_kl`."""
+    return vocab_parallel_divergence("skew_forward_kl", student_logits_shard, teacher_logits_shard, alpha=alpha,
+                                     **options)
 
 
 def vocab_parallel_skew_reverse_kl(student_logits_shard: torch.Tensor, teacher_logits_shard: torch.Tensor,
-                                   alpha: float, *, student_temperature: float = 1.0,
-                                   teacher_temperature: float = 1.0, true_vocab_size: Optional[int] = None,
-                                   group=None, chunk_size: Optional[int] = None) -> torch.Tensor:
-    """Skew reverse KL `KL(pi || alpha pi + (1 - alpha) q)`; twin of `distributional.skew_reverse_kl`."""
-    return _divergence("skew_reverse_kl", student_logits_shard, teacher_logits_shard, student_temperature,
-                       teacher_temperature, true_vocab_size, group, chunk_size, alpha=alpha)
+                                   alpha: float, **options: Unpack[DivergenceOptions]) -> torch.Tensor:
+    """Skew reverse KL `KL(pi || alpha pi + (1 - alpha) q)`; twin of `divergences.skew_reverse_kl`."""
+    return vocab_parallel_divergence("skew_reverse_kl", student_logits_shard, teacher_logits_shard, alpha=alpha,
+                                     **options)
 
 
-def vocab_parallel_total_variation(student_logits_shard: torch.Tensor, teacher_logits_shard: torch.Tensor, *,
-                                   student_temperature: float = 1.0, teacher_temperature: float = 1.0,
-                                   true_vocab_size: Optional[int] = None, group=None,
-                                   chunk_size: Optional[int] = None) -> torch.Tensor:
-    """Total variation `1/2 sum_v |q_v - pi_v|`; twin of `distributional.total_variation`."""
-    return _divergence("total_variation", student_logits_shard, teacher_logits_shard, student_temperature,
-                       teacher_temperature, true_vocab_size, group, chunk_size)
+def vocab_parallel_total_variation(student_logits_shard: torch.Tensor, teacher_logits_shard: torch.Tensor,
+                                   **options: Unpack[DivergenceOptions]) -> torch.Tensor:
+    """Total variation `1/2 sum_v |q_v - pi_v|`; twin of `divergences.total_variation`."""
+    return vocab_parallel_divergence("total_variation", student_logits_shard, teacher_logits_shard, **options)

@@ -16,7 +16,7 @@ the local statistics are rescaled to the global max afterwards (`s_r exp(m_r - M
 statistics. Saved for backward: `hidden` and `weight_shard` (references to the caller's tensors, no copies), the
 token ids or teacher logits, and `[N]` statistics. Backward recomputes each chunk's logits and softmax and
 accumulates `grad_hidden[c] = dz @ weight_valid` and `grad_weight += dz.T @ hidden[c]`, with `dz` the gradient
-wrt the chunk's logits (the formulas of `vocab_parallel.py`'s `_TokenLogProbs` and `_ReverseKL`). Peak memory is
+wrt the chunk's logits (the formulas of `divergences.py`'s `_TokenLogProbs` and `_ReverseKL`). Peak memory is
 `chunk x V/tp` floats for the logits and their gradient, whatever `N`.
 
 Composition with megatron's tensor parallelism. Each rank's `grad_hidden` from its shard is only a partial:
@@ -29,7 +29,7 @@ the backward all-reduce of `copy_to_tensor_model_parallel_region` (or the reduce
   `copy_to_tensor_model_parallel_region(hidden)` (or, with sequence parallelism,
   `gather_from_sequence_parallel_region(hidden)`), whose backward does the sum. Doing both would sum twice.
 `grad_weight_shard` is always this rank's own and needs no communication. The loss itself is replicated on the TP
-ranks (megatron's convention, see `vocab_parallel.py`); the pipeline's last stage runs it like any other loss.
+ranks (megatron's convention, see `shard.py`); the pipeline's last stage runs it like any other loss.
 
 Dtypes: the matmuls run in the inputs' dtype (bf16 stays bf16, as megatron's output layer); the softmax statistics
 are computed in float32 for half inputs and float64 for float64. Outside an initialised megatron state (and
@@ -43,10 +43,12 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
-from opd_megatron.math.divergences import compute_dtype
-from opd_megatron.parallel.divergences import (CopyToTP, divergence_rows, divergence_terms, global_log_normalizer,
-                                               row_chunks, Shard)
 from opd_megatron.math.checks import MathInputError, require_positive, require_positive_int
+from opd_megatron.math.divergences import compute_dtype
+from opd_megatron.parallel.divergences import divergence_rows, divergence_terms
+from opd_megatron.parallel.shard import (CopyToTP, Shard, debug_checks_enabled, flags_on_any_rank,
+                                         global_log_normalizer, has_nan_or_posinf, ids_outside, require_integer_ids,
+                                         row_chunks)
 
 DEFAULT_CHUNK_SIZE = 1024  # tokens per chunk: 1024 x V/tp floats of logits live at a time
 
@@ -66,7 +68,7 @@ def _global_normalizer(shard: Shard, local_max: torch.Tensor, local_sums: torch.
     `M` and summed over the ranks `[k, N]`, plus the rank sums of `plain` `[j, N]` (not rescaled) stacked below
     them: all-reduce MAX, then one all-reduce SUM. A rank whose shard is all padding has `m_r = -inf`, sums 0."""
     global_max = shard.all_reduce(local_max.clone(), dist.ReduceOp.MAX)
-    if torch.isneginf(global_max).any():
+    if debug_checks_enabled() and bool(torch.isneginf(global_max).any()):  # a host sync: a debug check
         raise MathInputError("weight_shard: no vocabulary entry is left after removing padding (true_vocab_size)")
     scale = torch.where(torch.isneginf(local_max), torch.zeros_like(local_max), (local_max - global_max).exp())
     stacked = local_sums * scale if plain is None else torch.cat([local_sums * scale, plain])
@@ -123,8 +125,10 @@ def _prepare(hidden: torch.Tensor, weight_shard: torch.Tensor, true_vocab_size: 
              chunk_size: Optional[int], others: dict[str, torch.Tensor], token_ids: Optional[torch.Tensor] = None,
              sequence_parallel: bool = False) -> tuple[torch.Tensor, Shard, tuple[int, ...]]:
     """Flatten `hidden` to `[N, H]` (after gathering the sequence under sequence parallelism) and check the
-    inputs; the checks that can differ between ranks (shapes, NaN, ids) are agreed on with small all-reduces, so
-    every rank raises the same error. Returns the flat hidden, the shard and the leading shape of the result."""
+    inputs: types and shapes on this rank always; with the debug checks on (`shard.py`), also what can differ
+    between ranks or needs a host read (every rank's shapes, NaN/inf, token ids in the vocabulary), agreed on
+    with small all-reduces so every rank raises the same error. Returns the flat hidden, the shard and the
+    leading shape of the result."""
     for name, tensor in (("hidden", hidden), ("weight_shard", weight_shard)):
         if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
             raise MathInputError(f"{name}: expected a floating-point tensor")
@@ -137,12 +141,11 @@ def _prepare(hidden: torch.Tensor, weight_shard: torch.Tensor, true_vocab_size: 
         require_positive_int("chunk_size", chunk_size)
     shard = Shard(weight_shard.shape[0], true_vocab_size, group)
     if sequence_parallel and shard.tp > 1:
-        dims = torch.tensor([float(d) for d in hidden.shape] + [float(hidden.dim())], dtype=torch.float64)
-        low = shard.all_reduce(-dims.clone(), dist.ReduceOp.MAX)
-        high = shard.all_reduce(dims.clone(), dist.ReduceOp.MAX)
-        if not torch.equal(-low, high):
-            raise MathInputError(f"hidden: expected the same sequence-parallel shape [S/tp, B, H] on every TP "
-                                 f"rank; this rank has {tuple(hidden.shape)}")
+        if debug_checks_enabled():
+            _, low, high = flags_on_any_rank(shard, [], list(hidden.shape) + [hidden.dim()])
+            if low != high:
+                raise MathInputError(f"hidden: expected the same sequence-parallel shape [S/tp, B, H] on every TP "
+                                     f"rank; this rank has {tuple(hidden.shape)}")
         hidden = _GatherSequence.apply(hidden, shard)
     flat = hidden.reshape(-1, hidden.shape[-1])
     rows, width = flat.shape[0], weight_shard.shape[0]
@@ -150,32 +153,34 @@ def _prepare(hidden: torch.Tensor, weight_shard: torch.Tensor, true_vocab_size: 
         if tuple(tensor.shape) != (rows, width):
             raise MathInputError(f"{name}: expected shape {(rows, width)} ([N, V/tp] of hidden and weight_shard), "
                                  f"got {tuple(tensor.shape)}")
-    named = {"hidden": flat, "weight_shard": weight_shard, **others}
-    bad = [float(bool((torch.isnan(t) | torch.isposinf(t)).any() if n in others else (~torch.isfinite(t)).any()))
-           for n, t in named.items()]
-    ids_bad = 0.0
     if token_ids is not None:
-        if token_ids.is_floating_point() or token_ids.is_complex() or token_ids.dtype == torch.bool:
-            raise MathInputError(f"token_ids: expected an integer tensor of token ids, got dtype {token_ids.dtype}")
+        require_integer_ids("token_ids", token_ids)
         if tuple(token_ids.shape) != tuple(hidden.shape[:-1]):
             raise MathInputError(f"token_ids: expected shape {tuple(hidden.shape[:-1])} (the positions of hidden), "
                                  f"got {tuple(token_ids.shape)}")
-        ids_bad = float(bool(token_ids.numel()) and (int(token_ids.min()) < 0
-                                                    or int(token_ids.max()) >= shard.true_vocab_size))
-    dims = [rows, width, flat.shape[1]]
-    flags = torch.tensor(bad + [ids_bad] + dims + [-d for d in dims], dtype=torch.float64)
-    shard.all_reduce(flags, dist.ReduceOp.MAX)
-    if any(flags[len(bad) + 1 + i] != -flags[len(bad) + 4 + i] for i in range(3)):
+    if debug_checks_enabled():
+        _check_across_ranks(shard, {"hidden": flat, "weight_shard": weight_shard}, others, token_ids)
+    return flat, shard, tuple(hidden.shape[:-1])
+
+
+def _check_across_ranks(shard: Shard, finite: dict[str, torch.Tensor], others: dict[str, torch.Tensor],
+                        token_ids: Optional[torch.Tensor]) -> None:
+    """The debug checks of `_prepare`, with one all-reduce: the same N, V/tp and H on every rank, `finite`
+    tensors without NaN/inf, `others` (logits) without NaN/+inf, token ids in the vocabulary."""
+    (rows, hidden_size), width = finite["hidden"].shape, finite["weight_shard"].shape[0]
+    bad = [bool((~torch.isfinite(t)).any()) for t in finite.values()] + [has_nan_or_posinf(t) for t in others.values()]
+    ids_bad = token_ids is not None and ids_outside(token_ids, 0, shard.true_vocab_size)
+    flags, low, high = flags_on_any_rank(shard, bad + [ids_bad], [rows, width, hidden_size])
+    if low != high:
         raise MathInputError(f"hidden/weight_shard: expected the same N, V/tp and H on every TP rank; this rank "
-                             f"has N={rows}, V/tp={width}, H={flat.shape[1]}")
-    for name, flag in zip(named, flags[:len(bad)]):
+                             f"has N={rows}, V/tp={width}, H={hidden_size}")
+    for name, flag in zip([*finite, *others], flags):
         if flag:
             raise MathInputError(f"{name}: expected finite values, found NaN/inf on some TP rank"
                                  + (" (-inf is allowed)" if name in others else ""))
-    if flags[len(bad)]:
+    if flags[-1]:
         raise MathInputError(f"token_ids: expected token ids in [0, {shard.true_vocab_size}) (the true "
                              f"vocabulary) on every TP rank")
-    return flat, shard, tuple(hidden.shape[:-1])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -216,12 +221,13 @@ class _FusedTokenLogProbs(torch.autograd.Function):
         shard, tau = ctx.shard, ctx.temperature
         local_ids = token_ids - shard.start
         owned = (local_ids >= 0) & (local_ids < shard.valid_width)
+        index = local_ids.clamp(0, max(shard.valid_width - 1, 0)).unsqueeze(-1)
 
         def logits_grad(piece: slice, logits: torch.Tensor) -> torch.Tensor:
             g = grad_out[piece].to(lse.dtype) / tau
             dz = -(logits / tau - lse[piece, None]).exp() * g[:, None]
-            rows = torch.arange(dz.shape[0], device=dz.device)[owned[piece]]
-            dz[rows, local_ids[piece][owned[piece]]] += g[owned[piece]]
+            if shard.valid_width > 0:  # the owner's `+g` at y, by a scatter (boolean indexing syncs with the host)
+                dz.scatter_add_(-1, index[piece], torch.where(owned[piece], g, 0.0).unsqueeze(-1))
             return dz
 
         grad_hidden, grad_weight = _backward(shard, hidden, weight, ctx.chunk_size, ctx.reduce, logits_grad)
@@ -232,7 +238,7 @@ class _FusedReverseKL(torch.autograd.Function):
     """`RKL = sum_v pi_v (log pi_v - log q_v)` `[N]`, replicated, `pi = softmax(hidden @ W.T / tau_S)`. With
     `S = sum_v exp(z_v - M)`: `RKL = (1/S) sum_v exp(z_v - M) (z_v - log q_v) - log S - M`, so the forward needs
     only the per-rank sums `s_r` and `a_r` (module docstring). Backward per chunk
-    `dz = pi (log pi - log q - RKL) * grad / tau_S` (as `vocab_parallel._ReverseKL`)."""
+    `dz = pi (log pi - log q - RKL) * grad / tau_S` (as `divergences._ReverseKL`)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, teacher, shard: Shard, tau_s: float, tau_t: float, chunk_size: Optional[int],
@@ -335,12 +341,12 @@ def fused_divergence(kind: str, hidden: torch.Tensor, weight_shard: torch.Tensor
                      teacher_temperature: float = 1.0, true_vocab_size: Optional[int] = None,
                      chunk_size: Optional[int] = DEFAULT_CHUNK_SIZE, reduce_grad_hidden: bool = True,
                      sequence_parallel: bool = False, group=None) -> torch.Tensor:
-    """Any full-vocabulary divergence of `distributional` (`forward_kl`, `reverse_kl`, `generalized_jsd` with
+    """Any full-vocabulary divergence of `math/divergences.py` (`forward_kl`, `reverse_kl`, `generalized_jsd` with
     `beta`, `skew_forward_kl` / `skew_reverse_kl` with `alpha`, `total_variation`) `[...]` of the student
     `softmax(hidden @ W.T / tau_S)` against the teacher's logits shard `[..., V/tp]`, with gradients into
     `hidden` and `weight_shard`; equals `vocab_parallel_<kind>(hidden @ weight_shard.T, teacher_logits_shard)`.
 
-    One generic path: `vocab_parallel.divergence_rows` with the chunk's logits computed from `hidden` inside each
+    One generic path: `divergences.divergence_rows` with the chunk's logits computed from `hidden` inside each
     chunk, so with `chunk_size` set only one chunk's `[chunk, V/tp]` logits and temporaries live at a time and
     backward recomputes them (matmul included) through autograd. `fused_reverse_kl` is the dedicated (faster)
     reverse KL. reduce_grad_hidden / sequence_parallel: as `fused_token_logprobs`."""

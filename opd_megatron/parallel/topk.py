@@ -6,10 +6,10 @@ selected and carry no mass.
 
 - `vocab_parallel_topk`: the global top-k from a local top-k per rank and an all-gather of only the k candidates
   per rank (`[tp, N, k]` values + ids). Ties are resolved as the single-device reference
-  `losses.supports.top_k_positions`: among equal values the lower token id wins, and the ids come back in
+  `math/supports.py::top_k_positions`: among equal values the lower token id wins, and the ids come back in
   ascending id order, so the pair is equal element for element.
 - `vocab_parallel_logsumexp` + `top_p_mask_on_candidates` (or both at once, `vocab_parallel_top_p_mask`): the
-  student's nucleus restricted to its top-k, with the definition of `routing.student_reach` ("top_p": `v` is
+  student's nucleus restricted to its top-k, with the definition of `math/cr_opd.py::student_reach` ("top_p": `v` is
   reachable when the mass of the tokens before it in sorted order is `< p`).
 - `scatter_sparse_to_shards` + `gather_owned`: which entries of a server's top-k answer (global ids, replicated on
   every TP rank) this rank owns, and this rank's logits at them; an all-reduce SUM over TP of `gather_owned(...,
@@ -27,8 +27,9 @@ from typing import NamedTuple, Optional
 import torch
 import torch.distributed as dist
 
-from opd_megatron.math.supports import top_k_positions
 from opd_megatron.math.checks import MathInputError, require_finite, require_floating, require_positive_int
+from opd_megatron.math.supports import top_k_positions
+from opd_megatron.parallel.shard import debug_checks_enabled
 
 
 def _tp_group(group: Optional[dist.ProcessGroup]) -> Optional[dist.ProcessGroup]:
@@ -65,7 +66,7 @@ def _check_shard(values_shard: torch.Tensor, true_vocab_size: int, tp: int, chec
     padded = values_shard.shape[-1] * tp
     require_positive_int("true_vocab_size", true_vocab_size, at_most=padded,
                          what=f"the padded vocabulary: {tp} shards of {values_shard.shape[-1]}")
-    if check_values:
+    if check_values and debug_checks_enabled():  # a read of the shard and a host sync: a debug check
         require_finite("values_shard", values_shard.detach())
 
 
@@ -107,7 +108,8 @@ def vocab_parallel_topk(values_shard: torch.Tensor, k: int, true_vocab_size: int
     holds every global winner from its shard; the candidates are all-gathered (`[tp, N, min(k, V/tp)]`) and
     the global top-k taken from them. Concatenated in rank order the candidate ids are already ascending, so
     the position tie rule of `top_k_positions` is the id tie rule. `k > true_vocab_size` is an error.
-    check_values=False skips the NaN/+inf check (a caller that has checked the shard already).
+    NaN/+inf values are an error with the debug checks on (`shard.set_debug_checks`); check_values=False skips
+    that check even then (a caller that has checked the shard already).
     """
     group = _tp_group(group)
     rank, tp = _rank_and_size(group)
@@ -157,7 +159,7 @@ def vocab_parallel_logsumexp(values_shard: torch.Tensor, true_vocab_size: int,
 
 def top_p_mask_on_candidates(candidate_logprobs: torch.Tensor, candidate_ids: torch.Tensor,
                              top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The student's top-p nucleus on its top-k candidates, as `routing.student_reach` ("top_p") defines it.
+    """The student's top-p nucleus on its top-k candidates, as `math/cr_opd.py::student_reach` ("top_p") defines it.
 
     candidate_logprobs `[..., k]`: log-probabilities over the FULL vocabulary (globally normalised) at
     candidate_ids `[..., k]`, the top-k of `vocab_parallel_topk`. `v` is in the nucleus when the mass of the
@@ -230,11 +232,12 @@ def scatter_sparse_to_shards(ids: torch.Tensor, values: torch.Tensor, vocab_star
     if not (isinstance(vocab_start, int) and isinstance(vocab_end, int) and 0 <= vocab_start < vocab_end):
         raise MathInputError(f"vocab_start / vocab_end: expected integers 0 <= vocab_start < vocab_end, got "
                              f"{vocab_start!r}, {vocab_end!r}")
-    outside = (ids < 0) | (ids >= true_vocab_size)
-    if outside.any():
-        bad = int(ids[outside][0])
-        raise MathInputError(f"ids: expected global vocabulary ids in [0, {true_vocab_size}) (the vocabulary "
-                             f"size is {true_vocab_size}), got id {bad} ({int(outside.sum())} ids outside)")
+    if debug_checks_enabled():  # read on the host: a debug check
+        outside = (ids < 0) | (ids >= true_vocab_size)
+        if outside.any():
+            bad = int(ids[outside][0])
+            raise MathInputError(f"ids: expected global vocabulary ids in [0, {true_vocab_size}) (the vocabulary "
+                                 f"size is {true_vocab_size}), got id {bad} ({int(outside.sum())} ids outside)")
     owned = (ids >= vocab_start) & (ids < vocab_end)
     local_positions = torch.where(owned, ids - vocab_start, -1).long()
     return OwnedSparse(local_positions, owned, values)
@@ -251,7 +254,7 @@ def gather_owned(logits_shard: torch.Tensor, local_positions: torch.Tensor, owne
         raise MathInputError(f"local_positions / owned: expected shape [..., k] with the leading dims of "
                              f"logits_shard {tuple(logits_shard.shape[:-1])}, got {tuple(local_positions.shape)} "
                              f"and {tuple(owned.shape)}")
-    if owned.any() and int(local_positions[owned].max()) >= logits_shard.shape[-1]:
+    if debug_checks_enabled() and owned.any() and int(local_positions[owned].max()) >= logits_shard.shape[-1]:
         raise MathInputError(f"local_positions: expected positions < {logits_shard.shape[-1]} (the shard width), "
                              f"got {int(local_positions[owned].max())}: vocab_start/vocab_end do not match the shard")
     picked = logits_shard.gather(-1, local_positions.clamp_min(0))

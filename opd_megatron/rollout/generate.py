@@ -3,13 +3,13 @@
 Why our own loop rather than megatron-core's `StaticInferenceEngine`: the engine gathers the full vocabulary of the
 last position on every TP rank (its GPTModel post-processing asserts `runtime_gather_output` in inference), needs a
 megatron tokenizer object, and on the CPU needs CUDA factories, `Tensor.cuda` and `torch.cuda.Event` redirected
-(shared/docs/megatron-on-cpu.md). This loop uses the same model and the same `StaticInferenceContext` KV cache, keeps
+(docs/megatron-on-cpu.md). This loop uses the same model and the same `StaticInferenceContext` KV cache, keeps
 the output layer vocab-parallel (`[B, V/tp]` per rank) and samples from the shards with two small all-reduces:
 - full-vocabulary sampling by the Gumbel-max trick: each rank draws Gumbel noise for its own ids, takes its local
   max of z/T + g, and the global max (ties to the lower id) is an exact sample of softmax(z/T);
 - top-k / top-p: the distributed top-k of `parallel/topk.py` (k candidates per rank), top-p within it, and one draw
   from a generator seeded identically on every TP rank.
-Two log-probs of each sampled token are recorded, from the logits it was sampled from (opd-math.md, route B):
+Two log-probs of each sampled token are recorded, from the logits it was sampled from (docs/opd-math.md, Route B):
 - behaviour `mu(y_t)`: under the distribution actually sampled from, softmax(z/T) renormalised over the top-k / top-p
   candidates when they apply (0 for greedy rows): the sampler-mismatch weight's denominator;
 - old `pi_theta_old(y_t)`: under the loss's distribution, the full softmax(z / policy_temperature) over the true
@@ -155,6 +155,21 @@ class MegatronSampler:
         same DP rank draws the same noise (exact resume), another key or DP rank independent noise; None uses the
         call counter instead."""
         config.validate()
+        rows, prompt_lens, total = self._prompt_rows(prompts_ids, config)
+        key = _call_key(sample_key, self.calls)
+        self.calls += 1
+        tokens, behaviour, old = self._decode(rows, prompt_lens, total, config, key)
+        responses, logps, old_logps = _cut_responses(tokens, behaviour, old, prompt_lens, config)
+        group_ids = [i for i in range(len(prompts_ids)) for _ in range(config.n)]
+        row_prompts = [p for p in (prompts or []) for _ in range(config.n)]
+        return RolloutBatch.from_sequences(rows, responses, self.pad_id, behaviour_logprobs=logps,
+                                           group_ids=group_ids, prompts=row_prompts, policy_version=policy_version,
+                                           old_logprobs=old_logps)
+
+    def _prompt_rows(self, prompts_ids: Sequence[Sequence[int]], config: SamplingConfig
+                     ) -> tuple[list[list[int]], torch.Tensor, int]:
+        """The rows (each prompt `config.n` times), their prompt lengths `[B]` and the padded width: longest prompt
+        plus max_new_tokens, checked against the model's positions."""
         if not prompts_ids:
             raise ValueError("generate needs at least one prompt")
         rows = [list(p) for p in prompts_ids for _ in range(config.n)]
@@ -166,8 +181,13 @@ class MegatronSampler:
             raise ValueError(f"a prompt of {int(prompt_lens.max())} tokens + max_new_tokens {config.max_new_tokens} "
                              f"= {total} exceeds the model's max_position_embeddings {self.max_sequence_length}; "
                              f"shorten the prompt or lower max_new_tokens")
-        key = _call_key(sample_key, self.calls)
-        self.calls += 1
+        return rows, prompt_lens, total
+
+    def _decode(self, rows: list[list[int]], prompt_lens: torch.Tensor, total: int, config: SamplingConfig,
+                key: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Fill `tokens [B, total]` column by column with the static KV cache: prompt columns are forced, the rest
+        sampled until every row stopped or reached its end. Returns tokens and the behaviour and old log-probs
+        `[B, total-1]` (column j scores token j+1, zero where not sampled)."""
         dp_rank = parallel_state.get_data_parallel_rank()
         batch = len(rows)
         tokens = torch.full((batch, total), self.pad_id, dtype=torch.long)
@@ -205,24 +225,7 @@ class MegatronSampler:
                     column += 1
         finally:
             module.train(was_training)
-        # Response length: up to and including the first stop token, or max_new_tokens.
-        responses, logps, old_logps = [], [], []
-        for b in range(batch):
-            p = int(prompt_lens[b])
-            gen = tokens[b, p: int(ends[b])].tolist()
-            cut = len(gen)
-            for i, t in enumerate(gen):
-                if t in set(config.stop_ids):
-                    cut = i + 1
-                    break
-            responses.append(gen[:cut])
-            logps.append(behaviour[b, p - 1: p - 1 + cut].tolist())
-            old_logps.append(old[b, p - 1: p - 1 + cut].tolist())
-        group_ids = [i for i in range(len(prompts_ids)) for _ in range(config.n)]
-        row_prompts = [p for p in (prompts or []) for _ in range(config.n)]
-        return RolloutBatch.from_sequences(rows, responses, self.pad_id, behaviour_logprobs=logps,
-                                           group_ids=group_ids, prompts=row_prompts, policy_version=policy_version,
-                                           old_logprobs=old_logps)
+        return tokens, behaviour, old
 
     def _forward(self, module, tokens: torch.Tensor, offset: int, context: StaticInferenceContext):
         """One step of every pipeline stage on `tokens [B, s]` at positions offset..offset+s-1. Returns the last
@@ -337,3 +340,23 @@ class MegatronSampler:
         first = torch.where(hit.any(-1), hit.float().argmax(-1) + start, torch.full_like(local_arg, big))
         dist.all_reduce(first, op=dist.ReduceOp.MIN, group=group)
         return first.cpu()
+
+
+def _cut_responses(tokens: torch.Tensor, behaviour: torch.Tensor, old: torch.Tensor, prompt_lens: torch.Tensor,
+                   config: SamplingConfig) -> tuple[list[list[int]], list[list[float]], list[list[float]]]:
+    """Each row's response: up to and including the first stop token, or max_new_tokens; with its behaviour and
+    old log-probs."""
+    stop_ids = set(config.stop_ids)
+    responses, logps, old_logps = [], [], []
+    for b in range(tokens.shape[0]):
+        p = int(prompt_lens[b])
+        gen = tokens[b, p: p + config.max_new_tokens].tolist()
+        cut = len(gen)
+        for i, t in enumerate(gen):
+            if t in stop_ids:
+                cut = i + 1
+                break
+        responses.append(gen[:cut])
+        logps.append(behaviour[b, p - 1: p - 1 + cut].tolist())
+        old_logps.append(old[b, p - 1: p - 1 + cut].tolist())
+    return responses, logps, old_logps

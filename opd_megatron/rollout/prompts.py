@@ -11,7 +11,7 @@ Evaluation prompts of a JSONL source never reach training. With a separate `eval
 is an evaluation prompt is dropped from training, so no evaluated prompt is ever a training prompt, duplicates
 included. The split depends on the files alone (not on run.seed, the step or the world size): every run and
 `opd-megatron eval` on the same files and eval.prompts evaluate on the same prompts. A task source evaluates on the
-task's own eval split.
+task's own eval split (its first `eval.prompts` examples for run.seed), built as its training prompts are.
 """
 
 from __future__ import annotations
@@ -19,12 +19,13 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 from opd_megatron.data.jsonl import DataError, parse_json_line
 from opd_megatron.data.tokenizer import Tokenizer
+from opd_megatron.rollout.batch import RolloutBatch
 from opd_megatron.tasks.base import Task
 
 
@@ -60,10 +61,22 @@ def hold_out(records: list[Prompt], count: int) -> tuple[list[Prompt], list[Prom
     return [p for p in records if p.text not in held], evaluation
 
 
+def with_prompt_context(batch: RolloutBatch, rows: Sequence[Prompt], privileged: bool) -> RolloutBatch:
+    """`batch` with what a teacher needs of each row besides its tokens, from the row's prompt (`rows[b]`): the
+    domain (multi-teacher routing) when every prompt has one, and, with `privileged` (a teacher that reads it), the
+    privileged context when every prompt has one. Training and evaluation batches alike: evaluation scored without
+    them measures the reverse KL to the wrong teacher."""
+    domains = [p.domain for p in rows] if all(p.domain is not None for p in rows) else batch.domains
+    context = batch.privileged
+    if privileged and all(p.privileged is not None for p in rows):
+        context = [p.privileged for p in rows]
+    return replace(batch, domains=domains, privileged=context)
+
+
 class PromptSource:
     """`prompts(step, rank, world, count)`: this data-parallel rank's `count` prompts of `step`;
-    `eval_prompts()`: a JSONL source's `eval_count` evaluation prompts, none of which `prompts` ever returns
-    (from `eval_path` when given, else held out of `path`; see the module docstring)."""
+    `eval_prompts()`: the `eval_count` evaluation prompts, none of which `prompts` ever returns (a task's eval
+    split; a JSONL source's from `eval_path` when given, else held out of `path`; see the module docstring)."""
 
     def __init__(self, tokenizer: Tokenizer, seed: int, max_prompt_tokens: int, task: Optional[Task] = None,
                  path: Optional[str] = None, prompt_key: str = "prompt", answer_key: str = "response",
@@ -76,6 +89,7 @@ class PromptSource:
                              f"evaluates on its own eval split (leave eval.path empty)")
         self.tokenizer, self.seed, self.task, self.chat = tokenizer, seed, task, apply_chat_template
         self.max_prompt_tokens = max_prompt_tokens
+        self.eval_count = eval_count
         self.domain_key, self.privileged_key = domain_key, privileged_key
         self.records: list[Prompt] = []         # training prompts only
         self._eval: list[Prompt] = []
@@ -104,10 +118,12 @@ class PromptSource:
                             f"eval.prompts to {distinct - 1} or less, or give a separate evaluation file as eval.path")
 
     def eval_prompts(self) -> list[Prompt]:
-        """A JSONL source's evaluation prompts, in a fixed order (the same list on every rank and call)."""
+        """The `eval_count` evaluation prompts, in a fixed order (the same list on every rank and call). A task's
+        carry the domain and the privileged answer, as its training prompts do."""
         if self.task is not None:
-            raise ValueError(f"task {self.task.name} evaluates on its own eval split (Task.examples('eval', ...)), "
-                             f"not on PromptSource.eval_prompts")
+            examples = self.task.examples("eval", self.eval_count, self.seed)
+            return [Prompt(ex.prompt, [self.tokenizer.bos_id] + self.tokenizer.encode(ex.prompt), domain=self.task.name,
+                           privileged=self.tokenizer.encode(ex.answer)) for ex in examples]
         if not self._eval:
             raise ValueError("this PromptSource holds no evaluation prompts: it was built with eval_count=0")
         return list(self._eval)

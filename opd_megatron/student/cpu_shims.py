@@ -4,7 +4,7 @@ megatron-core is written for GPUs: a handful of calls hard-code `device="cuda"`,
 synchronisation. Each shim below redirects exactly one such call to the CPU, says why, and carries a `probe` that
 shows the failure it fixes. `tests/student/test_cpu_shims.py` runs every probe in a fresh process with that shim
 left out: if a newer megatron-core no longer fails there the test fails (drop the shim), and the model, optimizer
-and checkpoint tests fail if a new CUDA call appears (add one). Measurements: ../shared/docs/megatron-on-cpu.md.
+and checkpoint tests fail if a new CUDA call appears (add one). The whole story: docs/megatron-on-cpu.md.
 
 `apply_cpu_shims()` does nothing when CUDA is available: GPU runs use megatron-core unmodified.
 """

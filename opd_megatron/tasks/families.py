@@ -1,7 +1,7 @@
 """The task families.
 
-- `sort_digits`: `52818340=` -> `01234588`. Measured on 2 CPU cores to show OPD's effect in minutes
-  (shared/docs/quickstart-feasibility.md): a 0.8M-parameter teacher reaches 100% in 80 s of SFT.
+- `sort_digits`: `52818340=` -> `01234588`. Chosen by a measurement on 2 CPU cores to show OPD's effect in
+  minutes: a 0.8M-parameter teacher reaches 100% in 80 s of SFT (4-digit addition stayed at 0% after 156 s).
 - `add`: `123+456=` -> `579`: multi-digit addition, answer written most-significant digit first, so a student's
   early carry error compounds through the rest of the answer.
 - `chain`: a small reasoning chain, `a=3;b=a+4;c=b*2;c?` -> `14`: each step refers to the one before it, so the

@@ -8,7 +8,8 @@ A row is scored from column `score_start[b]` (normally prompt_len - 1, the colum
 token) to column `lengths[b] - 2` (the last real token); other columns are invalid (`valid` False, values 0).
 
 Logprobs are at the teacher's temperature (1.0 unless the config says otherwise), never at the rollout
-temperature: a served teacher is asked at its own temperature whatever the student sampled at [peers §3.4].
+temperature: a served teacher is asked at its own temperature whatever the student sampled at
+[docs/sources.md#temperature-issues].
 """
 
 from __future__ import annotations
@@ -175,10 +176,25 @@ def _check_logprobs(teacher: str, name: str, values: torch.Tensor) -> None:
                            f"log-probabilities <= 0")
 
 
+@dataclass(frozen=True)
+class GenerationModel:
+    """A teacher that can answer prompts itself, as the student's sampler needs it (`rollout/generate.py`): the
+    megatron module on this rank (the whole model, TP-sharded like the student's last stage) and the longest
+    sequence it takes. Evaluation samples it greedily to measure the teacher's own verifier score."""
+
+    module: torch.nn.Module
+    max_sequence_length: int
+
+
 class Teacher(abc.ABC):
     """Scores student rollouts. Implementations: sglang.SGLangTeacher, vllm.VLLMTeacher (served over HTTP),
     colocated.ColocatedTeacher (frozen megatron model sharded like the student), inprocess.InProcessTeacher
-    (a transformers model), self_teacher.SelfTeacher (the student with privileged context), multi.MultiTeacher."""
+    (a transformers model), self_teacher.SelfTeacher (the student with privileged context), multi.MultiTeacher.
+
+    Besides scoring, a teacher owns what the training loop must do for it: its state in a checkpoint
+    (`state_dict` / `load_state_dict`, per rank), its update after each applied optimizer step
+    (`after_optimizer_step`), and whether evaluation can measure its own score (`can_generate`,
+    `generation_model`). The defaults fit a frozen teacher: no state, nothing to update, no generation."""
 
     name: str = "teacher"
     #: True when `score` can return `logits_shard` (full-vocabulary losses need it).
@@ -187,6 +203,12 @@ class Teacher(abc.ABC):
     max_topk: Optional[int] = None
     #: True when the teacher can score requested extra ids (the student's top-k).
     scores_extra_ids: bool = False
+    #: True when the teacher reads each row's privileged context (`TeacherRequest.privileged`): the loop then
+    #: sends it (a self-teacher); other teachers never see it.
+    reads_privileged_context: bool = False
+    #: True when `generation_model` gives a model to sample the teacher's own answers from. The same on every
+    #: rank (evaluation of the teacher's score is collective), whether or not this rank holds the model.
+    can_generate: bool = False
 
     @abc.abstractmethod
     def vocab_size(self) -> int:
@@ -195,6 +217,21 @@ class Teacher(abc.ABC):
     @abc.abstractmethod
     def score(self, request: TeacherRequest) -> TeacherScores:
         """Score `request`; the result is checked (`TeacherScores.check`) before it is returned."""
+
+    def state_dict(self) -> dict:
+        """What this rank's checkpoint keeps of the teacher so that a resumed run scores as the uninterrupted one
+        would (e.g. a self-teacher's frozen / EMA weights); empty for a teacher whose weights never change."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what `state_dict` returned."""
+
+    def after_optimizer_step(self) -> None:
+        """Called once after every optimizer step the loop applies (not after a skipped one), on every rank."""
+
+    def generation_model(self) -> GenerationModel:
+        """The model to sample the teacher's own answers from, on a rank that holds it (`can_generate`)."""
+        raise TeacherError(f"{self.name}: this teacher cannot answer prompts itself (can_generate is False)")
 
     def close(self) -> None:
         """Release connections / memory. Idempotent."""

@@ -37,8 +37,8 @@ from opd_megatron.parallel.divergences import vocab_parallel_log_normalizer, voc
 from opd_megatron.student.hf_bridge import load_hf_weights, model_section_from_hf_config
 from opd_megatron.student.model import StudentModel, build_student
 from opd_megatron.parallel.finite import nonfinite_on_any_tp_rank
-from opd_megatron.teachers.base import (NonFiniteTeacherError, Teacher, TeacherError, TeacherRequest,
-                                        TeacherScores)
+from opd_megatron.teachers.base import (GenerationModel, NonFiniteTeacherError, Teacher, TeacherError,
+                                        TeacherRequest, TeacherScores)
 from opd_megatron.teachers.inprocess import (check_student_vocab, descending_topk, finish_scores,
                                              request_vocab_check)
 
@@ -54,10 +54,12 @@ def build_teacher_model(model: ModelSection, parallel: ParallelSection, device: 
 
 class ColocatedTeacher(Teacher):
     """The frozen teacher on this rank (None on ranks of the student's other pipeline stages: `score` there is an
-    error). Build it with `from_hf` or `from_megatron_checkpoint` on every rank."""
+    error). Build it with `from_hf` or `from_megatron_checkpoint` on every rank. Being a megatron model, it can
+    also answer prompts itself (`generation_model`): evaluation measures its own score beside the student's."""
 
     gives_full_logits = True
     scores_extra_ids = True
+    can_generate = True
 
     def __init__(self, teacher: Optional[StudentModel], model: ModelSection, *, temperature: float = 1.0,
                  batch_chunk: Optional[int] = None, student_vocab_size: Optional[int] = None,
@@ -116,6 +118,14 @@ class ColocatedTeacher(Teacher):
 
     def vocab_size(self) -> int:
         return self.true_vocab_size if self.true_vocab_size is not None else self.model.vocab_size
+
+    def generation_model(self) -> GenerationModel:
+        """The teacher's module on this rank (the student's last pipeline stage), for its own greedy answers."""
+        if self.teacher is None:
+            raise TeacherError(f"{self.name}: this rank (pipeline stage "
+                               f"{parallel_state.get_pipeline_model_parallel_rank()}) holds no teacher; the colocated "
+                               f"teacher lives on the student's last pipeline stage")
+        return GenerationModel(self.teacher.module, self.model.max_position_embeddings)
 
     @torch.no_grad()
     def _logits_shard(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

@@ -1,11 +1,12 @@
 """Student/teacher vocabulary compatibility, checked before the first step.
 
-A teacher scores the student's token ids, so the two must mean the same thing by every id [peers §2.1, §2.2:
-slime and verl require a shared tokenizer, NeMo-RL asserts an identical token -> id map]. What is compared:
+A teacher scores the student's token ids, so the two must mean the same thing by every id [docs/sources.md#slime,
+#verl, #nemo-rl: slime and verl require a shared tokenizer, NeMo-RL asserts an identical token -> id map]. What is
+compared:
 - the TRUE vocabulary sizes (the tokenizers', `Tokenizer.vocab_size`), not the embeddings: Qwen-style models
   pad the embedding (Qwen3: 151,936 rows for 151,669 ids; Qwen2.5-7B: 152,064 rows for 151,665; megatron pads
   further to a multiple of 128 x tp),
-  which is fine [peers §3 item 8] as long as every embedding has at least the true size;
+  which is fine [docs/sources.md#padded-vocabulary-issues] as long as every embedding has at least the true size;
 - the special ids (eos, bos, pad);
 - the ids of probe strings (digits, letters, whitespace runs, punctuation) and of the student's chat template
   rendered on a probe prompt: these catch a different normaliser or pre-tokeniser over the same vocabulary;

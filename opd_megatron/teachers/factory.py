@@ -24,7 +24,7 @@ def _single(cfg: RunConfig, t: TeacherMemberSection, device: torch.device, padde
     if t.kind == "colocated":
         from opd_megatron.student.checkpoint import resolve_checkpoint
         from opd_megatron.teachers.colocated import ColocatedTeacher
-        path = Path(t.path)
+        path = Path(t.colocated.path)
         if _is_hf_dir(path):
             # Its own tokenizer gives its true vocabulary (config.json's vocab_size counts padding rows); the
             # compatibility check below compares it with the student's tokenizer.
@@ -40,20 +40,21 @@ def _single(cfg: RunConfig, t: TeacherMemberSection, device: torch.device, padde
             return teacher, tokenizer
         resolved = resolve_checkpoint(path)
         if resolved is None:
-            raise FileNotFoundError(f"teacher path {t.path!r}: neither an HF checkpoint (config.json) nor a megatron "
-                                    f"checkpoint of ours (an iter_* directory or a checkpoints/ directory with one)")
-        # A checkpoint of ours carries no tokenizer: it was trained on the student's (config.py holds the two
+            raise FileNotFoundError(f"teacher path {t.colocated.path!r}: neither an HF checkpoint (config.json) nor a "
+                                    f"megatron checkpoint of ours (an iter_* directory or a checkpoints/ directory "
+                                    f"with one)")
+        # A checkpoint of ours carries no tokenizer: it was trained on the student's (config/run.py holds the two
         # embeddings equal), so its true vocabulary is the student tokenizer's.
-        return (ColocatedTeacher.from_megatron_checkpoint(resolved, cfg.parallel, device, model=t.model,
+        return (ColocatedTeacher.from_megatron_checkpoint(resolved, cfg.parallel, device, model=t.colocated.model,
                                                           temperature=t.temperature, true_vocab_size=true_vocab_size,
                                                           **named), None)
     if t.kind == "inprocess":
         from opd_megatron.teachers.inprocess import InProcessTeacher
-        return (InProcessTeacher(t.path, temperature=t.temperature, device=device, full_logits=True,
+        return (InProcessTeacher(t.inprocess.path, temperature=t.temperature, device=device, full_logits=True,
                                  padded_vocab_size=padded_vocab_size, student_vocab_size=true_vocab_size,
-                                 **named), load_tokenizer(t.path))
+                                 **named), load_tokenizer(t.inprocess.path))
     from opd_megatron.teachers.http import HTTPTeacherConfig
-    server = HTTPTeacherConfig.from_dict({"temperature": t.temperature, **t.server}, "teacher.server.")
+    server = HTTPTeacherConfig.from_section(t.server, t.temperature)
     if t.kind == "sglang":
         from opd_megatron.teachers.sglang import SGLangTeacher
         return SGLangTeacher(server), None
@@ -71,14 +72,15 @@ def build_teacher(cfg: RunConfig, device: torch.device, student_tokenizer: Token
     if t.kind == "multi":
         from opd_megatron.teachers.multi import MultiTeacher
         members = {}
-        for member in t.members:
+        for member in t.multi.members:
             teacher, member_tokenizer = _single(cfg, member, device, padded_vocab_size, name=member.name,
                                                 true_vocab_size=student_tokenizer.vocab_size)
             check_teacher_compatible(student_tokenizer, teacher, teacher_tokenizer=member_tokenizer,
                                      student_embedding_rows=padded_vocab_size)
             members[member.name] = teacher
-        teacher = MultiTeacher(members, routes=(t.routes or {}) if t.mixture is None else None, default=t.default,
-                               mixture=t.mixture, weights=t.weights or None)
+        multi = t.multi
+        teacher = MultiTeacher(members, routes=(multi.routes or {}) if multi.mixture is None else None,
+                               default=multi.default, mixture=multi.mixture, weights=multi.weights or None)
     elif t.kind == "self":
         from opd_megatron.teachers.colocated import ColocatedTeacher
         from opd_megatron.teachers.self_teacher import SelfTeacher
@@ -87,12 +89,11 @@ def build_teacher(cfg: RunConfig, device: torch.device, student_tokenizer: Token
         # The student scoring itself: its vocabulary is its tokenizer's (model.vocab_size may hold padding rows).
         scorer = ColocatedTeacher(student, cfg.model, temperature=t.temperature, name="student",
                                   true_vocab_size=student_tokenizer.vocab_size)
-        teacher = SelfTeacher(scorer, model=student.module, mode=t.self_mode, ema_decay=t.ema_decay,
-                              insert=t.self_insert, keep=t.self_keep, max_length=cfg.model.max_position_embeddings)
+        own = t.self_teacher
+        teacher = SelfTeacher(scorer, model=student.module, mode=own.mode, ema_decay=own.ema_decay,
+                              insert=own.insert, keep=own.keep, max_length=cfg.model.max_position_embeddings)
     else:
-        member = TeacherMemberSection(name="", kind=t.kind, path=t.path, model=t.model, temperature=t.temperature,
-                                      server=t.server)
-        teacher, tokenizer = _single(cfg, member, device, padded_vocab_size,
+        teacher, tokenizer = _single(cfg, t.as_member(), device, padded_vocab_size,
                                      true_vocab_size=student_tokenizer.vocab_size)
     report = check_teacher_compatible(student_tokenizer, teacher, teacher_tokenizer=tokenizer,
                                       student_embedding_rows=padded_vocab_size)

@@ -22,13 +22,14 @@ import random
 import threading
 import time
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
-from typing import Any, Literal, Mapping, Optional, Sequence
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional, Sequence
 
 import httpx
 import torch
 
-from opd_megatron.config import ConfigError, _build, _require
+from opd_megatron.config.loader import ConfigError, build_dataclass, require
+from opd_megatron.config.teacher import ServerSection
 from opd_megatron.teachers.base import Teacher, TeacherError, TeacherRequest, TeacherScores
 
 #: HTTP statuses worth retrying: overload (429), a proxy/router without a healthy backend (502, 504), a server
@@ -37,59 +38,30 @@ RETRY_STATUSES = frozenset({429, 502, 503, 504})
 
 
 @dataclass
-class HTTPTeacherConfig:
-    """A served teacher: where it is, what it serves, and the transport knobs."""
-    urls: list[str] = field(default_factory=list)  # base URLs, e.g. ["http://10.0.0.5:30000"]; a router is one URL
-    model: str = ""                  # served model name (vLLM's "model"; checked against the server's identity)
-    vocab_size: int = 0              # the tokenizer's true size (not a padded embedding's, e.g. 151936 not 152064)
+class HTTPTeacherConfig(ServerSection):
+    """A served teacher's client settings: the run config's `teacher.server` section (where it is, what it serves,
+    the transport knobs) plus the teacher's temperature."""
     temperature: float = 1.0         # the teacher's temperature, independent of the rollout temperature
-    max_topk: Optional[int] = None   # cap on top-k (vLLM: the server's --max-logprobs, 20 by default)
-    max_extra_ids: int = 256         # SGLang: bound on the distinct extra ids (student top-k) sent per row
-    timeout_s: float = 120.0         # per request (read/write/pool)
-    connect_timeout_s: float = 5.0
-    max_retries: int = 4             # retries after the first attempt
-    backoff_s: float = 0.5           # first retry waits ~backoff_s, doubling, jittered in [0.5, 1] x
-    backoff_max_s: float = 10.0
-    max_retry_time_s: float = 300.0  # a request gives up once this much time has passed since its first attempt
-    max_inflight: int = 8            # concurrent requests, all servers together
-    max_tokens_per_request: int = 32768  # rows are packed into one request up to this many tokens
-    max_rows_per_request: int = 64
-    balance: Literal["least_inflight", "round_robin"] = "least_inflight"
-    api_key_env: Optional[str] = None    # NAME of the environment variable holding the API key (Bearer)
-    check_on_start: bool = True      # health + identity of every URL at construction
 
     @classmethod
-    def from_dict(cls, raw: Mapping[str, Any], prefix: str = "teacher.") -> "HTTPTeacherConfig":
-        """Build from a mapping (a YAML section); an unknown key or bad value is a ConfigError naming it."""
+    def from_dict(cls, raw: Mapping[str, Any], prefix: str = "teacher.server.") -> "HTTPTeacherConfig":
+        """Build from a mapping of the keys (urls may be one string); an unknown key or a bad value is a
+        ConfigError naming it under `prefix`."""
         if not isinstance(raw, Mapping):
             raise ConfigError(f"{prefix.rstrip('.')}: expected a mapping of keys, got {type(raw).__name__}")
-        raw = dict(raw)
-        # config._coerce has no list type; urls is the one list here, checked by validate().
-        urls = raw.pop("urls", [])
-        cfg = _build(cls, raw, prefix)
-        cfg.urls = [urls] if isinstance(urls, str) else urls
-        return cfg.validate(prefix)
+        return build_dataclass(cls, dict(raw), prefix).validate(prefix)
 
-    def validate(self, prefix: str = "teacher.") -> "HTTPTeacherConfig":
-        urls = self.urls
-        _require(isinstance(urls, (list, tuple)) and len(urls) > 0
-                 and all(isinstance(u, str) and u.startswith(("http://", "https://")) for u in urls),
-                 f"{prefix}urls", "a non-empty list of http(s):// base URLs", urls)
-        self.urls = [u.rstrip("/") for u in urls]
-        _require(isinstance(self.vocab_size, int) and self.vocab_size >= 1, f"{prefix}vocab_size",
-                 "the teacher tokenizer's true vocabulary size (an integer >= 1)", self.vocab_size)
-        _require(math.isfinite(self.temperature) and self.temperature > 0, f"{prefix}temperature",
-                 "a positive number", self.temperature)
-        _require(self.max_topk is None or self.max_topk >= 0, f"{prefix}max_topk", "None or an integer >= 0",
-                 self.max_topk)
-        for key in ("max_extra_ids", "max_inflight", "max_tokens_per_request", "max_rows_per_request"):
-            _require(getattr(self, key) >= 1, f"{prefix}{key}", "an integer >= 1", getattr(self, key))
-        _require(self.max_retries >= 0, f"{prefix}max_retries", "an integer >= 0", self.max_retries)
-        for key in ("timeout_s", "connect_timeout_s", "backoff_max_s", "max_retry_time_s"):
-            _require(getattr(self, key) > 0, f"{prefix}{key}", "a positive number of seconds", getattr(self, key))
-        _require(self.backoff_s >= 0, f"{prefix}backoff_s", "a number of seconds >= 0", self.backoff_s)
-        _require(self.api_key_env is None or (bool(self.api_key_env) and "=" not in self.api_key_env),
-                 f"{prefix}api_key_env", "None or the NAME of an environment variable", self.api_key_env)
+    @classmethod
+    def from_section(cls, server: ServerSection, temperature: float,
+                     prefix: str = "teacher.server.") -> "HTTPTeacherConfig":
+        """The client settings of a run config's `server` section, at the teacher's `temperature`."""
+        return cls(**dataclasses.asdict(server), temperature=temperature).validate(prefix)
+
+    def validate(self, prefix: str = "teacher.server.") -> "HTTPTeacherConfig":
+        super().validate(prefix)
+        self.urls = [u.rstrip("/") for u in self.urls]
+        require(math.isfinite(self.temperature) and self.temperature > 0, "teacher.temperature",
+                "a positive number", self.temperature)
         return self
 
 
@@ -277,7 +249,7 @@ def _read_api_key(env_name: Optional[str]) -> Optional[str]:
         return None
     key = os.environ.get(env_name, "").strip()
     if not key:
-        raise ConfigError(f"teacher.api_key_env: the environment variable {env_name!r} is not set or empty")
+        raise ConfigError(f"teacher.server.api_key_env: the environment variable {env_name!r} is not set or empty")
     return key
 
 
@@ -318,7 +290,7 @@ class ServedTeacher(Teacher):
 
     health_path: str = "/health"
     score_path: str = ""
-    #: the top-k cap when teacher.max_topk is not set (None = any)
+    #: the top-k cap when teacher.server.max_topk is not set (None = any)
     default_max_topk: Optional[int] = None
 
     def __init__(self, config: HTTPTeacherConfig | Mapping[str, Any]):
@@ -378,7 +350,7 @@ class ServedTeacher(Teacher):
         request.validate(vocab)
         if self.max_topk is not None and request.topk > self.max_topk:
             raise TeacherError(f"{self.name}: top-{request.topk} asked, but this server returns at most "
-                               f"top-{self.max_topk} (teacher.max_topk)")
+                               f"top-{self.max_topk} (teacher.server.max_topk)")
         if request.extra_ids is not None:
             if not self.scores_extra_ids:
                 raise TeacherError(f"{self.name}: {type(self).__name__} cannot score extra ids (the student's "
@@ -434,8 +406,8 @@ def _check_values(where: str, vocab: int, sampled: torch.Tensor, topk_logprobs: 
     (TeacherScores.check repeats the value checks on the whole batch)."""
     if topk_ids is not None and topk_ids.numel() and (int(topk_ids.min()) < 0 or int(topk_ids.max()) >= vocab):
         bad = topk_ids[(topk_ids < 0) | (topk_ids >= vocab)]
-        raise TeacherError(f"{where}: top-k ids {bad[:5].tolist()} outside [0, {vocab}) (teacher.vocab_size: is the "
-                           f"server's tokenizer the student's?)")
+        raise TeacherError(f"{where}: top-k ids {bad[:5].tolist()} outside [0, {vocab}) (teacher.server.vocab_size: is "
+                           f"the server's tokenizer the student's?)")
     for values in (sampled, topk_logprobs):
         if values is None or not values.numel():
             continue

@@ -1,9 +1,10 @@
 """Several named teachers behind one `Teacher`: per-prompt routing by domain, or a weighted mixture on every row.
 
-Routing (`routes=`, MiMo-V2-Flash MOPD and Nemotron-Cascade 2 [opd-sources §3, §7]: "the teacher is chosen by
-the prompt's domain, i.e. routing, not mixing"): row b goes to `routes[request.domains[b]]` (or `default`). Rows
-are grouped per teacher, each group is one request (trimmed to its longest row), the groups are scored
-concurrently when the teachers allow it, and the results are scattered back in row order.
+Routing (`routes=`, MiMo-V2-Flash MOPD and Nemotron-Cascade 2 [docs/sources.md#mimo-v2-flash,
+#nemotron-cascade-2]: one teacher per prompt, picked by the prompt's domain, not a mix): row b goes to
+`routes[request.domains[b]]` (or `default`). Rows are grouped per teacher, each group is one request (trimmed to
+its longest row), the groups are scored concurrently when the teachers allow it, and the results are scattered back
+in row order.
 
 Mixtures (`mixture=`, weights `w_i > 0`, normalised to sum 1), on every row:
 - geometric `log p(v) = sum_i w_i log q_i(v) - log Z`, `Z = sum_v prod_i q_i(v)^{w_i}`.
@@ -15,7 +16,7 @@ Mixtures (`mixture=`, weights `w_i > 0`, normalised to sum 1), on every row:
     UNNORMALISED log-geometric mean `sum_i w_i log q_i(y_t)` (<= the normalised value: `Z <= 1` by the
     weighted AM-GM inequality). Valid for route B only: its log-ratio `sum_i w_i (log q_i - log pi)` is exactly
     the per-token reward of `sum_i w_i KL(pi || q_i)` (the weighted multi-teacher reverse KL of DeepSeek-V4,
-    [opd-sources §9]), which differs from `KL(pi || p)` by `E[sum_t log Z(s_t)]`. It is no distribution, so
+    [docs/sources.md#deepseek-v4]), which differs from `KL(pi || p)` by `E[sum_t log Z(s_t)]`. It is no distribution, so
     top-k and extra ids (route A's inputs) are refused. Result name `multi-geometric-unnormalised:<names>`.
 - arithmetic `log p(v) = log sum_i w_i q_i(v)`: exact wherever every teacher's logprob at `v` is known (sampled
   tokens, extra ids, full logits), so valid for route B (log-ratio to the mixture) and route A on those ids.
@@ -105,6 +106,7 @@ class MultiTeacher(Teacher):
         caps = [t.max_topk for t in self.teachers.values() if t.max_topk is not None]
         self.max_topk = min(caps) if caps else None
         self.scores_extra_ids = all(t.scores_extra_ids for t in self.teachers.values())
+        self.reads_privileged_context = any(t.reads_privileged_context for t in self.teachers.values())
         self.concurrent = (not any(t.gives_full_logits for t in self.teachers.values()) if concurrent is None
                            else concurrent)
 
@@ -114,6 +116,23 @@ class MultiTeacher(Teacher):
     def close(self) -> None:
         for teacher in self.teachers.values():
             teacher.close()
+
+    def state_dict(self) -> dict:
+        """The members' states by name, those with a state only (empty when every member is frozen)."""
+        states = {name: teacher.state_dict() for name, teacher in self.teachers.items()}
+        return {name: state for name, state in states.items() if state}
+
+    def load_state_dict(self, state: dict) -> None:
+        unknown = sorted(set(state) - set(self.teachers))
+        if unknown:
+            raise ValueError(f"{self.name}: the checkpoint holds the state of teachers {unknown}, not among "
+                             f"{sorted(self.teachers)}")
+        for name, member_state in state.items():
+            self.teachers[name].load_state_dict(member_state)
+
+    def after_optimizer_step(self) -> None:
+        for teacher in self.teachers.values():
+            teacher.after_optimizer_step()
 
     def score(self, request: TeacherRequest) -> TeacherScores:
         request.validate(self._vocab)

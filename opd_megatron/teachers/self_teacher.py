@@ -25,7 +25,7 @@ self-distillation target]:
 - `current`: whatever the scorer reads (the live student when it is colocated on the student's model); no copy.
 - `frozen`: a copy of `model`'s parameters taken at construction, swapped into `model` while scoring.
 - `ema`: `e_0 = theta_0`, `e_k = d * e_{k-1} + (1 - d) * theta_k` after each optimizer step k (`update_ema`,
-  which the training loop calls), kept in float32 whatever the parameters' dtype (a bf16 EMA with d = 0.999
+  which the training loop calls through `after_optimizer_step`), kept in float32 whatever the parameters' dtype (a bf16 EMA with d = 0.999
   would round most updates away), swapped into `model` (cast to its dtype) while scoring.
 Swapping sets `param.data` to the copy and back (try/finally), so scoring sees the copy and training the live
 weights; no second model instance. Only parameters are swapped (causal LMs have no learned buffers).
@@ -46,6 +46,7 @@ INSERT_POSITIONS = ("before_prompt", "after_prompt")
 
 class SelfTeacher(Teacher):
     """The student (via `scorer`, a Teacher over the student's weights) with privileged context in the prompt.
+    Its frozen / EMA weights are its checkpoint state (`state_dict`), updated after each optimizer step (`ema`).
 
     scorer: scores sequences with the weights held by `model` (a colocated or in-process teacher built on the
         student's own model), or with its own weights when `model` is None (only `mode="current"`).
@@ -56,6 +57,8 @@ class SelfTeacher(Teacher):
     max_length: the longest sequence (prompt + context + response) the scorer accepts; default
         `scorer.max_length` when the scorer has one. Longer rows are a TeacherError naming the row.
     """
+
+    reads_privileged_context = True
 
     def __init__(self, scorer: Teacher, *, model: Optional[torch.nn.Module] = None, mode: str = "current",
                  ema_decay: float = 0.999, insert: str = "before_prompt", keep: int = 0,
@@ -111,6 +114,9 @@ class SelfTeacher(Teacher):
         for shadow, param in zip(self._shadow, self._params):
             shadow.mul_(self.ema_decay).add_(param.detach().to(torch.float32), alpha=1.0 - self.ema_decay)
         self.updates += 1
+
+    def after_optimizer_step(self) -> None:
+        self.update_ema()
 
     def teacher_weights(self) -> list[torch.Tensor]:
         """The weights scoring uses, one tensor per `model.parameters()` entry (float32 for `ema`)."""

@@ -17,9 +17,10 @@ exactly the scored columns score_start .. lengths-2, and entry 0 (null) is the c
 `token_ids_logprob` is ONE id list per row, scored at every position in the order sent (logits_processor.py
 `get_token_ids_logprobs`: `logprobs[pos, token_ids]`; detokenised into [logprob, id, text] triples by
 tokenizer_manager.py). The student's top-k differs per column, so a row sends the sorted union of its scored
-columns' `extra_ids` (bounded by teacher.max_extra_ids) and each column's ids are picked from the reply
-(`http._pick_extra`, by id, so the reply's order does not matter). The training loop fills `extra_ids` with the
-student's top-k from a forward-only pass (`OpdRun._student_topk`) for the student_topk / union supports.
+columns' `extra_ids` (bounded by teacher.server.max_extra_ids) and each column's ids are picked from the
+reply (`http._pick_extra`, by id, so the reply's order does not matter). The training loop fills `extra_ids` with the
+student's top-k from a forward-only pass (`loop/teacher_scoring.py::TeacherScoring.student_topk`) for the
+student_topk / union supports.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ class SGLangTeacher(ServedTeacher):
                 raise TeacherError(f"{self.name}: {url}{self.model_info_path} has no model_path: {info!r}")
             names = {info.get("model_path"), info.get("served_model_name")} - {None}
             if self.config.model and self.config.model not in names:
-                raise TeacherError(f"{self.name}: {url} serves {sorted(names)}, not teacher.model="
+                raise TeacherError(f"{self.name}: {url} serves {sorted(names)}, not teacher.server.model="
                                    f"{self.config.model!r}")
             identities[url] = info["model_path"]
         if len(set(identities.values())) > 1:
@@ -78,7 +79,7 @@ class SGLangTeacher(ServedTeacher):
         union = sorted({int(i) for i in ids[ids >= 0].tolist()})
         if len(union) > self.config.max_extra_ids:
             raise TeacherError(f"{self.name}: row {b} asks for {len(union)} distinct extra ids, above "
-                               f"teacher.max_extra_ids={self.config.max_extra_ids} (each is scored at every "
+                               f"teacher.server.max_extra_ids={self.config.max_extra_ids} (each is scored at every "
                                f"position); raise the bound or ask for fewer")
         # A row without extra ids still sends one (unread) so every row takes the same server path.
         return union or [0]

@@ -8,7 +8,8 @@ reply    `choices[i]` (matched by its `index`) has `prompt_logprobs`: one entry 
          log q(ids[t] | ids[:t]), i.e. label column t-1.
 
 vLLM cannot score arbitrary ids at a position, so `scores_extra_ids` is False; k is capped by the server's
---max-logprobs (20 by default; set teacher.max_topk to the server's value); an out-of-vocabulary id is HTTP 400.
+--max-logprobs (20 by default; set teacher.server.max_topk to the server's value); an out-of-vocabulary id is HTTP
+400.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ class VLLMTeacher(ServedTeacher):
             if not self.config.model:
                 self.config.model = self.name = next(iter(served))
             if self.config.model not in served:
-                raise TeacherError(f"{self.name}: {url} serves {sorted(served)}, not teacher.model="
+                raise TeacherError(f"{self.name}: {url} serves {sorted(served)}, not teacher.server.model="
                                    f"{self.config.model!r}")
             length = served[self.config.model].get("max_model_len")
             if isinstance(length, int):

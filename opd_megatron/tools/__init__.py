@@ -1,2 +1,1 @@
-"""Commands around a run: `quickstart.py` (the CPU quickstart), `dry_run.py` (layout and memory without tensors),
-`report.py` (report.md and plots of a run)."""
+"""Commands around a run: `quickstart.py` (the CPU quickstart), `dry_run.py` (layout and memory without tensors)."""

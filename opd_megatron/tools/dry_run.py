@@ -16,7 +16,6 @@ models and the layout equal to megatron-core's process groups.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -251,9 +250,10 @@ def resident_teachers(cfg: RunConfig) -> list[tuple[str, Optional[ModelSection]]
         return []
     t = cfg.teacher
     if t.kind == "self":
-        return [] if t.self_mode == "current" else [(f"self ({t.self_mode} copy)", cfg.model)]
-    members = [(m.name, m) for m in t.members] if t.kind == "multi" else [(t.kind, t)]
-    return [(name, m.model) for name, m in members if m.kind in ("colocated", "inprocess")]
+        mode = t.self_teacher.mode
+        return [] if mode == "current" else [(f"self ({mode} copy)", cfg.model)]
+    members = [(m.name, m) for m in t.multi.members] if t.kind == "multi" else [(t.kind, t.as_member())]
+    return [(name, m.colocated.model) for name, m in members if m.kind in ("colocated", "inprocess")]
 
 
 def teacher_weight_bytes(cfg: RunConfig, model: ModelSection) -> int:
@@ -263,21 +263,15 @@ def teacher_weight_bytes(cfg: RunConfig, model: ModelSection) -> int:
     return parameter_counts(whole).stages[0].count.per_rank(cfg.parallel.tp, cfg.parallel.ep) * DTYPE_BYTES[model.dtype]
 
 
-def _dense_teacher(cfg: RunConfig) -> bool:
-    t = cfg.teacher
-    return t.kind in ("colocated", "inprocess", "self") or (
-        t.kind == "multi" and all(m.kind in ("colocated", "inprocess") for m in t.members))
-
-
 def teacher_logits_bytes(cfg: RunConfig, padded_vocab: int) -> int:
     """A dense teacher's answer for one micro-batch, kept until its loss ran: the fp32 logits shard
     `[b, s, V/tp]` (teachers/colocated.py) and the model-dtype logits it was cast from; a mixture of teachers
     holds one shard per member. Served teachers send `[b, s, k]` top-k logprobs (negligible)."""
-    if cfg.run.algorithm != "opd" or not _dense_teacher(cfg):
+    if cfg.run.algorithm != "opd" or not cfg.teacher.dense:
         return 0
     t, p = cfg.teacher, cfg.parallel
-    members = len(t.members) if t.kind == "multi" and t.mixture is not None else 1
-    teacher_dtype = 4 if t.model is None else DTYPE_BYTES[t.model.dtype]
+    members = len(t.multi.members) if t.kind == "multi" and t.multi.mixture is not None else 1
+    teacher_dtype = 4 if t.colocated.model is None else DTYPE_BYTES[t.colocated.model.dtype]
     return members * p.micro_batch_size * cfg.data.seq_length * padded_vocab // p.tp * (4 + teacher_dtype)
 
 
@@ -286,9 +280,9 @@ def opd_loss_bytes(cfg: RunConfig, padded_vocab: int) -> int:
     `[rows, V/tp]` of a divergence on the full support (or the exact reverse-KL baseline), rows = opd.chunk_size
     tokens or the whole micro-batch. Sparse supports and sampled-token losses keep `[rows, k]` (negligible)."""
     o, p = cfg.opd, cfg.parallel
-    if cfg.run.algorithm != "opd" or not _dense_teacher(cfg):
+    if cfg.run.algorithm != "opd" or not cfg.teacher.dense:
         return 0
-    if not ((o.loss == "divergence" and o.support == "full") or o.baseline == "reverse_kl"):
+    if not ((o.loss == "divergence" and o.route_a.support == "full") or o.credit.baseline == "reverse_kl"):
         return 0
     rows = p.micro_batch_size * cfg.data.seq_length
     if o.chunk_size is not None:
@@ -297,11 +291,11 @@ def opd_loss_bytes(cfg: RunConfig, padded_vocab: int) -> int:
 
 
 def rollout_rows(cfg: RunConfig, world_size: int) -> int:
-    """Rows one data-parallel rank samples per step (the on-policy share of its global-batch rows)."""
-    if cfg.run.algorithm != "opd":
+    """Rows one data-parallel rank samples on an on-policy step: all its global-batch rows, since the on-policy
+    fraction picks whole batches (`math/mixtures.py::OnPolicyMixture`); none when no batch is on-policy."""
+    if cfg.run.algorithm != "opd" or cfg.opd.mixtures.on_policy_fraction == 0:
         return 0
-    rows = cfg.parallel.global_batch_size // cfg.parallel.dp(world_size)
-    return math.ceil(rows * cfg.opd.on_policy_fraction)
+    return cfg.parallel.global_batch_size // cfg.parallel.dp(world_size)
 
 
 def kv_cache_bytes(cfg: RunConfig, rows: int, layers: int) -> int:
@@ -593,21 +587,21 @@ def format_opd_notes(cfg: RunConfig, estimate: MemoryEstimate) -> list[str]:
     for name, model in teachers:
         if model is None:
             lines.append(f"  teacher {name}: shape not in the config (read from the checkpoint at run time), NOT "
-                         f"counted: give teacher.model (or its preset) for an estimate")
+                         f"counted: give teacher.colocated.model (or its preset) for an estimate")
         else:
             lines.append(f"  teacher {name}: {model.preset or 'custom'} {model.dtype}, whole (PP=1) at tp "
                          f"{cfg.parallel.tp} on each last-stage rank: {_gib(teacher_weight_bytes(cfg, model))} GiB")
     if not teachers:
-        where = {"self": "shares the student's weights (self_mode current)"}.get(
+        where = {"self": "shares the student's weights (self_teacher.mode current)"}.get(
             t.kind, "served: nothing on the training GPUs")
         lines.append(f"  teacher {t.kind}: {where}")
     rows = rollout_rows(cfg, estimate.world_size)
     if rows:
         lines.append(f"  rollout: {rows} rows per dp rank ({r.prompts_per_step} prompts x {r.samples_per_prompt} "
-                     f"samples / dp {estimate.dp} x on-policy fraction {cfg.opd.on_policy_fraction:g}) sampled at "
-                     f"once into one KV cache of {cfg.data.seq_length} positions (data.seq_length)")
+                     f"samples / dp {estimate.dp} x on-policy fraction {cfg.opd.mixtures.on_policy_fraction:g}) "
+                     f"sampled at once into one KV cache of {cfg.data.seq_length} positions (data.seq_length)")
     else:
-        lines.append("  rollout: none (opd.on_policy_fraction=0: fixed rows only)")
+        lines.append("  rollout: none (opd.mixtures.on_policy_fraction=0: fixed rows only)")
     return lines
 
 

@@ -62,7 +62,8 @@ def _write_task_data(cfg: RunConfig, path: Path) -> None:
 
 def _teacher_key(cfg: RunConfig) -> str:
     q = cfg.quickstart
-    blob = json.dumps({"model": vars(cfg.teacher.model) if cfg.teacher.model else None, "task": cfg.rollout.task,
+    teacher_model = cfg.teacher.colocated.model
+    blob = json.dumps({"model": vars(teacher_model) if teacher_model else None, "task": cfg.rollout.task,
                        "options": cfg.rollout.task_options,
                        "steps": q.teacher_steps, "lr": q.teacher_lr, "batch": q.teacher_batch_size,
                        "examples": q.train_examples, "seed": cfg.run.seed}, sort_keys=True, default=str)
@@ -71,7 +72,7 @@ def _teacher_key(cfg: RunConfig) -> str:
 
 def run_quickstart(cfg: RunConfig, run_dir: Optional[str] = None, log=print) -> dict:
     """Teacher (cached), warm-up, OPD; returns the OPD run's summary."""
-    from opd_megatron.loop.sft import train
+    from opd_megatron.loop.train import train
 
     started = time.perf_counter()
     if run_dir is not None:
@@ -85,9 +86,10 @@ def run_quickstart(cfg: RunConfig, run_dir: Optional[str] = None, log=print) -> 
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     q = cfg.quickstart
-    if cfg.teacher.model is None:
+    teacher_model = cfg.teacher.colocated.model
+    if teacher_model is None:
         from opd_megatron.config import ConfigError
-        raise ConfigError("teacher.model: the quickstart trains its teacher and needs its shape (see "
+        raise ConfigError("teacher.colocated.model: the quickstart trains its teacher and needs its shape (see "
                           "configs/quickstart.yaml)")
     data = out / "data" / "train.jsonl"
     if not data.is_file():
@@ -96,10 +98,10 @@ def run_quickstart(cfg: RunConfig, run_dir: Optional[str] = None, log=print) -> 
     cache = Path(q.teacher_cache).expanduser() / _teacher_key(cfg)
     teacher_ckpt = resolve_checkpoint(cache / "teacher" / "checkpoints")
     if teacher_ckpt is None:
-        log(f"[quickstart] 1/3 training the teacher ({cfg.teacher.model.num_layers} layers x "
-            f"{cfg.teacher.model.hidden_size}, {q.teacher_steps} SFT steps) -> cached in {cache}")
+        log(f"[quickstart] 1/3 training the teacher ({teacher_model.num_layers} layers x "
+            f"{teacher_model.hidden_size}, {q.teacher_steps} SFT steps) -> cached in {cache}")
         t0 = time.perf_counter()
-        train(_sft_config(cfg, "teacher", cache, cfg.teacher.model, q.teacher_steps, q.teacher_lr,
+        train(_sft_config(cfg, "teacher", cache, teacher_model, q.teacher_steps, q.teacher_lr,
                           q.teacher_batch_size, data, cfg.run.seed))
         teacher_ckpt = resolve_checkpoint(cache / "teacher" / "checkpoints")
         log(f"[quickstart]     teacher trained in {time.perf_counter() - t0:.0f} s")
@@ -117,13 +119,13 @@ def run_quickstart(cfg: RunConfig, run_dir: Optional[str] = None, log=print) -> 
         warm = resolve_checkpoint(warm_dir / "student_warmup" / "checkpoints")
     opd = copy.deepcopy(cfg)
     opd.run.algorithm = "opd"
-    opd.teacher.kind, opd.teacher.path = "colocated", str(teacher_ckpt)
+    opd.teacher.kind, opd.teacher.colocated.path = "colocated", str(teacher_ckpt)
     if warm is not None:
         opd.checkpoint.load = str(warm)
     opd.validate()
     (out / "quickstart.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     log(f"[quickstart] 3/3 on-policy distillation: {opd.run.train_steps} steps of {opd.rollout.prompts_per_step} "
-        f"prompts x {opd.rollout.samples_per_prompt} rollouts, {opd.opd.loss} ({opd.opd.divergence})")
+        f"prompts x {opd.rollout.samples_per_prompt} rollouts, {opd.opd.loss} ({opd.opd.route_a.divergence})")
     opd.run.name, opd.run.output_dir = out.name, str(out.parent)
     train(opd)
     summary = json.loads((out / "summary.json").read_text())

@@ -71,9 +71,9 @@ def test_opd_job_with_a_vllm_teacher_on_its_own_step(slurm, vllm_venv, tmp_path)
             f"data.tokenizer={model_dir}", "data.seq_length=64", "parallel.micro_batch_size=4",
             "parallel.global_batch_size=8", "rollout.source=jsonl", f"rollout.path={prompts}",
             "rollout.prompts_per_step=4", "rollout.samples_per_prompt=2", "rollout.max_new_tokens=8",
-            "teacher.kind=vllm", "teacher.topk=5",
-            "teacher.server={model: teacher, vocab_size: 512}", "opd.support=teacher_topk", "opd.support_k=5",
-            "opd.support_mode=tail", "eval.prompts=2", *COMMON]   # 2 of the 4 prompts held out
+            "teacher.kind=vllm", "teacher.topk=5", "teacher.server={model: teacher, vocab_size: 512}",
+            "opd.route_a.support=teacher_topk", "opd.route_a.support_k=5", "opd.route_a.support_mode=tail",
+            "eval.prompts=2", *COMMON]   # 2 of the 4 prompts held out
     begin = time.monotonic()
     job = submit(slurm, tmp_path, env, args)
     info = slurm.wait_done(job, timeout_s=600)

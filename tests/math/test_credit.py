@@ -9,7 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from opd_megatron.math import credit
-from opd_megatron.math.credit import advantages, batch_mean_advantages, gae, outcome_hybrid, returns_to_go
+from opd_megatron.math.credit import (advantages, batch_mean_advantages, gae_advantages, outcome_hybrid,
+                                      returns_to_go)
 from opd_megatron.math.checks import MathInputError
 
 DTYPE = torch.float64
@@ -121,11 +122,11 @@ def test_gae_limits_and_direct_formula(gamma):
     log_ratio, mask = random_batch(batch=5, length=6, seed=6)
     values = torch.randn(log_ratio.shape, generator=torch.Generator().manual_seed(7), dtype=DTYPE)
     # lambda = 1 telescopes to the (discounted) return minus the value, for any value
-    torch.testing.assert_close(gae(log_ratio, mask, values, gamma, 1.0).advantages,
+    torch.testing.assert_close(gae_advantages(log_ratio, mask, values, gamma, 1.0).advantages,
                                torch.where(mask, direct_returns(log_ratio, mask, gamma) - values, 0.0))
     # lambda = 0 is TD(0) and general lambda the sum of (gamma lambda)^l delta_{t+l}, over unmasked steps
     for lam in (0.0, 0.6):
-        out = gae(log_ratio, mask, values, gamma, lam)
+        out = gae_advantages(log_ratio, mask, values, gamma, lam)
         expected = torch.zeros_like(log_ratio)
         for b in range(log_ratio.shape[0]):
             steps = [t for t in range(log_ratio.shape[1]) if mask[b, t]]
@@ -221,7 +222,7 @@ def test_property_finite_and_zero_off_the_mask(batch, length, seed, empty_rows, 
         assert out.shape == (batch, length)
         assert torch.isfinite(out).all()
         assert (out[~mask] == 0).all()
-    gae_out = credit.gae(log_ratio, mask, values, gamma, lam)
+    gae_out = credit.gae_advantages(log_ratio, mask, values, gamma, lam)
     assert torch.isfinite(gae_out.value_targets).all() and (gae_out.value_targets[~mask] == 0).all()
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from opd_megatron.math.diagnostics import batch_diagnostics
+from opd_megatron.math.diagnostics import DiagnosticsBatch, DiagnosticsSettings, batch_diagnostics
 from opd_megatron.math.cr_opd import RoutingConfig, cr_opd_loss
 from opd_megatron.math.checks import MathInputError
 
@@ -20,6 +20,7 @@ TEACHER = [[[1.0, 2.5, -1.0, 0.0], [0.0, 1.0, 2.0, -1.0], [4.0, 3.0, 2.0, 1.0]],
 IDS = [[1, 2, 3], [3, 0, 1]]
 MASK = [[1, 1, 1], [1, 1, 0]]
 KEPT = [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1)]
+TOP2 = DiagnosticsSettings(top_k=2)
 
 
 def softmax(row):
@@ -60,7 +61,7 @@ def quantile(values, q):
 
 def test_each_value_against_a_direct_computation():
     d = direct()
-    out = batch_diagnostics(**inputs(), top_k=2)
+    out = batch_diagnostics(DiagnosticsBatch(**inputs()), TOP2)
     mean = statistics.fmean
     expected = {
         "tokens/count": 5.0,
@@ -94,11 +95,11 @@ def test_sampled_token_inputs_importance_value_rollout_and_throughput():
     adv = torch.tensor([[1.0, -2.0, 100.0], [0.5, 100.0, 100.0]], dtype=F64)
     values = torch.tensor([[0.5, 1.0, 9.0], [2.0, 9.0, 9.0]], dtype=F64)
     targets = torch.tensor([[1.0, 0.0, -9.0], [2.5, -9.0, -9.0]], dtype=F64)
-    out = batch_diagnostics(mask, student_logprobs=student_lp, teacher_logprobs=teacher_lp,
-                            behaviour_logprobs=behaviour, old_logprobs=old, advantages=adv, values=values,
-                            value_targets=targets, staleness=torch.tensor([0, 2]), response_lengths=torch.tensor([2, 1]),
-                            teacher_tokens=300, wall_time_s=1.5, gate_keep_rates={"sign": 0.25, "all": 0.2},
-                            ratio_interval=(0.8, 1.2))
+    out = batch_diagnostics(DiagnosticsBatch(
+        mask, student_logprobs=student_lp, teacher_logprobs=teacher_lp, behaviour_logprobs=behaviour,
+        old_logprobs=old, advantages=adv, values=values, value_targets=targets, staleness=torch.tensor([0, 2]),
+        response_lengths=torch.tensor([2, 1]), teacher_tokens=300, wall_time_s=1.5,
+        gate_keep_rates={"sign": 0.25, "all": 0.2}), DiagnosticsSettings(ratio_interval=(0.8, 1.2)))
     ratio = [math.exp(-0.5 + 0.4), math.exp(-1.0 + 1.5), math.exp(-2.0 + 1.0)]     # the PPO ratio pi / pi_old
     mismatch = [math.exp(-0.4 + 0.1), math.exp(-1.5 + 1.5), math.exp(-1.0 + 3.0)]  # pi_old / mu
     g, v = [1.0, 0.0, 2.5], [0.5, 1.0, 2.0]
@@ -132,7 +133,7 @@ def test_routing_stats():
     teacher[0, :3] = teacher[0, :3].scatter(-1, ids[0, :3, None], 40.0)  # a few empty candidate sets
     _, stats = cr_opd_loss(student, ids, adv, mask, teacher_logits=teacher,
                            config=RoutingConfig(teacher_top_k=2, student_reach="topk", student_top_k=4))
-    out = batch_diagnostics(mask, routing_stats=stats)
+    out = batch_diagnostics(DiagnosticsBatch(mask, routing_stats=stats))
     negative = mask & (adv < 0)
     routed = stats.routed
     assert routed.any() and (negative & stats.empty_candidates).any()
@@ -144,62 +145,64 @@ def test_routing_stats():
 
 
 def test_masked_positions_never_count():
-    base = batch_diagnostics(**inputs(), top_k=2)
+    base = batch_diagnostics(DiagnosticsBatch(**inputs()), TOP2)
     wild = inputs()
     wild["student_logits"][1, 2] = torch.tensor([1e4, -math.inf, -1e4, 7.0])
     wild["teacher_logits"][1, 2] = -math.inf  # a padding row of -inf logits
     wild["sampled_ids"][1, 2] = -100  # an ignore-index id on padding
-    assert batch_diagnostics(**wild, top_k=2) == base
+    assert batch_diagnostics(DiagnosticsBatch(**wild), TOP2) == base
     # Dropping the masked position equals masking it.
     cut = {name: t[:, :2] for name, t in inputs().items()}
     cut["mask"] = torch.ones(2, 2)
     full = dict(inputs())
     full["mask"] = torch.tensor([[1, 1, 0], [1, 1, 0]])
-    assert batch_diagnostics(**full, top_k=2) == pytest.approx(batch_diagnostics(**cut, top_k=2), rel=1e-13)
+    assert batch_diagnostics(DiagnosticsBatch(**full), TOP2) == pytest.approx(
+        batch_diagnostics(DiagnosticsBatch(**cut), TOP2), rel=1e-13)
 
 
 def test_missing_inputs_leave_their_keys_out():
-    assert batch_diagnostics() == {}
-    assert batch_diagnostics(torch.ones(2, 3)) == {"tokens/count": 6.0}
-    only_student = batch_diagnostics(student_logits=torch.tensor(STUDENT, dtype=F64))
+    assert batch_diagnostics(DiagnosticsBatch()) == {}
+    assert batch_diagnostics(DiagnosticsBatch(torch.ones(2, 3))) == {"tokens/count": 6.0}
+    only_student = batch_diagnostics(DiagnosticsBatch(student_logits=torch.tensor(STUDENT, dtype=F64)))
     assert set(only_student) == {"tokens/count", "entropy/student"}
     top = torch.log_softmax(torch.tensor(TEACHER, dtype=F64), -1).topk(2, -1)
-    served = batch_diagnostics(torch.tensor(MASK), student_logits=torch.tensor(STUDENT, dtype=F64),
-                               teacher_topk_ids=top.indices, teacher_topk_logprobs=top.values,
-                               sampled_ids=torch.tensor(IDS), top_k=2)
-    dense = batch_diagnostics(**inputs(), top_k=2)
+    served = batch_diagnostics(DiagnosticsBatch(torch.tensor(MASK), student_logits=torch.tensor(STUDENT, dtype=F64),
+                                                teacher_topk_ids=top.indices, teacher_topk_logprobs=top.values,
+                                                sampled_ids=torch.tensor(IDS)), TOP2)
+    dense = batch_diagnostics(DiagnosticsBatch(**inputs()), TOP2)
     for key in ("agreement/teacher_top1_match", "agreement/topk_overlap", "agreement/student_mass_on_teacher_support"):
         assert served[key] == pytest.approx(dense[key], rel=1e-13)
     assert "kl/rkl_exact" not in served and "entropy/teacher" not in served and "log_ratio/mean" not in served
     # Nothing masked in: per-token keys are absent, not NaN.
-    empty = batch_diagnostics(**dict(inputs(), mask=torch.zeros(2, 3)), top_k=2)
+    empty = batch_diagnostics(DiagnosticsBatch(**dict(inputs(), mask=torch.zeros(2, 3))), TOP2)
     assert empty == {"tokens/count": 0.0}
     # A constant value target has no explained variance.
-    flat = batch_diagnostics(torch.ones(1, 2), values=torch.zeros(1, 2, dtype=F64),
-                             value_targets=torch.ones(1, 2, dtype=F64))
+    flat = batch_diagnostics(DiagnosticsBatch(torch.ones(1, 2), values=torch.zeros(1, 2, dtype=F64),
+                                              value_targets=torch.ones(1, 2, dtype=F64)))
     assert "value/explained_variance" not in flat
-    assert "throughput/teacher_tokens_per_s" not in batch_diagnostics(teacher_tokens=10)
+    assert "throughput/teacher_tokens_per_s" not in batch_diagnostics(DiagnosticsBatch(teacher_tokens=10))
 
 
 def test_bad_input_names_the_argument():
     x = inputs()
-    cases = [
-        ("sampled_ids", dict(x, sampled_ids=torch.tensor(IDS)[:, :2])),
-        ("teacher_logits", dict(x, teacher_logits=x["teacher_logits"][..., :3])),
+    cases = [  # (the argument named, the batch, the DiagnosticsSettings fields)
+        ("sampled_ids", dict(x, sampled_ids=torch.tensor(IDS)[:, :2]), {}),
+        ("teacher_logits", dict(x, teacher_logits=x["teacher_logits"][..., :3]), {}),
         ("student_logits", dict(x, student_logits=x["student_logits"].index_put((torch.tensor([1]),) * 3,
-                                                                                  torch.tensor(math.nan, dtype=F64)))),
-        ("sampled_ids", dict(x, sampled_ids=torch.tensor(IDS) + 4)),
-        ("top_k", dict(x, top_k=5)),
-        ("mask", dict(x, mask=torch.full((2, 3), 0.5))),
-        ("quantiles", dict(x, quantiles=(0.5, 1.5))),
-        ("wall_time_s", dict(teacher_tokens=5, wall_time_s=0.0)),
-        ("staleness", dict(staleness=-1)),
-        ("teacher_topk_ids", dict(teacher_topk_ids=torch.zeros(2, 3, 2, dtype=torch.long))),
-        ("student_temperature", dict(x, student_temperature=-1.0)),
+                                                                                  torch.tensor(math.nan, dtype=F64))),
+         {}),
+        ("sampled_ids", dict(x, sampled_ids=torch.tensor(IDS) + 4), {}),
+        ("top_k", x, dict(top_k=5)),
+        ("mask", dict(x, mask=torch.full((2, 3), 0.5)), {}),
+        ("quantiles", x, dict(quantiles=(0.5, 1.5))),
+        ("wall_time_s", dict(teacher_tokens=5, wall_time_s=0.0), {}),
+        ("staleness", dict(staleness=-1), {}),
+        ("teacher_topk_ids", dict(teacher_topk_ids=torch.zeros(2, 3, 2, dtype=torch.long)), {}),
+        ("student_temperature", x, dict(student_temperature=-1.0)),
     ]
-    for name, kwargs in cases:
+    for name, batch, options in cases:
         with pytest.raises(MathInputError, match=name):
-            batch_diagnostics(**kwargs)
+            batch_diagnostics(DiagnosticsBatch(**batch), DiagnosticsSettings(**options))
 
 
 @settings(max_examples=50, deadline=None)
@@ -216,11 +219,12 @@ def test_property_every_value_is_finite(b, t, v, seed, scale, keep_share, tau, d
     adv = torch.randn(b, t, generator=g, dtype=dtype)
     _, stats = cr_opd_loss(student.double(), ids, adv.double(), mask, teacher_logits=teacher.double(),
                            config=RoutingConfig(teacher_top_k=1, student_reach="topk", student_top_k=1))
-    out = batch_diagnostics(mask, student_logits=student, teacher_logits=teacher, sampled_ids=ids,
-                            behaviour_logprobs=-scale * torch.rand(b, t, generator=g).to(dtype), advantages=adv,
-                            routing_stats=stats, values=torch.randn(b, t, generator=g).to(dtype),
-                            value_targets=torch.randn(b, t, generator=g).to(dtype), staleness=3,
-                            top_k=min(2, v), student_temperature=tau, teacher_temperature=tau)
+    out = batch_diagnostics(
+        DiagnosticsBatch(mask, student_logits=student, teacher_logits=teacher, sampled_ids=ids,
+                         behaviour_logprobs=-scale * torch.rand(b, t, generator=g).to(dtype), advantages=adv,
+                         routing_stats=stats, values=torch.randn(b, t, generator=g).to(dtype),
+                         value_targets=torch.randn(b, t, generator=g).to(dtype), staleness=3),
+        DiagnosticsSettings(top_k=min(2, v), student_temperature=tau, teacher_temperature=tau))
     assert all(math.isfinite(value) for value in out.values()), out
     assert out["tokens/count"] == int(mask.sum())
     if mask.any():

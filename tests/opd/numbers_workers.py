@@ -20,7 +20,7 @@ from opd_megatron.tasks import get_task
 # model.vocab_size 64 over the sort task's 14-id tokenizer: 50 embedding rows no tokenizer id reaches.
 MODEL = ["model.num_layers=2", "model.hidden_size=32", "model.ffn_hidden_size=64", "model.num_attention_heads=4",
          "model.num_query_groups=2", "model.vocab_size=64", "model.max_position_embeddings=32"]
-TEACHER = [o.replace("model.", "teacher.model.") for o in MODEL]
+TEACHER = [o.replace("model.", "teacher.colocated.model.") for o in MODEL]
 MAX_NEW = 9
 
 
@@ -29,7 +29,7 @@ def config(root: str, name: str, overrides=()):
         "run.algorithm=opd", f"run.output_dir={root}", f"run.name={name}", "run.seed=7", "run.train_steps=4",
         "parallel.micro_batch_size=8", "parallel.global_batch_size=8", "data.seq_length=24",
         "data.tokenizer=task:sort_digits", "rollout.prompts_per_step=4", "rollout.samples_per_prompt=2",
-        f"rollout.max_new_tokens={MAX_NEW}", "teacher.kind=colocated", f"teacher.path={root}/teacher",
+        f"rollout.max_new_tokens={MAX_NEW}", "teacher.kind=colocated", f"teacher.colocated.path={root}/teacher",
         f"checkpoint.load={root}/student", "checkpoint.resume=false", "optim.optimizer=sgd", "optim.sgd_momentum=0",
         "optim.lr=0.5", "optim.clip_grad=0", "optim.weight_decay=0", "optim.decay_style=constant",
         "eval.prompts=4", "logging.progress_bar=false", "logging.tensorboard=false", *overrides])
@@ -76,13 +76,13 @@ def _step(root: str, name: str, overrides=(), batch: RolloutBatch | None = None)
     cfg = config(root, name, overrides)
     ctx = init_parallel(cfg)
     try:
-        run = OpdRun(cfg, ctx, stop=None)
+        run = OpdRun(cfg, ctx)
         before = _weights(run)
-        sampled = None
+        sampled = teacher = None          # the colocated teacher scores inside the loss
         if batch is None:
-            batch = run.next_batch()
+            batch, teacher = run.next_batch()
             sampled = [batch.response_ids(b) for b in range(batch.size)]
-        metrics, finite = run.train_step(batch)
+        metrics, finite = run.train_step(batch, teacher)
         after = _weights(run)
         run.teacher.close()
         logged = cfg.run.run_dir / "rollouts.jsonl"
@@ -95,22 +95,23 @@ def _step(root: str, name: str, overrides=(), batch: RolloutBatch | None = None)
 
 SCENARIOS = {
     # item 3: PPO ratio 1 on fresh data under nucleus + tempered sampling; the mismatch is logged apart.
-    "ppo_top_p": ["opd.loss=policy_gradient", "opd.ratio=ppo", "rollout.top_p=0.8", "rollout.temperature=0.7",
-                  "opd.student_temperature=0.7", "logging.rollouts=3"],
+    "ppo_top_p": ["opd.loss=policy_gradient", "opd.policy_gradient.ratio=ppo", "rollout.top_p=0.8",
+                  "rollout.temperature=0.7", "opd.student_temperature=0.7", "logging.rollouts=3"],
     # item 8: on fresh data PPO + truncated IS and log-prob + truncated IS give the same update (w rho, not w rho^2).
-    "ppo_tis": ["opd.loss=policy_gradient", "opd.ratio=ppo", "opd.gates.truncated_is=[0.01, 100.0]"],
-    "logprob_tis": ["opd.loss=policy_gradient", "opd.ratio=logprob", "opd.gates.truncated_is=[0.01, 100.0]"],
+    "ppo_tis": ["opd.loss=policy_gradient", "opd.policy_gradient.ratio=ppo", "opd.gates.truncated_is=[0.01, 100.0]"],
+    "logprob_tis": ["opd.loss=policy_gradient", "opd.policy_gradient.ratio=logprob",
+                    "opd.gates.truncated_is=[0.01, 100.0]"],
     # item 9: A = kappa (G + RKL): kappa = 2 doubles the update.
-    "rkl_baseline_k1": ["opd.loss=policy_gradient", "opd.estimator=baseline", "opd.baseline=reverse_kl",
+    "rkl_baseline_k1": ["opd.loss=policy_gradient", "opd.credit.estimator=baseline", "opd.credit.baseline=reverse_kl",
                         "opd.kl_coef=1.0"],
-    "rkl_baseline_k2": ["opd.loss=policy_gradient", "opd.estimator=baseline", "opd.baseline=reverse_kl",
+    "rkl_baseline_k2": ["opd.loss=policy_gradient", "opd.credit.estimator=baseline", "opd.credit.baseline=reverse_kl",
                         "opd.kl_coef=2.0"],
     # item 5: GAE-OPD + outcome term: micro-batch 1 and 8 are the same estimator.
-    "gae_outcome_mb8": ["opd.loss=policy_gradient", "opd.estimator=gae", "opd.outcome_beta=1.0"],
-    "gae_outcome_mb1": ["opd.loss=policy_gradient", "opd.estimator=gae", "opd.outcome_beta=1.0",
+    "gae_outcome_mb8": ["opd.loss=policy_gradient", "opd.credit.estimator=gae", "opd.credit.outcome_beta=1.0"],
+    "gae_outcome_mb1": ["opd.loss=policy_gradient", "opd.credit.estimator=gae", "opd.credit.outcome_beta=1.0",
                         "parallel.micro_batch_size=1"],
     # item 7: the whole-batch pre-pass clips the log-ratio under log_ratio_clip_mode=clip.
-    "group_clip": ["opd.loss=policy_gradient", "opd.estimator=baseline", "opd.baseline=group_mean",
+    "group_clip": ["opd.loss=policy_gradient", "opd.credit.estimator=baseline", "opd.credit.baseline=group_mean",
                    "opd.gates.log_ratio_clip=0.01", "opd.gates.log_ratio_clip_mode=clip"],
     # item 2: Z = global rows x rollout.max_new_tokens.
     "rkl_token_mean": ["opd.loss=divergence", "opd.normalizer=token_mean"],
@@ -138,12 +139,13 @@ def self_teacher_padded_embedding(root: str) -> dict:
         "parallel.micro_batch_size=4", "parallel.global_batch_size=4", "data.tokenizer=byte",
         "rollout.source=jsonl", f"rollout.path={prompts}", "rollout.privileged_key=hint",
         "rollout.prompts_per_step=2", "rollout.samples_per_prompt=2", "rollout.max_new_tokens=4",
-        "model.max_position_embeddings=64", "data.seq_length=64", "teacher.kind=self", "teacher.self_mode=frozen", "eval.prompts=4",
+        "model.max_position_embeddings=64", "data.seq_length=64", "teacher.kind=self",
+        "teacher.self_teacher.mode=frozen", "eval.prompts=4",
         "checkpoint.resume=false", "checkpoint.save_at_end=false", "logging.progress_bar=false",
         "logging.tensorboard=false"])
     ctx = init_parallel(cfg)
-    run = OpdRun(cfg, ctx, stop=None)
-    batch = run.next_batch()
+    run = OpdRun(cfg, ctx)
+    batch, teacher = run.next_batch()
     ids = [t for b in range(batch.size) for t in batch.response_ids(b)]
-    metrics, finite = run.train_step(batch)
+    metrics, finite = run.train_step(batch, teacher)
     return {"vocab": run.vocab, "max_id": max(ids), "finite": finite, "loss": metrics["loss"]}

@@ -31,38 +31,40 @@ MAX_NEW = 12                      # rollout.max_new_tokens: the longest response
 MODEL = ["model.num_layers=2", "model.hidden_size=64", "model.ffn_hidden_size=128", "model.num_attention_heads=8",
          "model.num_query_groups=4", f"model.vocab_size={VOCAB}", "model.max_position_embeddings=32",
          "model.init_method_std=0.2"]
-TEACHER = [o.replace("model.", "teacher.model.") for o in MODEL]
+TEACHER = [o.replace("model.", "teacher.colocated.model.") for o in MODEL]
 ROUTES = {
-    "rkl_full": ["opd.loss=divergence", "opd.divergence=reverse_kl", "opd.support=full"],
-    "jsd_union_tail": ["opd.loss=divergence", "opd.divergence=jsd", "opd.jsd_beta=0.3", "opd.support=union",
-                       "opd.support_k=3", "opd.support_mode=tail", "opd.normalizer=sequence_mean"],
-    "pg_rtg_ppo": ["opd.loss=policy_gradient", "opd.estimator=return_to_go", "opd.ratio=ppo",
+    "rkl_full": ["opd.loss=divergence", "opd.route_a.divergence=reverse_kl", "opd.route_a.support=full"],
+    "jsd_union_tail": ["opd.loss=divergence", "opd.route_a.divergence=jsd", "opd.route_a.jsd_beta=0.3",
+                       "opd.route_a.support=union", "opd.route_a.support_k=3", "opd.route_a.support_mode=tail",
+                       "opd.normalizer=sequence_mean"],
+    "pg_rtg_ppo": ["opd.loss=policy_gradient", "opd.credit.estimator=return_to_go", "opd.policy_gradient.ratio=ppo",
                    "opd.gates.truncated_is=[0.5, 2.0]"],
-    "pg_group_hybrid": ["opd.loss=policy_gradient", "opd.estimator=baseline", "opd.baseline=group_mean",
-                        "opd.outcome_beta=0.5", "opd.normalizer=constant"],
+    "pg_group_hybrid": ["opd.loss=policy_gradient", "opd.credit.estimator=baseline", "opd.credit.baseline=group_mean",
+                        "opd.credit.outcome_beta=0.5", "opd.normalizer=constant"],
     # C_t = teacher top-8 within the student's nucleus of mass 0.5: both sets span the shards.
-    "cr_opd": ["opd.loss=cr_opd", "opd.estimator=discounted", "opd.gamma=0.9", "opd.routing.teacher_top_k=8",
-               "opd.routing.student_reach=top_p", "opd.routing.student_top_p=0.5"],
-    "gae": ["opd.loss=policy_gradient", "opd.estimator=gae", "opd.gae_lambda=0.8"],
-    "minillm_single_step": ["opd.loss=policy_gradient", "opd.estimator=single_step", "opd.length_normalized=true",
-                            "opd.gamma=1.0"],
-    "fkl_reference_entropy": ["opd.loss=divergence", "opd.divergence=forward_kl", "opd.reference_kl_coef=0.5",
-                              "opd.entropy_coef=0.05", "opd.gates.teacher_confidence=0.06"],
+    "cr_opd": ["opd.loss=cr_opd", "opd.credit.estimator=discounted", "opd.credit.gamma=0.9",
+               "opd.cr_opd.teacher_top_k=8", "opd.cr_opd.student_reach=top_p", "opd.cr_opd.student_top_p=0.5"],
+    "gae": ["opd.loss=policy_gradient", "opd.credit.estimator=gae", "opd.credit.gae_lambda=0.8"],
+    "minillm_single_step": ["opd.loss=policy_gradient", "opd.credit.estimator=single_step",
+                            "opd.credit.length_normalized=true", "opd.credit.gamma=1.0"],
+    "fkl_reference_entropy": ["opd.loss=divergence", "opd.route_a.divergence=forward_kl",
+                              "opd.regularizers.reference_kl_coef=0.5", "opd.regularizers.entropy_coef=0.05",
+                              "opd.gates.teacher_confidence=0.06"],
     # A batch-wide baseline: a per-rank batch mean would differ at DP=2.
-    "pg_batch_mean": ["opd.loss=policy_gradient", "opd.estimator=baseline", "opd.baseline=batch_mean"],
+    "pg_batch_mean": ["opd.loss=policy_gradient", "opd.credit.estimator=baseline", "opd.credit.baseline=batch_mean"],
     # The log-ratio clamped to [-0.5, 0.5] before the credit estimator (and its group baseline).
-    "pg_group_logclip": ["opd.loss=policy_gradient", "opd.estimator=baseline", "opd.baseline=group_mean",
+    "pg_group_logclip": ["opd.loss=policy_gradient", "opd.credit.estimator=baseline", "opd.credit.baseline=group_mean",
                          "opd.gates.log_ratio_clip=0.5", "opd.gates.log_ratio_clip_mode=clip"],
     # Sampled at another temperature / top-p (behaviour mu != pi_theta_old) and one update stale (pi_theta_old !=
     # pi_theta): the PPO ratio and the truncated-IS sampler correction both differ from 1.
-    "pg_ppo_sampled": ["opd.loss=policy_gradient", "opd.estimator=discounted", "opd.gamma=0.9", "opd.ratio=ppo",
-                       "opd.gates.truncated_is=[0.5, 2.0]", "rollout.temperature=0.7", "rollout.top_p=0.9",
-                       "opd.allow_temperature_mismatch=true"],
+    "pg_ppo_sampled": ["opd.loss=policy_gradient", "opd.credit.estimator=discounted", "opd.credit.gamma=0.9",
+                       "opd.policy_gradient.ratio=ppo", "opd.gates.truncated_is=[0.5, 2.0]",
+                       "rollout.temperature=0.7", "rollout.top_p=0.9", "opd.allow_temperature_mismatch=true"],
 }
 STALE_ROUTES = ("pg_ppo_sampled",)   # trained as step 2 on a batch sampled at step 1 (staleness 1)
-# opd.outcome_beta > 0 is refused unless rollout.source=task (the verifier gives the reward), and a task brings its
-# own 14-character tokenizer; the fixed batch carries its own rewards, so the route sets it after validation.
-AFTER_VALIDATION = {"pg_group_hybrid": {"outcome_beta": 0.5}}
+# opd.credit.outcome_beta > 0 is refused unless rollout.source=task (the verifier gives the reward), and a task brings
+# its own 14-character tokenizer; the fixed batch carries its own rewards, so the route sets it after validation.
+AFTER_VALIDATION = {"pg_group_hybrid": {"credit.outcome_beta": 0.5}}
 
 
 def write_tokenizer(path: str) -> str:
@@ -90,13 +92,14 @@ def config(tp: int, pp: int, files: dict, out: str, route: str, mbs: int):
         f"parallel.global_batch_size={ROWS}", "data.seq_length=24", f"data.tokenizer={files['tokenizer']}",
         "rollout.source=jsonl", f"rollout.path={files['prompts']}", "eval.prompts=2",
         f"rollout.prompts_per_step={ROWS // GROUP}", f"rollout.samples_per_prompt={GROUP}",
-        f"rollout.max_new_tokens={MAX_NEW}", "teacher.kind=colocated", f"teacher.path={files['teacher']}",
+        f"rollout.max_new_tokens={MAX_NEW}", "teacher.kind=colocated", f"teacher.colocated.path={files['teacher']}",
         "checkpoint.resume=false", f"checkpoint.load={files['student']}", "optim.optimizer=sgd",
         "optim.sgd_momentum=0", "optim.lr=0.5", "optim.clip_grad=0", "optim.weight_decay=0",
         "optim.warmup_steps=0", "logging.progress_bar=false", "logging.tensorboard=false",
         *[o for o in ROUTES[route] if o.split("=")[0] not in {f"opd.{k}" for k in AFTER_VALIDATION.get(route, {})}]])
     for key, value in AFTER_VALIDATION.get(route, {}).items():
-        setattr(cfg.opd, key, value)
+        section, name = key.split(".")
+        setattr(getattr(cfg.opd, section), name, value)
     return cfg
 
 
@@ -187,7 +190,7 @@ def opd_steps(tp: int, pp: int, files: dict, out: str, routes: list[str], micro_
             cfg = config(tp, pp, files, out, route, mbs)
             if ctx is None:
                 ctx = init_parallel(cfg)
-            run = OpdRun(cfg, ctx, stop=None)
+            run = OpdRun(cfg, ctx)
             batch = rows_of_rank(fixed_batch(files), ctx.dp_rank, ctx.dp)
             if route in STALE_ROUTES:
                 run.step = 1                  # the batch (policy_version 0) is one update stale

@@ -1,5 +1,5 @@
 """Process bodies for the exact-resume tests (importable: spawned processes load them). The OPD loop runs as
-`opd-megatron train` runs it (`opd_train.train_opd`): N steps straight, or stopped after N/2 the way SIGTERM stops
+`opd-megatron train` runs it (`loop/opd.py::train_opd`): N steps straight, or stopped after N/2 the way SIGTERM stops
 it (the step finishes, a checkpoint is saved, the loop exits), then resumed from that checkpoint in fresh processes
 for the remaining steps. Each returns every rank's state as its final checkpoint holds it."""
 
@@ -29,8 +29,8 @@ BASE = ["run.algorithm=opd", "run.seed=7", f"run.train_steps={STEPS}", "model.nu
 
 
 class StopAfter:
-    """The loop's stop request (`train.StopRequest`'s interface): agreed after `steps` steps on every rank alike,
-    as a SIGTERM is agreed at the end of the step it arrives in; never when `steps` is None."""
+    """The loop's stop request (`loop/common.py::StopRequest`'s interface): agreed after `steps` steps on every
+    rank alike, as a SIGTERM is agreed at the end of the step it arrives in; never when `steps` is None."""
 
     def __init__(self, steps: Optional[int]):
         self.steps, self.calls = steps, 0

@@ -23,19 +23,22 @@ VOCAB = 64        # the tiny HF tokenizer's (and teacher's) vocabulary; the stud
 MODEL = ["model.num_layers=2", "model.hidden_size=64", "model.ffn_hidden_size=128", "model.num_attention_heads=4",
          "model.num_query_groups=2", f"model.vocab_size={VOCAB}", "model.max_position_embeddings=32"]
 SUPPORT_K = 3
-STUDENT_TOPK = 5  # teacher.score_student_topk > opd.support_k: the loss picks its k among the ids sent
+STUDENT_TOPK = 5  # teacher.score_student_topk > opd.route_a.support_k: the loss picks its k among the ids sent
 ROUTES = {
-    "student_tail": ["opd.support=student_topk", "opd.support_mode=tail", "opd.divergence=reverse_kl"],
-    "student_renormalized": ["opd.support=student_topk", "opd.support_mode=renormalized",
-                             "opd.divergence=forward_kl"],
-    "union_tail": ["opd.support=union", "opd.support_mode=tail", "opd.divergence=jsd", "opd.jsd_beta=0.3"],
-    "union_renormalized": ["opd.support=union", "opd.support_mode=renormalized", "opd.divergence=reverse_kl"],
+    "student_tail": ["opd.route_a.support=student_topk", "opd.route_a.support_mode=tail",
+                     "opd.route_a.divergence=reverse_kl"],
+    "student_renormalized": ["opd.route_a.support=student_topk", "opd.route_a.support_mode=renormalized",
+                             "opd.route_a.divergence=forward_kl"],
+    "union_tail": ["opd.route_a.support=union", "opd.route_a.support_mode=tail", "opd.route_a.divergence=jsd",
+                   "opd.route_a.jsd_beta=0.3"],
+    "union_renormalized": ["opd.route_a.support=union", "opd.route_a.support_mode=renormalized",
+                           "opd.route_a.divergence=reverse_kl"],
 }
 
 
 def teacher_options(kind: str, route: str, teacher_dir: str, url: str) -> list[str]:
     if kind == "inprocess":
-        return ["teacher.kind=inprocess", f"teacher.path={teacher_dir}"]
+        return ["teacher.kind=inprocess", f"teacher.inprocess.path={teacher_dir}"]
     # student_topk needs no teacher top-k at all (the teacher is known only on the student's ids); union does.
     topk = SUPPORT_K + 1 if route.startswith("union") else 0
     return ["teacher.kind=sglang", f"teacher.topk={topk}", f"teacher.score_student_topk={STUDENT_TOPK}",
@@ -52,7 +55,7 @@ def config(tp: int, pp: int, out: str, route: str, kind: str, teacher_dir: str, 
         "rollout.prompts_per_step=4", "rollout.samples_per_prompt=2", "rollout.max_new_tokens=8",
         "checkpoint.resume=false", f"checkpoint.load={student_init}", "optim.optimizer=sgd", "optim.sgd_momentum=0",
         "optim.lr=0.5", "optim.clip_grad=0", "optim.weight_decay=0", "logging.progress_bar=false",
-        "logging.tensorboard=false", "eval.prompts=2", "opd.loss=divergence", f"opd.support_k={SUPPORT_K}",
+        "logging.tensorboard=false", "eval.prompts=2", "opd.loss=divergence", f"opd.route_a.support_k={SUPPORT_K}",
         *ROUTES[route], *teacher_options(kind, route, teacher_dir, url), *extra])
 
 
@@ -105,14 +108,14 @@ def parity_steps(tp: int, pp: int, out: str, teacher_dir: str, url: str, student
             cfg = config(tp, pp, out, route, kind, teacher_dir, url, student_init)
             if ctx is None:
                 ctx = init_parallel(cfg)
-            run = OpdRun(cfg, ctx, stop=None)
+            run = OpdRun(cfg, ctx)
             before = _params(run)
             batch = fixed_batch()
-            batch.teacher = run._scores_for(batch)       # served: the student top-k pass, then the request
-            metrics, finite = run.train_step(batch)
+            scores = run.scoring.scores_for(batch)       # served: the student top-k pass, then the request
+            metrics, finite = run.train_step(batch, scores)
             got[kind] = {"loss": None if metrics is None else metrics["loss"], "finite": finite,
                          "delta": [a - b for a, b in zip(_params(run), before)],
-                         "extra_ids": None if batch.teacher is None else batch.teacher.extra_ids}
+                         "extra_ids": None if scores is None else scores.extra_ids}
             run.teacher.close()
         served, dense = got["sglang"], got["inprocess"]
         scale = max(float(d.abs().max()) for d in dense["delta"])
@@ -135,26 +138,24 @@ def overlap_steps(tp: int, pp: int, out: str, teacher_dir: str, url: str, studen
                      extra=(f"teacher.overlap={str(overlap).lower()}",))
         if ctx is None:
             ctx = init_parallel(cfg)
-        run = OpdRun(cfg, ctx, stop=None)
-        original = getattr(run, "_student_topk", None)     # None before the fix: nothing to record
+        run = OpdRun(cfg, ctx)
+        original = run.scoring.student_topk
 
         def recorded(batch, original=original):
             ids = original(batch)
             passes.append(threading.current_thread() is threading.main_thread())
             return ids
 
-        if original is not None:
-            run._student_topk = recorded
+        run.scoring.student_topk = recorded
         steps = 3 if overlap else 1
         losses[overlap] = []
         for _ in range(steps):
-            batch = run.next_batch()
-            metrics, finite = run.train_step(batch)
+            batch, scores = run.next_batch()
+            metrics, finite = run.train_step(batch, scores)
             assert finite, f"overlap={overlap}: step {run.step + 1} was not finite"
             losses[overlap].append(None if metrics is None else metrics["loss"])
             run.step += 1
-        if run.executor is not None:
-            run.executor.shutdown(wait=True)
+        run.scoring.close()
         run.teacher.close()
     return {"passes": passes, "losses": losses}
 

@@ -22,8 +22,8 @@ SMALL = ["rollout.task_options.length=4", "rollout.max_new_tokens=5", "rollout.p
          "parallel.global_batch_size=128", "parallel.micro_batch_size=128", "run.train_steps=30",
          "eval.prompts=100", "eval.interval=10", "quickstart.teacher_steps=150", "quickstart.teacher_lr=3e-3",
          "quickstart.teacher_batch_size=64", "quickstart.train_examples=4000", "quickstart.warmup_steps=15",
-         "quickstart.warmup_lr=3e-3", "quickstart.warmup_batch_size=32", "teacher.model.num_layers=2",
-         "teacher.model.hidden_size=64", "teacher.model.ffn_hidden_size=256", "optim.lr=3e-3",
+         "quickstart.warmup_lr=3e-3", "quickstart.warmup_batch_size=32", "teacher.colocated.model.num_layers=2",
+         "teacher.colocated.model.hidden_size=64", "teacher.colocated.model.ffn_hidden_size=256", "optim.lr=3e-3",
          "logging.progress_bar=false", "logging.tensorboard=false"]
 
 
@@ -89,8 +89,8 @@ def test_run_outputs(quickstart):
 
 def _train_args(quickstart, out: Path, *extra):
     return ["train", "--config", CONFIG, *SMALL, f"run.output_dir={out}", "run.name=run", "eval.interval=0",
-            "eval.prompts=20", f"teacher.path={quickstart['teacher']}", f"checkpoint.load={quickstart['warm']}",
-            "run.train_steps=6", *extra]
+            "eval.prompts=20", f"teacher.colocated.path={quickstart['teacher']}",
+            f"checkpoint.load={quickstart['warm']}", "run.train_steps=6", *extra]
 
 
 def test_sigterm_saves_and_resume_repeats_the_uninterrupted_losses(quickstart, tmp_path):
@@ -139,9 +139,9 @@ def test_prompt_longer_than_the_context_is_refused(quickstart, tmp_path):
 
 
 def test_teacher_with_another_vocabulary_is_refused_before_a_step(quickstart, tmp_path):
-    result = _run(_train_args(quickstart, tmp_path, "teacher.model.vocab_size=20"))
+    result = _run(_train_args(quickstart, tmp_path, "teacher.colocated.model.vocab_size=20"))
     assert result.returncode != 0
-    assert "teacher.model.vocab_size=20 differs from model.vocab_size=14" in result.stderr
+    assert "teacher.colocated.model.vocab_size=20 differs from model.vocab_size=14" in result.stderr
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
@@ -160,8 +160,8 @@ def _nan_teacher(quickstart, tmp_path) -> Path:
 def test_nan_logits_skip_or_stop_and_never_save_a_nan_model(quickstart, tmp_path, mode):
     nan_teacher = _nan_teacher(quickstart, tmp_path)
     args = [a for a in _train_args(quickstart, tmp_path, f"opd.nonfinite={mode}", "opd.max_skipped_steps=2",
-                                   "checkpoint.save_interval=1") if not a.startswith("teacher.path=")]
-    result = _run(args + [f"teacher.path={nan_teacher}", "eval.prompts=4"])
+                                   "checkpoint.save_interval=1") if not a.startswith("teacher.colocated.path=")]
+    result = _run(args + [f"teacher.colocated.path={nan_teacher}", "eval.prompts=4"])
     assert result.returncode == 3, result.stderr[-3000:]
     assert "non-finite" in result.stderr
     skipped = [m for m in _metrics(tmp_path / "run") if "loss" in m]
@@ -205,13 +205,15 @@ TOY_VOCAB = 14            # the sort_digits character tokenizer
 RESUME_CASES = {
     # The next batch sampled before the update and scored in the background (teacher.overlap): at the cut it is
     # pending, one per data-parallel rank, and must be the first batch after the resume.
-    "overlap_served_dp2": (2, ["opd.loss=policy_gradient", "opd.estimator=return_to_go", "opd.ratio=ppo",
-                               "teacher.kind=sglang", "teacher.topk=4", "teacher.overlap=true"]),
+    "overlap_served_dp2": (2, ["opd.loss=policy_gradient", "opd.credit.estimator=return_to_go",
+                               "opd.policy_gradient.ratio=ppo", "teacher.kind=sglang", "teacher.topk=4",
+                               "teacher.overlap=true"]),
     # GAE's value head (its weights and Adam state live on the last pipeline stage only), with a served teacher.
-    "gae_served_pp2": (2, ["parallel.pp=2", "opd.loss=policy_gradient", "opd.estimator=gae", "opd.gae_lambda=0.8",
-                           "teacher.kind=sglang", "teacher.topk=4"]),
+    "gae_served_pp2": (2, ["parallel.pp=2", "opd.loss=policy_gradient", "opd.credit.estimator=gae",
+                           "opd.credit.gae_lambda=0.8", "teacher.kind=sglang", "teacher.topk=4"]),
     # An EMA self-teacher: the EMA copy of every TP shard (decay 0.5, so every update moves it visibly).
-    "ema_self_tp2": (2, ["parallel.tp=2", "teacher.kind=self", "teacher.self_mode=ema", "teacher.ema_decay=0.5"]),
+    "ema_self_tp2": (2, ["parallel.tp=2", "teacher.kind=self", "teacher.self_teacher.mode=ema",
+                         "teacher.self_teacher.ema_decay=0.5"]),
 }
 
 

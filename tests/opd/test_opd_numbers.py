@@ -1,4 +1,4 @@
-"""Numbers the spec fixes exactly, one OPD step each (shared/docs/opd-math.md; issue "Trustworthy numbers"):
+"""Numbers the spec fixes exactly, one OPD step each (docs/opd-math.md; issue "Trustworthy numbers"):
 - the PPO ratio is pi_theta / pi_theta_old under the loss's distribution: 1 on fresh data under top-p + tempered
   sampling, the sampler mismatch logged apart (item 3); truncated IS with a PPO ratio weighs by rho, not rho^2
   (item 8);
@@ -92,9 +92,9 @@ def test_self_teacher_over_a_padded_embedding(tmp_path):
     assert out["vocab"] == 259 and out["max_id"] < 259 and out["finite"], out
 
 
-BASE = ["run.algorithm=opd", "teacher.kind=colocated", "teacher.path=unused", "parallel.global_batch_size=64"]
+BASE = ["run.algorithm=opd", "teacher.kind=colocated", "teacher.colocated.path=unused", "parallel.global_batch_size=64"]
 SERVED = ["run.algorithm=opd", "teacher.kind=sglang", "teacher.server.urls=[http://127.0.0.1:1]",
-          "teacher.server.vocab_size=14", "parallel.global_batch_size=64", "opd.support=teacher_topk",
+          "teacher.server.vocab_size=14", "parallel.global_batch_size=64", "opd.route_a.support=teacher_topk",
           "teacher.topk=20"]
 
 
@@ -108,7 +108,7 @@ def test_rollout_temperature_must_match_the_loss_unless_allowed():
 @pytest.mark.parametrize("route, ok", [
     (["opd.loss=policy_gradient"], False),
     (["opd.loss=cr_opd"], False),
-    (["opd.loss=policy_gradient", "opd.ratio=ppo"], True),
+    (["opd.loss=policy_gradient", "opd.policy_gradient.ratio=ppo"], True),
     (["opd.loss=policy_gradient", "opd.gates.truncated_is=[0.5, 2.0]"], True),
     (["opd.loss=cr_opd", "opd.gates.truncated_is=[0.5, 2.0]"], True),
     (["opd.loss=divergence"], True),

@@ -1,4 +1,4 @@
-"""Route A on the student's top-k (`opd.support: student_topk` / `union`) with a served SGLang teacher.
+"""Route A on the student's top-k (`opd.route_a.support: student_topk` / `union`) with a served SGLang teacher.
 
 The loop ranks the student's top-k in a forward-only pass before the request, sends the ids as SGLang's
 `token_ids_logprob`, and the loss takes the student's top-k among them with the teacher's log-probs from

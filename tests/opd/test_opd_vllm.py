@@ -49,10 +49,10 @@ def _run(args):
 
 @pytest.mark.parametrize("route", ["topk_tail", "pg_overlap"])
 def test_opd_steps_with_a_real_vllm_teacher(served, tmp_path, route):
-    extra = {"topk_tail": ["opd.loss=divergence", "opd.support=teacher_topk", "opd.support_k=5",
-                           "opd.support_mode=tail"],
-             "pg_overlap": ["opd.loss=policy_gradient", "opd.estimator=return_to_go", "opd.ratio=ppo",
-                            "teacher.overlap=true"]}[route]
+    extra = {"topk_tail": ["opd.loss=divergence", "opd.route_a.support=teacher_topk", "opd.route_a.support_k=5",
+                           "opd.route_a.support_mode=tail"],
+             "pg_overlap": ["opd.loss=policy_gradient", "opd.credit.estimator=return_to_go",
+                            "opd.policy_gradient.ratio=ppo", "teacher.overlap=true"]}[route]
     result = _run(_args(served, tmp_path, *extra))
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     run_dir = tmp_path / "vllm"

@@ -1,7 +1,7 @@
 """Process bodies for tests/parallel/test_cr_opd.py (importable: spawned processes load them).
 
 `parity_worker(tp)` runs every routing check of one TP size in one process group and returns, per rank, a dict of
-maximum errors (name -> float) and booleans (name -> passed). The reference `routing.cr_opd_loss` runs on every
+maximum errors (name -> float) and booleans (name -> passed). The reference `math/cr_opd.py::cr_opd_loss` runs on every
 rank on the unpadded full logits; the vocab-parallel gradient shards are all-gathered and compared with the
 reference gradient over the whole vocabulary. `_spread_checks` adds the spec's properties of both routed forms on a
 vocabulary (203) whose sampled ids and candidate sets land on every TP rank."""

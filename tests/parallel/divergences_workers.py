@@ -15,8 +15,9 @@ from megatron.core import parallel_state
 
 from opd_megatron.math import divergences as ref
 from opd_megatron.math.regularizers import entropy as ref_entropy
-from opd_megatron.parallel import divergences as vp
 from opd_megatron.math.checks import MathInputError
+from opd_megatron.parallel import divergences as vp
+from opd_megatron.parallel.shard import debug_checks
 
 ROWS, VOCAB = 12, 37  # 37 is not divisible by 2 or 4: the padded vocabulary has padding columns
 
@@ -92,6 +93,23 @@ def _raises(name: str, call: Callable) -> bool:
     except MathInputError as error:
         return name in str(error)
     return False
+
+
+def _all_reduces(call: Callable) -> int:
+    """How many all-reduces `call()` runs."""
+    count, all_reduce = 0, dist.all_reduce
+
+    def counted(*args, **kwargs):
+        nonlocal count
+        count += 1
+        return all_reduce(*args, **kwargs)
+
+    dist.all_reduce = counted
+    try:
+        call()
+    finally:
+        dist.all_reduce = all_reduce
+    return count
 
 
 def parity_worker(tp: int) -> dict[str, float | bool]:
@@ -175,32 +193,46 @@ def parity_worker(tp: int) -> dict[str, float | bool]:
         teacher_logp = vp.vocab_parallel_token_logprobs(t_shard, ids, tau_t, true_vocab_size=VOCAB)
     out["no_grad/teacher"] = _err(teacher_logp, torch.log_softmax(teacher / tau_t, -1).gather(-1, ids[:, None])[:, 0])
 
+    # The hot path communicates only what the op needs: a token log-prob is three all-reduces of [N] (MAX and SUM
+    # for the normaliser, SUM of the owner's logit), a reverse KL three (MAX and SUM of the local normalisers, SUM
+    # of the shares); the debug checks add one each.
+    token_logprobs = lambda: vp.vocab_parallel_token_logprobs(s_shard, ids, true_vocab_size=VOCAB)  # noqa: E731
+    reverse_kl = lambda: vp.vocab_parallel_reverse_kl(s_shard, t_shard, true_vocab_size=VOCAB)  # noqa: E731
+    collectives = 3 if tp > 1 else 0
+    out["hot_path/token_logprobs_all_reduces"] = _all_reduces(token_logprobs) == collectives
+    out["hot_path/reverse_kl_all_reduces"] = _all_reduces(reverse_kl) == collectives
+    with debug_checks():
+        out["debug/token_logprobs_all_reduces"] = _all_reduces(token_logprobs) == collectives + (tp > 1)
+        out["debug/reverse_kl_all_reduces"] = _all_reduces(reverse_kl) == collectives + (tp > 1)
+
     # Bad input: a MathInputError naming the argument, raised on every rank (no rank left in a collective).
-    out["bad/teacher_shape"] = _raises("teacher_logits_shard", lambda: vp.vocab_parallel_forward_kl(
-        s_shard, t_shard[:, :-1], true_vocab_size=VOCAB))
-    uneven = s_shard[:-1] if rank == 0 and tp > 1 else s_shard
-    out["bad/rank_shapes"] = _raises("logits_shard", lambda: vp.vocab_parallel_entropy(
-        uneven, true_vocab_size=VOCAB)) if tp > 1 else True
-    out["bad/token_id"] = _raises("token_ids", lambda: vp.vocab_parallel_token_logprobs(
-        s_shard, torch.full_like(ids, VOCAB), true_vocab_size=VOCAB))
-    out["bad/negative_token_id"] = _raises("token_ids", lambda: vp.vocab_parallel_token_logprobs(
-        s_shard, torch.full_like(ids, -1), true_vocab_size=VOCAB))
-    nan_shard = s_shard.clone()
-    if rank == tp - 1:
-        nan_shard[2, 0] = float("nan")
-    out["bad/nan_logits"] = _raises("student_logits_shard", lambda: vp.vocab_parallel_reverse_kl(
-        nan_shard, t_shard, true_vocab_size=VOCAB))
-    out["bad/nan_token_logprobs"] = _raises("logits_shard", lambda: vp.vocab_parallel_token_logprobs(
-        nan_shard, ids, true_vocab_size=VOCAB))
-    inf_teacher = t_shard.clone()
-    if rank == tp - 1:
-        inf_teacher[1, 0] = float("inf")
-    out["bad/inf_teacher_keep_softmax"] = _raises("teacher_logits_shard", lambda: vp.vocab_parallel_reverse_kl(
-        s_shard.clone().requires_grad_(True), inf_teacher, true_vocab_size=VOCAB, keep_softmax=True))
-    out["bad/beta"] = _raises("beta", lambda: vp.vocab_parallel_generalized_jsd(s_shard, t_shard, 1.5))
-    out["bad/alpha"] = _raises("alpha", lambda: vp.vocab_parallel_skew_reverse_kl(s_shard, t_shard, -0.1))
-    out["bad/true_vocab_size"] = _raises("true_vocab_size", lambda: vp.vocab_parallel_entropy(
-        s_shard, true_vocab_size=padded + 1))
+    # The checks that need another rank or a host read run with the debug checks on (`shard.py`).
+    with debug_checks():
+        out["bad/teacher_shape"] = _raises("teacher_logits_shard", lambda: vp.vocab_parallel_forward_kl(
+            s_shard, t_shard[:, :-1], true_vocab_size=VOCAB))
+        uneven = s_shard[:-1] if rank == 0 and tp > 1 else s_shard
+        out["bad/rank_shapes"] = _raises("logits_shard", lambda: vp.vocab_parallel_entropy(
+            uneven, true_vocab_size=VOCAB)) if tp > 1 else True
+        out["bad/token_id"] = _raises("token_ids", lambda: vp.vocab_parallel_token_logprobs(
+            s_shard, torch.full_like(ids, VOCAB), true_vocab_size=VOCAB))
+        out["bad/negative_token_id"] = _raises("token_ids", lambda: vp.vocab_parallel_token_logprobs(
+            s_shard, torch.full_like(ids, -1), true_vocab_size=VOCAB))
+        nan_shard = s_shard.clone()
+        if rank == tp - 1:
+            nan_shard[2, 0] = float("nan")
+        out["bad/nan_logits"] = _raises("student_logits_shard", lambda: vp.vocab_parallel_reverse_kl(
+            nan_shard, t_shard, true_vocab_size=VOCAB))
+        out["bad/nan_token_logprobs"] = _raises("logits_shard", lambda: vp.vocab_parallel_token_logprobs(
+            nan_shard, ids, true_vocab_size=VOCAB))
+        inf_teacher = t_shard.clone()
+        if rank == tp - 1:
+            inf_teacher[1, 0] = float("inf")
+        out["bad/inf_teacher_keep_softmax"] = _raises("teacher_logits_shard", lambda: vp.vocab_parallel_reverse_kl(
+                s_shard.clone().requires_grad_(True), inf_teacher, true_vocab_size=VOCAB, keep_softmax=True))
+        out["bad/beta"] = _raises("beta", lambda: vp.vocab_parallel_generalized_jsd(s_shard, t_shard, 1.5))
+        out["bad/alpha"] = _raises("alpha", lambda: vp.vocab_parallel_skew_reverse_kl(s_shard, t_shard, -0.1))
+        out["bad/true_vocab_size"] = _raises("true_vocab_size", lambda: vp.vocab_parallel_entropy(
+            s_shard, true_vocab_size=padded + 1))
     # The group is still usable after the errors (every rank left the same collectives).
     probe = torch.ones(1)
     dist.all_reduce(probe, group=parallel_state.get_tensor_model_parallel_group())

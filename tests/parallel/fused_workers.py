@@ -2,8 +2,8 @@
 
 `fused_worker(tp)` runs every check of one TP size in one process group and returns, per rank, maximum errors
 (name -> float) and booleans (name -> passed). The reference is the unfused single-device path: the full logits
-`hidden @ W.T` over the true vocabulary, then `log_softmax` / `distributional.<divergence>`; each rank compares its
-weight-shard gradient with the matching rows of the reference weight gradient (padding rows: 0). Covers the
+`hidden @ W.T` over the true vocabulary, then `log_softmax` / `math/divergences.py::<divergence>`; each rank compares
+its weight-shard gradient with the matching rows of the reference weight gradient (padding rows: 0). Covers the
 dedicated token log-prob and reverse KL, the generic `fused_divergence` for every divergence, and megatron's
 sequence-parallel hidden layout."""
 
@@ -18,6 +18,7 @@ from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
 from opd_megatron.math import divergences as ref
 from opd_megatron.parallel import fused
 from opd_megatron.parallel import divergences as vp
+from opd_megatron.parallel.shard import debug_checks
 from tests.parallel.divergences_workers import _err, _init, _raises
 
 ROWS, HIDDEN, VOCAB = 12, 8, 37  # 37 is not divisible by 2 or 4: the padded vocabulary has padding rows
@@ -133,8 +134,9 @@ def fused_worker(tp: int) -> dict[str, float | bool]:
         out[f"sequence_parallel/{name}/grad_weight"] = _err(gw, pad_rows(ref_gw))
     if tp > 1:
         uneven = hidden.reshape(SEQ, BATCH, HIDDEN)[:1 if rank == 0 else 2]
-        out["bad/sequence_parallel_shapes"] = _raises("hidden", lambda: fused.fused_reverse_kl(
-            uneven, w_shard, t_shard, true_vocab_size=VOCAB, sequence_parallel=True))
+        with debug_checks():  # every rank's shape, agreed on with an all-reduce: a debug check (`shard.py`)
+            out["bad/sequence_parallel_shapes"] = _raises("hidden", lambda: fused.fused_reverse_kl(
+                uneven, w_shard, t_shard, true_vocab_size=VOCAB, sequence_parallel=True))
 
     # [B, T, H] input: flattened and restored.
     bt = fused.fused_token_logprobs(hidden.reshape(3, 4, HIDDEN), w_shard, ids.reshape(3, 4), temperature=tau_s,
@@ -151,20 +153,22 @@ def fused_worker(tp: int) -> dict[str, float | bool]:
     out["memory/no_logits_saved"] = bool(saved) and all(shape != (ROWS, width) for shape in saved)
 
     # Bad input: a MathInputError naming the argument, raised on every rank.
-    out["bad/hidden_size"] = _raises("weight_shard", lambda: fused.fused_token_logprobs(
-        hidden, w_shard[:, :-1], ids, true_vocab_size=VOCAB))
-    out["bad/token_id"] = _raises("token_ids", lambda: fused.fused_token_logprobs(
-        hidden, w_shard, torch.full_like(ids, VOCAB), true_vocab_size=VOCAB))
-    nan_hidden = hidden.clone()
-    if rank == tp - 1:
-        nan_hidden[0, 0] = float("nan")
-    out["bad/nan_one_rank"] = _raises("hidden", lambda: fused.fused_token_logprobs(
-        nan_hidden, w_shard, ids, true_vocab_size=VOCAB))
-    uneven = hidden[:-1] if rank == 0 and tp > 1 else hidden
-    out["bad/rank_shapes"] = _raises("hidden", lambda: fused.fused_token_logprobs(
-        uneven, w_shard, ids[:uneven.shape[0]], true_vocab_size=VOCAB)) if tp > 1 else True
-    out["bad/teacher_shape"] = _raises("teacher_logits_shard", lambda: fused.fused_reverse_kl(
-        hidden, w_shard, t_shard[:, :-1], true_vocab_size=VOCAB))
-    out["bad/chunk_size"] = _raises("chunk_size", lambda: fused.fused_token_logprobs(
-        hidden, w_shard, ids, true_vocab_size=VOCAB, chunk_size=0))
+    # The checks that need another rank or a host read run with the debug checks on (`shard.py`).
+    with debug_checks():
+        out["bad/hidden_size"] = _raises("weight_shard", lambda: fused.fused_token_logprobs(
+            hidden, w_shard[:, :-1], ids, true_vocab_size=VOCAB))
+        out["bad/token_id"] = _raises("token_ids", lambda: fused.fused_token_logprobs(
+            hidden, w_shard, torch.full_like(ids, VOCAB), true_vocab_size=VOCAB))
+        nan_hidden = hidden.clone()
+        if rank == tp - 1:
+            nan_hidden[0, 0] = float("nan")
+        out["bad/nan_one_rank"] = _raises("hidden", lambda: fused.fused_token_logprobs(
+            nan_hidden, w_shard, ids, true_vocab_size=VOCAB))
+        uneven = hidden[:-1] if rank == 0 and tp > 1 else hidden
+        out["bad/rank_shapes"] = _raises("hidden", lambda: fused.fused_token_logprobs(
+            uneven, w_shard, ids[:uneven.shape[0]], true_vocab_size=VOCAB)) if tp > 1 else True
+        out["bad/teacher_shape"] = _raises("teacher_logits_shard", lambda: fused.fused_reverse_kl(
+            hidden, w_shard, t_shard[:, :-1], true_vocab_size=VOCAB))
+        out["bad/chunk_size"] = _raises("chunk_size", lambda: fused.fused_token_logprobs(
+            hidden, w_shard, ids, true_vocab_size=VOCAB, chunk_size=0))
     return out

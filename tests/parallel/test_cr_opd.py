@@ -1,4 +1,4 @@
-"""Vocab-parallel CR-OPD (`parallel/cr_opd.py`) equals the single-device reference `routing.cr_opd_loss`, value,
+"""Vocab-parallel CR-OPD (`parallel/cr_opd.py`) equals the single-device reference `math/cr_opd.py::cr_opd_loss`, value,
 gradient and statistics, at TP = 1, 2, 4 on gloo processes (float64 and float32; chunked along tokens equals
 unchunked; every position masked gives zero loss and gradient), for both routed forms (matched, the default, and
 kl_target), threshold / top-k teacher supports, top-p / top-k / threshold student reach, the three routing weights,
@@ -19,6 +19,7 @@ import torch
 from opd_megatron.math import cr_opd as ref
 from opd_megatron.parallel.cr_opd import vocab_parallel_cr_opd_loss
 from opd_megatron.math.checks import MathInputError
+from opd_megatron.parallel.shard import debug_checks
 from tests.harness import run_distributed
 from tests.parallel import cr_opd_workers as workers
 
@@ -56,7 +57,8 @@ def test_sparse_teacher_id_outside_the_vocabulary_is_an_error():
     data = workers._inputs()
     logp, ids = torch.log_softmax(data["teacher"], -1).topk(workers.SPARSE_K, dim=-1)
     ids[3, 0] = workers.VOCAB
-    with pytest.raises(MathInputError, match=r"teacher_topk_ids: expected integer global vocabulary ids in \[0, 37\)"):
+    with debug_checks(), pytest.raises(MathInputError,
+                                       match=r"teacher_topk_ids: expected integer global vocabulary ids in \[0, 37\)"):
         vocab_parallel_cr_opd_loss(data["student"], data["ids"], data["advantages"], data["mask"],
                                    teacher_topk_ids=ids, teacher_topk_logprobs=logp,
                                    config=workers.CONFIGS["topk_topk_q"])

@@ -1,6 +1,7 @@
 """Vocab-parallel top-k, top-p and sparse server input equal their single-device references at TP = 1, 2, 4
 (one gloo process group per TP size runs every check, `topk_workers.all_checks`); argument errors are checked in
-this process (they are raised before any communication)."""
+this process (they are raised before any communication; those that read values on the host, with the debug
+checks on)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 from opd_megatron.math.supports import top_k_positions
+from opd_megatron.parallel.shard import debug_checks
 from opd_megatron.parallel.topk import (gather_owned, scatter_sparse_to_shards, top_p_mask_on_candidates,
                                         vocab_parallel_topk)
 from opd_megatron.math.checks import MathInputError
@@ -48,7 +50,7 @@ def test_k_larger_than_vocabulary_names_k_and_vocabulary():
 def test_bad_shard_inputs_name_the_argument():
     with pytest.raises(MathInputError, match="values_shard: expected a floating-point"):
         vocab_parallel_topk(torch.zeros(2, 4, dtype=torch.long), 1, 4)
-    with pytest.raises(MathInputError, match="values_shard: expected finite"):
+    with debug_checks(), pytest.raises(MathInputError, match="values_shard: expected finite"):
         vocab_parallel_topk(torch.tensor([[0.0, float("nan")]]), 1, 2)
     with pytest.raises(MathInputError, match="true_vocab_size: .*at most 4"):
         vocab_parallel_topk(torch.zeros(2, 4), 1, 5)
@@ -60,14 +62,14 @@ def test_sparse_input_errors_name_the_argument():
         scatter_sparse_to_shards(ids.double(), torch.zeros(1, 2), 0, 4, 4)
     with pytest.raises(MathInputError, match="values: expected a tensor of the shape of ids"):
         scatter_sparse_to_shards(ids, torch.zeros(1, 3), 0, 4, 4)
-    with pytest.raises(MathInputError, match=r"vocabulary size is 4\), got id 4 "):
+    with debug_checks(), pytest.raises(MathInputError, match=r"vocabulary size is 4\), got id 4 "):
         scatter_sparse_to_shards(torch.tensor([[0, 4]]), torch.zeros(1, 2), 0, 4, 4)
     with pytest.raises(MathInputError, match="vocab_start / vocab_end"):
         scatter_sparse_to_shards(ids, torch.zeros(1, 2), 4, 4, 4)
     positions, owned, _ = scatter_sparse_to_shards(ids, torch.zeros(1, 2), 2, 4, 4)
     assert positions.tolist() == [[-1, 1]] and owned.tolist() == [[False, True]]
     assert gather_owned(torch.tensor([[5.0, 7.0]]), positions, owned, fill=-1.0).tolist() == [[-1.0, 7.0]]
-    with pytest.raises(MathInputError, match="local_positions: expected positions < 1"):
+    with debug_checks(), pytest.raises(MathInputError, match="local_positions: expected positions < 1"):
         gather_owned(torch.zeros(1, 1), positions, owned)
 
 

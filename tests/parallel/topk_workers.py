@@ -12,6 +12,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from opd_megatron.math.supports import top_k_positions
+from opd_megatron.parallel.shard import debug_checks
 from opd_megatron.parallel.topk import (gather_owned, scatter_sparse_to_shards, vocab_parallel_logsumexp,
                                         vocab_parallel_top_p_mask, vocab_parallel_topk, vocab_shard_range)
 from opd_megatron.math.cr_opd import RoutingConfig, student_reach
@@ -112,7 +113,8 @@ def _check_sparse(full: torch.Tensor, shard: torch.Tensor, tp: int) -> int:
         ids = torch.zeros(N, 3, dtype=torch.long)
         ids[4, 1] = bad
         try:
-            scatter_sparse_to_shards(ids, torch.zeros(N, 3), vocab_start, vocab_end, VOCAB)
+            with debug_checks():  # the ids are read on the host: a debug check (`shard.py`)
+                scatter_sparse_to_shards(ids, torch.zeros(N, 3), vocab_start, vocab_end, VOCAB)
         except MathInputError as error:
             assert f"id {bad}" in str(error) and str(VOCAB) in str(error), str(error)
         else:
@@ -126,7 +128,7 @@ def all_checks(tp: int) -> int:
     checks = 0
     for full in (random_logits(), tied_logits()):
         checks += _check_topk(full, shard_of(full, tp, rank))
-    # top-p against routing.student_reach, whose torch.sort leaves the order of tied values unspecified: on
+    # top-p against math/cr_opd.py::student_reach, whose torch.sort leaves the order of tied values unspecified: on
     # untied logits, once plain and once with -inf entries (pi_v = 0 is never reachable)
     checks += _check_top_p(random_logits(), shard_of(random_logits(), tp, rank))
     full = random_logits(3)

@@ -88,8 +88,8 @@ def _nucleus_logprob(scaled: torch.Tensor, token: int, top_p: float, candidates:
 @pytest.mark.parametrize("layout", ["tp1", "tp2", "pp2"])
 def test_old_logprobs_are_the_full_softmax_at_policy_temperature(runs, layout):
     """top_p 0.8, temperature 0.7, policy_temperature 0.7: old = log softmax(z/0.7)[y] over the whole vocabulary,
-    behaviour = the same renormalised over the nucleus, so old < behaviour on every token (opd-math.md: the PPO
-    ratio vs the sampler-mismatch weight)."""
+    behaviour = the same renormalised over the nucleus, so old < behaviour on every token (docs/opd-math.md, Route B:
+    the PPO ratio vs the sampler-mismatch weight)."""
     ranks = runs[layout] if layout != "tp1" else [runs["tp1"]]
     for rank, r in enumerate(ranks[1:], start=1):      # every rank (TP and PP) holds the same batch
         for name in ("tempered", "tempered_logp", "tempered_old", "greedy_old"):

@@ -4,7 +4,6 @@ over steps x ranks x world sizes; the split is a function of the file alone; fil
 import hashlib
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
@@ -26,11 +25,9 @@ def _source(path: str, seed: int = 7, **kwargs) -> PromptSource:
 
 
 def _run_eval_prompts(source: PromptSource, count: int) -> list:
-    """What the OPD loop evaluates on: OpdRun._eval_prompts of a JSONL run (the task branch is not taken)."""
-    from opd_megatron.loop.opd import OpdRun
-    run = SimpleNamespace(task=None, source=source, tokenizer=TOKENIZER,
-                          cfg=SimpleNamespace(eval=SimpleNamespace(prompts=count), run=SimpleNamespace(seed=7)))
-    return OpdRun._eval_prompts(run)
+    """What the OPD loop evaluates on (`loop/evaluation.py`): `PromptSource.eval_prompts()`, `count` of them."""
+    assert source.eval_count == count
+    return source.eval_prompts()
 
 
 def _training_texts(source: PromptSource, epochs: int = 3) -> set[str]:
@@ -125,3 +122,18 @@ def test_eval_path_problems_are_refused_naming_the_file(tmp_path):
     task = get_task("sort_digits")
     with pytest.raises(ValueError, match="eval.path .* rollout.source=jsonl only"):
         PromptSource(task.tokenizer(), 7, 64, task=task, eval_count=4, eval_path=short)
+
+
+def test_task_eval_prompts_are_the_eval_split_built_as_training_prompts():
+    task = get_task("sort_digits")
+    tokenizer = task.tokenizer()
+    source = PromptSource(tokenizer, 7, 64, task=task, eval_count=5)
+    evaluated = source.eval_prompts()
+    examples = task.examples("eval", 5, 7)
+    assert [p.text for p in evaluated] == [ex.prompt for ex in examples]
+    for p, ex in zip(evaluated, examples):
+        assert p.ids == [tokenizer.bos_id] + tokenizer.encode(ex.prompt)
+        assert p.domain == task.name and p.privileged == tokenizer.encode(ex.answer) and p.reference is None
+    assert [p.text for p in source.eval_prompts()] == [p.text for p in evaluated]      # the same list every call
+    trained = {p.text for step in range(20) for p in source.prompts(step, 0, 1, 8)}
+    assert trained.isdisjoint(p.text for p in evaluated), "the task's eval split is not a training prompt"

@@ -304,6 +304,6 @@ def test_retry_after_formats():
     assert retry_after_s("2") == 2.0 and retry_after_s("0.5") == 0.5
     assert retry_after_s(None) is None and retry_after_s("soon") is None
     assert retry_after_s("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # a date in the past: no wait
-    with pytest.raises(ConfigError, match="teacher.max_inflight"):
+    with pytest.raises(ConfigError, match="teacher.server.max_inflight"):
         HTTPTeacherConfig.from_dict({"urls": "http://h:1", "vocab_size": 8, "max_inflight": 0})
     assert HTTPTeacherConfig.from_dict({"urls": "http://h:1/", "vocab_size": 8}).urls == ["http://h:1"]

@@ -54,7 +54,7 @@ def test_misaligned_reply_is_rejected():
 
 def test_model_identity_checked_at_start():
     with FakeServer(sglang_routes(model_path="org/other")) as server:
-        with pytest.raises(TeacherError, match="not teacher.model='org/teacher'"):
+        with pytest.raises(TeacherError, match="not teacher.server.model='org/teacher'"):
             teacher(server, model="org/teacher")
         with teacher(server, model="org/other") as t:
             assert t.name == "org/other"
@@ -73,11 +73,12 @@ def test_temperature_other_than_one_is_refused():
 
 
 def test_unknown_config_key_is_named():
-    with pytest.raises(ConfigError, match="unknown config key 'teacher.timeout'.*did you mean 'teacher.timeout_s'"):
+    with pytest.raises(ConfigError, match="unknown config key 'teacher.server.timeout'.*did you mean "
+                                          "'teacher.server.timeout_s'"):
         SGLangTeacher({"urls": ["http://127.0.0.1:1"], "vocab_size": VOCAB, "timeout": 3})
-    with pytest.raises(ConfigError, match="teacher.vocab_size"):
+    with pytest.raises(ConfigError, match="teacher.server.vocab_size"):
         SGLangTeacher({"urls": ["http://127.0.0.1:1"]})
-    with pytest.raises(ConfigError, match="teacher.urls"):
+    with pytest.raises(ConfigError, match="teacher.server.urls"):
         SGLangTeacher({"urls": ["127.0.0.1:1"], "vocab_size": VOCAB})
 
 

@@ -52,7 +52,7 @@ def test_topk_cap_and_extra_ids_refused():
 
 def test_served_model_name_checked():
     with FakeServer(vllm_routes(model="other")) as server:
-        with pytest.raises(TeacherError, match=r"serves \['other'\], not teacher.model='teacher'"):
+        with pytest.raises(TeacherError, match=r"serves \['other'\], not teacher.server.model='teacher'"):
             teacher(server)
         with VLLMTeacher({"urls": [server.url], "vocab_size": VOCAB}) as t:  # no model: the server's first
             assert t.name == "other"

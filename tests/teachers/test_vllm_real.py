@@ -2,7 +2,7 @@
 same checkpoint: first the raw protocol over httpx, then our `VLLMTeacher` client.
 
 The tolerance is 1e-4 absolute on log-probabilities; the measured maximum difference is printed (`-s`) and
-recorded in shared/docs/teacher-servers.md (2.6e-5 there)."""
+recorded in docs/teacher-servers.md (2.6e-5 there)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""A real vLLM server on this CPU for integration tests and benchmarks (see shared/docs/teacher-servers.md).
+"""A real vLLM server on this CPU for integration tests and benchmarks (see docs/teacher-servers.md).
 
 vLLM cannot live in the project's own environment (it pins its own torch and many packages), so it gets a
 virtual environment of its own:

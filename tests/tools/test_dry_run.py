@@ -252,10 +252,11 @@ def test_expert_parallelism_divides_only_the_expert_weights():
 
 
 def _opd(*extra):
-    return load_config(None, ["run.algorithm=opd", "model.preset=tiny", "teacher.path=x",
-                              "teacher.model.preset=small", "teacher.model.vocab_size=512", "parallel.micro_batch_size=2",
-                              "parallel.global_batch_size=8", "rollout.prompts_per_step=4",
-                              "rollout.samples_per_prompt=2", "data.seq_length=64", *extra])
+    return load_config(None, ["run.algorithm=opd", "model.preset=tiny", "teacher.colocated.path=x",
+                              "teacher.colocated.model.preset=small", "teacher.colocated.model.vocab_size=512",
+                              "parallel.micro_batch_size=2", "parallel.global_batch_size=8",
+                              "rollout.prompts_per_step=4", "rollout.samples_per_prompt=2", "data.seq_length=64",
+                              *extra])
 
 
 def test_colocated_teacher_weights_sit_on_the_last_stage_only():
@@ -265,7 +266,7 @@ def test_colocated_teacher_weights_sit_on_the_last_stage_only():
     assert est.stages[0].teacher == 0 and est.stages[1].teacher == small * 4   # fp32, whole, tp 1
     assert est.stages[1].teacher_logits == 2 * 64 * 512 * (4 + 4)
     assert est.stages[1].opd_loss == 2 * 4 * 2 * 64 * 512                      # full-support reverse KL
-    served = _opd("teacher.kind=sglang", "teacher.topk=16", "opd.support=teacher_topk",
+    served = _opd("teacher.kind=sglang", "teacher.topk=16", "opd.route_a.support=teacher_topk",
                   "teacher.server={urls: [http://h:1], model: t, vocab_size: 512}")
     assert estimate_memory(served, 1).stages[0].teacher == 0
     assert estimate_memory(served, 1).stages[0].teacher_logits == 0
@@ -276,9 +277,19 @@ def test_rollout_kv_cache_counts_every_row_of_the_dp_rank():
     est = estimate_memory(cfg, 2)                                              # dp 2: 4 rows each
     # 2 layers x K and V x 64 positions x 4 rows x 2 query groups x head dim 16 x fp32
     assert est.stages[0].kv_cache == 2 * 2 * 64 * 4 * 2 * 16 * 4
-    offline = estimate_memory(_opd("opd.on_policy_fraction=0"), 2)
+    offline = estimate_memory(_opd("opd.mixtures.on_policy_fraction=0"), 2)
     assert offline.stages[0].kv_cache == 0 and offline.stages[0].rollout == 0
     assert est.per_gpu == max(est.stages[0].training, est.stages[0].rollout)
+
+
+@pytest.mark.parametrize("fraction", ["0.5", "0.01"])
+def test_a_partly_on_policy_run_still_samples_whole_batches(fraction):
+    """The on-policy fraction picks whole batches (GKD's per-batch coin, `math/mixtures.py::OnPolicyMixture`), so an
+    on-policy step samples every row of the rank: the KV cache the estimate must hold is the full one, not the
+    fraction's share (the bug: `ceil(rows * fraction)` rows, 2 of 4 at 0.5)."""
+    full = estimate_memory(_opd(), 2).stages[0]
+    mixed = estimate_memory(_opd(f"opd.mixtures.on_policy_fraction={fraction}"), 2).stages[0]
+    assert mixed.kv_cache == full.kv_cache and mixed.rollout == full.rollout
 
 
 @pytest.mark.parametrize("recipe", sorted(p.name for p in (REPO / "configs" / "recipes").glob("*.yaml")

@@ -1,5 +1,5 @@
 """What every OPD run leaves beside its metrics: PNG plots and `report.md`, the survey's reporting checklist
-(shared/docs/opd-math.md, "Reporting checklist") filled from the resolved config, the vocabulary check and the
+(docs/opd-math.md, "Reporting checklist") filled from the resolved config, the vocabulary check and the
 summary. The report states what was measured and nothing more: it never claims OPD beat SFT (no same-compute
 SFT comparison runs inside an OPD run)."""
 
@@ -78,22 +78,23 @@ def eval_prompt_origin(cfg: RunConfig) -> str:
 
 def write_report(cfg: RunConfig, run_dir: Path, summary: dict, compat, plots: list[str]) -> None:
     o, r, t = cfg.opd, cfg.rollout, cfg.teacher
+    a, c, pg, cr = o.route_a, o.credit, o.policy_gradient, o.cr_opd
     if o.loss == "divergence":
-        loss = f"route A: {o.divergence}" + (f" (beta {o.jsd_beta})" if o.divergence == "jsd" else "") + \
-            (f" (alpha {o.skew_alpha})" if o.divergence.startswith("skew") else "")
-        support = "full vocabulary" if o.support == "full" else f"{o.support} k={o.support_k} ({o.support_mode})"
+        loss = f"route A: {a.divergence}" + (f" (beta {a.jsd_beta})" if a.divergence == "jsd" else "") + \
+            (f" (alpha {a.skew_alpha})" if a.divergence.startswith("skew") else "")
+        support = "full vocabulary" if a.support == "full" else f"{a.support} k={a.support_k} ({a.support_mode})"
         credit = "n/a (distributional loss at visited states)"
     else:
         loss = "route B: policy gradient on r_t" if o.loss == "policy_gradient" else \
             "route B with CR-OPD routing of negative advantages"
         routing = ""
         if o.loss == "cr_opd":
-            routing = (f"; routing {o.routing.teacher_support}/{o.routing.student_reach}, weights {o.routing.weights}, "
-                       f"form {o.routing.form}" + (f", eta {o.routing.eta}" if o.routing.form == "kl_target" else ""))
+            routing = (f"; routing {cr.teacher_support}/{cr.student_reach}, weights {cr.weights}, "
+                       f"form {cr.form}" + (f", eta {cr.eta}" if cr.form == "kl_target" else ""))
         support = "sampled token" + routing
-        credit = f"{o.estimator}, gamma {o.gamma}" + (f", lambda {o.gae_lambda}" if o.estimator == "gae" else "") + \
-            (f", baseline {o.baseline}" if o.baseline else "") + f", ratio {o.ratio}" + \
-            (f" (clip {o.clip_eps_low}/{o.clip_eps_high})" if o.ratio == "ppo" else "")
+        credit = f"{c.estimator}, gamma {c.gamma}" + (f", lambda {c.gae_lambda}" if c.estimator == "gae" else "") + \
+            (f", baseline {c.baseline}" if c.baseline else "") + f", ratio {pg.ratio}" + \
+            (f" (clip {pg.clip_eps_low}/{pg.clip_eps_high})" if pg.ratio == "ppo" else "")
     gates = {k: v for k, v in vars(o.gates).items() if v is not None and k not in ("student_entropy_keep",
                                                                                     "log_ratio_clip_mode")}
     teacher_model = f"{t.kind} {summary.get('teacher')}"
@@ -126,9 +127,9 @@ def write_report(cfg: RunConfig, run_dir: Path, summary: dict, compat, plots: li
         f"- support: {support}",
         f"- credit estimator: {credit}",
         f"- gates and clips: {gates or 'none'}",
-        f"- regularisers: entropy bonus {o.entropy_coef}",
-        f"- outcome hybrid: alpha {o.outcome_alpha}, beta {o.outcome_beta}",
-        f"- on-policy fraction: {o.on_policy_fraction}; teacher overlap (staleness bound 1): {t.overlap}",
+        f"- regularisers: entropy bonus {o.regularizers.entropy_coef}",
+        f"- outcome hybrid: alpha {c.outcome_alpha}, beta {c.outcome_beta}",
+        f"- on-policy fraction: {o.mixtures.on_policy_fraction}; teacher overlap (staleness bound 1): {t.overlap}",
         f"- sampling: temperature {r.temperature}, top-p {r.top_p}, top-k {r.top_k or 'off'}, max new tokens "
         f"{r.max_new_tokens}",
         f"- samples per prompt: {r.samples_per_prompt}; prompts per step: {r.prompts_per_step}; source: "

@@ -4,7 +4,7 @@ rollout.path, never a blanket "held-out"."""
 import pytest
 
 from opd_megatron.config import RunConfig
-from opd_megatron.tools.report import write_report
+from opd_megatron.loop.report import write_report
 
 SUMMARY = {"layout": {"tp": 1, "pp": 1, "dp": 1}, "steps": 2, "skipped_steps": 0}
 

@@ -1,0 +1,208 @@
+"""The whole run config (`RunConfig`: one field per section), the rules that span sections, and loading it from a
+YAML file plus dotted overrides."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from opd_megatron.config.loader import (ConfigError, build_dataclass, parse_override, read_yaml, reject_moved_keys,
+                                        require, set_dotted)
+from opd_megatron.config.opd import OpdSection
+from opd_megatron.config.presets import with_preset
+from opd_megatron.config.sections import (CheckpointSection, DataSection, EvalSection, LoggingSection, ModelSection,
+                                          OptimSection, ParallelSection, QuickstartSection, RolloutSection,
+                                          RunSection)
+from opd_megatron.config.teacher import TeacherSection
+
+
+@dataclass
+class RunConfig:
+    run: RunSection = field(default_factory=RunSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+    rollout: RolloutSection = field(default_factory=RolloutSection)
+    teacher: TeacherSection = field(default_factory=TeacherSection)
+    opd: OpdSection = field(default_factory=OpdSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    quickstart: QuickstartSection = field(default_factory=QuickstartSection)
+
+    def validate(self) -> "RunConfig":
+        """Checks that need no world size: each section, then the cross-section rules."""
+        opd_only = ("rollout", "teacher", "opd", "eval", "quickstart")
+        for f in dataclasses.fields(self):
+            if self.run.algorithm == "opd" or f.name not in opd_only:
+                getattr(self, f.name).validate()
+        m, p = self.model, self.parallel
+        require(m.num_attention_heads % p.tp == 0, "parallel.tp",
+                f"a divisor of model.num_attention_heads={m.num_attention_heads}", p.tp)
+        require(m.query_groups % p.tp == 0, "parallel.tp",
+                f"a divisor of the number of query groups ({m.query_groups})", p.tp)
+        require(m.ffn_hidden_size % p.tp == 0, "parallel.tp",
+                f"a divisor of model.ffn_hidden_size={m.ffn_hidden_size}", p.tp)
+        require(m.num_layers % p.pp == 0, "parallel.pp", f"a divisor of model.num_layers={m.num_layers}", p.pp)
+        require(self.data.seq_length <= m.max_position_embeddings, "data.seq_length",
+                f"at most model.max_position_embeddings={m.max_position_embeddings}", self.data.seq_length)
+        if p.sequence_parallel:
+            require(self.data.seq_length % p.tp == 0, "data.seq_length",
+                    f"a multiple of parallel.tp={p.tp} with sequence parallelism", self.data.seq_length)
+        if self.run.algorithm == "opd":
+            self._validate_opd()
+        if self.optim.use_distributed_optimizer or m.dtype != "fp32":
+            # Measured: megatron's distributed optimizer and mixed precision do not run on the CPU
+            # (docs/megatron-on-cpu.md). Caught here so a laptop dry-run still accepts them.
+            if self.run.device == "cpu":
+                raise ConfigError("optim.use_distributed_optimizer / model.dtype=bf16|fp16 need run.device=cuda "
+                                  "or auto on a GPU machine; with run.device=cpu use model.dtype=fp32 and "
+                                  "optim.use_distributed_optimizer=false")
+        return self
+
+    def _validate_opd(self) -> None:
+        """Combinations the OPD loop cannot run, rejected with what would work instead."""
+        r, t, o, p = self.rollout, self.teacher, self.opd, self.parallel
+        rows = r.prompts_per_step * r.samples_per_prompt
+        require(p.global_batch_size == rows, "parallel.global_batch_size",
+                f"rollout.prompts_per_step x rollout.samples_per_prompt = {r.prompts_per_step} x "
+                f"{r.samples_per_prompt} = {rows} with run.algorithm=opd", p.global_batch_size)
+        if t.kind == "self":
+            require(p.pp == 1, "parallel.pp", "1 with teacher.kind=self (the self-teacher is the student's whole "
+                    "model on one rank)", p.pp)
+        self._validate_teacher_gives_what_the_loss_reads()
+        if r.temperature != o.student_temperature and not o.allow_temperature_mismatch:
+            raise ConfigError(f"rollout.temperature={r.temperature} differs from opd.student_temperature="
+                              f"{o.student_temperature}: the loss's distribution would not be the one that samples "
+                              f"(the sampler-mismatch weight pi_old/mu != 1 on every token); set them equal, or set "
+                              f"opd.allow_temperature_mismatch=true if this is intended (then consider "
+                              f"opd.gates.truncated_is to correct it)")
+        c = o.credit
+        if t.overlap and o.loss in ("policy_gradient", "cr_opd"):
+            corrected = (o.loss == "policy_gradient" and o.policy_gradient.ratio == "ppo") \
+                or o.gates.truncated_is is not None
+            require(corrected, "teacher.overlap", f"false with opd.loss={o.loss} unless the one-update staleness is "
+                    f"corrected: opd.policy_gradient.ratio=ppo (the PPO ratio against the sampling weights, "
+                    f"policy_gradient only) or opd.gates.truncated_is=[0.5, 2.0] (weights pi/mu)", True)
+        if o.loss == "divergence":
+            require(c.estimator == "immediate" and o.policy_gradient.ratio == "logprob", "opd.credit.estimator",
+                    "the default (immediate, ratio logprob) with opd.loss=divergence: credit estimators and "
+                    "ratios belong to opd.loss=policy_gradient or cr_opd", (c.estimator, o.policy_gradient.ratio))
+        if o.regularizers.reference_kl_coef > 0:
+            require(self.checkpoint.load is not None, "checkpoint.load", "the starting checkpoint with "
+                    "opd.regularizers.reference_kl_coef > 0 (its weights are the frozen reference)", None)
+        if o.mixtures.on_policy_fraction < 1:
+            require(o.loss == "divergence", "opd.mixtures.on_policy_fraction", "1.0 unless opd.loss=divergence "
+                    "(fixed-dataset rows were not sampled by the student: a policy gradient on them has no "
+                    "behaviour policy)", o.mixtures.on_policy_fraction)
+        if c.length_normalized:
+            require(c.estimator == "single_step", "opd.credit.length_normalized",
+                    "false unless opd.credit.estimator=single_step", True)
+        if c.outcome_beta > 0:
+            require(r.source == "task", "opd.credit.outcome_beta", "0 unless rollout.source=task (the verifier "
+                    "gives the outcome reward)", c.outcome_beta)
+        for member in t.multi.members:
+            model = member.colocated.model
+            if model is not None and model.vocab_size != self.model.vocab_size:
+                raise ConfigError(f"teacher.multi.members[{member.name}].colocated.model.vocab_size="
+                                  f"{model.vocab_size} differs from model.vocab_size={self.model.vocab_size}")
+        model = t.colocated.model
+        if model is not None and model.vocab_size != self.model.vocab_size:
+            raise ConfigError(f"teacher.colocated.model.vocab_size={model.vocab_size} differs from model.vocab_size="
+                              f"{self.model.vocab_size}: student and teacher must share one vocabulary")
+
+    def _validate_teacher_gives_what_the_loss_reads(self) -> None:
+        """A served teacher gives sampled-token and top-k logprobs only: the loss, credit, routing and gates must
+        read no more than that (and no more top-k entries than `teacher.topk`)."""
+        t, o = self.teacher, self.opd
+        a = o.route_a
+        needs_dense = []
+        if o.loss == "divergence" and a.support == "full":
+            needs_dense.append(f"opd.route_a.support=full (the {a.divergence} over the whole vocabulary)")
+        if o.credit.baseline == "reverse_kl":
+            needs_dense.append("opd.credit.baseline=reverse_kl (the exact per-state reverse KL)")
+        if o.loss != "divergence" and o.credit.estimator == "single_step":
+            needs_dense.append("opd.credit.estimator=single_step (MiniLLM: the step-t term exactly over the "
+                               "vocabulary)")
+        if o.gates.teacher_entropy is not None:
+            needs_dense.append("opd.gates.teacher_entropy")
+        if o.loss == "cr_opd" and o.cr_opd.teacher_support == "threshold":
+            needs_dense.append("opd.cr_opd.teacher_support=threshold")
+        if t.dense:
+            return
+        if needs_dense:
+            raise ConfigError(f"teacher.kind={t.kind} gives sampled-token and top-k logprobs only, but "
+                              f"{'; '.join(needs_dense)} needs the teacher's full distribution: use "
+                              f"teacher.kind=colocated (or inprocess), or a top-k support "
+                              f"(opd.route_a.support=teacher_topk with teacher.topk >= opd.route_a.support_k)")
+        need_k = 0
+        if o.loss == "divergence":
+            need_k = a.support_k if a.support in ("teacher_topk", "union") else 0
+        if o.loss == "cr_opd":
+            need_k = o.cr_opd.teacher_top_k
+        if o.gates.teacher_confidence is not None:
+            need_k = max(need_k, 1)
+        require(t.topk >= need_k, "teacher.topk", f">= {need_k} for the configured support/routing/gates "
+                f"with a served teacher", t.topk)
+        if o.loss == "divergence" and a.support in ("student_topk", "union"):
+            require(t.kind == "sglang" and t.score_student_topk >= a.support_k, "teacher.score_student_topk",
+                    f">= opd.route_a.support_k={a.support_k} with teacher.kind=sglang (the teacher's logprobs on the "
+                    f"student's top-k come from SGLang's token_ids_logprob; vLLM cannot score chosen ids)",
+                    t.score_student_topk)
+
+    def validate_for_world(self, world_size: int) -> "RunConfig":
+        """Checks that need the number of processes; run before any model is built."""
+        p = self.parallel
+        if world_size % (p.tp * p.pp) != 0:
+            raise ConfigError(f"world size {world_size} is not a multiple of parallel.tp x parallel.pp = "
+                              f"{p.tp} x {p.pp} = {p.tp * p.pp}; launch tp*pp*dp processes "
+                              f"(e.g. torchrun --nproc_per_node {p.tp * p.pp})")
+        dp = p.dp(world_size)
+        if dp % p.ep != 0:
+            raise ConfigError(f"parallel.ep={p.ep} must divide the data-parallel size {dp} (megatron needs "
+                              f"tp x ep x pp to divide the world size {world_size})")
+        if p.global_batch_size % (p.micro_batch_size * dp) != 0:
+            raise ConfigError(f"parallel.global_batch_size={p.global_batch_size} is not divisible by "
+                              f"parallel.micro_batch_size x dp = {p.micro_batch_size} x {dp}; expected a multiple "
+                              f"of {p.micro_batch_size * dp}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None,
+                validate: bool = True) -> RunConfig:
+    """Build a RunConfig from a YAML file (optional) and `a.b=value` overrides (applied after the file)."""
+    raw: dict[str, Any] = read_yaml(path) if path is not None else {}
+    for item in overrides or []:
+        set_dotted(raw, *parse_override(item))
+    cfg = from_dict(raw)
+    return cfg.validate() if validate else cfg
+
+
+def from_dict(raw: dict[str, Any]) -> RunConfig:
+    """A RunConfig from a mapping of sections (as read from YAML): presets filled in, every key checked."""
+    reject_moved_keys(raw)
+    raw = copy.deepcopy(raw)  # presets are filled in place; the caller's mapping stays as it was
+    _fill_preset(raw, "model")
+    teacher = _mapping(raw.get("teacher"))
+    _fill_preset(_mapping(teacher.get("colocated")), "teacher.colocated.model")
+    members = _mapping(teacher.get("multi")).get("members")
+    for i, member in enumerate(members if isinstance(members, list) else []):
+        _fill_preset(_mapping(_mapping(member).get("colocated")), f"teacher.multi.members[{i}].colocated.model")
+    return build_dataclass(RunConfig, raw, "")
+
+
+def _fill_preset(section: dict[str, Any], key: str) -> None:
+    """The section's `model` with its preset's shape filled in (`key`: that model's config key)."""
+    if "model" in section:
+        section["model"] = with_preset(section["model"], key)
+
+
+def _mapping(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}

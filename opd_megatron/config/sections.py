@@ -1,0 +1,278 @@
+"""The run config's sections that are not the OPD objective's or the teacher's: what the run is, the student
+model, the parallel layout, data, optimizer, checkpoints, logging, rollouts, evaluation and the quickstart."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+from opd_megatron.config.loader import ConfigError, did_you_mean, require
+from opd_megatron.config.presets import check_preset
+
+
+@dataclass
+class RunSection:
+    """What the run is and where it writes."""
+    name: str = "run"
+    output_dir: str = "runs"           # the run directory is output_dir/name
+    algorithm: Literal["sft", "opd"] = "sft"  # sft: supervised on data.path; opd: on-policy distillation
+    seed: int = 1234
+    train_steps: int = 100
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA + NCCL where a GPU is present, else CPU + gloo
+
+    def validate(self) -> None:
+        require(self.train_steps >= 1, "run.train_steps", "an integer >= 1", self.train_steps)
+        require(bool(self.name) and "/" not in self.name, "run.name", "a non-empty name without '/'", self.name)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+
+@dataclass
+class ModelSection:
+    """The student: a megatron-core GPTModel (Llama/Qwen style by default)."""
+    preset: Optional[str] = None
+    num_layers: int = 2
+    hidden_size: int = 64
+    ffn_hidden_size: int = 256
+    num_attention_heads: int = 4
+    num_query_groups: Optional[int] = None   # GQA: None means multi-head attention (= num_attention_heads)
+    kv_channels: Optional[int] = None        # head dim; None means hidden_size / num_attention_heads
+    vocab_size: int = 512                    # the tokenizer's true size; padded to a multiple of tp internally
+    max_position_embeddings: int = 256
+    normalization: Literal["RMSNorm", "LayerNorm"] = "RMSNorm"
+    norm_epsilon: float = 1e-5
+    activation: Literal["swiglu", "gelu"] = "swiglu"
+    position_embedding: Literal["rope", "learned_absolute"] = "rope"
+    rotary_base: int = 10000
+    tie_embeddings: bool = False
+    add_bias_linear: bool = False
+    add_qkv_bias: bool = False               # bias on Q/K/V only (Qwen2); implied by add_bias_linear
+    qk_layernorm: bool = False
+    init_method_std: float = 0.02
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"  # bf16/fp16 are GPU paths
+    # Mixture of experts (megatron-core's MoELayer in place of the MLP of every layer); None: a dense model.
+    num_moe_experts: Optional[int] = None
+    moe_router_topk: int = 2                 # experts per token
+    moe_ffn_hidden_size: Optional[int] = None  # each expert's ffn width; None: ffn_hidden_size
+
+    def validate(self) -> None:
+        if self.preset is not None:
+            check_preset(self.preset, "model")
+        for key in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "vocab_size",
+                    "max_position_embeddings"):
+            require(getattr(self, key) >= 1, f"model.{key}", "an integer >= 1", getattr(self, key))
+        groups = self.query_groups
+        require(self.num_attention_heads % groups == 0, "model.num_query_groups",
+                 f"a divisor of model.num_attention_heads={self.num_attention_heads}", groups)
+        if self.kv_channels is None:
+            require(self.hidden_size % self.num_attention_heads == 0, "model.hidden_size",
+                     f"a multiple of model.num_attention_heads={self.num_attention_heads} (or set model.kv_channels)",
+                     self.hidden_size)
+        require(self.norm_epsilon > 0, "model.norm_epsilon", "a positive float", self.norm_epsilon)
+        require(self.init_method_std > 0, "model.init_method_std", "a positive float", self.init_method_std)
+        for key in ("hidden_dropout", "attention_dropout"):
+            require(0.0 <= getattr(self, key) < 1.0, f"model.{key}", "a float in [0, 1)", getattr(self, key))
+        if self.num_moe_experts is not None:
+            require(self.num_moe_experts >= 1, "model.num_moe_experts", "null or an integer >= 1",
+                     self.num_moe_experts)
+            require(1 <= self.moe_router_topk <= self.num_moe_experts, "model.moe_router_topk",
+                     f"an integer in [1, model.num_moe_experts={self.num_moe_experts}]", self.moe_router_topk)
+
+    @property
+    def query_groups(self) -> int:
+        return self.num_query_groups or self.num_attention_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+
+@dataclass
+class ParallelSection:
+    """Parallel layout. dp is derived: world_size / (tp * pp)."""
+    tp: int = 1
+    pp: int = 1
+    sequence_parallel: bool = False
+    micro_batch_size: int = 4
+    global_batch_size: int = 16
+    ep: int = 1                     # expert parallel (MoE): experts split over ep ranks of the data-parallel group
+
+    def validate(self) -> None:
+        for key in ("tp", "pp", "micro_batch_size", "global_batch_size"):
+            require(getattr(self, key) >= 1, f"parallel.{key}", "an integer >= 1", getattr(self, key))
+        require(self.ep >= 1, "parallel.ep", "an integer >= 1", self.ep)
+        require(self.global_batch_size % self.micro_batch_size == 0, "parallel.global_batch_size",
+                 f"a multiple of parallel.micro_batch_size={self.micro_batch_size}", self.global_batch_size)
+        if self.sequence_parallel:
+            require(self.tp > 1, "parallel.sequence_parallel", "false when parallel.tp == 1", True)
+
+    def dp(self, world_size: int) -> int:
+        return world_size // (self.tp * self.pp)
+
+    def num_microbatches(self, world_size: int) -> int:
+        return self.global_batch_size // (self.micro_batch_size * self.dp(world_size))
+
+
+@dataclass
+class DataSection:
+    """Training data. `jsonl`: one JSON object a line, with `prompt`+`response` (loss on the response) or `text`
+    (loss on every token). `indexed`: megatron-core `.bin/.idx` written by `opd-megatron preprocess`."""
+    format: Literal["jsonl", "indexed"] = "jsonl"
+    path: str = ""                  # a .jsonl file, or the prefix of an indexed dataset (without .bin/.idx)
+    tokenizer: str = "byte"         # "byte" (built-in byte-level), or a directory / tokenizer.json of an HF tokenizer
+    seq_length: int = 128
+    prompt_key: str = "prompt"
+    response_key: str = "response"
+    text_key: str = "text"
+    apply_chat_template: bool = False
+    skip_malformed: bool = False    # False: a malformed line is an error; True: skipped and counted
+    shuffle: bool = True
+
+    def validate(self) -> None:
+        require(self.seq_length >= 2, "data.seq_length", "an integer >= 2", self.seq_length)
+
+
+@dataclass
+class OptimSection:
+    """Optimizer (megatron-core's get_megatron_optimizer) and learning-rate schedule."""
+    optimizer: Literal["adam", "sgd"] = "adam"
+    lr: float = 1e-3
+    min_lr: float = 0.0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    sgd_momentum: float = 0.9
+    clip_grad: float = 1.0          # 0 disables clipping
+    warmup_steps: int = 0
+    decay_style: Literal["constant", "linear", "cosine"] = "cosine"
+    decay_steps: Optional[int] = None  # None: run.train_steps
+    use_distributed_optimizer: bool = False  # GPU only (megatron's sharded optimizer state)
+
+    def validate(self) -> None:
+        require(self.lr > 0 and math.isfinite(self.lr), "optim.lr", "a positive finite float", self.lr)
+        require(0 <= self.min_lr <= self.lr, "optim.min_lr", f"a float in [0, optim.lr={self.lr}]", self.min_lr)
+        require(self.weight_decay >= 0, "optim.weight_decay", "a float >= 0", self.weight_decay)
+        for key in ("adam_beta1", "adam_beta2"):
+            require(0 <= getattr(self, key) < 1, f"optim.{key}", "a float in [0, 1)", getattr(self, key))
+        require(self.adam_eps > 0, "optim.adam_eps", "a positive float", self.adam_eps)
+        require(self.clip_grad >= 0, "optim.clip_grad", "a float >= 0 (0 disables clipping)", self.clip_grad)
+        require(self.warmup_steps >= 0, "optim.warmup_steps", "an integer >= 0", self.warmup_steps)
+        if self.decay_steps is not None:
+            require(self.decay_steps >= 1, "optim.decay_steps", "an integer >= 1 or null", self.decay_steps)
+
+
+@dataclass
+class CheckpointSection:
+    """megatron-core dist_checkpointing checkpoints under <run_dir>/checkpoints/iter_XXXXXXX."""
+    save_interval: int = 0          # 0: save only at the end (and on SIGTERM)
+    load: Optional[str] = None      # a checkpoint directory, or a run's checkpoints/ (takes the latest)
+    resume: bool = True             # resume from <run_dir>/checkpoints if it has a checkpoint
+    load_optimizer: bool = True     # False: weights only (e.g. start a new run from a trained model)
+    keep_last: int = 2              # older checkpoints are deleted; 0 keeps all
+    save_at_end: bool = True
+
+    def validate(self) -> None:
+        require(self.save_interval >= 0, "checkpoint.save_interval", "an integer >= 0", self.save_interval)
+        require(self.keep_last >= 0, "checkpoint.keep_last", "an integer >= 0", self.keep_last)
+
+
+@dataclass
+class LoggingSection:
+    log_interval: int = 1
+    tensorboard: bool = True
+    progress_bar: bool = True
+    # OPD: the first `rollouts` rows of every data-parallel rank's batch, every step, to <run_dir>/rollouts.jsonl
+    # (step, dp_rank, prompt, response, reward, per-token student / teacher / behaviour log-probs); 0 = off.
+    rollouts: int = 0
+
+    def validate(self) -> None:
+        require(self.log_interval >= 1, "logging.log_interval", "an integer >= 1", self.log_interval)
+        require(self.rollouts >= 0, "logging.rollouts", "an integer >= 0 (rows per data-parallel rank)",
+                 self.rollouts)
+
+
+@dataclass
+class RolloutSection:
+    """Where OPD prompts come from and how the student samples (algorithm: opd).
+
+    source `task`: prompts of a synthetic task (`opd_megatron/tasks`), with its verifier as the outcome reward;
+    `jsonl`: prompts from `path` (key `prompt_key`), optional chat template. Each step samples
+    `prompts_per_step` prompts x `samples_per_prompt` responses = the global batch (parallel.global_batch_size)."""
+    source: Literal["task", "jsonl"] = "task"
+    task: str = "sort_digits"
+    task_options: dict[str, int] = field(default_factory=dict)   # e.g. {length: 8} for sort_digits
+    path: str = ""
+    prompt_key: str = "prompt"
+    answer_key: str = "response"        # jsonl: the reference response (fixed-dataset rows of on_policy_fraction)
+    apply_chat_template: bool = False
+    domain_key: str = ""                # jsonl: a row's domain tag (multi-teacher routing); tasks: the task name
+    privileged_key: str = ""            # jsonl: privileged context for a self-teacher; tasks: the reference answer
+    prompts_per_step: int = 16
+    samples_per_prompt: int = 4
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 16
+    stop_at_eos: bool = True
+    engine: Literal["megatron"] = "megatron"   # the RolloutEngine; a served student engine plugs in here
+
+    def validate(self) -> None:
+        for key in ("prompts_per_step", "samples_per_prompt", "max_new_tokens"):
+            require(getattr(self, key) >= 1, f"rollout.{key}", "an integer >= 1", getattr(self, key))
+        require(self.temperature > 0 and math.isfinite(self.temperature), "rollout.temperature",
+                 "a positive number (greedy rollouts are not on-policy samples)", self.temperature)
+        require(0.0 < self.top_p <= 1.0, "rollout.top_p", "a float in (0, 1]", self.top_p)
+        require(self.top_k >= 0, "rollout.top_k", "an integer >= 0 (0 = off)", self.top_k)
+        if self.source == "jsonl":
+            require(bool(self.path), "rollout.path", "a JSONL prompt file with rollout.source=jsonl", self.path)
+        else:
+            from opd_megatron.tasks import TASKS
+            if self.task not in TASKS:
+                raise ConfigError(f"rollout.task: unknown task {self.task!r}; expected one of {sorted(TASKS)}"
+                                  f"{did_you_mean(self.task, TASKS)}")
+
+
+@dataclass
+class EvalSection:
+    """Held-out evaluation (task score and per-token reverse KL to the teacher): before, every `interval` steps
+    (0 = only before and after) and after training, on `prompts` prompts training never samples. A task evaluates
+    on its eval split; rollout.source=jsonl on the first `prompts` records of `path` (a JSONL file read with the
+    rollout keys) or, without it, on `prompts` records held out of rollout.path by a hash of their text
+    (rollout/prompts.py)."""
+    prompts: int = 200
+    path: str = ""
+    interval: int = 0
+    max_new_tokens: Optional[int] = None   # default: rollout.max_new_tokens
+    batch_size: int = 100
+
+    def validate(self) -> None:
+        require(self.prompts >= 1 and self.batch_size >= 1, "eval.prompts", "integers >= 1 (eval.prompts, "
+                 "eval.batch_size)", (self.prompts, self.batch_size))
+        require(self.interval >= 0, "eval.interval", "an integer >= 0", self.interval)
+
+
+@dataclass
+class QuickstartSection:
+    """`opd-megatron quickstart` only: how the teacher is made (SFT on the task's reference answers, cached by
+    its settings under `teacher_cache`) and the student's short SFT warm-up before OPD. Defaults from a feasibility
+    run measured on 2 CPU cores (teacher 100% after 500 SFT steps in 80 s; warm-up of ~130 steps)."""
+    train_examples: int = 20000
+    teacher_steps: int = 500
+    teacher_lr: float = 1e-3
+    teacher_batch_size: int = 128
+    teacher_cache: str = "~/.cache/opd-megatron/quickstart-teachers"
+    warmup_steps: int = 130
+    warmup_lr: float = 1e-3
+    warmup_batch_size: int = 64
+
+    def validate(self) -> None:
+        for key in ("train_examples", "teacher_steps", "teacher_batch_size", "warmup_batch_size"):
+            require(getattr(self, key) >= 1, f"quickstart.{key}", "an integer >= 1", getattr(self, key))
+        require(self.warmup_steps >= 0, "quickstart.warmup_steps", "an integer >= 0", self.warmup_steps)
