@@ -205,21 +205,65 @@ def token_weights(config: GateConfig, mask: torch.Tensor, *, log_ratio: Optional
     (configured gates only) and "all" (the product's).
     """
     keep_mask = require_binary_mask("mask", mask)
-    leading = tuple(mask.shape)
+    need = _GateInputs(tuple(mask.shape))
+    gates = _distribution_gates(config, need, teacher_logits=teacher_logits,
+                                teacher_topk_logprobs=teacher_topk_logprobs, student_logits=student_logits,
+                                student_temperature=student_temperature, teacher_temperature=teacher_temperature,
+                                teacher_confidence=teacher_confidence, teacher_entropy=teacher_entropy,
+                                student_entropy=student_entropy)
+    weight = keep_mask.to(torch.get_default_dtype())
+    clipped = log_ratio
+    if config.sign is not None:
+        gates["sign"] = sign_gate(need("log_ratio", log_ratio, "sign"), config.sign)
+    if config.log_ratio_clip is not None:
+        within = log_ratio_gate(need("log_ratio", log_ratio, "log_ratio_clip"), config.log_ratio_clip)
+        if config.log_ratio_clip_mode == "drop":
+            gates["log_ratio_clip"] = within
+        else:
+            clipped = clip_log_ratio(log_ratio, config.log_ratio_clip)
+    if config.truncated_is is not None:
+        ratio_weight, inside = truncated_importance_weight(
+            need("student_logprobs", student_logprobs, "truncated_is"),
+            need("behaviour_logprobs", behaviour_logprobs, "truncated_is"), *config.truncated_is)
+        gates["truncated_is"] = inside
+        weight = weight.to(ratio_weight.dtype) * ratio_weight
 
-    def need(name: str, tensor: Optional[torch.Tensor], gate: str, vocab: bool = False) -> torch.Tensor:
+    kept = keep_mask.clone()
+    for gate in gates.values():
+        kept &= gate
+    weight = torch.where(kept, weight, 0.0)
+    unclipped = within if config.log_ratio_clip is not None and config.log_ratio_clip_mode == "clip" else None
+    return GateResult(weights=weight, keep=kept, keep_rates=_keep_rates(keep_mask, gates, kept, unclipped),
+                      log_ratio=clipped)
+
+
+class _GateInputs:
+    """`need(name, tensor, gate)`: a configured gate's input, checked (present, the mask's leading shape, floating,
+    finite) or a MathInputError naming it."""
+
+    def __init__(self, leading: tuple[int, ...]) -> None:
+        self.leading = leading
+
+    def __call__(self, name: str, tensor: Optional[torch.Tensor], gate: str, vocab: bool = False) -> torch.Tensor:
         if tensor is None:
             raise MathInputError(f"{name}: the {gate} gate is configured but {name} was not given")
         shape = tuple(tensor.shape[:-1]) if vocab else tuple(tensor.shape)
-        if shape != leading:
-            raise MathInputError(f"{name}: expected leading shape {leading} (the mask's), got {tuple(tensor.shape)}")
+        if shape != self.leading:
+            raise MathInputError(f"{name}: expected leading shape {self.leading} (the mask's), got "
+                                 f"{tuple(tensor.shape)}")
         require_floating(name, tensor)
         require_finite(name, tensor)
         return tensor
 
+
+def _distribution_gates(config: GateConfig, need: _GateInputs, *, teacher_logits: Optional[torch.Tensor],
+                        teacher_topk_logprobs: Optional[torch.Tensor], student_logits: Optional[torch.Tensor],
+                        student_temperature: float, teacher_temperature: float,
+                        teacher_confidence: Optional[torch.Tensor], teacher_entropy: Optional[torch.Tensor],
+                        student_entropy: Optional[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The gates read from the teacher's or the student's distribution (confidence, entropies), each from its
+    per-position statistic when given (vocab-parallel callers), else from the logits."""
     gates: dict[str, torch.Tensor] = {}
-    weight = keep_mask.to(torch.get_default_dtype())
-    clipped = log_ratio
     if config.teacher_confidence is not None:
         if teacher_confidence is not None:
             gates["teacher_confidence"] = need("teacher_confidence", teacher_confidence,
@@ -247,33 +291,20 @@ def token_weights(config: GateConfig, mask: torch.Tensor, *, log_ratio: Optional
         gates["student_entropy"] = student_entropy_gate(
             need("student_logits", student_logits, "student_entropy", vocab=True), config.student_entropy,
             config.student_entropy_keep, student_temperature)
-    if config.sign is not None:
-        gates["sign"] = sign_gate(need("log_ratio", log_ratio, "sign"), config.sign)
-    if config.log_ratio_clip is not None:
-        within = log_ratio_gate(need("log_ratio", log_ratio, "log_ratio_clip"), config.log_ratio_clip)
-        if config.log_ratio_clip_mode == "drop":
-            gates["log_ratio_clip"] = within
-        else:
-            clipped = clip_log_ratio(log_ratio, config.log_ratio_clip)
-    if config.truncated_is is not None:
-        ratio_weight, inside = truncated_importance_weight(
-            need("student_logprobs", student_logprobs, "truncated_is"),
-            need("behaviour_logprobs", behaviour_logprobs, "truncated_is"), *config.truncated_is)
-        gates["truncated_is"] = inside
-        weight = weight.to(ratio_weight.dtype) * ratio_weight
+    return gates
 
-    kept = keep_mask.clone()
-    for gate in gates.values():
-        kept &= gate
-    weight = torch.where(kept, weight, 0.0)
 
+def _keep_rates(keep_mask: torch.Tensor, gates: dict[str, torch.Tensor], kept: torch.Tensor,
+                unclipped: Optional[torch.Tensor]) -> dict[str, float]:
+    """Each gate's share of the masked-in tokens it keeps, and "all" (the product's); under the clip mode of the
+    log-ratio gate, the share left unclipped (nothing is dropped)."""
     total = int(keep_mask.sum())
 
     def rate(gate: torch.Tensor) -> float:
         return int((gate & keep_mask).sum()) / total if total else 0.0
 
     keep_rates = {name: rate(gate) for name, gate in gates.items()}
-    if config.log_ratio_clip is not None and config.log_ratio_clip_mode == "clip":
-        keep_rates["log_ratio_clip"] = rate(within)  # the share left unclipped; nothing is dropped
+    if unclipped is not None:
+        keep_rates["log_ratio_clip"] = rate(unclipped)
     keep_rates["all"] = rate(kept)
-    return GateResult(weights=weight, keep=kept, keep_rates=keep_rates, log_ratio=clipped)
+    return keep_rates
