@@ -127,7 +127,8 @@ def write_report(cfg: RunConfig, run_dir: Path, summary: dict, compat, plots: li
         f"- support: {support}",
         f"- credit estimator: {credit}",
         f"- gates and clips: {gates or 'none'}",
-        f"- regularisers: entropy bonus {o.regularizers.entropy_coef}",
+        f"- regularisers: entropy bonus {o.regularizers.entropy_coef}, reference KL "
+        f"{o.regularizers.reference_kl_coef} (estimator {o.regularizers.reference_kl_estimator})",
         f"- outcome hybrid: alpha {c.outcome_alpha}, beta {c.outcome_beta}",
         f"- on-policy fraction: {o.mixtures.on_policy_fraction}; teacher overlap (staleness bound 1): {t.overlap}",
         f"- sampling: temperature {r.temperature}, top-p {r.top_p}, top-k {r.top_k or 'off'}, max new tokens "

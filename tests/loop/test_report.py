@@ -35,3 +35,16 @@ def test_report_names_the_origin_of_the_eval_prompts(tmp_path, case):
     report = _report(tmp_path, **sections)
     assert sentence in report
     assert "held-out prompts" not in report
+
+
+def test_report_checklist_names_every_regulariser(tmp_path):
+    """The reporting checklist lists each regulariser with its coefficient (and the reference KL's estimator): a
+    run with a reference-KL term must not read as one with the entropy bonus alone."""
+    cfg = RunConfig()
+    cfg.run.algorithm = "opd"
+    cfg.opd.regularizers.entropy_coef = 0.01
+    cfg.opd.regularizers.reference_kl_coef = 0.05
+    cfg.opd.regularizers.reference_kl_estimator = "k2"
+    write_report(cfg, tmp_path, SUMMARY, None, [])
+    report = (tmp_path / "report.md").read_text()
+    assert "- regularisers: entropy bonus 0.01, reference KL 0.05 (estimator k2)" in report
