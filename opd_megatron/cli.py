@@ -1,4 +1,4 @@
-"""`opd-megatron` command line: train, quickstart, eval, dry-run, preprocess.
+"""`opd-megatron` command line: train, quickstart, eval, dry-run, preprocess, sweep, sweep-report.
 
     opd-megatron quickstart                                   # OPD on the CPU in minutes (configs/quickstart.yaml)
     opd-megatron train --config configs/sft_tiny.yaml parallel.tp=2 optim.lr=1e-4
@@ -6,6 +6,8 @@
     torchrun --nproc_per_node 2 -m opd_megatron train --config configs/sft_tiny.yaml parallel.tp=2
     opd-megatron dry-run --config configs/llama3_8b_sft.yaml --world-size 64 --gpu-memory-gb 80
     opd-megatron preprocess --input corpus.jsonl --output-prefix data/corpus --tokenizer path/to/tokenizer
+    opd-megatron sweep --config sweeps/smoke.yaml --results results/smoke
+    opd-megatron sweep-report --results results/smoke --out docs/results/smoke.md
 """
 
 from __future__ import annotations
@@ -55,6 +57,18 @@ def _parser() -> argparse.ArgumentParser:
     pre.add_argument("--apply-chat-template", action="store_true")
     pre.add_argument("--skip-malformed", action="store_true", help="skip and count malformed lines")
     pre.add_argument("--no-eod", action="store_true", help="do not append the end-of-document token")
+
+    sweep = sub.add_parser("sweep", help="run (or resume) a grid of run configs x seeds, one run after another")
+    sweep.add_argument("--config", required=True, help="sweep YAML (format: sweeps/README.md)")
+    sweep.add_argument("--results", default=None, help="results directory (default results/<sweep name>)")
+    sweep.add_argument("--only", action="append", default=None, metavar="ARM", help="run only this arm (repeatable)")
+    sweep.add_argument("--dry", action="store_true", help="validate every run config and list the runs, run nothing")
+    sweep.add_argument("--keep-checkpoints", action="store_true",
+                       help="keep each finished run's checkpoints, TensorBoard logs and plots")
+
+    report = sub.add_parser("sweep-report", help="markdown + PNG plots of a sweep, from its results directory alone")
+    report.add_argument("--results", required=True, help="the sweep's results directory")
+    report.add_argument("--out", default=None, help="the markdown page (default RESULTS/results.md); PNGs beside it")
     return parser
 
 
@@ -114,6 +128,20 @@ def main(argv: list[str] | None = None) -> int:
                                      skip_malformed=args.skip_malformed)
             print(f"[opd-megatron] wrote {stats['documents']} documents, {stats['tokens']} tokens "
                   f"({stats['dtype']}) to {stats['bin_path']} / {stats['idx_path']}; skipped {stats['skipped']}")
+        elif args.command == "sweep":
+            from opd_megatron.tools.sweep import run_sweep
+            outcome = run_sweep(args.config, args.results, args.only, args.dry, args.keep_checkpoints,
+                                log=lambda line: print(line, flush=True))
+            if not args.dry:
+                print(f"[opd-megatron] sweep: {len(outcome.launched)} runs launched, {len(outcome.skipped)} skipped "
+                      f"(done before), {len(outcome.failed)} failed", flush=True)
+            if outcome.failed:
+                print(f"opd-megatron sweep: error: {len(outcome.failed)} runs failed: {', '.join(outcome.failed)} "
+                      f"(their logs: run.log in each run directory; rc and log tail in runs.jsonl)", file=sys.stderr)
+                return 1
+        elif args.command == "sweep-report":
+            from opd_megatron.tools.sweep import render_report
+            print(f"[opd-megatron] wrote {render_report(args.results, args.out)}")
     except NonFiniteLossError as exc:
         print(f"opd-megatron {args.command}: error: {exc}", file=sys.stderr)
         return 3

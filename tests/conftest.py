@@ -92,6 +92,7 @@ SLOW: dict[str, frozenset[str] | None] = {
     "tests/parallel/test_supports.py": frozenset({"test_vocab_parallel_supports_equal_reference"}),
     "tests/parallel/test_diagnostics.py": frozenset({"test_vocab_parallel_statistics_equal_reference"}),
     "tests/tools/test_dry_run.py": frozenset({"test_layout_and_counts_equal_megatron_on_four_processes"}),
+    "tests/tools/test_sweep.py": frozenset({"test_smoke_sweep_layout_resume_and_report_from_results_alone"}),
 }
 
 
