@@ -70,3 +70,11 @@ class MetricsWriter:
             self._tb.close()
         if self._jsonl is not None:
             self._jsonl.close()
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """The records `MetricsWriter` appended to `run_dir/metrics.jsonl`, in order (empty when there is none)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -5,11 +5,11 @@ SFT comparison runs inside an OPD run)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
 from opd_megatron.config import RunConfig
+from opd_megatron.loop.metrics import read_metrics
 
 PLOTS = {
     "score.png": ("held-out verifier score (greedy)", ["eval/score"]),
@@ -18,13 +18,6 @@ PLOTS = {
                                                             "log_ratio/q75", "log_ratio/q95"]),
     "gate_keep_rates.png": ("gate keep rates", None),   # every gates/*_keep_rate key
 }
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def write_plots(run_dir: Path, records: list[dict]) -> list[str]:

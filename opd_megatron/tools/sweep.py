@@ -25,6 +25,7 @@ import json
 import math
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -34,6 +35,7 @@ from typing import Callable, Optional
 
 from opd_megatron.config import ConfigError, load_config
 from opd_megatron.config.loader import build_dataclass, read_yaml
+from opd_megatron.loop.metrics import read_metrics
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 KEPT_FILES = frozenset({"summary.json", "metrics.jsonl", "config.yaml", "report.md"})
@@ -265,21 +267,12 @@ class ArmRow:
 
     @property
     def mean(self) -> float:
-        return float(sum(self.finals.values()) / len(self.finals)) if self.finals else math.nan
+        return statistics.fmean(self.finals.values()) if self.finals else math.nan
 
     @property
     def std(self) -> float:
         """Sample standard deviation over seeds (ddof 1; 0 with one seed)."""
-        values = list(self.finals.values())
-        if len(values) < 2:
-            return 0.0
-        mean = self.mean
-        return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+        return statistics.stdev(self.finals.values()) if len(self.finals) > 1 else 0.0
 
 
 def series(records: list[dict], x: str, y: str) -> list[tuple[float, float]]:
