@@ -1,4 +1,5 @@
-"""`opd-megatron` command line: train, quickstart, eval, dry-run, preprocess, sweep, sweep-report.
+"""`opd-megatron` command line: train, quickstart, eval, dry-run, preprocess, sweep, sweep-report, export-hf,
+convert.
 
     opd-megatron quickstart                                   # OPD on the CPU in minutes (configs/quickstart.yaml)
     opd-megatron train --config configs/sft_tiny.yaml parallel.tp=2 optim.lr=1e-4
@@ -8,6 +9,8 @@
     opd-megatron preprocess --input corpus.jsonl --output-prefix data/corpus --tokenizer path/to/tokenizer
     opd-megatron sweep --config sweeps/smoke.yaml --results results/smoke
     opd-megatron sweep-report --results results/smoke --out docs/results/smoke.md
+    opd-megatron export-hf --run-dir runs/opd --output hf/student         # safetensors + config.json + tokenizer
+    opd-megatron convert --from-hf hf/Qwen3-0.6B --output ckpts/qwen3 --tp 2  # or --from-megatron CKPT
 """
 
 from __future__ import annotations
@@ -17,10 +20,11 @@ import json
 import logging
 import os
 import sys
+import traceback
 import warnings
 
 from opd_megatron.config import ConfigError, load_config
-from opd_megatron.errors import NonFiniteLossError
+from opd_megatron.errors import NonFiniteLossError, ReportedError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -66,10 +70,41 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--keep-checkpoints", action="store_true",
                        help="keep each finished run's checkpoints, TensorBoard logs and plots")
 
+    export = sub.add_parser("export-hf", help="a run's checkpoint as a Hugging Face checkpoint (safetensors, "
+                                              "config.json, tokenizer, chat template)")
+    export.add_argument("--run-dir", required=True, help="the run directory (its checkpoints/)")
+    export.add_argument("--iteration", type=int, default=None, help="which checkpoint (default: the latest)")
+    export.add_argument("--output", required=True, help="a new directory")
+    _export_options(export)
+
+    convert = sub.add_parser("convert", help="a Hugging Face checkpoint <-> one of ours, at a given layout")
+    source = convert.add_mutually_exclusive_group(required=True)
+    source.add_argument("--from-hf", help="an HF checkpoint directory -> a megatron checkpoints/ directory")
+    source.add_argument("--from-megatron", help="an iter_* or checkpoints/ directory -> an HF checkpoint directory")
+    convert.add_argument("--output", required=True, help="a new directory")
+    convert.add_argument("--layers", default=None, help="--from-hf: keep only these decoder layers, e.g. 0,2,4")
+    _export_options(convert)
+
     report = sub.add_parser("sweep-report", help="markdown + PNG plots of a sweep, from its results directory alone")
     report.add_argument("--results", required=True, help="the sweep's results directory")
     report.add_argument("--out", default=None, help="the markdown page (default RESULTS/results.md); PNGs beside it")
     return parser
+
+
+def _export_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size of the job (world = tp x pp x dp)")
+    parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size of the job")
+    parser.add_argument("--family", choices=["llama", "qwen2", "qwen3"], default=None,
+                        help="the HF architecture (default: the one the run started from, model.from_hf)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                        help="storage dtype (default: the source checkpoint's, else float32)")
+
+
+def _export_line(result) -> str:
+    tokenizer = (f"tokenizer files {', '.join(result.tokenizer_files)}" if result.tokenizer_files else
+                 "no tokenizer files (the run's tokenizer is not a Hugging Face one)")
+    return (f"[opd-megatron] wrote {result.output} ({result.family}, {result.dtype}) from {result.checkpoint}; "
+            f"{tokenizer}")
 
 
 def _quickstart_lines(summary: dict, run_dir: str) -> str:
@@ -87,10 +122,12 @@ def _quickstart_lines(summary: dict, run_dir: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    # megatron-core announces at import time every optional GPU package it did not find (TransformerEngine, apex):
-    # expected on a CPU machine, and noise in every run's log. Set OPD_SHOW_IMPORT_WARNINGS=1 to see them.
+    # megatron-core announces at import time, once per module, every optional GPU package it did not find
+    # (TransformerEngine, apex): expected on a CPU machine. One of them is shown per run; OPD_SHOW_IMPORT_WARNINGS=1
+    # shows them all.
     if not os.environ.get("OPD_SHOW_IMPORT_WARNINGS"):
-        warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex|apex|transformer_engine).*")
+        from opd_megatron.student.cpu_shims import show_one_missing_gpu_packages_warning
+        show_one_missing_gpu_packages_warning()
         warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"megatron\..*")
     logging.basicConfig(level=os.environ.get("OPD_LOG_LEVEL", "WARNING"),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -139,14 +176,43 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"opd-megatron sweep: error: {len(outcome.failed)} runs failed: {', '.join(outcome.failed)} "
                       f"(their logs: run.log in each run directory; rc and log tail in runs.jsonl)", file=sys.stderr)
                 return 1
+        elif args.command in ("export-hf", "convert"):
+            from opd_megatron.student.hf_export import convert_from_hf, export_checkpoint, export_run
+            options = dict(tp=args.tp, pp=args.pp)
+            if args.command == "convert" and args.from_hf:
+                layers = [int(i) for i in args.layers.split(",")] if args.layers else None
+                saved = convert_from_hf(args.from_hf, args.output, layers=layers, **options)
+                message = f"[opd-megatron] wrote {saved} (weights only; load it with checkpoint.load={args.output})"
+            else:
+                options.update(family=args.family, dtype=args.dtype)
+                result = (export_run(args.run_dir, args.output, args.iteration, **options)
+                          if args.command == "export-hf" else
+                          export_checkpoint(args.from_megatron, args.output, **options))
+                message = _export_line(result)
+            if int(os.environ.get("RANK", "0")) == 0:
+                print(message, flush=True)
         elif args.command == "sweep-report":
             from opd_megatron.tools.sweep import render_report
             print(f"[opd-megatron] wrote {render_report(args.results, args.out)}")
     except NonFiniteLossError as exc:
-        print(f"opd-megatron {args.command}: error: {exc}", file=sys.stderr)
+        _report(args.command, exc)
         return 3
-    except (ConfigError, ValueError, FileNotFoundError) as exc:
-        # Bad input: one clear line, no traceback. Anything else is a bug and keeps its traceback.
-        print(f"opd-megatron {args.command}: error: {exc}", file=sys.stderr)
+    except EXPECTED_ERRORS as exc:
+        # Bad input or a failing service: one clear line, no traceback. Anything else is a bug and keeps its
+        # traceback.
+        _report(args.command, exc)
         return 2
     return 0
+
+
+# What a user can cause or fix (config, data, teacher, checkpoint, layout, files): reported as one line.
+EXPECTED_ERRORS = (ConfigError, ValueError, FileNotFoundError, FileExistsError, ReportedError)
+
+
+def _report(command: str, exc: BaseException) -> None:
+    """`opd-megatron <command>: error: <message>` as one line on stderr (a multi-line message is joined), its
+    traceback before it only with OPD_DEBUG=1."""
+    if os.environ.get("OPD_DEBUG"):
+        traceback.print_exception(exc)
+    message = " | ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
+    print(f"opd-megatron {command}: error: {message}", file=sys.stderr, flush=True)

@@ -23,8 +23,9 @@ def tiny_vocab(vocab_size: int) -> list[str]:
     return words[:vocab_size]
 
 
-def write_tiny_tokenizer(directory: Path, vocab_size: int = 512) -> None:
-    """A WordLevel tokenizer over `tiny_vocab`, whitespace pre-tokenised, saved as a fast tokenizer."""
+def write_tiny_tokenizer(directory: Path, vocab_size: int = 512, chat_template: str | None = None) -> None:
+    """A WordLevel tokenizer over `tiny_vocab`, whitespace pre-tokenised, saved as a fast tokenizer (with
+    `chat_template` when given)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -33,30 +34,42 @@ def write_tiny_tokenizer(directory: Path, vocab_size: int = 512) -> None:
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
                                         unk_token="<unk>", pad_token="<pad>")
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
     tokenizer.save_pretrained(str(directory))
 
 
 def tiny_config(arch: str = "llama", vocab_size: int = 512, hidden_size: int = 128, num_layers: int = 2,
                 num_heads: int = 4, num_kv_heads: int = 2, intermediate_size: int = 256, tie: bool = False,
-                max_position_embeddings: int = 256):
-    """A transformers config of the given architecture (`llama`, `qwen2`, `qwen3`) with head_dim 32."""
+                max_position_embeddings: int = 256, rope_scaling: dict | None = None):
+    """A transformers config of the given architecture (`llama`, `qwen2`, `qwen3`) with head_dim 32.
+    rope_scaling: transformers' `rope_parameters` beyond the theta (e.g. {"rope_type": "llama3", "factor": 4.0,
+    ...}); None: plain RoPE."""
     import transformers
 
     common = dict(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
                   num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
                   max_position_embeddings=max_position_embeddings, rms_norm_eps=1e-6, tie_word_embeddings=tie,
                   bos_token_id=1, eos_token_id=2, pad_token_id=0, dtype="float32")
+    theta = 10000.0 if arch == "llama" else 1000000.0
+    if rope_scaling is not None:
+        common["rope_parameters"] = {"rope_theta": theta, **rope_scaling}
+    else:
+        common["rope_theta"] = theta
     if arch == "llama":
-        return transformers.LlamaConfig(rope_theta=10000.0, attention_bias=False, mlp_bias=False, **common)
+        return transformers.LlamaConfig(attention_bias=False, mlp_bias=False, **common)
     if arch == "qwen2":
-        return transformers.Qwen2Config(rope_theta=1000000.0, **common)
+        return transformers.Qwen2Config(**common)
     if arch == "qwen3":
-        return transformers.Qwen3Config(rope_theta=1000000.0, head_dim=hidden_size // num_heads, **common)
+        return transformers.Qwen3Config(head_dim=hidden_size // num_heads, **common)
     raise ValueError(f"unknown tiny architecture {arch!r}; expected llama, qwen2 or qwen3")
 
 
-def write_tiny_checkpoint(directory: Path | str, arch: str = "llama", seed: int = 0, **config_kwargs) -> Path:
-    """Save a random causal LM of `arch` and its tokenizer into `directory`; returns the directory."""
+def write_tiny_checkpoint(directory: Path | str, arch: str = "llama", seed: int = 0, tokenizer_size: int | None = None,
+                          chat_template: str | None = None, **config_kwargs) -> Path:
+    """Save a random causal LM of `arch` and its tokenizer into `directory`; returns the directory.
+    tokenizer_size: the tokenizer's number of ids when it is smaller than the embedding (Qwen's 151,665 tokens in
+    151,936 rows); chat_template: saved with the tokenizer."""
     import transformers
 
     directory = Path(directory)
@@ -71,5 +84,5 @@ def write_tiny_checkpoint(directory: Path | str, arch: str = "llama", seed: int 
             if param.dim() >= 2:
                 param.normal_(0.0, 0.08)
     model.save_pretrained(str(directory), safe_serialization=True)
-    write_tiny_tokenizer(directory, config.vocab_size)
+    write_tiny_tokenizer(directory, tokenizer_size or config.vocab_size, chat_template)
     return directory

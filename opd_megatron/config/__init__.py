@@ -24,7 +24,7 @@ from opd_megatron.config.presets import MODEL_PRESETS
 from opd_megatron.config.run import RunConfig, from_dict, load_config
 from opd_megatron.config.sections import (CheckpointSection, DataSection, EvalSection, LoggingSection, ModelSection,
                                           OptimSection, ParallelSection, QuickstartSection, RolloutSection,
-                                          RunSection)
+                                          RopeScalingSection, RunSection)
 from opd_megatron.config.teacher import (ColocatedTeacherSection, InProcessTeacherSection, MultiTeacherSection,
                                          SelfTeacherSection, ServerSection, TeacherMemberSection, TeacherSection)
 
@@ -32,6 +32,6 @@ __all__ = [
     "MODEL_PRESETS", "MOVED_KEYS", "CheckpointSection", "ColocatedTeacherSection", "ConfigError", "CreditSection",
     "DataSection", "EvalSection", "InProcessTeacherSection", "LoggingSection", "MixturesSection", "ModelSection",
     "MultiTeacherSection", "OpdSection", "OptimSection", "ParallelSection", "PolicyGradientSection",
-    "QuickstartSection", "RegularizersSection", "RolloutSection", "RouteASection", "RunConfig", "RunSection",
+    "QuickstartSection", "RegularizersSection", "RolloutSection", "RopeScalingSection", "RouteASection", "RunConfig", "RunSection",
     "SelfTeacherSection", "ServerSection", "TeacherMemberSection", "TeacherSection", "from_dict", "load_config",
 ]

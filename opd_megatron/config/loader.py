@@ -233,10 +233,20 @@ def coerce(hint: Any, value: Any, key: str) -> Any:
                 pass
         raise ConfigError(f"{key}: expected a number, got {value!r}")
     if hint is str:
+        if value is None:   # `key=` (an override reads an empty value as null) or a YAML null
+            expected = "a path" if is_path_key(key) else "a string"
+            raise ConfigError(f"{key}: no value (`{key}=` or null); expected {expected}")
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
         raise ConfigError(f"{key}: expected a string, got {value!r}")
     raise TypeError(f"config field {key} has an unsupported type {hint}")
+
+
+def is_path_key(key: str) -> bool:
+    """Whether the config key `key` names a file or directory, by its last name (`path`, `output_dir`,
+    `tokenizer`, `teacher_cache`, ...): what an error for its value should ask for."""
+    name = key.rsplit(".", 1)[-1]
+    return name.endswith(("path", "_dir", "cache")) or name == "tokenizer"
 
 
 def require(ok: bool, key: str, expected: str, got: Any) -> None:

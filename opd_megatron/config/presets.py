@@ -13,6 +13,8 @@ from opd_megatron.config.loader import ConfigError, did_you_mean
 _LLAMA_STYLE = dict(normalization="RMSNorm", activation="swiglu", position_embedding="rope", add_bias_linear=False)
 _GPT2_STYLE = dict(normalization="LayerNorm", activation="gelu", position_embedding="learned_absolute",
                    add_bias_linear=True, norm_epsilon=1e-5, tie_embeddings=True)
+_LLAMA32_ROPE = dict(type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                     original_max_position_embeddings=8192)
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(num_layers=2, hidden_size=64, ffn_hidden_size=256, num_attention_heads=4, num_query_groups=2,
                  vocab_size=512, max_position_embeddings=256, **_LLAMA_STYLE),
@@ -54,14 +56,15 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
                           num_query_groups=4, kv_channels=128, vocab_size=151936, max_position_embeddings=40960,
                           rotary_base=1000000, norm_epsilon=1e-6, qk_layernorm=True, tie_embeddings=False,
                           num_moe_experts=128, moe_router_topk=8, moe_ffn_hidden_size=768, **_LLAMA_STYLE),
-    # meta-llama/Llama-3.2-{1B,3B} config.json (tied embeddings; their llama3 rope scaling of the 131072 context is
-    # not modelled: plain rope at rotary_base, exact up to the 8192 original context).
+    # meta-llama/Llama-3.2-{1B,3B} config.json (tied embeddings; llama3 rope scaling of the 131072 context).
     "llama3.2-1b": dict(num_layers=16, hidden_size=2048, ffn_hidden_size=8192, num_attention_heads=32,
                         num_query_groups=8, kv_channels=64, vocab_size=128256, max_position_embeddings=131072,
-                        rotary_base=500000, norm_epsilon=1e-5, tie_embeddings=True, **_LLAMA_STYLE),
+                        rotary_base=500000, norm_epsilon=1e-5, tie_embeddings=True, rope_scaling=_LLAMA32_ROPE,
+                        **_LLAMA_STYLE),
     "llama3.2-3b": dict(num_layers=28, hidden_size=3072, ffn_hidden_size=8192, num_attention_heads=24,
                         num_query_groups=8, kv_channels=128, vocab_size=128256, max_position_embeddings=131072,
-                        rotary_base=500000, norm_epsilon=1e-5, tie_embeddings=True, **_LLAMA_STYLE),
+                        rotary_base=500000, norm_epsilon=1e-5, tie_embeddings=True, rope_scaling=_LLAMA32_ROPE,
+                        **_LLAMA_STYLE),
     # GPT-2 (openai-community/gpt2{,-medium,-large,-xl} config.json): the GKD / MiniLLM / DistiLLM GPT-2 students
     # and the 1.5B teacher. LayerNorm, GeLU (HF's tanh approximation; megatron's exact erf GeLU here), biases,
     # learned positions, tied embeddings.

@@ -11,12 +11,13 @@ from typing import Any, Optional
 
 from opd_megatron.config.loader import (ConfigError, build_dataclass, parse_override, read_yaml, reject_moved_keys,
                                         require, set_dotted)
+from opd_megatron.config.hf import CONFIG_FILE, model_keys_from_hf, resolve_from_hf, tokenizer_vocab_size
 from opd_megatron.config.opd import OpdSection
 from opd_megatron.config.presets import with_preset
 from opd_megatron.config.sections import (CheckpointSection, DataSection, EvalSection, LoggingSection, ModelSection,
                                           OptimSection, ParallelSection, QuickstartSection, RolloutSection,
                                           RunSection)
-from opd_megatron.config.teacher import TeacherSection
+from opd_megatron.config.teacher import ColocatedTeacherSection, TeacherSection
 
 
 @dataclass
@@ -41,18 +42,24 @@ class RunConfig:
             if self.run.algorithm == "opd" or f.name not in opd_only:
                 getattr(self, f.name).validate()
         m, p = self.model, self.parallel
+        # The student's shape may come from model.from_hf: the message says where to look.
+        read = f" (the student's, from the config.json of model.from_hf={m.from_hf})" if m.from_hf else ""
         require(m.num_attention_heads % p.tp == 0, "parallel.tp",
-                f"a divisor of model.num_attention_heads={m.num_attention_heads}", p.tp)
+                f"a divisor of model.num_attention_heads={m.num_attention_heads}{read}", p.tp)
         require(m.query_groups % p.tp == 0, "parallel.tp",
-                f"a divisor of the number of query groups ({m.query_groups})", p.tp)
+                f"a divisor of the number of query groups ({m.query_groups}){read}", p.tp)
         require(m.ffn_hidden_size % p.tp == 0, "parallel.tp",
-                f"a divisor of model.ffn_hidden_size={m.ffn_hidden_size}", p.tp)
-        require(m.num_layers % p.pp == 0, "parallel.pp", f"a divisor of model.num_layers={m.num_layers}", p.pp)
+                f"a divisor of model.ffn_hidden_size={m.ffn_hidden_size}{read}", p.tp)
+        require(m.num_layers % p.pp == 0, "parallel.pp", f"a divisor of model.num_layers={m.num_layers}{read}", p.pp)
         require(self.data.seq_length <= m.max_position_embeddings, "data.seq_length",
                 f"at most model.max_position_embeddings={m.max_position_embeddings}", self.data.seq_length)
         if p.sequence_parallel:
             require(self.data.seq_length % p.tp == 0, "data.seq_length",
                     f"a multiple of parallel.tp={p.tp} with sequence parallelism", self.data.seq_length)
+        if self.checkpoint.export_hf:
+            require(m.from_hf is not None, "checkpoint.export_hf", "false unless model.from_hf names the Hugging "
+                    "Face checkpoint the student started from (its architecture and config.json are the export's; "
+                    "`opd-megatron export-hf --family ...` exports other students)", True)
         if self.run.algorithm == "opd":
             self._validate_opd()
         if self.optim.use_distributed_optimizer or m.dtype != "fp32":
@@ -93,8 +100,9 @@ class RunConfig:
                     "the default (immediate, ratio logprob) with opd.loss=divergence: credit estimators and "
                     "ratios belong to opd.loss=policy_gradient or cr_opd", (c.estimator, o.policy_gradient.ratio))
         if o.regularizers.reference_kl_coef > 0:
-            require(self.checkpoint.load is not None, "checkpoint.load", "the starting checkpoint with "
-                    "opd.regularizers.reference_kl_coef > 0 (its weights are the frozen reference)", None)
+            require(self.checkpoint.load is not None or self.model.from_hf is not None, "checkpoint.load",
+                    "the starting checkpoint with opd.regularizers.reference_kl_coef > 0 (checkpoint.load, or "
+                    "model.from_hf: its weights are the frozen reference)", None)
         if o.mixtures.on_policy_fraction < 1:
             require(o.loss == "divergence", "opd.mixtures.on_policy_fraction", "1.0 unless opd.loss=divergence "
                     "(fixed-dataset rows were not sampled by the student: a policy gradient on them has no "
@@ -114,6 +122,7 @@ class RunConfig:
         if model is not None and model.vocab_size != self.model.vocab_size:
             raise ConfigError(f"teacher.colocated.model.vocab_size={model.vocab_size} differs from model.vocab_size="
                               f"{self.model.vocab_size}: student and teacher must share one vocabulary")
+        self._validate_colocated_teacher_layouts()
 
     def _validate_teacher_gives_what_the_loss_reads(self) -> None:
         """A served teacher gives sampled-token and top-k logprobs only: the loss, credit, routing and gates must
@@ -154,6 +163,50 @@ class RunConfig:
                     f"student's top-k come from SGLang's token_ids_logprob; vLLM cannot score chosen ids)",
                     t.score_student_topk)
 
+    def colocated_teachers(self) -> list["ColocatedTeacherShape"]:
+        """The colocated teachers of an OPD run (teacher.kind colocated, or the members of that kind of a
+        multi-teacher), each with its architecture as far as the config knows it (`ColocatedTeacherShape`)."""
+        t = self.teacher
+        if self.run.algorithm != "opd":
+            return []
+        dtype = self.model.dtype  # an HF teacher is built in the student's precision (teachers/factory.py)
+        if t.kind == "colocated":
+            return [ColocatedTeacherShape.of("the teacher", "teacher.colocated", t.colocated, dtype)]
+        if t.kind != "multi":
+            return []
+        return [ColocatedTeacherShape.of(f"teacher.multi.members[{member.name}]",
+                                         f"teacher.multi.members[{i}].colocated", member.colocated, dtype)
+                for i, member in enumerate(t.multi.members) if member.kind == "colocated"]
+
+    def _validate_colocated_teacher_layouts(self) -> None:
+        """A colocated teacher is built whole (PP=1) at the student's tp and ep, its logits sharded like the
+        student's (teachers/colocated.py): its heads, query groups and MLP width must split over parallel.tp, its
+        experts over parallel.ep, and its embedding must have the student's rows. Checked here, naming the teacher
+        and its key, before anything is built (megatron says only `num_attention_heads (9) must be a multiple of
+        tensor_model_parallel_size (2)`, and only when the teacher is built, after the student)."""
+        p, student_rows = self.parallel, self.model.embedding_rows
+        for teacher in self.colocated_teachers():
+            m = teacher.model
+            if m is None:
+                continue
+            for name, value in (("num_attention_heads", m.num_attention_heads), ("num_query_groups", m.query_groups),
+                                ("ffn_hidden_size", m.ffn_hidden_size)):
+                if value % p.tp:
+                    raise ConfigError(f"{teacher.who}: {teacher.describe(name, value)} is not a multiple of "
+                                      f"parallel.tp={p.tp}: a colocated teacher is split over the student's "
+                                      f"tensor-parallel ranks; use a parallel.tp that divides it, or serve this "
+                                      f"teacher (kind sglang or vllm)")
+            if m.num_moe_experts is not None and m.num_moe_experts % p.ep:
+                raise ConfigError(f"{teacher.who}: {teacher.describe('num_moe_experts', m.num_moe_experts)} is not a "
+                                  f"multiple of parallel.ep={p.ep}: a colocated teacher's experts are split over the "
+                                  f"student's expert-parallel ranks")
+            if m.embedding_rows != student_rows:
+                raise ConfigError(f"{teacher.who}: an embedding of {m.embedding_rows} rows ({teacher.origin}); the "
+                                  f"student's has {student_rows} (model.checkpoint_vocab_size, else model.vocab_size): "
+                                  f"a colocated teacher's logits are sharded like the student's, so the two embeddings "
+                                  f"must have the same rows; set model.checkpoint_vocab_size={m.embedding_rows} (the "
+                                  f"tokenizer's ids stay model.vocab_size)")
+
     def validate_for_world(self, world_size: int) -> "RunConfig":
         """Checks that need the number of processes; run before any model is built."""
         p = self.parallel
@@ -175,6 +228,47 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
+# config.json's names of the `model.*` keys a layout message may name (config/hf.py reads them).
+HF_CONFIG_KEYS = {"num_query_groups": "num_key_value_heads", "ffn_hidden_size": "intermediate_size"}
+
+
+@dataclass(frozen=True)
+class ColocatedTeacherShape:
+    """A colocated teacher's architecture as the config knows it, the way the teacher will be built
+    (teachers/factory.py): from the Hugging Face checkpoint's config.json when its path is one (`from_hf`), else
+    from `<key>.model`, else unknown (None: a megatron checkpoint of ours, whose saved config is read at build).
+    `who` names the teacher in messages (`the teacher`, `teacher.multi.members[name]`); `key` is its config
+    section (`teacher.colocated`, `teacher.multi.members[i].colocated`)."""
+    who: str
+    key: str
+    path: str
+    model: Optional[ModelSection]
+    from_hf: bool
+
+    @classmethod
+    def of(cls, who: str, key: str, section: ColocatedTeacherSection, dtype: str = "fp32") -> "ColocatedTeacherShape":
+        """The shape of the colocated-teacher section `section`, at config key `key`; an HF teacher's in `dtype`."""
+        path = section.path
+        if path and (Path(path) / CONFIG_FILE).is_file():
+            try:
+                model = build_dataclass(ModelSection, {**model_keys_from_hf(path), "dtype": dtype}, f"{key}.model.")
+            except ConfigError as error:
+                raise ConfigError(f"{who}: {key}.path={path}: {error}") from error
+            return cls(who, key, path, model, from_hf=True)
+        return cls(who, key, path, section.model, from_hf=False)
+
+    def describe(self, name: str, value: Any) -> str:
+        """`model.*` key `name` with its `value`, named where the user can find it."""
+        if self.from_hf:
+            return f"{HF_CONFIG_KEYS.get(name, name)}={value} ({self.origin})"
+        return f"{self.key}.model.{name}={value}"
+
+    @property
+    def origin(self) -> str:
+        """Where the shape was read: the checkpoint's config.json, or the config's model section."""
+        return f"config.json of {self.key}.path={self.path}" if self.from_hf else f"{self.key}.model"
+
+
 def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None,
                 validate: bool = True) -> RunConfig:
     """Build a RunConfig from a YAML file (optional) and `a.b=value` overrides (applied after the file)."""
@@ -190,6 +284,7 @@ def from_dict(raw: dict[str, Any]) -> RunConfig:
     reject_moved_keys(raw)
     raw = copy.deepcopy(raw)  # presets are filled in place; the caller's mapping stays as it was
     _fill_preset(raw, "model")
+    _fill_from_hf(raw)
     teacher = _mapping(raw.get("teacher"))
     _fill_preset(_mapping(teacher.get("colocated")), "teacher.colocated.model")
     members = _mapping(teacher.get("multi")).get("members")
@@ -202,6 +297,18 @@ def _fill_preset(section: dict[str, Any], key: str) -> None:
     """The section's `model` with its preset's shape filled in (`key`: that model's config key)."""
     if "model" in section:
         section["model"] = with_preset(section["model"], key)
+
+
+def _fill_from_hf(raw: dict[str, Any]) -> None:
+    """`model` with the architecture of `model.from_hf`'s checkpoint filled in, and `data.tokenizer` defaulting to
+    that checkpoint's tokenizer when it has one and the config names none."""
+    model = _mapping(raw.get("model"))
+    if model.get("from_hf") is None:
+        return
+    raw["model"] = resolve_from_hf(model, "model")
+    data = raw.setdefault("data", {})
+    if isinstance(data, dict) and "tokenizer" not in data and tokenizer_vocab_size(model["from_hf"]) is not None:
+        data["tokenizer"] = model["from_hf"]
 
 
 def _mapping(value: Any) -> dict[str, Any]:

@@ -21,9 +21,20 @@ class RunSection:
     seed: int = 1234
     train_steps: int = 100
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA + NCCL where a GPU is present, else CPU + gloo
+    # A collective that waits longer than this raises on the waiting ranks (torch.distributed's process-group
+    # timeout, megatron's TP/PP/DP groups included; gloo honours it for every collective).
+    collective_timeout_s: float = 600.0
+    # The watchdog (loop/watchdog.py): a rank whose run makes no progress (no step, save or evaluation finishing) for
+    # this long prints which rank and step it waits on and exits non-zero, so Slurm can requeue; 0 = off. It must
+    # exceed the longest step, checkpoint save and evaluation of the run.
+    hang_timeout_s: float = 3600.0
 
     def validate(self) -> None:
         require(self.train_steps >= 1, "run.train_steps", "an integer >= 1", self.train_steps)
+        require(self.collective_timeout_s > 0, "run.collective_timeout_s", "a positive number of seconds",
+                self.collective_timeout_s)
+        require(self.hang_timeout_s >= 0, "run.hang_timeout_s", "a number of seconds >= 0 (0: no watchdog)",
+                self.hang_timeout_s)
         require(bool(self.name) and "/" not in self.name, "run.name", "a non-empty name without '/'", self.name)
 
     @property
@@ -32,9 +43,36 @@ class RunSection:
 
 
 @dataclass
+class RopeScalingSection:
+    """RoPE frequency scaling, as Hugging Face's `rope_scaling` / `rope_parameters` describe it. `llama3` (Llama
+    3.1 / 3.2): wavelengths longer than `original_max_position_embeddings / low_freq_factor` are divided by
+    `factor`, shorter than `... / high_freq_factor` kept, smoothly interpolated between (transformers'
+    `_compute_llama3_parameters`, megatron-core's `RotaryEmbedding._apply_scaling`). `linear`: positions divided by
+    `factor` (megatron's `seq_len_interpolation_factor`)."""
+    type: Literal["llama3", "linear"] = "llama3"
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def validate(self) -> None:
+        require(self.factor > 0, "model.rope_scaling.factor", "a positive float", self.factor)
+        if self.type == "llama3":
+            require(0 < self.low_freq_factor < self.high_freq_factor, "model.rope_scaling.high_freq_factor",
+                    f"a float > model.rope_scaling.low_freq_factor={self.low_freq_factor} > 0", self.high_freq_factor)
+            require(self.original_max_position_embeddings >= 1, "model.rope_scaling.original_max_position_embeddings",
+                    "an integer >= 1", self.original_max_position_embeddings)
+
+
+@dataclass
 class ModelSection:
     """The student: a megatron-core GPTModel (Llama/Qwen style by default)."""
     preset: Optional[str] = None
+    # A Hugging Face checkpoint directory (Llama / Qwen2 / Qwen3): its config.json fills in every architecture key
+    # when the config is read (config/hf.py; an explicit key that contradicts it is an error), and a run that does
+    # not resume its own checkpoint starts from its weights.
+    from_hf: Optional[str] = None
+    from_hf_layers: Optional[list[int]] = None  # keep only these decoder layers of from_hf (layer-pruned start)
     num_layers: int = 2
     hidden_size: int = 64
     ffn_hidden_size: int = 256
@@ -48,6 +86,10 @@ class ModelSection:
     activation: Literal["swiglu", "gelu"] = "swiglu"
     position_embedding: Literal["rope", "learned_absolute"] = "rope"
     rotary_base: int = 10000
+    rope_scaling: Optional[RopeScalingSection] = None
+    # The embedding's row count when it is larger than the tokenizer (Qwen: 151,936 rows for 151,665 tokens), so that
+    # a Hugging Face checkpoint loads and exports with its shape; rows at or past vocab_size carry no mass.
+    checkpoint_vocab_size: Optional[int] = None
     tie_embeddings: bool = False
     add_bias_linear: bool = False
     add_qkv_bias: bool = False               # bias on Q/K/V only (Qwen2); implied by add_bias_linear
@@ -76,6 +118,16 @@ class ModelSection:
                      self.hidden_size)
         require(self.norm_epsilon > 0, "model.norm_epsilon", "a positive float", self.norm_epsilon)
         require(self.init_method_std > 0, "model.init_method_std", "a positive float", self.init_method_std)
+        if self.checkpoint_vocab_size is not None:
+            require(self.checkpoint_vocab_size >= self.vocab_size, "model.checkpoint_vocab_size",
+                    f"null or an integer >= model.vocab_size={self.vocab_size}", self.checkpoint_vocab_size)
+        if self.from_hf_layers is not None:
+            require(self.from_hf is not None, "model.from_hf_layers", "null unless model.from_hf is set",
+                    self.from_hf_layers)
+        if self.rope_scaling is not None:
+            require(self.position_embedding == "rope", "model.rope_scaling",
+                    "null unless model.position_embedding is rope", self.rope_scaling)
+            self.rope_scaling.validate()
         for key in ("hidden_dropout", "attention_dropout"):
             require(0.0 <= getattr(self, key) < 1.0, f"model.{key}", "a float in [0, 1)", getattr(self, key))
         if self.num_moe_experts is not None:
@@ -91,6 +143,11 @@ class ModelSection:
     @property
     def head_dim(self) -> int:
         return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+    @property
+    def embedding_rows(self) -> int:
+        """Rows the embedding must hold before TP padding: the checkpoint's, or the tokenizer's size."""
+        return self.checkpoint_vocab_size or self.vocab_size
 
 
 @dataclass
@@ -177,6 +234,16 @@ class CheckpointSection:
     load_optimizer: bool = True     # False: weights only (e.g. start a new run from a trained model)
     keep_last: int = 2              # older checkpoints are deleted; 0 keeps all
     save_at_end: bool = True
+    # At the end of the run, the final checkpoint also as a Hugging Face checkpoint in <run_dir>/hf (safetensors,
+    # config.json, tokenizer and chat template; `opd-megatron export-hf` does the same for any checkpoint later).
+    export_hf: bool = False
+    # Every checkpoint has a manifest of its files' sizes, checked before a load (a truncated or missing file is
+    # named). checksums: also the sha256 of every file, each rank hashing its own shards at save and a share of the
+    # files at load (one extra read of the checkpoint each way; a flipped byte is named too).
+    checksums: bool = False
+    # A corrupt checkpoint of a checkpoints directory (the run's own, or checkpoint.load naming one): load the
+    # newest older one that verifies instead of stopping (the corrupt one is renamed to iter_X.corrupt).
+    fallback_to_previous: bool = False
 
     def validate(self) -> None:
         require(self.save_interval >= 0, "checkpoint.save_interval", "an integer >= 0", self.save_interval)

@@ -16,10 +16,11 @@ A section of another kind than `kind` is not read. `ServerSection` is the served
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from opd_megatron.config.loader import require
+from opd_megatron.config.loader import ConfigError, require
 from opd_megatron.config.sections import ModelSection
 
 
@@ -41,8 +42,12 @@ class ServerSection:
     max_tokens_per_request: int = 32768  # rows are packed into one request up to this many tokens
     max_rows_per_request: int = 64
     balance: Literal["least_inflight", "round_robin"] = "least_inflight"
-    api_key_env: Optional[str] = None    # NAME of the environment variable holding the API key (Bearer)
+    # The API key (sent as a Bearer header) comes from the environment or a file, never from the config itself:
+    api_key_env: Optional[str] = None    # NAME of the environment variable holding it (e.g. OPD_TEACHER_API_KEY)
+    api_key_file: Optional[str] = None   # or a file holding it (its first line; e.g. a mounted secret)
     check_on_start: bool = True      # health + identity of every URL at construction
+    reply_retries: int = 2           # a batch whose reply is rejected (malformed, non-finite, out of range, another
+    #                                  model) is asked again this many times before the run stops; never trained on
 
     def validate(self, prefix: str = "teacher.server.") -> None:
         urls = self.urls
@@ -59,8 +64,19 @@ class ServerSection:
         for key in ("timeout_s", "connect_timeout_s", "backoff_max_s", "max_retry_time_s"):
             require(getattr(self, key) > 0, f"{prefix}{key}", "a positive number of seconds", getattr(self, key))
         require(self.backoff_s >= 0, f"{prefix}backoff_s", "a number of seconds >= 0", self.backoff_s)
-        require(self.api_key_env is None or (bool(self.api_key_env) and "=" not in self.api_key_env),
-                f"{prefix}api_key_env", "None or the NAME of an environment variable", self.api_key_env)
+        require(self.reply_retries >= 0, f"{prefix}reply_retries", "an integer >= 0", self.reply_retries)
+        # The value is never echoed: a key pasted here by mistake must not reach a log or an error message.
+        if self.api_key_env is not None and not re.fullmatch(r"[A-Z_][A-Z0-9_]{0,127}", str(self.api_key_env)):
+            raise ConfigError(f"{prefix}api_key_env: expected the NAME of an environment variable (upper-case "
+                              f"letters, digits and _, e.g. OPD_TEACHER_API_KEY), got a value that is not one (not "
+                              f"shown: it may be the key itself). Put the key in that variable, or in a file named "
+                              f"by {prefix}api_key_file; a key is never written in the config")
+        if self.api_key_file is not None and not (isinstance(self.api_key_file, str) and "/" in self.api_key_file):
+            raise ConfigError(f"{prefix}api_key_file: expected the path of a file holding the API key, with a '/' "
+                              f"(e.g. /run/secrets/teacher_key or ./teacher.key), got a value that is not one (not "
+                              f"shown: it may be the key itself)")
+        require(self.api_key_env is None or self.api_key_file is None, f"{prefix}api_key_env",
+                f"at most one of {prefix}api_key_env and {prefix}api_key_file", "both")
 
 
 @dataclass

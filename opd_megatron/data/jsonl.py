@@ -76,6 +76,21 @@ class JsonlRecord:
     target: str
 
 
+def require_text(value: object, key: str, where: str) -> str:
+    """`value` as the non-empty text of field `key`; anything else is a `DataError` naming `where` and the key. JSON
+    lets a string hold a lone UTF-16 surrogate (`"\\ud800"`), which is not Unicode text and no tokenizer encodes."""
+    if not isinstance(value, str):
+        raise DataError(f"{where}: {key!r} must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise DataError(f"{where}: {key!r} is empty; expected non-empty text")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise DataError(f"{where}: {key!r} is not valid Unicode text (a lone surrogate {value[exc.start]!r} at "
+                        f"character {exc.start}); expected UTF-8 text") from None
+    return value
+
+
 def parse_json_line(raw: bytes, where: str) -> Optional[dict]:
     """One line of a JSONL file -> its JSON object, or None for a blank line; anything else is a `DataError`
     naming `where` (file and line) and what was expected."""
@@ -90,6 +105,12 @@ def parse_json_line(raw: bytes, where: str) -> Optional[dict]:
     except json.JSONDecodeError as exc:
         raise DataError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno}); expected one JSON "
                         f"object a line") from None
+    except RecursionError:
+        raise DataError(f"{where}: not valid JSON (nested deeper than the JSON reader goes); expected one JSON "
+                        f"object a line") from None
+    except ValueError as exc:   # an integer of more digits than Python converts (sys.get_int_max_str_digits)
+        raise DataError(f"{where}: not valid JSON ({str(exc).split(':')[0]}); expected one JSON object a "
+                        f"line") from None
     if not isinstance(obj, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     return obj
@@ -143,12 +164,7 @@ class JsonlReader:
 
     @staticmethod
     def _string(obj: dict, key: str, where: str) -> str:
-        value = obj[key]
-        if not isinstance(value, str):
-            raise DataError(f"{where}: {key!r} must be a string, got {type(value).__name__}")
-        if not value.strip():
-            raise DataError(f"{where}: {key!r} is empty; expected non-empty text")
-        return value
+        return require_text(obj[key], key, where)
 
 
 def encode_record(record: JsonlRecord, tokenizer: Tokenizer, apply_chat_template: bool,
@@ -190,8 +206,12 @@ class JsonlDataset(torch.utils.data.Dataset):
         self.seq_length = seq_length
         self.pad_id = tokenizer.pad_id
         reader = JsonlReader(path, prompt_key, response_key, text_key, skip_malformed)
-        self._sequences: list[tuple[list[int], int]] = [encode_record(r, tokenizer, apply_chat_template)
-                                                        for r in reader]
+        self._sequences: list[tuple[list[int], int]] = []
+        for record in reader:
+            try:
+                self._sequences.append(encode_record(record, tokenizer, apply_chat_template))
+            except ValueError as exc:   # text the tokenizer cannot encode (a task's character set)
+                raise DataError(f"{self.path}, line {record.line_number}: {exc}") from None
         self.skipped_lines: list[int] = reader.skipped_lines
         if not self._sequences:
             skipped = f" ({len(self.skipped_lines)} malformed lines skipped)" if self.skipped_lines else ""

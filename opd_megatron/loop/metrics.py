@@ -13,6 +13,10 @@ from typing import Any, Optional
 from tqdm import tqdm
 
 
+# What the progress bar shows: (label, metrics key, format), from the last record that has the key.
+BAR_FIELDS = (("loss", "loss", ".4f"), ("tok_s", "tokens_per_s", ".0f"))
+
+
 class MetricsWriter:
     def __init__(self, run_dir: Path, total_steps: int, start_step: int, enabled: bool, tensorboard: bool,
                  progress_bar: bool):
@@ -20,6 +24,7 @@ class MetricsWriter:
         self._jsonl = None
         self._tb = None
         self._bar: Optional[tqdm] = None
+        self._postfix: dict[str, str] = {}
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -42,8 +47,12 @@ class MetricsWriter:
             for key, value in scalars.items():
                 self._tb.add_scalar(key, value, step)
         if self._bar is not None:
-            self._bar.set_postfix(loss=f"{scalars.get('loss', float('nan')):.4f}",
-                                  tok_s=f"{scalars.get('tokens_per_s', 0.0):.0f}", refresh=False)
+            # Only a training step's record moves the bar's numbers: an evaluation record (before the first step,
+            # after the last) has no loss, and would otherwise show `loss=nan` as the run's last word.
+            shown = {name: format(scalars[key], spec) for name, key, spec in BAR_FIELDS if key in scalars}
+            if shown:
+                self._postfix.update(shown)
+                self._bar.set_postfix(self._postfix, refresh=False)
 
     def advance(self, n: int = 1) -> None:
         if self._bar is not None:

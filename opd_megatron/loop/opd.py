@@ -53,6 +53,7 @@ from opd_megatron.rollout.generate import SamplingConfig
 from opd_megatron.rollout.prompts import PromptSource, with_prompt_context
 from opd_megatron.student.checkpoint import load_checkpoint, resolve_checkpoint
 from opd_megatron.student.distributed import ParallelContext, destroy_parallel, init_parallel
+from opd_megatron.student.hf_bridge import load_hf_weights
 from opd_megatron.student.model import build_student
 from opd_megatron.student.optimizer import current_lr, optimizer_step, wrap_for_training, zero_grads
 from opd_megatron.student.schedule import forward_backward
@@ -122,7 +123,6 @@ class OpdRun(StepLoop):
         self.run_dir = RunDirectory(cfg, ctx.is_logging_rank)
         self._build_prompts()
         self._build_models()
-        self.scoring = TeacherScoring(cfg, self.teacher, self.trainable, self.vocab)
         self.evaluator = Evaluator(cfg, ctx, source=self.source, task=self.task, tokenizer=self.tokenizer,
                                    engine=self.eval_engine, trainable=self.trainable, teacher=self.teacher,
                                    scoring=self.scoring, objective=self.objective, vocab=self.vocab,
@@ -132,8 +132,10 @@ class OpdRun(StepLoop):
                                          shared={"opd": self.progress},
                                          per_rank=OpdRankState(self.scoring, self.teacher, self.value_head))
         self.step = 0
-        self.rollout_s = 0.0
-        self.update_s = 0.0
+        # Seconds over this process's training steps (evaluations not included): sampling rollouts, on the teacher
+        # (waiting for a served teacher's scores; a dense teacher's forwards inside the loss), in the updates (the
+        # teacher's forwards taken out), and whole steps.
+        self.rollout_s = self.teacher_s = self.update_s = self.steps_s = 0.0
         self.final_eval: dict = {}
         self.reference: Optional[list[torch.Tensor]] = None   # the frozen reference's parameters (this rank's)
         self._start()
@@ -170,8 +172,9 @@ class OpdRun(StepLoop):
         self.mixture = OnPolicyMixture(cfg.opd.mixtures.on_policy_fraction, cfg.run.seed)
 
     def _build_models(self) -> None:
-        """The student and its optimizer, the rollout engines on its weights, the teacher, the value head and the
-        objective (in this order on every rank: the collectives and the random initialisations line up)."""
+        """The student and its optimizer, the rollout engines on its weights, the teacher (and its scoring), the
+        value head and the objective (in this order on every rank: the collectives and the random initialisations
+        line up)."""
         cfg, ctx = self.cfg, self.ctx
         self.student = build_student(cfg.model, cfg.parallel, ctx.device)
         self.trainable = wrap_for_training(self.student, cfg.optim, cfg.model, cfg.run.train_steps)
@@ -185,18 +188,24 @@ class OpdRun(StepLoop):
         if cfg.opd.uses_value_head and parallel_state.is_pipeline_last_stage():
             self.value_head = ValueHead(cfg.model.hidden_size, cfg.opd.credit.value_lr, ctx.device)
             self.value_head.attach(self.student.module)
-        dense = self.teacher.gives_full_logits
-        self.objective = OpdObjective(cfg.opd, cfg.teacher, self.vocab, self.teacher if dense else None,
-                                      self.value_head)
+        self.scoring = TeacherScoring(cfg, self.teacher, self.trainable, self.vocab)
+        # A dense teacher scores inside the loss: through `counted`, its forwards are timed and its tokens counted.
+        dense = self.scoring.counted(self.teacher) if self.teacher.gives_full_logits else None
+        self.objective = OpdObjective(cfg.opd, cfg.teacher, self.vocab, dense, self.value_head)
 
     def _start(self) -> None:
         """Resume from the run's own checkpoints (everything an exact resume needs), or take the weights of
         checkpoint.load (e.g. an SFT warm start), which is also the frozen reference of opd.regularizers."""
         cfg = self.cfg
         start = starting_point(cfg.checkpoint, self.run_dir.checkpoints, LoadMeaning.WEIGHTS)
-        if start.path is not None and cfg.opd.regularizers.reference_kl_coef > 0:
-            # The frozen reference is the starting checkpoint (checkpoint.load), also when a resume follows.
-            load_checkpoint(resolve_checkpoint(cfg.checkpoint.load), self.trainable, self.ctx, load_optimizer=False)
+        if cfg.opd.regularizers.reference_kl_coef > 0:
+            # The frozen reference is the starting weights (checkpoint.load, else model.from_hf), also when a
+            # resume follows.
+            if cfg.checkpoint.load is not None:
+                load_checkpoint(resolve_checkpoint(cfg.checkpoint.load), self.trainable, self.ctx,
+                                load_optimizer=False)
+            else:
+                load_hf_weights(self.trainable.module, cfg.model, cfg.model.from_hf)
             self.reference = [p.detach().clone() for p in self.trainable.module.parameters()]
         self.step = self.checkpointer.restore(start)
         if start.restores_run and self.ctx.is_logging_rank:
@@ -208,8 +217,10 @@ class OpdRun(StepLoop):
 
     @property
     def timing(self) -> dict[str, float]:
-        """Seconds spent so far sampling rollouts, waiting for the teacher, and in the updates."""
-        return {"rollout_s": self.rollout_s, "teacher_s": self.scoring.waited_s, "update_s": self.update_s}
+        """Seconds over this process's training steps so far: sampling rollouts, on the teacher, in the updates
+        (without the teacher's forwards), and the whole steps (`wall_s`: the three and the step's diagnostics)."""
+        return {"rollout_s": self.rollout_s, "teacher_s": self.teacher_s, "update_s": self.update_s,
+                "wall_s": self.steps_s}
 
     # -- batches -------------------------------------------------------------------------------------------------
     def make_batch(self, step: int) -> RolloutBatch:
@@ -253,7 +264,10 @@ class OpdRun(StepLoop):
             batch = self.make_batch(step)
         if self.cfg.teacher.overlap and step + 1 < self.cfg.run.train_steps:
             self.scoring.score_ahead(self.make_batch(step + 1))
-        return batch, self.scoring.scores_for(batch, future)
+        waited = self.scoring.waited_s
+        scores = self.scoring.scores_for(batch, future)
+        self.teacher_s += self.scoring.waited_s - waited
+        return batch, scores
 
     # -- what the loss reads of a batch ------------------------------------------------------------------------------
     def loss_batch(self, batch: RolloutBatch, teacher: Optional[TeacherScores]) -> tuple[RolloutBatch, float]:
@@ -371,12 +385,14 @@ class OpdRun(StepLoop):
         """One optimizer step on `batch` (this data-parallel rank's rows) and `teacher`, its served teacher's
         scores (None: a dense teacher scores inside the loss). Returns the step's metrics (on the logging rank, None
         elsewhere) and whether the step was applied."""
-        started = time.perf_counter()
+        started, waited = time.perf_counter(), self.scoring.waited_s
         batch, global_tokens = self.loss_batch(batch, teacher)
         loss, num_tokens, stats = self._loss_and_gradients(batch)
         lr = current_lr(self.trainable.optimizer)
         applied, grad_norm = self._apply_or_skip(loss, global_tokens)
-        self.update_s += time.perf_counter() - started
+        teacher_s = self.scoring.waited_s - waited          # a dense teacher's forwards, inside the loss
+        self.teacher_s += teacher_s
+        self.update_s += time.perf_counter() - started - teacher_s
         metrics = self._diagnostics(batch, stats)
         if self.cfg.logging.rollouts:
             self._log_rollouts(batch, stats)
@@ -480,7 +496,7 @@ class OpdRun(StepLoop):
         per_token = {name: cat(name) for name in tensors[0]}
         per_token["behaviour"] = batch.behaviour_logprobs if bool(batch.on_policy.all()) else None
         return {"per_token": per_token, "routing": routing, "keep_counts": keep_counts,
-                "teacher": (self.scoring.tokens, self.scoring.seconds),
+                "teacher": (self.scoring.tokens, self.scoring.seconds, self.scoring.rejected_replies),
                 "rows": {"staleness": torch.full((batch.size,), float(self.step - batch.policy_version)),
                          "response_lengths": (batch.lengths - batch.prompt_lengths).float(),
                          "rewards": batch.rewards, "on_policy": batch.on_policy.float()}}
@@ -528,7 +544,9 @@ class OpdRun(StepLoop):
         if rewards is not None:
             out["reward/mean"] = float(rewards.double().mean())
         out["rollout/on_policy"] = float(row("on_policy").double().mean())
-        rates = [tokens / seconds for tokens, seconds in (p["teacher"] for p in parts) if seconds > 0]
+        rates = [tokens / seconds for tokens, seconds, _ in (p["teacher"] for p in parts) if seconds > 0]
+        if not self.scoring.dense:      # a served teacher's replies rejected and asked again (teachers/http.py)
+            out["teacher/rejected_replies"] = float(sum(p["teacher"][2] for p in parts))
         if rates:
             # The replicas ask the teacher(s) concurrently, each for its share: their rates add up.
             out["throughput/teacher_tokens_per_s"] = sum(rates)
@@ -582,13 +600,18 @@ class OpdRun(StepLoop):
         """One step: the batch and its scores, the update, the step's timings, and the evaluation every
         eval.interval steps (before the last, which `after_steps` evaluates)."""
         cfg = self.cfg
-        started = time.perf_counter()
+        before, started = self.timing, time.perf_counter()
         batch, teacher = self.next_batch()
         metrics, _ = self.train_step(batch, teacher)
         self.step += 1
+        self.steps_s += time.perf_counter() - started
         if metrics is not None:
-            metrics["step_s"] = time.perf_counter() - started
-            metrics.update({f"time/{k}": v for k, v in self.timing.items()})
+            # time/step/*: this step's seconds; time/cumulative/*: their sums over this process's steps.
+            after = self.timing
+            metrics.update({f"time/step/{k}": after[k] - before[k] for k in after})
+            metrics.update({f"time/cumulative/{k}": v for k, v in after.items()})
+            # The global batch's response tokens trained on, per second of the whole step.
+            metrics["tokens_per_s"] = metrics["tokens"] / max(metrics["time/step/wall_s"], 1e-9)
         if cfg.eval.interval and self.step % cfg.eval.interval == 0 and self.step < cfg.run.train_steps:
             result = self.evaluator.evaluate()
             if metrics is not None:
@@ -607,10 +630,15 @@ class OpdRun(StepLoop):
                 "student_score_after": self.final_eval.get("score"), "rkl_after": self.final_eval.get("rkl"),
                 "steps": self.step, "start_step": result.start_step, "skipped_steps": self.progress.skipped_steps,
                 "stopped_by_signal": result.stopped_by_signal, "checkpoint": result.checkpoint,
-                "wall_s": round(result.wall_s, 3), "time_split_s": {k: round(v, 3) for k, v in self.timing.items()},
+                "wall_s": round(result.wall_s, 3), "time_split_s": self._time_split(),
                 "teacher": self.teacher.name, "teacher_tokens_scored": teacher_tokens,
                 "layout": {"tp": self.ctx.tp, "pp": self.ctx.pp, "dp": self.ctx.dp},
                 "first_loss": result.first_loss, "last_loss": result.last_loss}
+
+    def _time_split(self) -> dict[str, float]:
+        """summary.json's split of the training steps' seconds: rollout, teacher and update (the rest of a step is
+        its diagnostics)."""
+        return {k: round(v, 3) for k, v in self.timing.items() if k != "wall_s"}
 
 
 def train_opd(cfg: RunConfig, ctx: ParallelContext, stop: StopRequest) -> TrainResult:

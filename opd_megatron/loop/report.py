@@ -57,6 +57,12 @@ def _fmt(value) -> str:
     return str(value)
 
 
+def _time_split(summary: dict) -> list[tuple[str, float]]:
+    """(part, seconds) of summary.json's `time_split_s`: rollout, teacher (a served teacher's answers, or a dense
+    teacher's forwards inside the loss) and update."""
+    return [(key.removesuffix("_s"), value) for key, value in summary.get("time_split_s", {}).items()]
+
+
 def eval_prompt_origin(cfg: RunConfig) -> str:
     """Where the run's evaluation prompts came from (the split rule is rollout/prompts.py's)."""
     e, r = cfg.eval, cfg.rollout
@@ -103,8 +109,8 @@ def write_report(cfg: RunConfig, run_dir: Path, summary: dict, compat, plots: li
         f"| per-token reverse KL before | {_fmt(summary.get('rkl_before'))} |",
         f"| per-token reverse KL after | {_fmt(summary.get('rkl_after'))} |",
         f"| steps | {summary.get('steps')} (skipped for non-finite values: {summary.get('skipped_steps')}) |",
-        f"| wall time | {summary.get('wall_s')} s (rollout / teacher / update: "
-        f"{', '.join(f'{k} {v}' for k, v in summary.get('time_split_s', {}).items())}) |", "",
+        f"| wall time | {summary.get('wall_s')} s; of the training steps: "
+        f"{', '.join(f'{k} {v} s' for k, v in _time_split(summary))} |", "",
         f"Evaluation prompts: {eval_prompt_origin(cfg)}. Scores (task runs) are the task verifier's exact-match "
         "accuracy of greedy decoding on them; the reverse KL is per response token on the student's own "
         "temperature-1 samples (exact over the vocabulary with a dense teacher, the sampled k1 estimate with a "
@@ -129,7 +135,7 @@ def write_report(cfg: RunConfig, run_dir: Path, summary: dict, compat, plots: li
         f"- samples per prompt: {r.samples_per_prompt}; prompts per step: {r.prompts_per_step}; source: "
         f"{r.task if r.source == 'task' else r.path}",
         f"- parallel layout: tp {summary['layout']['tp']}, pp {summary['layout']['pp']}, dp {summary['layout']['dp']}",
-        f"- teacher tokens scored (served teachers): {summary.get('teacher_tokens_scored')}",
+        f"- teacher tokens scored: {summary.get('teacher_tokens_scored')} (training steps and evaluations)",
         f"- wall time: {summary.get('wall_s')} s",
         f"- optimizer: {cfg.optim.optimizer} lr {cfg.optim.lr} ({cfg.optim.decay_style}, warmup "
         f"{cfg.optim.warmup_steps}), clip {cfg.optim.clip_grad}", "",

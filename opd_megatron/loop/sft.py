@@ -45,6 +45,7 @@ class SftLoop(StepLoop):
         self.checkpointer = Checkpointer(cfg, ctx, self.trainable, run_dir.checkpoints,
                                          shared={"sampler": self.sampler})
         self.step = 0
+        self.steps_s = 0.0      # seconds over this process's steps (time/cumulative/wall_s)
 
     @property
     def skipped_lines(self) -> int:
@@ -73,8 +74,11 @@ class SftLoop(StepLoop):
         stepped, grad_norm = optimizer_step(self.trainable)
         self.step += 1
         step_s = time.perf_counter() - started
-        return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": num_tokens, "step_s": step_s,
-                "tokens_per_s": num_tokens / step_s, "skipped_step": 0.0 if stepped else 1.0}
+        self.steps_s += step_s
+        # time/step/*: this step's seconds; time/cumulative/*: their sums over this process's steps (as in OPD).
+        return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": num_tokens, "time/step/wall_s": step_s,
+                "time/cumulative/wall_s": self.steps_s, "tokens_per_s": num_tokens / step_s,
+                "skipped_step": 0.0 if stepped else 1.0}
 
 
 def train_sft(cfg: RunConfig, ctx: ParallelContext, stop: StopRequest) -> TrainResult:

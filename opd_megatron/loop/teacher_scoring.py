@@ -28,7 +28,7 @@ from opd_megatron.parallel.topk import vocab_parallel_topk
 from opd_megatron.rollout.batch import RolloutBatch
 from opd_megatron.student.optimizer import TrainableStudent
 from opd_megatron.student.schedule import forward_backward
-from opd_megatron.teachers.base import Teacher, TeacherScores
+from opd_megatron.teachers.base import Teacher, TeacherError, TeacherRequest, TeacherScores
 
 
 def scoring_rank() -> bool:
@@ -41,7 +41,10 @@ class TeacherScoring:
 
     tokens: teacher tokens scored for this replica since this process started (on its last-stage ranks);
     tokens_before: scored by every replica before the checkpoint this run resumed from; seconds: spent in the
-    teacher's `score` (throughput); waited_s: the loop's time waiting for scores (time/teacher_s).
+    teacher's `score` (throughput); waited_s: the loop's time waiting for scores (time/step/teacher_s). A dense
+    teacher's answers, scored inside the loss, count here too (`counted`);
+    rejected_replies: replies the served teacher rejected and asked again for this replica since this process started
+    (teacher/rejected_replies; a batch is trained on only once a reply passes every check).
     """
 
     def __init__(self, cfg: RunConfig, teacher: Teacher, trainable: TrainableStudent, vocab: int):
@@ -57,6 +60,7 @@ class TeacherScoring:
         self.tokens_before = 0
         self.seconds = 0.0
         self.waited_s = 0.0
+        self.rejected_replies = 0
 
     # -- the one-step-ahead batch (teacher.overlap) ----------------------------------------------------------------
     def score_ahead(self, batch: RolloutBatch) -> None:
@@ -110,16 +114,22 @@ class TeacherScoring:
         if not parallel_state.is_pipeline_last_stage():
             return None
         started = time.perf_counter()
-        scores = None
+        scores: Optional[TeacherScores | TeacherError] = None
         if scoring_rank():
-            scores = future.result() if future is not None else self._score_now(batch, extra_ids)
+            try:
+                scores = future.result() if future is not None else self._score_now(batch, extra_ids)
+            except TeacherError as exc:     # sent to the TP group first: every rank stops with it, none waits
+                scores = exc
         if parallel_state.get_tensor_model_parallel_world_size() > 1:
             box = [scores]
             dist.broadcast_object_list(box, src=parallel_state.get_tensor_model_parallel_src_rank(),
                                        group=parallel_state.get_tensor_model_parallel_group())
             scores = box[0]
+        if isinstance(scores, TeacherError):
+            raise scores
         self.waited_s += time.perf_counter() - started
         self.tokens += int(scores.valid.sum())
+        self.rejected_replies += scores.rejected_replies
         return scores
 
     def _score_now(self, batch: RolloutBatch, extra_ids: Optional[torch.Tensor] = None) -> TeacherScores:
@@ -179,7 +189,40 @@ class TeacherScoring:
         dist.all_reduce(own)
         return self.tokens_before + int(own.item())
 
+    def counted(self, teacher: Teacher) -> Teacher:
+        """`teacher` as the loss calls it (a dense teacher, which scores each micro-batch inside the loss): each
+        answer timed and its tokens counted here like a served teacher's, so that its forward is reported as the
+        teacher's time, not the update's, and its tokens as scored."""
+        return CountedTeacher(teacher, self)
+
+    def count(self, scores: TeacherScores, seconds: float) -> None:
+        """A dense teacher's answer, `seconds` long: the loop waited for all of it."""
+        self.tokens += int(scores.valid.sum())
+        self.seconds += seconds
+        self.waited_s += seconds
+
     def close(self) -> None:
         """Wait for a scoring still in flight and stop the background thread."""
         if self.executor is not None:
             self.executor.shutdown(wait=True)
+
+
+class CountedTeacher(Teacher):
+    """A teacher whose every `score` is timed and counted by a `TeacherScoring` (`TeacherScoring.counted`); all
+    else is the teacher's own."""
+
+    def __init__(self, teacher: Teacher, scoring: TeacherScoring):
+        self.teacher, self.scoring = teacher, scoring
+        self.name = teacher.name
+        self.gives_full_logits, self.max_topk = teacher.gives_full_logits, teacher.max_topk
+        self.scores_extra_ids, self.can_generate = teacher.scores_extra_ids, teacher.can_generate
+        self.reads_privileged_context = teacher.reads_privileged_context
+
+    def vocab_size(self) -> int:
+        return self.teacher.vocab_size()
+
+    def score(self, request: TeacherRequest) -> TeacherScores:
+        started = time.perf_counter()
+        scores = self.teacher.score(request)
+        self.scoring.count(scores, time.perf_counter() - started)
+        return scores

@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional, Sequence
 
-from opd_megatron.data.jsonl import DataError, parse_json_line
+from opd_megatron.data.jsonl import DataError, parse_json_line, require_text
 from opd_megatron.data.tokenizer import Tokenizer
 from opd_megatron.rollout.batch import RolloutBatch
 from opd_megatron.tasks.base import Task
@@ -142,25 +142,29 @@ class PromptSource:
                 if not isinstance(obj.get(prompt_key), str) or not obj[prompt_key]:
                     raise DataError(f"{where}: expected an object with a non-empty string {prompt_key!r}, got "
                                     f"{json.dumps(obj)[:120]}")
+                text = require_text(obj[prompt_key], prompt_key, where)
                 answer = obj.get(answer_key)
                 if answer is not None and not isinstance(answer, str):
                     raise DataError(f"{where}: {answer_key!r} must be a string, got {type(answer).__name__}")
-                ids = _prompt_ids(self.tokenizer, obj[prompt_key], self.chat)
-                if len(ids) > self.max_prompt_tokens:
-                    raise DataError(f"{where}: the prompt is {len(ids)} tokens, more than the {self.max_prompt_tokens}"
-                                    f" that fit before rollout.max_new_tokens in model.max_position_embeddings; "
-                                    f"shorten it or raise model.max_position_embeddings")
-                reference = None if answer is None else self.tokenizer.encode(answer) + [self.tokenizer.eos_id]
-                domain = privileged = None
                 for key, kind in ((self.domain_key, "domain"), (self.privileged_key, "privileged")):
                     if key and not isinstance(obj.get(key), str):
                         raise DataError(f"{where}: expected a string {key!r} (rollout.{kind}_key), got "
                                         f"{type(obj.get(key)).__name__}")
-                if self.domain_key:
-                    domain = obj[self.domain_key]
-                if self.privileged_key:
-                    privileged = self.tokenizer.encode(obj[self.privileged_key])
-                records.append(Prompt(obj[prompt_key], ids, reference, domain, privileged))
+                for key in (answer_key if answer else "", self.domain_key, self.privileged_key):
+                    if key and obj[key]:
+                        require_text(obj[key], key, where)
+                try:
+                    ids = _prompt_ids(self.tokenizer, text, self.chat)
+                    reference = None if answer is None else self.tokenizer.encode(answer) + [self.tokenizer.eos_id]
+                    privileged = self.tokenizer.encode(obj[self.privileged_key]) if self.privileged_key else None
+                except ValueError as exc:   # text the tokenizer cannot encode (a task's character set)
+                    raise DataError(f"{where}: {exc}") from None
+                if len(ids) > self.max_prompt_tokens:
+                    raise DataError(f"{where}: the prompt is {len(ids)} tokens, more than the {self.max_prompt_tokens}"
+                                    f" that fit before rollout.max_new_tokens in model.max_position_embeddings; "
+                                    f"shorten it or raise model.max_position_embeddings")
+                domain = obj[self.domain_key] if self.domain_key else None
+                records.append(Prompt(text, ids, reference, domain, privileged))
         if not records:
             raise DataError(f"{path}: no prompts")
         return records

@@ -7,6 +7,7 @@ left out: if a newer megatron-core no longer fails there the test fails (drop th
 and checkpoint tests fail if a new CUDA call appears (add one). The whole story: docs/megatron-on-cpu.md.
 
 `apply_cpu_shims()` does nothing when CUDA is available: GPU runs use megatron-core unmodified.
+`show_one_missing_gpu_packages_warning()` keeps one of the warnings megatron-core gives at import on such a machine.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import contextlib
 import functools
 import importlib
 import types
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -314,3 +316,18 @@ def apply_cpu_shims(skip: tuple[str, ...] = ()) -> list[str]:
             shim.apply()
             _applied.add(shim.name)
     return sorted(_applied)
+
+
+# megatron-core 0.16.1 warns at import, in each module that falls back to torch, that it found neither
+# TransformerEngine nor apex: six warnings on importing GPTModel, the same news each time.
+MISSING_GPU_PACKAGES = r"(Transformer Engine and Apex are|Apex is) not installed"
+# The one kept: the optimizer's ("Falling back to Torch optimizers"), which every import of megatron.core gives.
+MISSING_GPU_PACKAGES_SHOWN_FROM = r"megatron\.core\.optimizer\Z"
+
+
+def show_one_missing_gpu_packages_warning() -> None:
+    """Warnings filters under which a process shows megatron-core's "Transformer Engine and Apex are not installed"
+    once (the optimizer's) instead of once per module that falls back; every other warning as before. Install them
+    before megatron-core is imported (at a command's start); a second call changes nothing."""
+    warnings.filterwarnings("ignore", message=MISSING_GPU_PACKAGES)
+    warnings.filterwarnings("default", message=MISSING_GPU_PACKAGES, module=MISSING_GPU_PACKAGES_SHOWN_FROM)

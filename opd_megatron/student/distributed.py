@@ -2,7 +2,9 @@
 
 One process without a launcher is a world of one (a local TCP store on a free port); under torchrun the usual
 RANK/WORLD_SIZE/MASTER_ADDR environment is used. The config's tp x pp must divide the world size: that is checked
-from the environment before any process group or model is built.
+from the environment before any process group or model is built. Every process group, megatron's TP/PP/DP groups
+included, times out a collective after `run.collective_timeout_s` (gloo raises on the waiting ranks; NCCL's own
+watchdog aborts the communicator).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import os
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import NoReturn, Optional
 
 import torch
 import torch.distributed as dist
@@ -64,8 +67,10 @@ def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def init_parallel(cfg: RunConfig, timeout_s: float = 600.0) -> ParallelContext:
-    """Initialise torch.distributed (if not yet) and megatron's model-parallel groups for `cfg.parallel`."""
+def init_parallel(cfg: RunConfig, timeout_s: Optional[float] = None) -> ParallelContext:
+    """Initialise torch.distributed (if not yet) and megatron's model-parallel groups for `cfg.parallel`, with
+    collectives timing out after `timeout_s` (default `run.collective_timeout_s`)."""
+    timeout_s = cfg.run.collective_timeout_s if timeout_s is None else timeout_s
     world_size = dist.get_world_size() if dist.is_initialized() else world_size_from_env()
     cfg.validate_for_world(world_size)
     device = resolve_device(cfg.run.device)
@@ -84,8 +89,10 @@ def init_parallel(cfg: RunConfig, timeout_s: float = 600.0) -> ParallelContext:
             dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
                                     timeout=timedelta(seconds=timeout_s))
     p = cfg.parallel
+    # megatron's own groups take their timeout in minutes (30 by default), not the default group's.
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=p.tp, pipeline_model_parallel_size=p.pp,
-                                             expert_model_parallel_size=p.ep)
+                                             expert_model_parallel_size=p.ep,
+                                             distributed_timeout_minutes=timeout_s / 60)
     ctx = ParallelContext(
         rank=dist.get_rank(), world_size=dist.get_world_size(), tp=p.tp, pp=p.pp,
         dp=parallel_state.get_data_parallel_world_size(),
@@ -105,6 +112,24 @@ def seed_everything(seed: int, ctx: ParallelContext) -> None:
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
     else:
         seed_model_parallel_rng(seed, ctx.tp_rank)
+
+
+def heartbeat_store(timeout_s: float) -> Optional[dist.Store]:
+    """A client connection of its own to the job's rendezvous store (MASTER_ADDR:MASTER_PORT: rank 0's, or
+    torchrun's agent's), for the watchdog's heartbeats (`loop/watchdog.py`): its own socket, so a heartbeat waiting on
+    the store never holds the process group's connection; each operation gives up after `timeout_s`. None for a world
+    of one or without a launcher's environment."""
+    if world_size_from_env() <= 1 or "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                          timeout=timedelta(seconds=timeout_s), wait_for_workers=False)
+    return dist.PrefixStore("opd-megatron/heartbeat/", store)
+
+
+def abort_process(code: int) -> NoReturn:
+    """End this process at once with `code`: no atexit handlers, no process-group teardown (either can wait forever
+    on a hung peer), no flush but the caller's own. What the hang watchdog ends a rank with."""
+    os._exit(code)
 
 
 def destroy_parallel() -> None:

@@ -41,89 +41,44 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from opd_megatron.config import ModelSection, ParallelSection
+from opd_megatron.config.hf import (CONFIG_FILE, SUPPORTED_ARCHITECTURES, HFBridgeError, hf_family, model_keys_from_hf,
+                                    read_hf_config)
+from opd_megatron.config.loader import build_dataclass
 
-SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
 _ARCHITECTURE_OF_TYPE = {family: arch for arch, family in SUPPORTED_ARCHITECTURES.items()}
-CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 _DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
-class HFBridgeError(ValueError):
-    """An HF checkpoint this bridge cannot load or a model it cannot export; the message names the file, the
-    config key or the tensor, and what was expected."""
-
-
-# -- config.json <-> ModelSection -------------------------------------------------------------------------------
-def read_hf_config(path: str | Path) -> dict[str, Any]:
-    config_path = Path(path) / CONFIG_FILE
-    if not config_path.is_file():
-        raise HFBridgeError(f"{str(path)!r} is not a Hugging Face checkpoint directory: no {CONFIG_FILE}")
-    return json.loads(config_path.read_text())
-
-
-def hf_family(config: dict[str, Any], where: str = "config.json") -> str:
-    """`llama`, `qwen2` or `qwen3` from config.json's `architectures`; anything else is an HFBridgeError."""
-    architectures = config.get("architectures") or []
-    known = [SUPPORTED_ARCHITECTURES[a] for a in architectures if a in SUPPORTED_ARCHITECTURES]
-    if not known:
-        raise HFBridgeError(f"{where}: architectures={architectures} (model_type={config.get('model_type')!r}) is not "
-                            f"supported; expected one of {sorted(SUPPORTED_ARCHITECTURES)}")
-    return known[0]
-
-
-def _rope_theta(config: dict[str, Any], where: str) -> float:
-    # transformers 5 writes `rope_parameters: {rope_type, rope_theta}`; 4.x writes `rope_theta` + `rope_scaling`.
-    params = config.get("rope_parameters") or {}
-    scaling = config.get("rope_scaling") or {}
-    rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    if rope_type != "default":
-        raise HFBridgeError(f"{where}: rope_type={rope_type!r} (RoPE scaling) is not supported; expected "
-                            f"'default' (plain RoPE)")
-    return float(params.get("rope_theta", config.get("rope_theta", 10000.0)))
-
-
-def _refuse(config: dict[str, Any], where: str, key: str, expected: Any) -> None:
-    if config.get(key, expected) not in (expected, None):
-        raise HFBridgeError(f"{where}: {key}={config[key]!r} is not supported; expected {expected!r}")
-
-
 def model_section_from_hf_config(path: str | Path, dtype: str = "fp32") -> ModelSection:
-    """The ModelSection of the Llama / Qwen2 / Qwen3 checkpoint at `path` (its config.json). `dtype` is the
-    training precision (fp32 on the CPU), not the checkpoint's storage dtype."""
-    config = read_hf_config(path)
-    where = str(Path(path) / CONFIG_FILE)
-    family = hf_family(config, where)
-    _refuse(config, where, "hidden_act", "silu")
-    _refuse(config, where, "mlp_bias", False)
-    _refuse(config, where, "use_sliding_window", False)
-    # Llama's and Qwen3's attention_bias puts a bias on o_proj too, which megatron's add_qkv_bias does not.
-    _refuse(config, where, "attention_bias", False)
-    heads = int(config["num_attention_heads"])
-    theta = _rope_theta(config, where)
-    model = ModelSection(
-        num_layers=int(config["num_hidden_layers"]),
-        hidden_size=int(config["hidden_size"]),
-        ffn_hidden_size=int(config["intermediate_size"]),
-        num_attention_heads=heads,
-        num_query_groups=int(config.get("num_key_value_heads") or heads),
-        kv_channels=int(config.get("head_dim") or int(config["hidden_size"]) // heads),
-        vocab_size=int(config["vocab_size"]),
-        max_position_embeddings=int(config["max_position_embeddings"]),
-        normalization="RMSNorm",
-        norm_epsilon=float(config["rms_norm_eps"]),
-        activation="swiglu",
-        position_embedding="rope",
-        rotary_base=int(theta) if theta.is_integer() else theta,
-        tie_embeddings=bool(config.get("tie_word_embeddings", False)),
-        add_bias_linear=False,
-        add_qkv_bias=family == "qwen2",
-        qk_layernorm=family == "qwen3",
-        dtype=dtype,
-    )
+    """The ModelSection of the Llama / Qwen2 / Qwen3 checkpoint at `path` (its config.json; `config/hf.py`).
+    `dtype` is the training precision (fp32 on the CPU), not the checkpoint's storage dtype."""
+    model = build_dataclass(ModelSection, {**model_keys_from_hf(path), "dtype": dtype}, "model.")
     model.validate()
     return model
+
+
+def check_exportable(model: ModelSection) -> None:
+    """An HFBridgeError naming the first `model.*` key a Llama / Qwen checkpoint cannot express."""
+    expected = dict(normalization="RMSNorm", activation="swiglu", position_embedding="rope", add_bias_linear=False,
+                    num_moe_experts=None)
+    for key, value in expected.items():
+        if getattr(model, key) != value:
+            raise HFBridgeError(f"model.{key}={getattr(model, key)!r} has no Llama / Qwen2 / Qwen3 form (expected "
+                                f"{value!r}); this model cannot be exported as a Hugging Face checkpoint")
+
+
+def _rope_parameters(model: ModelSection) -> dict[str, Any]:
+    theta = float(model.rotary_base)
+    scaling = model.rope_scaling
+    if scaling is None:
+        return {"rope_type": "default", "rope_theta": theta}
+    if scaling.type == "linear":
+        return {"rope_type": "linear", "rope_theta": theta, "factor": scaling.factor}
+    return {"rope_type": "llama3", "rope_theta": theta, "factor": scaling.factor,
+            "low_freq_factor": scaling.low_freq_factor, "high_freq_factor": scaling.high_freq_factor,
+            "original_max_position_embeddings": scaling.original_max_position_embeddings}
 
 
 def hf_config_from_model_section(model: ModelSection, family: str,
@@ -132,17 +87,23 @@ def hf_config_from_model_section(model: ModelSection, family: str,
     token ids, chat settings) are kept unless the model's shape overrides them."""
     if family not in _ARCHITECTURE_OF_TYPE:
         raise HFBridgeError(f"family={family!r} is not supported; expected one of {sorted(_ARCHITECTURE_OF_TYPE)}")
+    check_exportable(model)
     config = dict(base or {})
     config.update(
         architectures=[_ARCHITECTURE_OF_TYPE[family]], model_type=family, hidden_act="silu",
         num_hidden_layers=model.num_layers, hidden_size=model.hidden_size,
         intermediate_size=model.ffn_hidden_size, num_attention_heads=model.num_attention_heads,
-        num_key_value_heads=model.query_groups, head_dim=model.head_dim, vocab_size=model.vocab_size,
+        num_key_value_heads=model.query_groups, head_dim=model.head_dim, vocab_size=model.embedding_rows,
         max_position_embeddings=model.max_position_embeddings, rms_norm_eps=model.norm_epsilon,
         rope_theta=float(model.rotary_base), tie_word_embeddings=model.tie_embeddings,
         dtype=_DTYPE_NAMES[model.dtype])
-    config["rope_parameters"] = {"rope_type": "default", "rope_theta": float(model.rotary_base)}
+    # transformers >= 5 reads `rope_parameters` (and converts a 4.x `rope_scaling`); one source of truth.
+    config["rope_parameters"] = _rope_parameters(model)
     config.pop("rope_scaling", None)
+    if "layer_types" in config:
+        # transformers 5's per-layer attention kinds (Qwen2 / Qwen3): one per layer, all full attention here
+        # (sliding windows are refused on load); a layer-pruned model has fewer layers than its source.
+        config["layer_types"] = ["full_attention"] * model.num_layers
     if family != "qwen2":
         config["attention_bias"] = False
     return config
@@ -231,9 +192,10 @@ _LAYER_PARAMS = {
 }
 
 
-def _mapping(module, name: str, tie_embeddings: bool) -> _Mapping:
+def _mapping(module, name: str, tie_embeddings: bool, hf_layers: Optional[Sequence[int]] = None) -> _Mapping:
     """The HF tensors behind megatron parameter `name` of this stage. Layer indices in `name` are local to the
-    stage; megatron's `layer_number` (1-based, global) gives the HF layer."""
+    stage; megatron's `layer_number` (1-based, global) gives the model's layer, and `hf_layers` (a layer-pruned
+    load, `model.from_hf_layers`) the checkpoint's layer of each of the model's layers (None: the same index)."""
     if name == "embedding.word_embeddings.weight":
         return _Mapping("vocab", ("model.embed_tokens.weight",))
     if name == "output_layer.weight":
@@ -244,6 +206,8 @@ def _mapping(module, name: str, tie_embeddings: bool) -> _Mapping:
     match = _LAYER.match(name)
     if match and match.group(2) in _LAYER_PARAMS:
         layer = module.decoder.layers[int(match.group(1))].layer_number - 1
+        if hf_layers is not None:
+            layer = hf_layers[layer]
         kind, suffixes = _LAYER_PARAMS[match.group(2)]
         return _Mapping(kind, tuple(f"model.layers.{layer}.{s}" for s in suffixes))
     raise HFBridgeError(f"megatron parameter {name!r} has no Hugging Face counterpart in this bridge "
@@ -301,7 +265,7 @@ def load_hf_weights(module, model: ModelSection, path: str | Path) -> None:
     rank, tp = _tp()
     with SafetensorsCheckpoint(path) as ckpt, torch.no_grad():
         for name, param in _parameters(module):
-            mapping = _mapping(module, name, model.tie_embeddings)
+            mapping = _mapping(module, name, model.tie_embeddings, model.from_hf_layers)
             local = _read_local(ckpt, mapping, tuple(param.shape), model, rank, tp)
             if tuple(local.shape) != tuple(param.shape):
                 raise HFBridgeError(f"{str(path)!r}: {' + '.join(mapping.hf_names)} give a TP-rank-{rank} shard of "
@@ -338,7 +302,7 @@ def _to_hf(mapping: _Mapping, shards: list[torch.Tensor], model: ModelSection) -
     if kind == "row":
         return {names[0]: torch.cat(shards, dim=1)}
     if kind == "vocab":
-        return {names[0]: torch.cat(shards)[: model.vocab_size]}
+        return {names[0]: torch.cat(shards)[: model.embedding_rows]}
     if kind == "fc1":
         gate, up = zip(*(shard.chunk(2) for shard in shards))
         return {names[0]: torch.cat(gate), names[1]: torch.cat(up)}
@@ -368,6 +332,9 @@ def export_hf_checkpoint(module, model: ModelSection, directory: str | Path, fam
             raise HFBridgeError("export_hf_checkpoint: give family= (llama / qwen2 / qwen3) or hf_config=")
         family = hf_family(hf_config, "hf_config")
     config = hf_config_from_model_section(model, family, hf_config)
+    if dtype is not None:
+        config["dtype"] = str(dtype).removeprefix("torch.")  # what the files hold, not the training precision
+    config.pop("torch_dtype", None)  # transformers 4's name of `dtype`: one source of truth
     directory = Path(directory)
     rank, tp = _tp()
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()

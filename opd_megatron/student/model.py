@@ -22,7 +22,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
 
-from opd_megatron.config import ConfigError, ModelSection, ParallelSection
+from opd_megatron.config import ConfigError, ModelSection, ParallelSection, RopeScalingSection
 
 VOCAB_PAD_MULTIPLE = 128  # padded vocab is a multiple of lcm(128, tp): identical at every tp <= 128 that divides it
 
@@ -129,6 +129,17 @@ def layer_spec(model: ModelSection, use_te: bool):
                                     normalization=model.normalization)
 
 
+def _apply_llama3_rope_scaling(module: GPTModel, scaling: RopeScalingSection) -> None:
+    """Llama 3.1 / 3.2's frequency scaling with all four of the checkpoint's parameters. GPTModel's own
+    `rope_scaling=True` passes only the factor (low / high frequency factors and the original context fixed at
+    Llama 3.1's 1 / 4 / 8192), so its `_apply_scaling` is called here with every one of them instead."""
+    rotary = module.rotary_pos_emb
+    rotary.inv_freq = rotary._apply_scaling(
+        rotary.inv_freq, factor=scaling.factor, low_freq_factor=scaling.low_freq_factor,
+        high_freq_factor=scaling.high_freq_factor,
+        original_max_position_embeddings=scaling.original_max_position_embeddings)
+
+
 @dataclass(frozen=True)
 class StudentModel:
     """The local pipeline stage of the student, and what a caller needs to use it."""
@@ -156,7 +167,8 @@ def build_student(model: ModelSection, parallel: ParallelSection, device: torch.
         raise ConfigError(f"parallel.ep={parallel.ep}, but megatron's process groups were initialised with expert "
                           f"parallel size {parallel_state.get_expert_model_parallel_world_size()}")
     config = build_transformer_config(model, parallel, on_gpu)
-    padded = padded_vocab_size(model.vocab_size, parallel.tp)
+    padded = padded_vocab_size(model.embedding_rows, parallel.tp)
+    scaling = model.rope_scaling
     module = GPTModel(
         config=config,
         transformer_layer_spec=layer_spec(model, use_te),
@@ -167,7 +179,10 @@ def build_student(model: ModelSection, parallel: ParallelSection, device: torch.
         share_embeddings_and_output_weights=model.tie_embeddings,
         position_embedding_type=model.position_embedding,
         rotary_base=model.rotary_base,
+        seq_len_interpolation_factor=scaling.factor if scaling is not None and scaling.type == "linear" else None,
         parallel_output=True,  # logits stay vocab-sharded [B, S, V/tp]
     )
+    if scaling is not None and scaling.type == "llama3":
+        _apply_llama3_rope_scaling(module, scaling)
     module.to(device)
     return StudentModel(module=module, config=config, vocab_size=model.vocab_size, padded_vocab_size=padded)

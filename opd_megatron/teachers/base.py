@@ -20,8 +20,10 @@ from typing import Optional, Sequence
 
 import torch
 
+from opd_megatron.errors import ReportedError
 
-class TeacherError(RuntimeError):
+
+class TeacherError(ReportedError, RuntimeError):
     """A teacher could not give a usable result (down, slow, garbage reply, vocabulary mismatch). The message
     names the teacher (URL or model) and what was wrong; no training step ever consumes a partial result."""
 
@@ -119,6 +121,7 @@ class TeacherScores:
         at temperature 1 (padding ids included, as the student's shards are); None for served teachers.
     teacher_name: which teacher (or `multi:<names>`); per_teacher: diagnostics keyed by teacher name, e.g.
         `{"math": {"rows": 3, "mean_logprob": -0.7}}` for multi-teacher runs.
+    rejected_replies: replies to this request a served teacher rejected (and asked again) before this one.
     """
 
     sampled_logprobs: torch.Tensor
@@ -130,6 +133,7 @@ class TeacherScores:
     logits_shard: Optional[torch.Tensor] = None
     teacher_name: str = "teacher"
     per_teacher: dict = field(default_factory=dict)
+    rejected_replies: int = 0
 
     def check(self, request: TeacherRequest, vocab_size: int) -> "TeacherScores":
         """Reject anything a step must never train on: wrong shapes, non-finite or positive logprobs on valid
@@ -138,7 +142,7 @@ class TeacherScores:
         if tuple(self.sampled_logprobs.shape) != shape or tuple(self.valid.shape) != shape:
             raise TeacherError(f"{self.teacher_name}: sampled_logprobs/valid have shape "
                                f"{tuple(self.sampled_logprobs.shape)}/{tuple(self.valid.shape)}, expected {shape}")
-        _check_logprobs(self.teacher_name, "sampled_logprobs", self.sampled_logprobs[self.valid])
+        _check_logprobs(self.teacher_name, "sampled_logprobs", self.sampled_logprobs, self.valid)
         if request.topk:
             if self.topk_ids is None or self.topk_logprobs is None:
                 raise TeacherError(f"{self.teacher_name}: top-{request.topk} was asked for but not returned")
@@ -146,11 +150,13 @@ class TeacherScores:
             if tuple(self.topk_ids.shape) != want or tuple(self.topk_logprobs.shape) != want:
                 raise TeacherError(f"{self.teacher_name}: top-k tensors have shape {tuple(self.topk_ids.shape)}, "
                                    f"expected {want}")
-            ids = self.topk_ids[self.valid]
-            if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+            outside = self.valid.unsqueeze(-1) & ((self.topk_ids < 0) | (self.topk_ids >= vocab_size))
+            if bool(outside.any()):
+                row, column, entry = (int(i) for i in outside.nonzero()[0])
                 raise TeacherError(f"{self.teacher_name}: top-k ids must lie in [0, {vocab_size}), got "
-                                   f"[{int(ids.min())}, {int(ids.max())}]")
-            _check_logprobs(self.teacher_name, "topk_logprobs", self.topk_logprobs[self.valid])
+                                   f"{int(self.topk_ids[row, column, entry])} at row {row} column {column} "
+                                   f"({int(outside.sum())} such ids)")
+            _check_logprobs(self.teacher_name, "topk_logprobs", self.topk_logprobs, self.valid.unsqueeze(-1))
         if request.extra_ids is not None:
             if self.extra_logprobs is None or self.extra_logprobs.shape != request.extra_ids.shape:
                 raise TeacherError(f"{self.teacher_name}: extra_logprobs missing or of shape "
@@ -159,21 +165,21 @@ class TeacherScores:
             if self.extra_ids is not None and not torch.equal(self.extra_ids.long(), request.extra_ids.long()):
                 raise TeacherError(f"{self.teacher_name}: extra_ids in the result are not the request's extra_ids")
             used = self.valid.unsqueeze(-1) & (request.extra_ids >= 0)
-            _check_logprobs(self.teacher_name, "extra_logprobs", self.extra_logprobs[used])
+            _check_logprobs(self.teacher_name, "extra_logprobs", self.extra_logprobs, used)
         return self
 
 
-def _check_logprobs(teacher: str, name: str, values: torch.Tensor) -> None:
-    if values.numel() == 0:
+def _check_logprobs(teacher: str, name: str, values: torch.Tensor, scored: torch.Tensor) -> None:
+    """`values [B, L-1, ...]` finite and <= 0 wherever `scored` (broadcast to its shape); the error names the first
+    bad [row, column] and its value. A server rounds, so up to 1e-4 above 0 passes; anything clearly above 0 is not a
+    log-probability (logits were returned, or garbage)."""
+    bad = scored & (~torch.isfinite(values) | (values > 1e-4))
+    if not bool(bad.any()):
         return
-    if not bool(torch.isfinite(values).all()):
-        bad = int((~torch.isfinite(values)).sum())
-        raise TeacherError(f"{teacher}: {name} has {bad} non-finite values (NaN/inf) on scored positions; "
-                           f"expected finite log-probabilities")
-    # A server rounds; anything clearly above 0 is not a log-probability (logits were returned, or garbage).
-    if float(values.max()) > 1e-4:
-        raise TeacherError(f"{teacher}: {name} has positive values (max {float(values.max()):.4g}); expected "
-                           f"log-probabilities <= 0")
+    first = tuple(int(i) for i in bad.nonzero()[0])
+    raise TeacherError(f"{teacher}: {name} {float(values[first])!r} at row {first[0]} column {first[1]} is NaN/inf "
+                       f"or positive ({int(bad.sum())} such values on scored positions); expected finite "
+                       f"log-probabilities <= 0")
 
 
 @dataclass(frozen=True)

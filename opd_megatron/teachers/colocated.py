@@ -31,6 +31,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 
 from opd_megatron.config import ModelSection, ParallelSection
+from opd_megatron.config.loader import build_dataclass
 from opd_megatron.parallel.topk import (gather_owned, scatter_sparse_to_shards, vocab_parallel_topk,
                                         vocab_shard_range)
 from opd_megatron.parallel.divergences import vocab_parallel_log_normalizer, vocab_parallel_token_logprobs
@@ -86,11 +87,11 @@ class ColocatedTeacher(Teacher):
         return parallel_state.is_pipeline_last_stage()
 
     @classmethod
-    def from_hf(cls, path: str | Path, parallel: ParallelSection, device: torch.device,
+    def from_hf(cls, path: str | Path, parallel: ParallelSection, device: torch.device, dtype: str = "fp32",
                 **kwargs) -> "ColocatedTeacher":
         """Load an HF Llama / Qwen2 / Qwen3 checkpoint through the bridge (each rank reads its TP shard only;
-        ranks without the teacher read nothing)."""
-        model = model_section_from_hf_config(path)
+        ranks without the teacher read nothing), in the student's precision `dtype` (fp32 / bf16 / fp16)."""
+        model = model_section_from_hf_config(path, dtype)
         teacher = None
         if cls.holds_teacher():
             teacher = build_teacher_model(model, parallel, device)
@@ -106,7 +107,7 @@ class ColocatedTeacher(Teacher):
         from opd_megatron.student.checkpoint import saved_config
         path = Path(path)
         if model is None:
-            model = ModelSection(**saved_config(path)["model"])
+            model = build_dataclass(ModelSection, saved_config(path)["model"], "model.")
         teacher, state = None, {}
         if cls.holds_teacher():
             teacher = build_teacher_model(model, parallel, device)

@@ -30,13 +30,15 @@ def _single(cfg: RunConfig, t: TeacherMemberSection, device: torch.device, padde
             # compatibility check below compares it with the student's tokenizer.
             tokenizer = load_tokenizer(str(path))
             teacher = ColocatedTeacher.from_hf(path, cfg.parallel, device, temperature=t.temperature,
-                                               true_vocab_size=tokenizer.vocab_size, **named)
-            if teacher.model.vocab_size != cfg.model.vocab_size:
+                                               true_vocab_size=tokenizer.vocab_size, dtype=cfg.model.dtype, **named)
+            if teacher.model.embedding_rows != cfg.model.embedding_rows:
                 # Its logits are sharded like the student's: the two embeddings must pad to the same width.
-                raise TeacherError(f"{teacher.name}: embedding of {teacher.model.vocab_size} rows (config.json "
-                                   f"vocab_size), the student's model.vocab_size is {cfg.model.vocab_size}; a "
-                                   f"colocated teacher's logits are sharded like the student's, so set "
-                                   f"model.vocab_size={teacher.model.vocab_size}")
+                raise TeacherError(f"{teacher.name}: embedding of {teacher.model.embedding_rows} rows (config.json "
+                                   f"vocab_size), the student's is {cfg.model.embedding_rows} (model.vocab_size="
+                                   f"{cfg.model.vocab_size}, model.checkpoint_vocab_size="
+                                   f"{cfg.model.checkpoint_vocab_size}); a colocated teacher's logits are sharded "
+                                   f"like the student's, so give the student the same rows: "
+                                   f"model.checkpoint_vocab_size={teacher.model.embedding_rows}")
             return teacher, tokenizer
         resolved = resolve_checkpoint(path)
         if resolved is None:

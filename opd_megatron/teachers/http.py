@@ -7,8 +7,13 @@ backoff and jitter (a Retry-After header is honoured), on another server where t
 or `max_retry_time_s` is spent; then a `TeacherError` names the URL and the failure. Any other HTTP error fails at
 once. A failure of any request fails the whole `score()` call: a partial result is never returned.
 
-The API key is read from the environment variable whose *name* is configured; it is sent as a Bearer header and is
-kept out of reprs, logs and error messages.
+A reply that arrives but fails the checks (malformed, misaligned, NaN/inf or positive logprobs, ids outside the
+vocabulary, another model's) is rejected, counted and the batch asked again, up to `reply_retries` times; a server
+that now serves another model than at start stops the run at once (`ServedTeacher`). Nothing rejected is returned.
+
+The API key is read from the environment variable whose *name* is configured (`api_key_env`) or from a file
+(`api_key_file`), never from the config itself; it is sent as a Bearer header and kept out of reprs, logs and error
+messages, also when a server echoes it back (it is taken out of every reply before anything quotes the reply).
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from __future__ import annotations
 import abc
 import dataclasses
 import email.utils
+import json
+import logging
 import math
 import os
 import random
@@ -23,6 +30,7 @@ import threading
 import time
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 import httpx
@@ -31,6 +39,8 @@ import torch
 from opd_megatron.config.loader import ConfigError, build_dataclass, require
 from opd_megatron.config.teacher import ServerSection
 from opd_megatron.teachers.base import Teacher, TeacherError, TeacherRequest, TeacherScores
+
+log = logging.getLogger("opd_megatron.teachers.http")
 
 #: HTTP statuses worth retrying: overload (429), a proxy/router without a healthy backend (502, 504), a server
 #: that is starting or draining (503). Anything else (400 on a bad id, 401 on a bad key, 500) fails at once.
@@ -103,6 +113,11 @@ def retry_after_s(value: Optional[str]) -> Optional[float]:
     return max(0.0, when.timestamp() - time.time())
 
 
+class RejectedReplyError(TeacherError):
+    """A served teacher's replies failed the checks on every attempt (malformed, misaligned, non-finite, out of
+    range, another model), or its server changed model mid-run; the message names the servers and the evidence."""
+
+
 class _Retryable(Exception):
     def __init__(self, message: str, wait_s: Optional[float] = None):
         super().__init__(message)
@@ -115,7 +130,7 @@ class HTTPTransport:
     def __init__(self, config: HTTPTeacherConfig, name: str):
         self.config = config
         self.name = name
-        self._api_key = _read_api_key(config.api_key_env)
+        self._api_key = _read_api_key(config)
         headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
         timeout = httpx.Timeout(config.timeout_s, connect=config.connect_timeout_s)
         limits = httpx.Limits(max_connections=config.max_inflight, max_keepalive_connections=config.max_inflight)
@@ -128,8 +143,10 @@ class HTTPTransport:
         self._closed = False
 
     def __repr__(self) -> str:
+        source = (None if not self._api_key else f"<from ${self.config.api_key_env}>" if self.config.api_key_env
+                  else f"<from file {self.config.api_key_file}>")
         return (f"HTTPTransport(name={self.name!r}, urls={self.config.urls}, max_inflight={self.config.max_inflight}, "
-                f"api_key={'<from $' + self.config.api_key_env + '>' if self._api_key else None})")
+                f"api_key={source})")
 
     # -- one request ------------------------------------------------------------------------------------------
 
@@ -138,7 +155,7 @@ class HTTPTransport:
         try:
             return self._client.get(url + path)
         except httpx.HTTPError as exc:
-            raise TeacherError(self._scrub(f"{self.name}: GET {url}{path} failed: {_describe(exc)}"
+            raise TeacherError(self.scrub(f"{self.name}: GET {url}{path} failed: {_describe(exc)}"
                                            f"{_hint(exc)}")) from None
 
     def get_json(self, url: str, path: str) -> Any:
@@ -172,7 +189,7 @@ class HTTPTransport:
                 raise TeacherError(f"{self.name}: POST {url}{path} abandoned: another request of the batch failed")
             if stop is None:
                 time.sleep(wait_s)
-        raise TeacherError(self._scrub(
+        raise TeacherError(self.scrub(
             f"{self.name}: POST failed after {len(tried)} attempt(s) over {time.monotonic() - start:.2f}s "
             f"(servers tried: {', '.join(dict.fromkeys(tried))}); last failure: {failure}"))
 
@@ -190,14 +207,19 @@ class HTTPTransport:
 
     def _json(self, reply: httpx.Response, what: str) -> Any:
         """The JSON of a 200 reply; any other status (or a body that is not JSON) is a TeacherError."""
+        # The key is taken out of the reply before anything quotes it (a server may echo the request's headers):
+        # a message cut to length after it could keep part of the key.
         if reply.status_code != 200:
-            raise TeacherError(self._scrub(f"{self.name}: {what} returned HTTP {reply.status_code}: "
-                                           f"{_snippet(reply.text)}"))
+            raise TeacherError(f"{self.name}: {what} returned HTTP {reply.status_code}: "
+                               f"{_snippet(self.scrub(reply.text))}")
+        content = reply.content
+        if self._api_key and self._api_key.encode() in content:
+            content = content.replace(self._api_key.encode(), b"<api key>")
         try:
-            return reply.json()
-        except ValueError:
-            raise TeacherError(self._scrub(f"{self.name}: {what} returned a reply that is not JSON: "
-                                           f"{_snippet(reply.text)}")) from None
+            return json.loads(content)
+        except (ValueError, RecursionError):     # RecursionError: nesting deeper than the JSON parser goes
+            raise TeacherError(f"{self.name}: {what} returned a reply that is not JSON: "
+                               f"{_snippet(self.scrub(reply.text))}") from None
 
     # -- many requests ----------------------------------------------------------------------------------------
 
@@ -234,7 +256,8 @@ class HTTPTransport:
         with self._lock:
             self._inflight[url] -= 1
 
-    def _scrub(self, message: str) -> str:
+    def scrub(self, message: str) -> str:
+        """`message` with the API key (if any) replaced: a server may echo the request's headers into a reply."""
         return message.replace(self._api_key, "<api key>") if self._api_key else message
 
     def close(self) -> None:
@@ -244,13 +267,27 @@ class HTTPTransport:
             self._client.close()
 
 
-def _read_api_key(env_name: Optional[str]) -> Optional[str]:
-    if env_name is None:
-        return None
-    key = os.environ.get(env_name, "").strip()
-    if not key:
-        raise ConfigError(f"teacher.server.api_key_env: the environment variable {env_name!r} is not set or empty")
-    return key
+def _read_api_key(config: ServerSection) -> Optional[str]:
+    """The API key from the environment variable named by api_key_env, or the first line of api_key_file; None when
+    neither is set. Errors name the variable or the file, never a key."""
+    if config.api_key_env is not None:
+        key = os.environ.get(config.api_key_env, "").strip()
+        if not key:
+            raise ConfigError(f"teacher.server.api_key_env: the environment variable {config.api_key_env!r} is not "
+                              f"set or empty")
+        return key
+    if config.api_key_file is not None:
+        try:
+            lines = Path(config.api_key_file).expanduser().read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"teacher.server.api_key_file: cannot read {config.api_key_file} "
+                              f"({type(exc).__name__}); expected a UTF-8 file holding the API key") from None
+        key = lines[0].strip() if lines else ""
+        if not key:
+            raise ConfigError(f"teacher.server.api_key_file: {config.api_key_file} is empty; expected the API key "
+                              f"on its first line")
+        return key
+    return None
 
 
 def _describe(exc: Exception) -> str:
@@ -286,7 +323,15 @@ class RowScores:
 
 class ServedTeacher(Teacher):
     """A teacher behind HTTP. Subclasses say how a group of rows becomes a request and how a reply becomes
-    `RowScores`; packing, transport, alignment into `[B, L-1]` columns and the checks are here."""
+    `RowScores`; packing, transport, alignment into `[B, L-1]` columns and the checks are here.
+
+    A teacher can degrade mid-run (a server restarted on other weights, a broken GPU, a bad deployment): every reply
+    is checked (`assemble`), and a rejected one is never trained on. The batch is asked again, up to
+    teacher.server.reply_retries times, after re-reading each server's identity (a server that now serves another
+    model stops the run at once); `rejected_replies` counts the rejections (the loop logs it as
+    teacher/rejected_replies), and the batch's accepted `TeacherScores` carries how many it took. When every
+    attempt is rejected, a `RejectedReplyError` names the servers and each rejection's evidence (the check, the row
+    and column, the value)."""
 
     health_path: str = "/health"
     score_path: str = ""
@@ -297,6 +342,10 @@ class ServedTeacher(Teacher):
         self.config = as_config(config)
         self.name = self.config.model or type(self).__name__
         self.max_topk = self.config.max_topk if self.config.max_topk is not None else self.default_max_topk
+        #: url -> the model it served at start (`identities`); empty without check_on_start
+        self.served: dict[str, str] = {}
+        #: replies rejected since this client was built (each rejected reply of a batch counts once)
+        self.rejected_replies = 0
         self.transport = HTTPTransport(self.config, self.name)
         try:
             self._check_temperature()
@@ -325,7 +374,13 @@ class ServedTeacher(Teacher):
     # -- what a subclass provides -----------------------------------------------------------------------------
 
     def start_checks(self) -> None:
-        """Identity checks on every server at start (model name, consistent servers)."""
+        """Identity checks on every server at start (model name, consistent servers); keeps what each serves."""
+        self.served = self.identities()
+
+    def identities(self) -> dict[str, str]:
+        """url -> what the server says it serves (a model path or name); a server that does not serve
+        teacher.server.model is a TeacherError. Empty for a server type that cannot say."""
+        return {}
 
     @abc.abstractmethod
     def payload(self, request: TeacherRequest, rows: list[int]) -> dict:
@@ -360,8 +415,53 @@ class ServedTeacher(Teacher):
                 raise ValueError(f"TeacherRequest.extra_ids: ids must lie in [-1, {vocab}), got max {int(used.max())}")
         lengths = [int(n) for n in request.lengths.tolist()]
         groups = pack_rows(lengths, self.config.max_tokens_per_request, self.config.max_rows_per_request)
-        replies = self.transport.post_all(self.score_path, [self.payload(request, rows) for rows in groups])
+        payloads = [self.payload(request, rows) for rows in groups]
+        rejections: list[str] = []
+        for _ in range(self.config.reply_retries + 1):
+            # Transport failures (down, slow, 5xx) were retried inside post_all and end the run when they persist.
+            replies = self.transport.post_all(self.score_path, payloads)
+            try:
+                scores = self.assemble(request, groups, replies)
+            except TeacherError as exc:
+                evidence = self.transport.scrub(str(exc))
+            else:
+                scores.rejected_replies = len(rejections)
+                return scores
+            self.rejected_replies += 1
+            rejections.append(evidence)
+            log.warning("%s: reply rejected (attempt %d of at most %d at this batch%s): %s", self.name,
+                        len(rejections), self.config.reply_retries + 1,
+                        "; asking again" if len(rejections) <= self.config.reply_retries else "", evidence)
+            self._recheck_identities(evidence)
+        listed = "; ".join(f"({i}) {text}" for i, text in enumerate(rejections, start=1))
+        raise RejectedReplyError(f"{self.name}: every reply to this batch was rejected, {len(rejections)} in a row "
+                                 f"(1 + teacher.server.reply_retries={self.config.reply_retries}); the teacher at "
+                                 f"{', '.join(self.config.urls)} is giving unusable scores and none was trained on. "
+                                 f"Evidence: {listed}")
 
+    def _recheck_identities(self, evidence: str) -> None:
+        """After a rejected reply: a server that now serves another model than at start stops the run at once
+        (asking it again cannot help); an unreachable one fails as a down teacher does."""
+        if not self.served:
+            return
+        try:
+            now = self.identities()
+        except TeacherError as exc:
+            raise TeacherError(f"{exc} (after a rejected reply: {evidence})") from None
+        changed = {url: (self.served[url], now.get(url)) for url in self.served if now.get(url) != self.served[url]}
+        if changed:
+            url, (before, after) = next(iter(changed.items()))
+            raise RejectedReplyError(f"{self.name}: {url} now serves {after!r}, not {before!r} as at the start of "
+                                     f"the run: the teacher changed under the run, whose scores are never trained on "
+                                     f"(rejected reply: {evidence})")
+
+    def assemble(self, request: TeacherRequest, groups: list[list[int]],
+                 replies: Sequence[tuple[str, Any]]) -> TeacherScores:
+        """The checked, label-aligned `TeacherScores` of `request` from the servers' replies, `(url, JSON)` per group
+        of rows (`pack_rows`); any reply that is malformed, misaligned or out of range is a `TeacherError` naming
+        the server, the row and the position."""
+        vocab = self.vocab_size()
+        lengths = [int(n) for n in request.lengths.tolist()]
         b, columns, k = request.batch_size, request.columns, request.topk
         sampled = torch.zeros(b, columns, dtype=torch.float32)
         topk_ids = torch.zeros(b, columns, k, dtype=torch.int64) if k else None
@@ -380,7 +480,7 @@ class ServedTeacher(Teacher):
                     topk_ids[row, start:stop] = torch.tensor(scores.topk_ids, dtype=torch.int64).view(-1, k)
                     topk_logprobs[row, start:stop] = torch.tensor(scores.topk_logprobs,
                                                                   dtype=torch.float32).view(-1, k)
-                _check_values(f"{where} row {row}", vocab, sampled[row, start:stop],
+                _check_values(f"{where} row {row}", vocab, start, sampled[row, start:stop],
                               None if not k else topk_logprobs[row, start:stop],
                               None if not k else topk_ids[row, start:stop])
                 if extra is not None:
@@ -400,21 +500,25 @@ class ServedTeacher(Teacher):
             raise TeacherError(f"{where}: top-k reply is not {n} positions x {k} entries")
 
 
-def _check_values(where: str, vocab: int, sampled: torch.Tensor, topk_logprobs: Optional[torch.Tensor],
+def _check_values(where: str, vocab: int, start: int, sampled: torch.Tensor, topk_logprobs: Optional[torch.Tensor],
                   topk_ids: Optional[torch.Tensor]) -> None:
-    """A row's logprobs finite and <= 0 and its top-k ids in [0, vocab), as tensor reductions, the server named
+    """A row's logprobs finite and <= 0 and its top-k ids in [0, vocab), as tensor reductions; the error names the
+    server and row (`where`), the first bad column (the row's scores start at column `start`) and its value
     (TeacherScores.check repeats the value checks on the whole batch)."""
     if topk_ids is not None and topk_ids.numel() and (int(topk_ids.min()) < 0 or int(topk_ids.max()) >= vocab):
-        bad = topk_ids[(topk_ids < 0) | (topk_ids >= vocab)]
-        raise TeacherError(f"{where}: top-k ids {bad[:5].tolist()} outside [0, {vocab}) (teacher.server.vocab_size: is "
-                           f"the server's tokenizer the student's?)")
-    for values in (sampled, topk_logprobs):
+        outside = (topk_ids < 0) | (topk_ids >= vocab)
+        column = int(outside.any(dim=-1).nonzero()[0, 0])
+        raise TeacherError(f"{where} column {start + column}: top-k ids {topk_ids[outside][:5].tolist()} outside "
+                           f"[0, {vocab}) ({int(outside.sum())} in the row; teacher.server.vocab_size: is the "
+                           f"server's tokenizer the student's?)")
+    for name, values in (("sampled-token logprob", sampled), ("top-k logprob", topk_logprobs)):
         if values is None or not values.numel():
             continue
         bad = ~torch.isfinite(values) | (values > 1e-4)
         if bool(bad.any()):
-            raise TeacherError(f"{where}: {int(bad.sum())} logprobs that are NaN/inf or positive (first "
-                               f"{float(values[bad][0])!r}); expected finite values <= 0")
+            first = tuple(int(i) for i in bad.nonzero()[0])
+            raise TeacherError(f"{where} column {start + first[0]}: {name} {float(values[first])!r} is NaN/inf or "
+                               f"positive ({int(bad.sum())} such values in the row); expected finite values <= 0")
 
 
 def _pick_extra(extra_ids: torch.Tensor, scored: Optional[tuple[torch.Tensor, torch.Tensor]], where: str,
@@ -448,20 +552,43 @@ def _pick_extra(extra_ids: torch.Tensor, scored: Optional[tuple[torch.Tensor, to
     return torch.where(used, picked, 0.0).to(torch.float32)
 
 
+#: Token ids a reply may hold before the vocabulary check: what an int64 tensor can store (a larger one is garbage).
+_ID_LIMIT = 2 ** 63
+
+
 def logprob_value(value: Any, where: str) -> float:
     """A logprob from a reply: a number (NaN/inf allowed here, rejected by the row check), never null/text."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TeacherError(f"{where}: expected a logprob number, got {value!r}")
-    return float(value)
+        raise TeacherError(f"{where}: expected a logprob number, got {excerpt(value)}")
+    try:
+        return float(value)
+    except OverflowError:       # a JSON integer beyond float range
+        raise TeacherError(f"{where}: logprob {excerpt(value)} is not a finite number; expected a log-probability "
+                           f"<= 0") from None
 
 
 def token_id(value: Any, where: str) -> int:
-    """A token id from a reply: an integer, or (vLLM's dict keys) its decimal string."""
+    """A token id from a reply: an integer, or (vLLM's dict keys) its ASCII decimal string, within int64 (the range
+    against the vocabulary is checked on the row's tensors)."""
+    if isinstance(value, str) and value.isascii() and value.isdigit():
+        value = int(value)
     if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.isdigit():
-        return int(value)
-    raise TeacherError(f"{where}: expected a token id, got {value!r}")
+        if -_ID_LIMIT <= value < _ID_LIMIT:
+            return value
+        raise TeacherError(f"{where}: token id {excerpt(value)} is out of any vocabulary's range")
+    raise TeacherError(f"{where}: expected a token id, got {excerpt(value)}")
+
+
+def excerpt(value: Any, limit: int = 120) -> str:
+    """A reply's value for an error message, cut to `limit` characters (a reply can be megabytes, or a number of
+    thousands of digits)."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10 ** limit:
+        return f"<an integer of about {int(value.bit_length() * 0.30103)} digits>"
+    try:
+        text = repr(value)
+    except RecursionError:
+        return "<a value nested too deep to show>"
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def top_k(entries: list[tuple[int, float]], k: int, where: str) -> tuple[list[int], list[float]]:
@@ -471,6 +598,6 @@ def top_k(entries: list[tuple[int, float]], k: int, where: str) -> tuple[list[in
         raise TeacherError(f"{where}: {len(entries)} top-logprob entries, expected at least {k}")
     bad = [v for _, v in entries if not math.isfinite(v) or v > 1e-4]
     if bad:
-        raise TeacherError(f"{where}: logprob {bad[0]!r} is NaN/inf or positive; expected finite values <= 0")
+        raise TeacherError(f"{where}: logprob {excerpt(bad[0])} is NaN/inf or positive; expected finite values <= 0")
     best = sorted(entries, key=lambda e: (-e[1], e[0]))[:k]
     return [i for i, _ in best], [v for _, v in best]

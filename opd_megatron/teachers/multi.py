@@ -136,9 +136,10 @@ class MultiTeacher(Teacher):
 
     def score(self, request: TeacherRequest) -> TeacherScores:
         request.validate(self._vocab)
-        if self.routes is not None:
-            return self._routed(request).check(request, self._vocab)
-        return self._mixed(request).check(request, self._vocab)
+        scores = self._routed(request) if self.routes is not None else self._mixed(request)
+        # Served members' rejected replies (asked again before their accepted one), for teacher/rejected_replies.
+        scores.rejected_replies = sum(part.get("rejected_replies", 0) for part in scores.per_teacher.values())
+        return scores.check(request, self._vocab)
 
     # -- shared ------------------------------------------------------------------------------------------------
 
@@ -160,7 +161,8 @@ class MultiTeacher(Teacher):
     def _diagnostics(scores: TeacherScores, rows: int, seconds: float) -> dict:
         scored = int(scores.valid.sum())
         mean = float(scores.sampled_logprobs[scores.valid].mean()) if scored else float("nan")
-        return {"rows": rows, "scored_tokens": scored, "mean_logprob": mean, "seconds": seconds}
+        return {"rows": rows, "scored_tokens": scored, "mean_logprob": mean, "seconds": seconds,
+                "rejected_replies": scores.rejected_replies}
 
     # -- routing -----------------------------------------------------------------------------------------------
 

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from opd_megatron.teachers.base import TeacherError, TeacherRequest
-from opd_megatron.teachers.http import RowScores, ServedTeacher, logprob_value, token_id, top_k
+from opd_megatron.teachers.http import RowScores, ServedTeacher, excerpt, logprob_value, token_id, top_k
 
 #: The SGLang version whose protocol this client follows (tests/teachers/test_sglang_protocol.py reads its source).
 SGLANG_VERSION = "0.5.23"
@@ -46,18 +46,24 @@ class SGLangTeacher(ServedTeacher):
     scores_extra_ids = True
 
     def start_checks(self) -> None:
+        super().start_checks()
+        if len(set(self.served.values())) > 1:
+            raise TeacherError(f"{self.name}: the teacher URLs serve different models: {self.served}")
+
+    def identities(self) -> dict[str, str]:
+        """url -> the model_path of `GET /get_model_info`; teacher.server.model, if set, must be its model_path or
+        served_model_name."""
         identities = {}
         for url in self.config.urls:
             info = self.transport.get_json(url, self.model_info_path)
-            if not isinstance(info, dict) or "model_path" not in info:
-                raise TeacherError(f"{self.name}: {url}{self.model_info_path} has no model_path: {info!r}")
-            names = {info.get("model_path"), info.get("served_model_name")} - {None}
+            if not isinstance(info, dict) or not isinstance(info.get("model_path"), str):
+                raise TeacherError(f"{self.name}: {url}{self.model_info_path} has no model_path: {excerpt(info)}")
+            names = {info[key] for key in ("model_path", "served_model_name") if isinstance(info.get(key), str)}
             if self.config.model and self.config.model not in names:
                 raise TeacherError(f"{self.name}: {url} serves {sorted(names)}, not teacher.server.model="
                                    f"{self.config.model!r}")
             identities[url] = info["model_path"]
-        if len(set(identities.values())) > 1:
-            raise TeacherError(f"{self.name}: the teacher URLs serve different models: {identities}")
+        return identities
 
     def payload(self, request: TeacherRequest, rows: list[int]) -> dict:
         body = {
@@ -95,35 +101,36 @@ class SGLangTeacher(ServedTeacher):
     def _parse_row(self, request: TeacherRequest, b: int, item: Any, where: str) -> RowScores:
         meta = item.get("meta_info") if isinstance(item, dict) else None
         if not isinstance(meta, dict):
-            raise TeacherError(f"{where}: no meta_info in the result: {str(item)[:200]}")
+            raise TeacherError(f"{where}: no meta_info in the result: {excerpt(item)}")
         ids = request.row(b)
         start = int(request.score_start[b])
         expected = len(ids) - start  # origin_input_ids[logprob_start_len:]
         token_entries = _entries(meta, "input_token_logprobs", expected, where)
         sampled = []
-        for i in range(1, expected):
+        for i in range(1, expected):     # entry i is label column start + i - 1
             entry = token_entries[i]
+            at = f"{where} column {start + i - 1} (input_token_logprobs[{i}])"
             if not isinstance(entry, (list, tuple)) or len(entry) < 2:
-                raise TeacherError(f"{where}: input_token_logprobs[{i}] is {entry!r}, expected [logprob, id, text]")
-            returned = token_id(entry[1], where)
+                raise TeacherError(f"{at}: {excerpt(entry)}, expected [logprob, id, text]")
+            returned = token_id(entry[1], at)
             sent = ids[start + i]
             # SGLang reports an id >= its model vocab - 1 as 0 (logprob_result_processor.py clips image hashes).
             if returned != sent and not (returned == 0 and sent == self.config.vocab_size - 1):
-                raise TeacherError(f"{where}: input_token_logprobs[{i}] is for token {returned}, but position "
-                                   f"{start + i} holds {sent}: the reply is not aligned with the request")
-            sampled.append(logprob_value(entry[0], f"{where} input_token_logprobs[{i}]"))
+                raise TeacherError(f"{at}: for token {returned}, but position {start + i} holds {sent}: the reply "
+                                   f"is not aligned with the request")
+            sampled.append(logprob_value(entry[0], at))
         scores = RowScores(sampled=sampled)
         if request.topk:
             top_entries = _entries(meta, "input_top_logprobs", expected, where)
             scores.topk_ids, scores.topk_logprobs = [], []
             for i in range(1, expected):
-                best_ids, best = top_k(_triples(top_entries[i], f"{where} input_top_logprobs[{i}]"), request.topk,
-                                       f"{where} input_top_logprobs[{i}]")
+                at = f"{where} column {start + i - 1} (input_top_logprobs[{i}])"
+                best_ids, best = top_k(_triples(top_entries[i], at), request.topk, at)
                 scores.topk_ids.append(best_ids)
                 scores.topk_logprobs.append(best)
         if request.extra_ids is not None:
             scores.extra = _scored_ids(_entries(meta, "input_token_ids_logprobs", expected, where), expected,
-                                       f"{where} input_token_ids_logprobs")
+                                       where, start)
         return scores
 
 
@@ -138,19 +145,20 @@ def _entries(meta: dict, key: str, expected: int, where: str) -> list:
     first = entries[0]
     if first is not None and not (isinstance(first, (list, tuple)) and first and first[0] is None):
         raise TeacherError(f"{where}: meta_info.{key}[0] should be null (the first position has no logprob), "
-                           f"got {first!r}: protocol changed?")
+                           f"got {excerpt(first)}: protocol changed?")
     return entries
 
 
-def _scored_ids(entries: list, expected: int, where: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _scored_ids(entries: list, expected: int, where: str, start: int) -> tuple[torch.Tensor, torch.Tensor]:
     """`input_token_ids_logprobs[1:]` -> `(ids [n, U], logprobs [n, U])`, n = expected - 1. SGLang scores the one
     id list sent for the row at every position, in the order sent (`logprobs[pos, token_ids]`,
     logits_processor.py), so every position has the same number U of [logprob, id, text] triples; the ids are
     checked per column when they are picked (`http._pick_extra`)."""
-    rows = [_triples(entries[i], f"{where}[{i}]") for i in range(1, expected)]
+    rows = [_triples(entries[i], f"{where} column {start + i - 1} (input_token_ids_logprobs[{i}])")
+            for i in range(1, expected)]
     width = len(rows[0]) if rows else 0
     if any(len(row) != width for row in rows):
-        raise TeacherError(f"{where}: positions hold different numbers of entries "
+        raise TeacherError(f"{where} input_token_ids_logprobs: positions hold different numbers of entries "
                            f"({sorted({len(row) for row in rows})}); expected the one id list sent, at every position")
     ids = torch.tensor([[i for i, _ in row] for row in rows], dtype=torch.int64).view(len(rows), width)
     values = torch.tensor([[v for _, v in row] for row in rows], dtype=torch.float64).view(len(rows), width)
@@ -160,10 +168,10 @@ def _scored_ids(entries: list, expected: int, where: str) -> tuple[torch.Tensor,
 def _triples(value: Any, where: str) -> list[tuple[int, float]]:
     """A list of [logprob, token_id, text] -> [(token_id, logprob)]."""
     if not isinstance(value, list):
-        raise TeacherError(f"{where}: expected a list of [logprob, id, text], got {value!r}")
+        raise TeacherError(f"{where}: expected a list of [logprob, id, text], got {excerpt(value)}")
     out = []
     for entry in value:
         if not isinstance(entry, (list, tuple)) or len(entry) < 2:
-            raise TeacherError(f"{where}: entry {entry!r} is not [logprob, id, text]")
+            raise TeacherError(f"{where}: entry {excerpt(entry)} is not [logprob, id, text]")
         out.append((token_id(entry[1], where), logprob_value(entry[0], where)))
     return out

@@ -19,7 +19,7 @@ import math
 from typing import Any, Optional
 
 from opd_megatron.teachers.base import TeacherError, TeacherRequest
-from opd_megatron.teachers.http import RowScores, ServedTeacher, logprob_value, token_id, top_k
+from opd_megatron.teachers.http import RowScores, ServedTeacher, excerpt, logprob_value, token_id, top_k
 
 
 class VLLMTeacher(ServedTeacher):
@@ -37,21 +37,30 @@ class VLLMTeacher(ServedTeacher):
         self.max_model_len: Optional[int] = None
         super().__init__(config)
 
-    def start_checks(self) -> None:
+    def identities(self) -> dict[str, str]:
+        """url -> `<served name> (<root>)` of `GET /v1/models` (the root is the checkpoint the server loaded);
+        teacher.server.model must be served (if empty, the first server's first model is taken). Keeps the smallest
+        max_model_len."""
+        identities = {}
         for url in self.config.urls:
             reply = self.transport.get_json(url, self.models_path)
             models = reply.get("data") if isinstance(reply, dict) else None
-            if not isinstance(models, list) or not models:
-                raise TeacherError(f"{self.name}: {url}{self.models_path} lists no models: {reply!r}")
-            served = {m.get("id"): m for m in models if isinstance(m, dict)}
+            served = {m["id"]: m for m in models or [] if isinstance(m, dict) and isinstance(m.get("id"), str)} \
+                if isinstance(models, list) else {}
+            if not served:
+                raise TeacherError(f"{self.name}: {url}{self.models_path} lists no models: {excerpt(reply)}")
             if not self.config.model:
                 self.config.model = self.name = next(iter(served))
             if self.config.model not in served:
                 raise TeacherError(f"{self.name}: {url} serves {sorted(served)}, not teacher.server.model="
                                    f"{self.config.model!r}")
-            length = served[self.config.model].get("max_model_len")
-            if isinstance(length, int):
+            entry = served[self.config.model]
+            length = entry.get("max_model_len")
+            if isinstance(length, int) and not isinstance(length, bool):
                 self.max_model_len = length if self.max_model_len is None else min(self.max_model_len, length)
+            root = entry.get("root")
+            identities[url] = f"{self.config.model} ({root})" if isinstance(root, str) else self.config.model
+        return identities
 
     def payload(self, request: TeacherRequest, rows: list[int]) -> dict:
         prompts = [request.row(b) for b in rows]
@@ -73,13 +82,19 @@ class VLLMTeacher(ServedTeacher):
         return body
 
     def parse(self, request: TeacherRequest, rows: list[int], reply: Any, where: str) -> list[RowScores]:
+        model = reply.get("model") if isinstance(reply, dict) else None
+        if isinstance(model, str) and self.config.model and model != self.config.model:
+            raise TeacherError(f"{where}: the reply is from model {excerpt(model)}, not teacher.server.model="
+                               f"{self.config.model!r}")
         choices = reply.get("choices") if isinstance(reply, dict) else None
         if not isinstance(choices, list) or len(choices) != len(rows):
             raise TeacherError(f"{where}: expected {len(rows)} choices, got "
-                               f"{len(choices) if isinstance(choices, list) else repr(reply)[:200]}")
-        by_index = {c.get("index"): c for c in choices if isinstance(c, dict)}
+                               f"{len(choices) if isinstance(choices, list) else excerpt(reply)}")
+        by_index = {c.get("index"): c for c in choices
+                    if isinstance(c, dict) and isinstance(c.get("index"), int) and not isinstance(c["index"], bool)}
         if set(by_index) != set(range(len(rows))):
-            raise TeacherError(f"{where}: choice indices {list(by_index)} are not 0..{len(rows) - 1}")
+            found = [c.get("index") if isinstance(c, dict) else None for c in choices]
+            raise TeacherError(f"{where}: choice indices {excerpt(found)} are not the integers 0..{len(rows) - 1}")
         return [self._parse_row(request, b, by_index[i], f"{where} row {b}") for i, b in enumerate(rows)]
 
     def _parse_row(self, request: TeacherRequest, b: int, choice: dict, where: str) -> RowScores:
@@ -87,7 +102,7 @@ class VLLMTeacher(ServedTeacher):
         positions = choice.get("prompt_logprobs")
         if not isinstance(positions, list) or len(positions) != len(ids):
             raise TeacherError(f"{where}: prompt_logprobs has "
-                               f"{len(positions) if isinstance(positions, list) else repr(positions)[:100]} "
+                               f"{len(positions) if isinstance(positions, list) else excerpt(positions)} "
                                f"entries, expected {len(ids)} (one per prompt token)")
         if positions[0] is not None:
             raise TeacherError(f"{where}: prompt_logprobs[0] should be null (the first token has no logprob)")
@@ -104,9 +119,9 @@ class VLLMTeacher(ServedTeacher):
                     scores.topk_logprobs.append(best)
                 continue
             # Something is off in this position: the checked path below names exactly what.
-            entry_where = f"{where} prompt_logprobs[{t}]"
+            entry_where = f"{where} column {t - 1} (prompt_logprobs[{t}])"
             if not isinstance(entry, dict):
-                raise TeacherError(f"{entry_where}: expected a dict of token id -> logprob, got {entry!r}")
+                raise TeacherError(f"{entry_where}: expected a dict of token id -> logprob, got {excerpt(entry)}")
             values = [(token_id(key, entry_where), _logprob(item, entry_where)) for key, item in entry.items()]
             by_id = dict(values)
             if ids[t] not in by_id:
@@ -129,10 +144,11 @@ def _fast_entry(entry: Any, actual: int, k: int):
         return None
     values = []
     for key, item in entry.items():
-        if type(item) is not dict or type(key) is not str or not key.isdigit():
+        # ids: ASCII decimal strings of at most 18 digits (within int64); anything else takes the checked path.
+        if type(item) is not dict or type(key) is not str or not key.isascii() or not key.isdigit() or len(key) > 18:
             return None
         value = item.get("logprob")
-        if type(value) is not float and type(value) is not int:
+        if type(value) is not float and (type(value) is not int or value < -1e300):
             return None
         if not -math.inf < value <= 1e-4:
             return None
@@ -148,5 +164,5 @@ def _fast_entry(entry: Any, actual: int, k: int):
 
 def _logprob(item: Any, where: str) -> float:
     if not isinstance(item, dict) or "logprob" not in item:
-        raise TeacherError(f"{where}: expected {{logprob, rank, decoded_token}}, got {item!r}")
+        raise TeacherError(f"{where}: expected {{logprob, rank, decoded_token}}, got {excerpt(item)}")
     return logprob_value(item["logprob"], where)

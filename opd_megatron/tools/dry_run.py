@@ -148,10 +148,10 @@ def layer_count(cfg: RunConfig) -> Count:
 
 
 def parameter_counts(cfg: RunConfig) -> StageCounts:
-    """Parameters of each pipeline stage as megatron-core's GPTModel (local spec) builds them, with the vocabulary
-    padded as `student.model.build_student` pads it."""
+    """Parameters of each pipeline stage as megatron-core's GPTModel (local spec) builds them, with the embedding's
+    rows (an HF checkpoint's, else the vocabulary) padded as `student.model.build_student` pads them."""
     m, p = cfg.model, cfg.parallel
-    vocab = padded_vocab_size(m.vocab_size, p.tp)
+    vocab = padded_vocab_size(m.embedding_rows, p.tp)
     word_embedding = Count(sharded=vocab * m.hidden_size)   # VocabParallelEmbedding
     position_embedding = Count(replicated=m.max_position_embeddings * m.hidden_size
                                if m.position_embedding == "learned_absolute" else 0)
@@ -241,19 +241,37 @@ def optimizer_bytes_per_param(cfg: RunConfig) -> int:
 # OPD: teachers beside the student, the loss's vocabulary temporaries, the rollout phase
 # ---------------------------------------------------------------------------------------------------------------
 
-def resident_teachers(cfg: RunConfig) -> list[tuple[str, Optional[ModelSection]]]:
-    """Teachers whose weights live on the student's last-stage ranks, as (name, shape): colocated and in-process
-    teachers (multi-teacher members too) and a self-teacher's frozen / EMA copy of the student (`current` shares
-    the student's weights). The shape is None where the config leaves it to the checkpoint. Served teachers hold
-    nothing on the training GPUs."""
+@dataclass(frozen=True)
+class ResidentTeacher:
+    """A teacher whose weights live on the student's last-stage ranks: its name in the report, its shape (None
+    where neither the config nor a config.json gives it: read from the checkpoint at run time) and where the shape
+    was read."""
+    name: str
+    model: Optional[ModelSection]
+    origin: str = ""
+
+
+def resident_teachers(cfg: RunConfig) -> list[ResidentTeacher]:
+    """Colocated and in-process teachers (multi-teacher members too) and a self-teacher's frozen / EMA copy of the
+    student (`current` shares the student's weights). A colocated teacher's shape is its HF checkpoint's config.json
+    when its path is one (`RunConfig.colocated_teachers`), else its config section's. Served teachers hold nothing
+    on the training GPUs."""
     if cfg.run.algorithm != "opd":
         return []
     t = cfg.teacher
     if t.kind == "self":
         mode = t.self_teacher.mode
-        return [] if mode == "current" else [(f"self ({mode} copy)", cfg.model)]
+        return [] if mode == "current" else [ResidentTeacher(f"self ({mode} copy)", cfg.model, "the student's")]
+    colocated = iter(cfg.colocated_teachers())
     members = [(m.name, m) for m in t.multi.members] if t.kind == "multi" else [(t.kind, t.as_member())]
-    return [(name, m.colocated.model) for name, m in members if m.kind in ("colocated", "inprocess")]
+    resident = []
+    for name, member in members:
+        if member.kind == "colocated":
+            shape = next(colocated)
+            resident.append(ResidentTeacher(name, shape.model, shape.origin))
+        elif member.kind == "inprocess":
+            resident.append(ResidentTeacher(name, None))
+    return resident
 
 
 def teacher_weight_bytes(cfg: RunConfig, model: ModelSection) -> int:
@@ -383,7 +401,7 @@ def estimate_memory(cfg: RunConfig, world_size: int) -> MemoryEstimate:
             raise ConfigError(f"parallel.ep={p.ep} does not divide the data-parallel size {dp} (megatron-core carves "
                               f"the expert-parallel groups out of the data-parallel ranks)")
     teachers = resident_teachers(cfg)
-    teacher_bytes = sum(teacher_weight_bytes(cfg, model) for _, model in teachers if model is not None)
+    teacher_bytes = sum(teacher_weight_bytes(cfg, t.model) for t in teachers if t.model is not None)
     rows = rollout_rows(cfg, world_size)
     vocab = counts.padded_vocab_size
     stages = []
@@ -517,8 +535,10 @@ def format_layout(cfg: RunConfig, world_size: int) -> str:
 
 def format_parameters(cfg: RunConfig, counts: StageCounts) -> str:
     m, tp = cfg.model, counts.tp
-    lines = [f"Parameters (vocabulary {m.vocab_size} padded to {counts.padded_vocab_size}; per GPU = one tp rank: "
-             f"sharded weights / {tp} + replicated norms and row-parallel biases)",
+    rows = (f"vocabulary {m.vocab_size} in {m.checkpoint_vocab_size} embedding rows"
+            if m.checkpoint_vocab_size else f"vocabulary {m.vocab_size}")
+    lines = [f"Parameters ({rows} padded to {counts.padded_vocab_size}; per GPU = one tp rank: sharded weights / "
+             f"{tp} + replicated norms and row-parallel biases)",
              "  stage  layers     embedding        layers    final norm  output layer     stage total       per GPU"]
     for s in counts.stages:
         lines.append(f"  {s.stage:5d}  {s.num_layers:6d}  {s.embedding.total:12,d}  {s.layers.total:12,d}  "
@@ -584,13 +604,15 @@ def format_opd_notes(cfg: RunConfig, estimate: MemoryEstimate) -> list[str]:
     t, r = cfg.teacher, cfg.rollout
     lines = []
     teachers = resident_teachers(cfg)
-    for name, model in teachers:
+    for teacher in teachers:
+        model = teacher.model
         if model is None:
-            lines.append(f"  teacher {name}: shape not in the config (read from the checkpoint at run time), NOT "
-                         f"counted: give teacher.colocated.model (or its preset) for an estimate")
+            lines.append(f"  teacher {teacher.name}: shape not in the config (read from the checkpoint at run time), "
+                         f"NOT counted: give teacher.colocated.model (or its preset) for an estimate")
         else:
-            lines.append(f"  teacher {name}: {model.preset or 'custom'} {model.dtype}, whole (PP=1) at tp "
-                         f"{cfg.parallel.tp} on each last-stage rank: {_gib(teacher_weight_bytes(cfg, model))} GiB")
+            lines.append(f"  teacher {teacher.name}: {model.preset or 'custom'} {model.dtype} ({teacher.origin}), "
+                         f"whole (PP=1) at tp {cfg.parallel.tp} on each last-stage rank: "
+                         f"{_gib(teacher_weight_bytes(cfg, model))} GiB")
     if not teachers:
         where = {"self": "shares the student's weights (self_teacher.mode current)"}.get(
             t.kind, "served: nothing on the training GPUs")

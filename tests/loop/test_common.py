@@ -47,3 +47,24 @@ def test_resume_false_ignores_the_runs_own_checkpoints(tmp_path):
 def test_nothing_to_start_from(tmp_path):
     start = starting_point(CheckpointSection(resume=True), tmp_path / "run" / "checkpoints", LoadMeaning.CONTINUE)
     assert start.path is None and not start.restores_run
+
+
+def test_fallbacks_are_the_older_checkpoints_of_a_directory_only_when_asked(tmp_path):
+    """checkpoint.fallback_to_previous: a run may load the newest older checkpoint of the directory it resumes from
+    when the chosen one proves corrupt (`Checkpointer.restore`, tested on 2 ranks in tests/student/
+    test_checkpoint.py); a checkpoint named by its own directory is that one, with nothing to fall back to."""
+    checkpoints = tmp_path / "run" / "checkpoints"
+    for iteration in (3, 5, 8):
+        _complete(checkpoints, iteration)
+    (checkpoints / "latest").write_text("5")           # 8: a newer iteration of a timeline the run went back from
+    own = starting_point(CheckpointSection(resume=True, fallback_to_previous=True), checkpoints, LoadMeaning.WEIGHTS)
+    assert own.path == checkpoints / "iter_0000005" and own.fallbacks == (checkpoints / "iter_0000003",)
+    assert own.own and own.restores_run
+    off = starting_point(CheckpointSection(resume=True), checkpoints, LoadMeaning.WEIGHTS)
+    assert off.path == own.path and off.fallbacks == ()
+    named = starting_point(CheckpointSection(load=str(checkpoints / "iter_0000005"), resume=False,
+                                             fallback_to_previous=True), checkpoints, LoadMeaning.WEIGHTS)
+    assert named.path == checkpoints / "iter_0000005" and named.fallbacks == () and not named.own
+    warm = starting_point(CheckpointSection(load=str(checkpoints), resume=False, fallback_to_previous=True),
+                          tmp_path / "other" / "checkpoints", LoadMeaning.WEIGHTS)
+    assert warm.fallbacks == (checkpoints / "iter_0000003",) and not warm.own

@@ -48,3 +48,16 @@ def test_report_checklist_names_every_regulariser(tmp_path):
     write_report(cfg, tmp_path, SUMMARY, None, [])
     report = (tmp_path / "report.md").read_text()
     assert "- regularisers: entropy bonus 0.01, reference KL 0.05 (estimator k2)" in report
+
+
+def test_report_splits_the_steps_time_and_counts_the_teachers_tokens(tmp_path):
+    """The wall time's split names its parts in seconds, and the teacher's scored tokens are counted whatever its
+    kind (a colocated teacher scores inside the loss)."""
+    summary = {**SUMMARY, "wall_s": 10.0, "time_split_s": {"rollout_s": 1.5, "teacher_s": 2.0, "update_s": 3.25},
+               "teacher_tokens_scored": 640}
+    cfg = RunConfig()
+    cfg.run.algorithm = "opd"
+    write_report(cfg, tmp_path, summary, None, [])
+    report = (tmp_path / "report.md").read_text()
+    assert "| wall time | 10.0 s; of the training steps: rollout 1.5 s, teacher 2.0 s, update 3.25 s |" in report
+    assert "- teacher tokens scored: 640 (training steps and evaluations)" in report

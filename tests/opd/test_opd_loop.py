@@ -74,7 +74,7 @@ def test_run_outputs(quickstart):
     for key in ("loss", "log_ratio/mean", "log_ratio/q05", "log_ratio/q95", "kl/k1", "kl/k3", "kl/rkl_exact",
                 "entropy/student", "entropy/teacher", "agreement/teacher_top1_match", "agreement/topk_overlap",
                 "gates/all_keep_rate", "rollout/staleness_mean", "rollout/response_length_mean", "reward/mean",
-                "time/rollout_s", "time/update_s"):
+                "time/step/rollout_s", "time/step/update_s", "time/cumulative/teacher_s", "tokens_per_s"):
         assert key in first, key
     assert [m["step"] for m in metrics if "eval/score" in m] == [0, 10, 20, 30]
     for name in ("score.png", "reverse_kl.png", "log_ratio_quantiles.png", "report.md", "config.yaml"):

@@ -3,9 +3,13 @@ over steps x ranks x world sizes; the split is a function of the file alone; fil
 
 import hashlib
 import json
+import os
+import re
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from opd_megatron.data.jsonl import DataError
 from opd_megatron.data.tokenizer import ByteTokenizer
@@ -137,3 +141,59 @@ def test_task_eval_prompts_are_the_eval_split_built_as_training_prompts():
     assert [p.text for p in source.eval_prompts()] == [p.text for p in evaluated]      # the same list every call
     trained = {p.text for step in range(20) for p in source.prompts(step, 0, 1, 8)}
     assert trained.isdisjoint(p.text for p in evaluated), "the task's eval split is not a training prompt"
+
+
+# -- fuzzing: any bytes, any JSON lines -> prompts or a DataError naming the file and line -------------------------
+# OPD_FUZZ_EXAMPLES raises the example count for a longer hunt; CI runs 200.
+FUZZ = settings(deadline=None, max_examples=int(os.environ.get("OPD_FUZZ_EXAMPLES", "200")),
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=6)
+    | st.sampled_from(["\ud800", "12", "1=", "x" * 80, "1" * 5000]),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
+        st.sampled_from(["prompt", "response", "domain", "hint"]) | st.text(max_size=4), inner, max_size=4),
+    max_leaves=12)
+LINES = st.lists(JSON_VALUES.map(json.dumps) | st.text(max_size=30) | st.sampled_from(["", "[" * 5000]),
+                 max_size=6).map(lambda lines: "\n".join(lines).encode("utf-8", "surrogatepass"))
+DIGITS = get_task("sort_digits").tokenizer()
+
+
+@FUZZ
+@given(content=st.binary(max_size=120) | LINES, eval_count=st.integers(0, 2), keys=st.booleans(),
+       digits=st.booleans())
+def test_any_prompt_file_gives_prompts_or_a_data_error(tmp_path, content, eval_count, keys, digits):
+    path = tmp_path / "fuzz.jsonl"
+    path.write_bytes(content)
+    context = {"domain_key": "domain", "privileged_key": "hint"} if keys else {}
+    try:
+        source = PromptSource(DIGITS if digits else TOKENIZER, 7, 16, path=str(path), eval_count=eval_count,
+                              **context)
+    except DataError as exc:
+        assert str(path) in str(exc), f"the error does not name the file: {exc}"
+        return
+    assert source.records and all(len(p.ids) <= 16 for p in source.records)
+    assert len(source.prompts(0, 0, 1, 3)) == 3
+
+
+@pytest.mark.parametrize("line,expected", [
+    # Each escaped as another exception before its fix (the JSONL reader's fuzzer found the JSON ones; this reader
+    # shares parse_json_line and the tokenizers).
+    ('{"prompt": "\\ud800"}', "'prompt' is not valid Unicode"),                   # UnicodeEncodeError in encode
+    ('{"prompt": "ok", "response": "\\udfff", "domain": "d", "hint": "1"}', "'response' is not valid Unicode"),
+    ("[" * 5000, "not valid JSON (nested deeper than"),                           # RecursionError
+    ('{"prompt": "1=", "hint": "\\ud800", "domain": "d"}', "'hint' is not valid Unicode"),
+])
+def test_prompt_reader_crashes_are_data_errors(tmp_path, line, expected):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({"prompt": "1=", "response": "1", "domain": "d", "hint": "1"}) + "\n" + line + "\n")
+    with pytest.raises(DataError, match=re.escape(f"{path}, line 2: ") + ".*" + re.escape(expected)):
+        PromptSource(TOKENIZER, 7, 64, path=str(path), domain_key="domain", privileged_key="hint")
+
+
+def test_prompt_outside_a_character_tokenizer_names_the_line(tmp_path):
+    path = _write(tmp_path / "p.jsonl", [{"prompt": "12="}, {"prompt": "1a="}])
+    with pytest.raises(DataError, match=re.escape(f"{path}, line 2: ") + ".*outside the task alphabet"):
+        PromptSource(DIGITS, 7, 64, path=path)
+    answer = _write(tmp_path / "a.jsonl", [{"prompt": "12=", "response": "x"}])
+    with pytest.raises(DataError, match=re.escape(f"{answer}, line 1: ") + ".*outside the task alphabet"):
+        PromptSource(DIGITS, 7, 64, path=answer)

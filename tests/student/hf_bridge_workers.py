@@ -17,7 +17,8 @@ from megatron.core import parallel_state
 from opd_megatron.config import load_config
 from opd_megatron.student.distributed import ParallelContext, init_parallel
 from opd_megatron.student.hf_bridge import (HFBridgeError, export_hf_checkpoint, load_hf_checkpoint,
-                                            model_section_from_hf_config, read_hf_config)
+                                            load_hf_weights, model_section_from_hf_config, read_hf_config)
+from opd_megatron.student.model import build_student
 
 
 def tokens(vocab_size: int, batch: int = 2, length: int = 12) -> torch.Tensor:
@@ -55,20 +56,36 @@ def pipeline_forward(module, ids: torch.Tensor, ctx: ParallelContext) -> Optiona
     return out
 
 
-def bridge_layouts(dirs: dict[str, str], layouts: list[tuple[int, int]], export_root: Optional[str]) -> dict:
+def _pruned_student(path: str, layers: list[int], tp: int, pp: int, device: torch.device):
+    """The student a run with `model.from_hf=path model.from_hf_layers=layers` starts from (the config path)."""
+    cfg = load_config(None, [f"model.from_hf={path}", f"model.from_hf_layers={layers}", f"parallel.tp={tp}",
+                             f"parallel.pp={pp}", "parallel.micro_batch_size=1", "parallel.global_batch_size=4"])
+    student = build_student(cfg.model, cfg.parallel, device)
+    load_hf_weights(student.module, cfg.model, path)
+    return student
+
+
+def bridge_layouts(dirs: dict[str, str], layouts: list[tuple[int, int]], export_root: Optional[str],
+                   pruned: Optional[dict[str, tuple[str, list[int]]]] = None) -> dict:
+    """`pruned`: name -> (HF directory, from_hf_layers), loaded through the run config like a run's student."""
     results: dict = {}
     for tp, pp in layouts:
         ctx = init_layout(tp, pp)
-        for name, path in dirs.items():
-            student = load_hf_checkpoint(path, load_config(None, [f"parallel.tp={tp}", f"parallel.pp={pp}"]).parallel,
-                                         ctx.device)
+        loads = [(name, path, None) for name, path in dirs.items()]
+        loads += [(name, path, layers) for name, (path, layers) in (pruned or {}).items()]
+        for name, path, layers in loads:
+            if layers is None:
+                student = load_hf_checkpoint(path, load_config(None, [f"parallel.tp={tp}", f"parallel.pp={pp}"]
+                                                               ).parallel, ctx.device)
+            else:
+                student = _pruned_student(path, layers, tp, pp, ctx.device)
             student.module.eval()
             logits = pipeline_forward(student.module, tokens(student.vocab_size), ctx)
             if logits is not None:
                 full = gather_vocab(logits, student.vocab_size)
                 if ctx.tp_rank == 0:
                     results[(tp, pp, name)] = {"logits": full, "padded_vocab": student.padded_vocab_size}
-            if export_root is not None and pp == 1:
+            if export_root is not None and pp == 1 and layers is None:
                 export_hf_checkpoint(student.module, model_section_from_hf_config(path),
                                      Path(export_root) / f"tp{tp}pp{pp}" / name, hf_config=read_hf_config(path))
     return results
@@ -82,3 +99,16 @@ def load_error(path: str) -> str:
     except HFBridgeError as error:
         return str(error)
     raise AssertionError(f"loading {path} raised no HFBridgeError")
+
+
+def checkpoint_logits(checkpoints: str, ids: torch.Tensor) -> torch.Tensor:
+    """The full-vocabulary logits (true vocabulary) of the student saved in one of our checkpoints, at TP=1."""
+    from opd_megatron.student.checkpoint import resolve_checkpoint, saved_config
+    from opd_megatron.student.hf_export import load_model_weights, saved_model
+    ctx = init_layout(1, 1)
+    path = resolve_checkpoint(checkpoints)
+    model = saved_model(saved_config(path), str(path))
+    student = build_student(model, load_config(None, []).parallel, ctx.device)
+    load_model_weights(student.module, path)
+    student.module.eval()
+    return pipeline_forward(student.module, ids, ctx)[..., :model.vocab_size]

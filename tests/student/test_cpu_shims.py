@@ -77,3 +77,24 @@ def test_cpu_rng_tracker_forks_reproducibly():
     with tracker.fork("model-parallel-rng"):
         again = torch.rand(3)
     assert torch.equal(again, second), f"replayed draws {again.tolist()}, expected {second.tolist()}"
+
+
+_IMPORT_MEGATRON = """
+import warnings
+warnings.simplefilter("default")          # what a plain `python script.py` shows
+from opd_megatron.student import cpu_shims
+cpu_shims.show_one_missing_gpu_packages_warning()
+cpu_shims.show_one_missing_gpu_packages_warning()      # a second call changes nothing
+import megatron.core.models.gpt, megatron.core.optimizer, megatron.core.tensor_parallel
+warnings.warn("another warning stays")
+"""
+
+
+def test_megatrons_missing_gpu_packages_warning_is_shown_once():
+    """megatron-core warns that Transformer Engine and Apex are not installed once per module that falls back: six
+    times on importing GPTModel. With the filter, a process shows it once, and every other warning as before."""
+    result = subprocess.run([sys.executable, "-c", _IMPORT_MEGATRON], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    shown = [line for line in result.stderr.splitlines() if "not installed" in line]
+    assert len(shown) == 1 and "Transformer Engine and Apex are not installed" in shown[0], result.stderr
+    assert "another warning stays" in result.stderr

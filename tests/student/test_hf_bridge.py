@@ -1,6 +1,9 @@
 """HF Llama / Qwen2 / Qwen3 checkpoints in the megatron GPTModel: the same logits as the transformers forward
 (float32, <= 1e-4) at TP=1, TP=2 (also with a vocabulary that needs padding) and PP=2 (also with tied
-embeddings and a sharded checkpoint), a bit-exact export round trip at TP=1 and TP=2, and clear errors."""
+embeddings and a sharded checkpoint), for Llama 3.2-style llama3 RoPE scaling, Qwen2 with QKV bias and linear
+scaling, Qwen3 with QK norm and a tokenizer smaller than its embedding, and a layer-pruned start
+(`model.from_hf_layers`) against the same layers cut in transformers; a bit-exact export round trip at TP=1 and
+TP=2, and clear errors."""
 
 import json
 import shutil
@@ -14,14 +17,31 @@ from tests.harness import run_distributed
 from tests.student import hf_bridge_workers as w
 from tests.tiny_hf import write_tiny_checkpoint
 
-# name -> (architecture, extra tiny_config arguments, max_shard_size of the saved checkpoint)
+# Llama 3.1 / 3.2's RoPE scaling with an original context of 16 positions, so that the 12-token test sequences
+# turn the scaled frequencies far enough for a missing or partial scaling to show in the logits (at Llama's 8192
+# only wavelengths beyond 2048 positions change, invisible in 12 tokens).
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16}
+# name -> (architecture, extra tiny_config / write_tiny_checkpoint arguments, max_shard_size of the saved checkpoint)
 MODELS = {
     "llama": ("llama", {}, None),
-    "qwen2": ("qwen2", {}, None),
+    "qwen2": ("qwen2", {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, None),  # QKV bias, linear RoPE
     "qwen3": ("qwen3", {}, "200KB"),                         # sharded: model.safetensors.index.json
     "llama_tied_pad": ("llama", {"vocab_size": 500, "tie": True}, None),  # 500 -> 512 padded; tied embeddings
+    # Llama 3.2-style: llama3 RoPE scaling, tied embeddings, 4 layers (pruned below)
+    "llama32": ("llama", {"tie": True, "num_layers": 4, "rope_scaling": LLAMA3_ROPE}, None),
+    # Qwen-style: 600 embedding rows, a 500-id tokenizer (Qwen3's 151,936 rows for 151,669 ids)
+    "qwen3_small_tokenizer": ("qwen3", {"vocab_size": 600, "tokenizer_size": 500}, None),
 }
+# name -> (model of MODELS, model.from_hf_layers): a layer-pruned start, through the run config. Reordered on
+# purpose: an identity mapping of layer indices would pass with [0, 1].
+PRUNED = {"llama32_layers_3_1": ("llama32", [3, 1])}
 TOLERANCE = 1e-4
+
+
+def true_vocab(name: str) -> int:
+    config = MODELS[PRUNED[name][0] if name in PRUNED else name][1]
+    return config.get("tokenizer_size") or config.get("vocab_size", 512)
 
 
 def write_model(directory: Path, arch, max_shard_size=None, **config):
@@ -42,11 +62,15 @@ def write_model(directory: Path, arch, max_shard_size=None, **config):
     return directory
 
 
-def hf_logits(directory, ids):
+def hf_logits(directory, ids, layers=None):
+    """transformers' logits; `layers`: only those decoder layers, in that order (the model cut in transformers)."""
     import transformers
     model = transformers.AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32).eval()
+    if layers is not None:
+        model.model.layers = torch.nn.ModuleList([model.model.layers[i] for i in layers])
+        model.config.num_hidden_layers = len(layers)
     with torch.no_grad():
-        return model(ids).logits
+        return model(ids, use_cache=False).logits
 
 
 def safetensors_tensors(directory):
@@ -61,20 +85,23 @@ def safetensors_tensors(directory):
 def bridge_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("hf_bridge")
     dirs = {name: str(write_model(root / name, arch, shard, **config)) for name, (arch, config, shard) in MODELS.items()}
+    pruned = {name: (dirs[source], layers) for name, (source, layers) in PRUNED.items()}
     exports = root / "exports"
-    results = run_distributed(w.bridge_layouts, 1, args=(dirs, [(1, 1)], str(exports)), timeout_s=240)[0]
-    for rank_result in run_distributed(w.bridge_layouts, 2, args=(dirs, [(2, 1), (1, 2)], str(exports)),
+    results = run_distributed(w.bridge_layouts, 1, args=(dirs, [(1, 1)], str(exports), pruned), timeout_s=240)[0]
+    for rank_result in run_distributed(w.bridge_layouts, 2, args=(dirs, [(2, 1), (1, 2)], str(exports), pruned),
                                        timeout_s=300):
         results.update(rank_result)
     return {"dirs": dirs, "results": results, "exports": exports}
 
 
 @pytest.mark.parametrize("layout", [(1, 1), (2, 1), (1, 2)], ids=["tp1", "tp2", "pp2"])
-@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("name", [*MODELS, *PRUNED])
 def test_logits_equal_transformers(bridge_runs, name, layout):
     got = bridge_runs["results"][(*layout, name)]
-    vocab = MODELS[name][1].get("vocab_size", 512)
-    ref = hf_logits(bridge_runs["dirs"][name], w.tokens(vocab))
+    source, layers = PRUNED.get(name, (name, None))
+    vocab = true_vocab(name)
+    # Columns past the tokenizer are padding rows of the embedding: the student's logits stop at its true size.
+    ref = hf_logits(bridge_runs["dirs"][source], w.tokens(vocab), layers)[..., :vocab]
     assert got["logits"].shape == ref.shape
     diff = float((got["logits"] - ref).abs().max())
     assert diff <= TOLERANCE, f"{name} at tp,pp={layout}: max |megatron - HF| = {diff:.2e}"
@@ -98,6 +125,10 @@ def test_export_round_trip_is_bit_exact(bridge_runs, name, layout):
     config = json.loads((exported_dir / "config.json").read_text())
     source = json.loads((Path(bridge_runs["dirs"][name]) / "config.json").read_text())
     assert config["architectures"] == source["architectures"]
+    assert config.get("rope_parameters") == source.get("rope_parameters")
+    # The bridge writes weights and config.json; the tokenizer (which gives the true vocabulary) is the exporter's
+    # to copy (student/hf_export.py), as here.
+    shutil.copy(Path(bridge_runs["dirs"][name]) / "tokenizer.json", exported_dir / "tokenizer.json")
     assert model_section_from_hf_config(exported_dir) == model_section_from_hf_config(bridge_runs["dirs"][name])
 
 
@@ -107,12 +138,18 @@ def test_unsupported_architecture_is_a_clear_error(tmp_path):
         model_section_from_hf_config(tmp_path)
 
 
-def test_rope_scaling_is_a_clear_error(tmp_path):
-    write_tiny_checkpoint(tmp_path, "llama")
+@pytest.mark.parametrize("key, value, message", [
+    ("rope_parameters", {"rope_type": "yarn", "rope_theta": 500000.0, "factor": 8.0},
+     r"rope_type='yarn' is not supported; expected 'default' \(plain RoPE\), 'llama3'"),
+    ("use_sliding_window", True, r"use_sliding_window=True is not supported; expected False"),
+    ("hidden_act", "gelu", r"hidden_act='gelu' is not supported; expected 'silu'"),
+])
+def test_what_the_student_cannot_reproduce_is_refused_by_key_and_value(tmp_path, key, value, message):
+    write_tiny_checkpoint(tmp_path, "qwen2")
     config = json.loads((tmp_path / "config.json").read_text())
-    config["rope_parameters"] = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0}
+    config[key] = value
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(HFBridgeError, match="rope_type='llama3'"):
+    with pytest.raises(HFBridgeError, match=message):
         model_section_from_hf_config(tmp_path)
 
 

@@ -20,8 +20,9 @@ from opd_megatron.teachers.vllm import VLLMTeacher
 from tests.teachers.fake_server import VOCAB, FakeServer, Reply, assert_matches_toy, free_port, make_request, \
     sglang_generate, sglang_routes, vllm_completions, vllm_routes
 
+# reply_retries=0: a rejected reply fails at once here (asking again is tests/teachers/test_degrading_teacher.py's).
 FAST = {"vocab_size": VOCAB, "timeout_s": 2.0, "connect_timeout_s": 1.0, "max_retries": 2, "backoff_s": 0.05,
-        "backoff_max_s": 0.2, "max_retry_time_s": 5.0}
+        "backoff_max_s": 0.2, "max_retry_time_s": 5.0, "reply_retries": 0}
 
 
 def sglang(urls, **knobs):

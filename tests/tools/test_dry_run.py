@@ -31,6 +31,8 @@ SHAPE_CASES = {
     "qk_layernorm_kv_channels": TINY + ["model.qk_layernorm=true", "model.kv_channels=32"],
     "learned_absolute": TINY + ["model.position_embedding=learned_absolute"],
     "padded_vocab": TINY + ["model.vocab_size=500"],
+    # an HF checkpoint's embedding (checkpoint_vocab_size rows) larger than its tokenizer (vocab_size ids)
+    "checkpoint_rows": TINY + ["model.vocab_size=300", "model.checkpoint_vocab_size=700"],
     "moe": TINY + ["model.num_moe_experts=4", "model.moe_router_topk=2", "model.moe_ffn_hidden_size=32"],
     "moe_bias_gelu": TINY + ["model.num_moe_experts=3", "model.moe_router_topk=1", "model.activation=gelu",
                              "model.add_bias_linear=true"],
@@ -302,3 +304,90 @@ def test_every_recipe_fits_at_its_scale(recipe):
     world, gpu = int(args[args.index("--world-size") + 1]), float(args[args.index("--gpu-memory-gb") + 1])
     report = run_dry_run(path, world_size=world, gpu_memory_gb=gpu)
     assert "\nFITS:" in report, report[-3000:]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Colocated teachers: layout checks that name the model, and HF teachers counted from their config.json
+# ---------------------------------------------------------------------------------------------------------------
+
+def _hf_dir(root: Path, name: str, heads: int = 4, kv_heads: int = 2, vocab: int = 512, hidden: int = 128,
+            ffn: int = 256) -> Path:
+    """An HF Llama checkpoint directory with its config.json only (what the dry run reads)."""
+    import json
+    path = root / name
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "num_hidden_layers": 3, "hidden_size": hidden,
+        "intermediate_size": ffn, "num_attention_heads": heads, "num_key_value_heads": kv_heads, "head_dim": 32,
+        "vocab_size": vocab, "max_position_embeddings": 256, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+        "tie_word_embeddings": False}))
+    return path
+
+
+def _opd_hf(teacher: Path, *extra):
+    return ["run.algorithm=opd", "model.preset=tiny", f"teacher.colocated.path={teacher}",
+            "parallel.micro_batch_size=2", "parallel.global_batch_size=8", "rollout.prompts_per_step=4",
+            "rollout.samples_per_prompt=2", "data.seq_length=64", *extra]
+
+
+def _members(*members: tuple[str, Path]) -> list[str]:
+    listed = ", ".join(f"{{name: {name}, kind: colocated, colocated: {{path: {path}}}}}" for name, path in members)
+    return ["teacher.kind=multi", f"teacher.multi.members=[{listed}]", "teacher.multi.mixture=geometric"]
+
+
+def test_dry_run_counts_an_hf_colocated_teacher_from_its_config_json(tmp_path):
+    teacher = _hf_dir(tmp_path, "teacher")
+    report = run_dry_run(None, _opd_hf(teacher))
+    assert "shape not in the config" not in report
+    # The same shape given as config keys: the same bytes.
+    given = _opd("teacher.colocated.model.preset=null", "teacher.colocated.model.num_layers=3",
+                 "teacher.colocated.model.hidden_size=128", "teacher.colocated.model.ffn_hidden_size=256",
+                 "teacher.colocated.model.num_attention_heads=4", "teacher.colocated.model.num_query_groups=2",
+                 "teacher.colocated.model.kv_channels=32", "teacher.colocated.model.max_position_embeddings=256")
+    hf = load_config(None, _opd_hf(teacher))
+    assert estimate_memory(hf, 1).stages[0].teacher == estimate_memory(given, 1).stages[0].teacher > 0
+    assert f"teacher colocated: custom fp32 (config.json of teacher.colocated.path={teacher})" in report, report
+
+
+def test_dry_run_counts_each_hf_member_of_a_multi_teacher(tmp_path):
+    small, big = _hf_dir(tmp_path, "small"), _hf_dir(tmp_path, "big", hidden=256, ffn=512)
+    report = run_dry_run(None, _opd_hf(small, *_members(("small", small), ("big", big))))
+    assert "shape not in the config" not in report
+    assert "teacher small:" in report and "teacher big:" in report
+
+
+@pytest.mark.parametrize("case", ["heads", "query_groups", "ffn", "member", "vocab", "config_model", "student"])
+def test_a_teacher_that_does_not_fit_the_layout_is_named_before_anything_is_built(tmp_path, case):
+    """Megatron says `num_attention_heads (9) must be a multiple of tensor_model_parallel_size (2)` only when the
+    teacher is built, after the student, without saying which model: the config check names it and its key."""
+    fits = _hf_dir(tmp_path, "fits")
+    odd = {"heads": 9, "kv_heads": 3, "hidden": 288}
+    overrides, expected = {
+        "heads": (lambda: _opd_hf(_hf_dir(tmp_path, "t", **odd), "parallel.tp=2"),
+                  r"the teacher: num_attention_heads=9 \(config.json of teacher.colocated.path=.*/t\) is not a "
+                  r"multiple of parallel.tp=2"),
+        "query_groups": (lambda: _opd_hf(_hf_dir(tmp_path, "t", heads=4, kv_heads=1), "parallel.tp=2"),
+                         r"the teacher: num_key_value_heads=1 \(config.json of teacher.colocated.path=.*\) is not a "
+                         r"multiple of parallel.tp=2"),
+        "ffn": (lambda: _opd_hf(_hf_dir(tmp_path, "t", kv_heads=4, ffn=250), "parallel.tp=4",
+                                "model.num_query_groups=4"),
+                r"the teacher: intermediate_size=250 \(config.json of .*\) is not a multiple of parallel.tp=4"),
+        "member": (lambda: _opd_hf(fits, "parallel.tp=2", *_members(("fits", fits), ("odd", _hf_dir(tmp_path, "o",
+                                                                                                  **odd)))),
+                   r"teacher.multi.members\[odd\]: num_attention_heads=9 \(config.json of "
+                   r"teacher.multi.members\[1\].colocated.path=.*/o\) is not a multiple of parallel.tp=2"),
+        "vocab": (lambda: _opd_hf(_hf_dir(tmp_path, "t", vocab=1000)),
+                  r"the teacher: an embedding of 1000 rows \(config.json of teacher.colocated.path=.*\); the "
+                  r"student's has 512"),
+        "config_model": (lambda: ["run.algorithm=opd", "model.preset=tiny", "teacher.colocated.path=x",
+                                  "teacher.colocated.model.preset=tiny", "teacher.colocated.model.num_query_groups=1",
+                                  "parallel.tp=2", "parallel.micro_batch_size=2", "parallel.global_batch_size=8",
+                                  "rollout.prompts_per_step=4", "rollout.samples_per_prompt=2"],
+                         r"the teacher: teacher.colocated.model.num_query_groups=1 is not a multiple of "
+                         r"parallel.tp=2"),
+        "student": (lambda: ["model.preset=null", f"model.from_hf={_hf_dir(tmp_path, 's', **odd)}", "parallel.tp=2"],
+                    r"parallel.tp: expected a divisor of model.num_attention_heads=9 \(the student's, from the "
+                    r"config.json of model.from_hf=.*/s\)"),
+    }[case]
+    with pytest.raises(ConfigError, match=expected):
+        run_dry_run(None, overrides())
