@@ -2,10 +2,16 @@
 
 Every row is one forward + backward on this rank's shards, timed in the same run as its baseline:
 - on a given logits shard `[N, V/tp]`: megatron CE (the 1.00x baseline), our sampled-token log-prob
-  (`vocab_parallel_token_logprobs`, the route-B hot path), the full-vocabulary reverse KL
-  (`vocab_parallel_reverse_kl`, against a teacher shard), each also with `keep_softmax`, and CR-OPD
-  (`vocab_parallel_cr_opd_loss`, dense teacher shard, teacher top-20 support, student top-20 reach, weights q,
-  advantages ~ N(0, 1));
+  (`vocab_parallel_token_logprobs`, the route-B hot path), every full-vocabulary divergence against a teacher
+  shard (reverse KL, also with `keep_softmax`, forward KL, total variation, generalized JSD at beta 0.5, skew
+  forward / reverse KL at alpha 0.1), and CR-OPD (`vocab_parallel_cr_opd_loss`, dense teacher shard, teacher
+  top-20 support, student top-20 reach, weights q, advantages ~ N(0, 1));
+- with `--compile`, a `(compiled)` row per dense divergence other than the reverse KL: the same op with its chunk
+  kernels through `torch.compile` (`divergence_kernels.set_compiled_kernels`), compiled in an untimed first run;
+- peers (TP=1 only: they need the whole vocabulary): what a user would write instead, a plain PyTorch version of
+  each divergence (`log_softmax` of both sides, `F.kl_div(..., log_target=True)` terms, the mixture by
+  `logsumexp` of a stack), and TRL's `GKDTrainer.generalized_jsd_loss` for the JSD when `trl` is importable (else
+  the plain version, which follows TRL's code);
 - from the hidden states `[N, H]` and the output-layer shard `[V/tp, H]` (the matmul included): matmul + megatron CE
   (the 1.00x baseline, materialises the logits), matmul + our chunked token log-prob, and the fused paths
   (`fused_token_logprobs`, `fused_reverse_kl`) that never hold `[N, V/tp]`.
@@ -18,12 +24,15 @@ counts everything the row allocates (logits, softmax, saved tensors, gradients i
 not the inputs. glibc is told to serve every allocation over 64 KiB with its own mmap
 (`MALLOC_MMAP_THRESHOLD_`), so freed tensors leave the resident set and earlier rows do not hide later ones.
 Hidden-input rows are measured at N and N/2 to show whether memory grows with the number of tokens. Time: the best
-of `--reps` runs, as wall time and as the process's CPU time (both threads at TP=1; a TP=2 row counts its slowest
-rank), whose ratios stay steadier when other processes share the cores.
+of `--reps` rounds, as wall time and as the process's CPU time (both threads at TP=1; a TP=2 row counts its slowest
+rank), whose ratios stay steadier when other processes share the cores. The rounds interleave the rows (round 1
+runs every row once, then round 2, ...), so a burst of load from other processes hits a row and its baseline
+alike rather than one row's every repetition.
 
     python -m benchmarks.vocab_parallel                       # defaults: N=2048, H=256, V=32000 and 152064
     python -m benchmarks.vocab_parallel --tokens 4096 --vocab 32000 --json runs/vocab_parallel.json
     python -m benchmarks.vocab_parallel --vocab 152064 --tokens 1024 --reps 1   # the large vocabulary, shorter
+    python -m benchmarks.vocab_parallel --vocab 32000 --no-hidden --rows "forward KL" --chunk-size none
 
 TP=1 runs one process with all `--threads`; TP=2 runs two gloo processes with one thread each
 (`tests/harness.py`'s `run_distributed`). A multi-process row counts its slowest rank and its largest peak.
@@ -33,12 +42,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
@@ -57,6 +67,21 @@ def _status_kib(field: str) -> int:
         if line.startswith(field + ":"):
             return int(line.split()[1])
     raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _measure_interleaved(steps: dict[str, Callable[[], Callable[[], None]]], reps: int,
+                         barrier: Callable[[], None], report: Callable[[str, list[float]], None]
+                         ) -> dict[str, list[float]]:
+    """`_measure` of every step, the rounds interleaved: round r runs each step once in turn. Returns name ->
+    [best wall s, best CPU s, peak MiB of the first round]."""
+    best: dict[str, list[float]] = {name: [float("inf"), float("inf"), 0.0] for name in steps}
+    for rep in range(reps):
+        for name, step in steps.items():
+            wall, cpu, peak = _measure(step, 1, barrier)
+            best[name] = [min(best[name][0], wall), min(best[name][1], cpu), peak if rep == 0 else best[name][2]]
+            if rep == reps - 1:
+                report(name, best[name])
+    return best
 
 
 def _measure(step: Callable[[], None], reps: int, barrier: Callable[[], None]) -> tuple[float, float, float]:
@@ -81,8 +106,80 @@ def _measure(step: Callable[[], None], reps: int, barrier: Callable[[], None]) -
     return best, best_cpu, peak
 
 
-def bench_worker(tp: int, tokens: int, hidden_size: int, vocab: int, chunk_size: int, reps: int,
-                 threads: int, with_hidden: bool = True) -> dict[str, list[float]]:
+# The divergence rows: name -> (kind, parameters) of `vocab_parallel_divergence`.
+DIVERGENCE_ROWS = {
+    "reverse KL": ("reverse_kl", {}),
+    "forward KL": ("forward_kl", {}),
+    "total variation": ("total_variation", {}),
+    "generalized JSD 0.5": ("generalized_jsd", {"beta": 0.5}),
+    "skew forward KL 0.1": ("skew_forward_kl", {"alpha": 0.1}),
+    "skew reverse KL 0.1": ("skew_reverse_kl", {"alpha": 0.1}),
+}
+
+
+def _plain_log_mixture(weight: float, log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
+    """`log(weight a + (1 - weight) b)` as TRL's `generalized_jsd_loss` writes it (logsumexp of a stack)."""
+    return torch.logsumexp(torch.stack([log_a + math.log(weight), log_b + math.log1p(-weight)]), dim=0)
+
+
+def _plain_kl(log_target: torch.Tensor, log_input: torch.Tensor) -> torch.Tensor:
+    """`KL(target || input)` per row through `F.kl_div(..., log_target=True)`, as a user would write it."""
+    return torch.nn.functional.kl_div(log_input, log_target, reduction="none", log_target=True).sum(dim=-1)
+
+
+def _plain_peer(kind: str, parameter: Optional[float] = None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """A plain PyTorch version of `kind` on full-vocabulary logits `[N, V]` (the teacher detached)."""
+    def divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+        lp = torch.log_softmax(student_logits, dim=-1)
+        lq = torch.log_softmax(teacher_logits.detach(), dim=-1)
+        if kind == "forward_kl":
+            return _plain_kl(lq, lp)
+        if kind == "reverse_kl":
+            return _plain_kl(lp, lq)
+        if kind == "total_variation":
+            return 0.5 * (lq.exp() - lp.exp()).abs().sum(dim=-1)
+        if kind == "generalized_jsd":
+            mixture = _plain_log_mixture(parameter, lq, lp)
+            return parameter * _plain_kl(lq, mixture) + (1.0 - parameter) * _plain_kl(lp, mixture)
+        if kind == "skew_forward_kl":
+            return _plain_kl(lq, _plain_log_mixture(parameter, lq, lp))
+        return _plain_kl(lp, _plain_log_mixture(parameter, lp, lq))
+    return divergence
+
+
+def _jsd_peer(beta: float) -> tuple[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
+    """TRL's `GKDTrainer.generalized_jsd_loss` per row when `trl` is importable, else the plain version."""
+    try:
+        from trl import GKDTrainer
+    except ImportError:
+        return "plain PyTorch", _plain_peer("generalized_jsd", beta)
+
+    def trl_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+        loss = GKDTrainer.generalized_jsd_loss(student_logits, teacher_logits.detach(), beta=beta, reduction="none")
+        return loss.sum(dim=-1)
+    return "TRL", trl_jsd
+
+
+PEERS = {name: ("plain PyTorch", _plain_peer(kind, next(iter(parameters.values()), None)))
+         for name, (kind, parameters) in DIVERGENCE_ROWS.items()}
+PEERS["generalized JSD 0.5"] = _jsd_peer(0.5)
+
+
+def compiled_divergence(kind: str, student: torch.Tensor, teacher: torch.Tensor, **options) -> torch.Tensor:
+    """`vocab_parallel_divergence` with the compiled kernels switched on for this call (forward and backward)."""
+    from opd_megatron.parallel import divergences as vp
+    from opd_megatron.parallel.divergence_kernels import set_compiled_kernels
+
+    previous = set_compiled_kernels(True)
+    try:
+        return vp.vocab_parallel_divergence(kind, student, teacher, **options)
+    finally:
+        set_compiled_kernels(previous)
+
+
+def bench_worker(tp: int, tokens: int, hidden_size: int, vocab: int, chunk_size: Optional[int], reps: int,
+                 threads: int, with_hidden: bool = True, only: Optional[list[str]] = None,
+                 compile_rows: bool = False) -> dict[str, list[float]]:
     import torch.distributed as dist
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region, vocab_parallel_cross_entropy
@@ -141,11 +238,15 @@ def bench_worker(tp: int, tokens: int, hidden_size: int, vocab: int, chunk_size:
         "token log-prob (keep softmax)": on_logits(
             lambda z: -vp.vocab_parallel_token_logprobs(z, ids, chunk_size=chunk_size, keep_softmax=True),
             clone=False),
-        "reverse KL": on_logits(lambda z: vp.vocab_parallel_reverse_kl(z, teacher, chunk_size=chunk_size),
-                                clone=False),
-        "reverse KL (keep softmax)": on_logits(
-            lambda z: vp.vocab_parallel_reverse_kl(z, teacher, chunk_size=chunk_size, keep_softmax=True),
-            clone=False),
+        **{row: on_logits(lambda z, kind=kind, parameters=parameters, keep=keep: vp.vocab_parallel_divergence(
+            kind, z, teacher, chunk_size=chunk_size, keep_softmax=keep, **parameters), clone=False)
+           for name, (kind, parameters) in DIVERGENCE_ROWS.items()
+           for row, keep in ((name, False), (f"{name} (keep softmax)", True)) if not keep or kind == "reverse_kl"},
+        **({f"{name} (compiled)": on_logits(lambda z, kind=kind, parameters=parameters: compiled_divergence(
+            kind, z, teacher, chunk_size=chunk_size, **parameters), clone=False)
+            for name, (kind, parameters) in DIVERGENCE_ROWS.items() if kind != "reverse_kl"} if compile_rows else {}),
+        **({f"{name} [{PEERS[name][0]}]": on_logits(lambda z, name=name: PEERS[name][1](z, teacher), clone=False)
+            for name in DIVERGENCE_ROWS} if tp == 1 else {}),
         "CR-OPD": on_logits(lambda z: vocab_parallel_cr_opd_loss(z, ids, advantages, teacher_logits_shard=teacher,
                                                                  config=routing, chunk_size=chunk_size)[0],
                             clone=False),
@@ -163,13 +264,23 @@ def bench_worker(tp: int, tokens: int, hidden_size: int, vocab: int, chunk_size:
                 lambda h, w, i: fused.fused_reverse_kl(h, w, t, chunk_size=chunk_size), rows),
         }
 
-    out: dict[str, list[float]] = {}
-    for name, setup in {**logit_rows, **(hidden_rows(tokens) if with_hidden else {})}.items():
-        out[name] = list(_measure(setup, reps, barrier))
+    steps = {**logit_rows, **(hidden_rows(tokens) if with_hidden else {})}
+    if only:
+        keep = ("megatron CE", "matmul + megatron CE")
+        steps = {name: step for name, step in steps.items()
+                 if name in keep or any(pattern in name for pattern in only)}
+
+    def report(name: str, values: list[float]) -> None:
         if rank == 0:
-            print(f"  V={vocab} tp={tp} {name}: {out[name][0] * 1e3:,.0f} ms", file=sys.stderr, flush=True)
+            print(f"  V={vocab} tp={tp} {name}: {values[0] * 1e3:,.0f} ms", file=sys.stderr, flush=True)
+
+    for name, step in steps.items():
+        if name.endswith("(compiled)"):
+            step()()  # compile outside the timed rounds
+    out = _measure_interleaved(steps, reps, barrier, report)
     for name, setup in (hidden_rows(tokens // 2) if with_hidden else {}).items():
-        out[name].append(_measure(setup, 1, barrier)[2])
+        if name in out:
+            out[name].append(_measure(setup, 1, barrier)[2])
     return out
 
 
@@ -179,10 +290,15 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--vocab", type=int, nargs="+", default=[32000, 152064])
     parser.add_argument("--tp", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--chunk-size", type=int, default=512)
+    parser.add_argument("--chunk-size", type=lambda text: None if text.lower() == "none" else int(text), default=512,
+                        help="rows per chunk, or 'none' (all rows at once, the loop's default opd.chunk_size)")
+    parser.add_argument("--rows", nargs="+", help="only the rows whose name contains one of these (and baselines)")
     parser.add_argument("--reps", type=int, default=2, help="timed runs per row; the fastest is kept")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="threads of the TP=1 process")
     parser.add_argument("--no-hidden", action="store_true", help="only the rows on a given logits shard")
+    parser.add_argument("--compile", action="store_true",
+                        help="add a '(compiled)' row per dense divergence: its kernels through torch.compile "
+                             "(OPD_COMPILE_KERNELS=1), run once untimed first, so compiling is not timed")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     os.environ["MALLOC_MMAP_THRESHOLD_"] = MMAP_THRESHOLD  # inherited by the spawned workers
@@ -190,23 +306,30 @@ def main() -> None:
     results = {}
     print(f"N={args.tokens} H={args.hidden} chunk={args.chunk_size} float32, torch {torch.__version__}, "
           f"best of {args.reps}; memory: peak RSS growth (MiB) of the slowest/largest rank at N and N/2\n")
-    print("| V | tp | row | ms | vs baseline | CPU ms | CPU vs baseline | peak MiB (N) | peak MiB (N/2) |")
-    print("|---:|---:|---|---:|---:|---:|---:|---:|---:|")
+    print("| V | tp | row | ms | vs baseline | CPU ms | CPU vs baseline | CPU vs peer | peak MiB (N) "
+          "| peak MiB (N/2) |")
+    print("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     for vocab in args.vocab:
         for tp in args.tp:
             if vocab % tp:
                 raise SystemExit(f"--vocab {vocab} is not divisible by tp {tp} (megatron CE knows no padding)")
             ranks = run_distributed(bench_worker, world_size=tp, timeout_s=1200,
                                     args=(tp, args.tokens, args.hidden, vocab, args.chunk_size, args.reps,
-                                          args.threads if tp == 1 else 1, not args.no_hidden))
+                                          args.threads if tp == 1 else 1, not args.no_hidden, args.rows,
+                                          args.compile))
             rows = {name: [max(r[name][i] for r in ranks) for i in range(len(ranks[0][name]))]
                     for name in ranks[0]}
             results[f"V={vocab},tp={tp}"] = rows
             for name, values in rows.items():
                 base = rows["matmul + megatron CE" if name.startswith(("matmul", "fused")) else "megatron CE"]
                 half = f"{values[3]:,.0f}" if len(values) > 3 else ""
+                own = name.removesuffix(" (keep softmax)").removesuffix(" (compiled)")
+                peer = [peer_values for peer_name, peer_values in rows.items()
+                        if peer_name.startswith(own + " [") and peer_name != name]
+                versus = f"{values[1] / peer[0][1]:.2f}x" if peer else ""
                 print(f"| {vocab:,} | {tp} | {name} | {values[0] * 1e3:,.0f} | {values[0] / base[0]:.2f}x | "
-                      f"{values[1] * 1e3:,.0f} | {values[1] / base[1]:.2f}x | {values[2]:,.0f} | {half} |", flush=True)
+                      f"{values[1] * 1e3:,.0f} | {values[1] / base[1]:.2f}x | {versus} | {values[2]:,.0f} | {half} |",
+                      flush=True)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results},

@@ -15,8 +15,14 @@ Chunking: every function takes `chunk_size` (rows of `[N, V/tp]` at a time), so 
   normaliser passes), backward recomputes it per chunk, using `d RKL / d z_v = pi_v (log pi_v - log q_v - RKL)
   / tau_S`; with keep_softmax, `pi` and the log-ratio `[N, V/tp]` are kept instead and become the gradient in
   place. No communication in backward.
+- the other dense divergences (`_Divergence`: forward KL, total variation, generalized JSD, skew forward and
+  reverse KL, with their chunk kernels and closed-form gradients in `divergence_kernels.py`): both logits shards
+  (references), the global normalisers `[2, N]` and the kernel's row statistics `[k, N]`; forward one
+  log-softmax per side per chunk (plus, at tp > 1, the all-reduce MAX and SUM of the `[2, chunk]` local
+  normalisers that correct them), backward recomputes the log-probs per chunk (one pass per side). No
+  communication in backward.
 - log-normaliser (`shard.LogNormalizer`): the logits shard (reference) and the normaliser `[N]`.
-- the other divergences and the entropy go through autograd on `[chunk, V/tp]` pieces: with `chunk_size` set
+- the entropy (and the fused path's divergences) go through autograd on `[chunk, V/tp]` pieces: with `chunk_size` set
   and gradient enabled, each chunk runs under activation checkpointing (saves only its inputs, recomputes the
   chunk, all-reduces included, in backward); without `chunk_size`, autograd keeps its `[N, V/tp]` temporaries.
 
@@ -27,14 +33,19 @@ without `group`) the functions run as tp=1 without communication.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Optional, TypedDict
 
 import torch
 import torch.distributed as dist
 from typing_extensions import Unpack
 
-from opd_megatron.math.checks import MathInputError, require_positive
+from opd_megatron.math.checks import MathInputError, require_positive, require_positive_int
 from opd_megatron.math.divergences import compute_dtype, divergence_from_log_probs, require_divergence_parameters
+from opd_megatron.parallel.divergence_kernels import (DivergenceKernel, ForwardKL, GeneralizedJSD, SkewForwardKL,
+                                                      SkewReverseKL, TotalVariation, Zero, compiled,
+                                                      compiled_kernels_enabled, gradient_from_logits,
+                                                      local_normalizers, statistics_from_logits)
 from opd_megatron.parallel.shard import (CopyToTP, LogNormalizer, ReduceFromTP, Shard, check_inputs, checked_rows,
                                          chunked_rows, debug_checks_enabled, flatten_rows, global_log_normalizer,
                                          require_some_mass, row_chunks, row_pieces)
@@ -97,27 +108,10 @@ def _owned_columns(shard: Shard, token_ids: torch.Tensor) -> tuple[torch.Tensor,
 
 def _local_log_softmax(shard: Shard, logits: torch.Tensor, temperature: float, out: torch.Tensor,
                        scratch: torch.Tensor) -> Optional[torch.Tensor]:
-    """`log_softmax` of `logits / tau` over this rank's real columns only, written into `out [chunk, valid]`
-    (padding columns are never read). Returns this rank's log-normaliser `lse_r [chunk]` when tp > 1 (None at
-    tp = 1, where the local normaliser is the global one): `max_v z_v - max_v out_v` (the largest local log-prob
-    is `-log sum_v exp(z_v - max)`, so no extra exp pass). A row that is all -inf here gets `out = -inf` and
-    `lse_r = -inf` (no mass on this rank)."""
-    x = logits[:, :shard.valid_width]
-    if temperature != 1.0 or x.dtype != out.dtype or not x.is_contiguous():
-        scratch.copy_(x)
-        if temperature != 1.0:
-            scratch.div_(temperature)
-        x = scratch
-    torch.log_softmax(x, -1, out=out)
-    if shard.tp == 1:
-        return None
-    lse = x.amax(dim=-1)
-    empty = torch.isneginf(lse)
-    lse.sub_(out.amax(dim=-1))
-    if bool(empty.any()):
-        out[empty] = float("-inf")
-        lse[empty] = float("-inf")
-    return lse
+    """`_log_softmax_and_normalizer`, with the normaliser only where it is needed: None at tp = 1, where the local
+    normaliser is the global one."""
+    lse = _log_softmax_and_normalizer(shard, logits, temperature, out, scratch)
+    return None if shard.tp == 1 else lse
 
 
 def _reverse_kl_chunk(shard: Shard, student: torch.Tensor, teacher: torch.Tensor, taus: tuple[float, float],
@@ -231,11 +225,212 @@ def _normalizer_corrections(shard: Shard, local_lse: torch.Tensor) -> Optional[t
     tp = 1 (no correction). With the debug checks on, raises where a distribution has no mass at all."""
     if shard.tp == 1:
         return None
+    return _global_normalizers(shard, local_lse) - local_lse
+
+
+def _global_normalizers(shard: Shard, local_lse: torch.Tensor) -> torch.Tensor:
+    """The global log-normalisers `[k, N]` from the ranks' local ones (-inf where a rank has no mass): all-reduce
+    MAX, then one all-reduce SUM of the rescaled exp-sums. With the debug checks on, raises where a distribution
+    has no mass at all."""
     top = shard.all_reduce(local_lse.clone(), dist.ReduceOp.MAX)
     require_some_mass(top)
-    total = top + shard.all_reduce(torch.where(torch.isneginf(local_lse), 0.0, (local_lse - top).exp())).log()
-    return total - local_lse
+    return top + shard.all_reduce(torch.where(torch.isneginf(local_lse), 0.0, (local_lse - top).exp())).log()
 
+
+def _log_softmax_and_normalizer(shard: Shard, logits: torch.Tensor, temperature: float, out: torch.Tensor,
+                                scratch: torch.Tensor) -> torch.Tensor:
+    """`log_softmax(logits / tau)` over this rank's real columns into `out [chunk, valid]`, and this rank's
+    log-normaliser `[chunk]`: `max_v x_v - max_v out_v` (log_softmax's own `-log sum exp(x - max)` at the
+    maximum, no extra exp pass). A row that is all -inf here gets `out = -inf` and normaliser -inf."""
+    x = logits[:, :shard.valid_width]
+    if temperature != 1.0 or x.dtype != out.dtype or not x.is_contiguous():
+        scratch.copy_(x)
+        if temperature != 1.0:
+            scratch.div_(temperature)
+        x = scratch
+    torch.log_softmax(x, -1, out=out)
+    top = x.amax(dim=-1)  # two amax passes cost less than one max with indices (3x slower on the CPU)
+    lse = top - out.amax(dim=-1)
+    empty = torch.isneginf(top)
+    if bool(empty.any()):
+        out[empty] = float("-inf")
+        lse[empty] = float("-inf")
+    return lse
+
+
+def _global_log_probs(shard: Shard, logits: torch.Tensor, temperature: float, lse: torch.Tensor,
+                      out: torch.Tensor) -> torch.Tensor:
+    """`logits / tau - lse` over this rank's real columns into `out [chunk, valid]` (one pass)."""
+    x = logits[:, :shard.valid_width]
+    if temperature == 1.0:
+        return torch.sub(x, lse[:, None], out=out)
+    return torch.add(-lse[:, None], x, alpha=1.0 / temperature, out=out)
+
+
+def _divergence_chunk(kernel: DivergenceKernel, shard: Shard, student: torch.Tensor, teacher: torch.Tensor,
+                      taus: tuple[float, float], lp: torch.Tensor, lq: torch.Tensor, scratch: list[torch.Tensor]
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One forward chunk of `_Divergence`: the global log-probs into `lp`, `lq` (local log-softmaxes, then, at
+    tp > 1, the corrections from one all-reduce MAX and one SUM of the stacked `[2, chunk]` local normalisers),
+    the kernel's row statistics `[k, chunk]` (rank-local partial sums), the global normalisers `[2, chunk]` and
+    the rows whose statistics are NaN (recomputed with the kernel's `fix`, module docstring of
+    `divergence_kernels.py`)."""
+    n = student.shape[0]
+    local = torch.full((2, n), float("-inf"), dtype=lp.dtype, device=lp.device)
+    if shard.valid_width > 0:
+        local[0] = _log_softmax_and_normalizer(shard, student, taus[0], lp, scratch[0])
+        local[1] = _log_softmax_and_normalizer(shard, teacher, taus[1], lq, scratch[0])
+    if shard.tp == 1:
+        require_some_mass(local)
+        lse = local
+    else:
+        lse = _global_normalizers(shard, local)
+        correction = lse - local  # +inf where this rank has no mass: its log-probs stay -inf
+        lp.sub_(correction[0, :, None])
+        lq.sub_(correction[1, :, None])
+    if shard.valid_width == 0:
+        return lp.new_zeros(kernel.statistics, n), lse, torch.zeros(n, dtype=torch.bool, device=lp.device)
+    stats = kernel.statistics_of(lp, lq, scratch, fix=False)
+    bad = torch.isnan(stats).any(dim=0)
+    if bool(bad.any()):
+        stats[:, bad] = kernel.statistics_of(lp[bad], lq[bad], [b[:int(bad.sum())] for b in scratch], fix=True)
+    return stats, lse, bad
+
+
+def _compiled_divergence_chunk(kernel: DivergenceKernel, shard: Shard, student: torch.Tensor, teacher: torch.Tensor,
+                               taus: tuple[float, float], dtype: torch.dtype
+                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`_divergence_chunk` through the compiled kernels (`divergence_kernels.set_compiled_kernels`): the local
+    normalisers and the statistics each in one fused function of the logits chunk, no `[chunk, V/tp]` buffers;
+    rows whose statistics are NaN are recomputed by the eager kernel with `fix`."""
+    n, valid = student.shape[0], shard.valid_width
+    z, t = student[:, :valid], teacher[:, :valid]
+    if valid > 0:
+        local = compiled(local_normalizers, kernel, dtype)(z, t, taus[0], taus[1], dtype)
+    else:
+        local = torch.full((2, n), float("-inf"), dtype=dtype, device=student.device)
+    if shard.tp == 1:
+        require_some_mass(local)
+        lse = local
+    else:
+        lse = _global_normalizers(shard, local)
+    if valid == 0:
+        return local.new_zeros(kernel.statistics, n), lse, torch.zeros(n, dtype=torch.bool, device=student.device)
+    stats = compiled(statistics_from_logits, kernel, dtype)(kernel, z, t, lse, taus[0], taus[1])
+    bad = torch.isnan(stats).any(dim=0)
+    if bool(bad.any()):
+        rows = int(bad.sum())
+        lp, lq = (torch.empty(rows, valid, dtype=dtype, device=student.device) for _ in range(2))
+        _global_log_probs(shard, student[bad], taus[0], lse[0, bad], lp)
+        _global_log_probs(shard, teacher[bad], taus[1], lse[1, bad], lq)
+        scratch = [torch.empty_like(lp) for _ in range(max(kernel.forward_buffers, 1))]
+        stats[:, bad] = kernel.statistics_of(lp, lq, scratch, fix=True)
+    return stats, lse, bad
+
+
+class _Divergence(torch.autograd.Function):
+    """A dense divergence `F = sum_v phi(pi_v, q_v)` `[N]`, replicated, through its chunk kernels
+    (`divergence_kernels.py`: the statistics and the closed-form gradient `pi (h - H) / tau_S`, derived there).
+    Forward, per chunk: one `log_softmax` of each side (this rank's log-softmaxes and normalisers), at tp > 1 the
+    global normalisers (all-reduce MAX and SUM of the stacked `[2, chunk]` local ones) to correct them into the
+    global log-probs, then the kernel's `[k, chunk]` row statistics; after the chunks, one all-reduce SUM of the
+    `[k, N]` statistics. Saves both logits shards (references), the global normalisers `[2, N]` and the
+    statistics `[k, N]`. Backward recomputes `lp = z / tau_S - lse_S`, `lq` (one pass each) per chunk and writes
+    the kernel's gradient into the gradient buffer; no communication. (Keeping `lp`, `lq` `[N, V/tp]` from the
+    forward instead, the reverse KL's keep_softmax trade, saved a few percent of the time here for two more `[N, V/tp]`
+    buffers: measured and not kept, `docs/performance.md`.)
+
+    Memory: `2 + kernel.forward_buffers` buffers `[chunk, V/tp]` in forward, `2 +
+    kernel.backward_buffers` in backward (plus the gradient itself). The teacher is detached (no gradient)."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, shard: Shard, kernel: DivergenceKernel, student_temperature: float,
+                teacher_temperature: float, chunk_size: Optional[int]):
+        dtype = compute_dtype(student, teacher)
+        rows, valid, device = student.shape[0], shard.valid_width, student.device
+        taus = (student_temperature, teacher_temperature)
+        pieces = row_chunks(rows, chunk_size)
+        span = max(piece.stop - piece.start for piece in pieces)
+        use_compiled = compiled_kernels_enabled()
+        stats = torch.empty(kernel.statistics, rows, dtype=dtype, device=device)
+        lse = torch.empty(2, rows, dtype=dtype, device=device)
+        bad = torch.zeros(rows, dtype=torch.bool, device=device)
+        if use_compiled:
+            for piece in pieces:
+                stats[:, piece], lse[:, piece], bad[piece] = _compiled_divergence_chunk(
+                    kernel, shard, student[piece], teacher[piece], taus, dtype)
+        else:
+            log_probs = torch.empty(2, span, valid, dtype=dtype, device=device)
+            scratch = [torch.empty(span, valid, dtype=dtype, device=device)
+                       for _ in range(max(kernel.forward_buffers, 1))]
+            for piece in pieces:
+                n = piece.stop - piece.start
+                lp, lq = log_probs[:, :n]
+                stats[:, piece], lse[:, piece], bad[piece] = _divergence_chunk(
+                    kernel, shard, student[piece], teacher[piece], taus, lp, lq, [b[:n] for b in scratch])
+            del scratch, log_probs
+        stats = shard.all_reduce(stats)
+        ctx.save_for_backward(student, teacher, lse, stats)
+        ctx.shard, ctx.kernel, ctx.taus, ctx.chunk_size = shard, kernel, taus, chunk_size
+        ctx.bad = bad if bool(bad.any()) else None
+        ctx.use_compiled = use_compiled
+        return kernel.value(stats)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        student, teacher, lse, stats = ctx.saved_tensors
+        shard, kernel = ctx.shard, ctx.kernel
+        dtype, valid = lse.dtype, shard.valid_width
+        scale = grad_out.to(dtype) / ctx.taus[0]
+        whole = valid == student.shape[1] and dtype == student.dtype
+        grad = torch.empty_like(student) if whole else torch.zeros_like(student)
+        pieces = row_chunks(student.shape[0], ctx.chunk_size)
+        if ctx.use_compiled:
+            for piece in pieces if valid > 0 else []:
+                chunk_grad = compiled(gradient_from_logits, kernel, dtype)(
+                    kernel, student[piece, :valid], teacher[piece, :valid], lse[:, piece], stats[:, piece],
+                    scale[piece], ctx.taus[0], ctx.taus[1])
+                if ctx.bad is not None and bool(ctx.bad[piece].any()):
+                    chunk_grad[ctx.bad[piece]] = chunk_grad[ctx.bad[piece]].nan_to_num(
+                        nan=0.0, posinf=float("inf"), neginf=float("-inf"))
+                grad[piece, :valid] = chunk_grad
+            return grad, None, None, None, None, None, None
+        span = max(piece.stop - piece.start for piece in pieces)
+        buffers = [torch.empty(span, valid, dtype=dtype, device=student.device)
+                   for _ in range(2 + kernel.backward_buffers + (0 if whole else 1))]
+        for piece in pieces if valid > 0 else []:
+            n = piece.stop - piece.start
+            lp = _global_log_probs(shard, student[piece], ctx.taus[0], lse[0, piece], buffers[0][:n])
+            lq = _global_log_probs(shard, teacher[piece], ctx.taus[1], lse[1, piece], buffers[1][:n])
+            scratch = [b[:n] for b in buffers[2:2 + kernel.backward_buffers]]
+            out = grad[piece] if whole else buffers[-1][:n]
+            kernel.gradient(lp, lq, stats[:, piece], scale[piece], scratch, out)
+            if ctx.bad is not None and bool(ctx.bad[piece].any()):
+                rows = ctx.bad[piece]
+                out[rows] = out[rows].nan_to_num(nan=0.0, posinf=float("inf"), neginf=float("-inf"))
+            if not whole:
+                grad[piece, :valid] = out.to(grad.dtype)
+        return grad, None, None, None, None, None, None
+
+
+@functools.cache  # one kernel object per divergence: the compiled path's guards then hold across calls
+def _dense_kernel(kind: str, beta: Optional[float], alpha: Optional[float]) -> Optional[DivergenceKernel]:
+    """The chunk kernel of `kind`, or None where the divergence is the reverse KL (`_ReverseKL`): generalized JSD
+    at `beta = 1` and skew reverse KL at `alpha = 0` (the references' definitions; `beta = 0` and skew forward
+    KL at `alpha = 0` are the forward KL; either skew at `alpha = 1` is 0)."""
+    if kind == "reverse_kl" or (kind == "generalized_jsd" and beta == 1.0) or (
+            kind == "skew_reverse_kl" and alpha == 0.0):
+        return None
+    if kind == "forward_kl" or (kind == "generalized_jsd" and beta == 0.0) or (
+            kind == "skew_forward_kl" and alpha == 0.0):
+        return ForwardKL()
+    if kind == "total_variation":
+        return TotalVariation()
+    if kind == "generalized_jsd":
+        return GeneralizedJSD(float(beta))
+    if alpha == 1.0:
+        return Zero()
+    return SkewForwardKL(float(alpha)) if kind == "skew_forward_kl" else SkewReverseKL(float(alpha))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -353,27 +548,33 @@ def vocab_parallel_divergence(kind: str, student_logits_shard: torch.Tensor, tea
     `[..., V/tp]`; twin of `divergence_from_log_probs` on the references' log-probs. Gradient into the student's
     shard.
 
-    The reverse KL is a dedicated autograd Function (one pass over each chunk). keep_softmax (reverse KL only):
-    False (default) recomputes the chunk in backward (memory three `[chunk, V/tp]` buffers); True keeps `pi` and
-    `log pi - log q` (two `[N, V/tp]` buffers) until backward, which turns them into the gradient in place
-    (megatron CE's trade). The others go through autograd chunk by chunk (`divergence_rows`)."""
-    terms = divergence_terms(kind, student_temperature, teacher_temperature, beta, alpha)
+    Each is a dedicated autograd Function with a closed-form gradient: the reverse KL `_ReverseKL` (one pass over
+    each chunk), the others `_Divergence` with their chunk kernels (`divergence_kernels.py`; through
+    `torch.compile` with `divergence_kernels.set_compiled_kernels(True)` or `OPD_COMPILE_KERNELS=1`). Memory: a
+    few `[chunk, V/tp]` buffers. keep_softmax (reverse KL only): False (default) recomputes the chunk in backward;
+    True keeps `pi` and `log pi - log q` (two `[N, V/tp]` buffers) until backward, which turns them into the
+    gradient in place (megatron CE's trade). At an infinite value (the forward KL where the student masks a token
+    the teacher has mass on, the reverse KL the other way round) the gradient is not the reference's."""
+    divergence_terms(kind, student_temperature, teacher_temperature, beta, alpha)  # checks the arguments
     if keep_softmax and kind != "reverse_kl":
         raise MathInputError(f"keep_softmax: only the reverse KL keeps its softmax for backward, got kind {kind!r}")
     student = flatten_rows("student_logits_shard", student_logits_shard)
     teacher = flatten_rows("teacher_logits_shard", teacher_logits_shard).detach()
     shard = Shard(student.shape[-1], true_vocab_size, group)
     check_inputs(shard, {"student_logits_shard": student, "teacher_logits_shard": teacher})
+    if chunk_size is not None:
+        require_positive_int("chunk_size", chunk_size)
     tau_s, tau_t = float(student_temperature), float(teacher_temperature)
-    if kind != "reverse_kl":
-        out = _autograd_path(terms, student, teacher, shard, tau_s, tau_t, chunk_size)
-    else:
+    kernel = _dense_kernel(kind, None if beta is None else float(beta), None if alpha is None else float(alpha))
+    if kernel is None:
         keep = keep_softmax and torch.is_grad_enabled() and student.requires_grad
         out = _ReverseKL.apply(student, teacher, shard, tau_s, tau_t, chunk_size, keep)
-        # With the inputs checked finite, a NaN here is a row without mass (at tp = 1; tp > 1 raised above).
-        if debug_checks_enabled() and bool(torch.isnan(out).any()):
-            raise MathInputError("logits: every logit of the (unpadded) vocabulary is -inf at some position "
-                                 "(no distribution there)")
+    else:
+        out = _Divergence.apply(student, teacher, shard, kernel, tau_s, tau_t, chunk_size)
+    # With the inputs checked finite, a NaN here is a row without mass (at tp = 1; tp > 1 raised above).
+    if debug_checks_enabled() and bool(torch.isnan(out).any()):
+        raise MathInputError("logits: every logit of the (unpadded) vocabulary is -inf at some position "
+                             "(no distribution there)")
     return out.reshape(student_logits_shard.shape[:-1])
 
 

@@ -409,11 +409,11 @@ def load_checkpoint(path: Path, trainable: TrainableStudent, ctx: ParallelContex
     trainable.module.load_state_dict(loaded["model"])
     if load_optimizer:
         trainable.optimizer.load_state_dict(loaded["optimizer"])
+        trainable.scheduler.load_state_dict(common["scheduler"])
     else:
         # The optimizer's own copies of the weights (fp32 main parameters under bf16 / fp16) were taken when it
         # was built: refresh them, or the first step would train the initial weights instead of these.
         trainable.optimizer.reload_model_params()
-        trainable.scheduler.load_state_dict(common["scheduler"])
     if not layout_changed:
         _set_rng_state(loaded["rng_state"])
     elif ctx.is_logging_rank:

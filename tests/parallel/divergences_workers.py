@@ -201,6 +201,18 @@ def parity_worker(tp: int) -> dict[str, float | bool]:
     collectives = 3 if tp > 1 else 0
     out["hot_path/token_logprobs_all_reduces"] = _all_reduces(token_logprobs) == collectives
     out["hot_path/reverse_kl_all_reduces"] = _all_reduces(reverse_kl) == collectives
+    # The other dense divergences (`_Divergence`): MAX and SUM of the stacked [2, chunk] local normalisers per
+    # chunk, one SUM of the [k, N] statistics; none in backward.
+    for name in ("forward_kl", "total_variation", "generalized_jsd_0.3", "skew_forward_kl_0.2",
+                 "skew_reverse_kl_0.2"):
+        fn = _cases(ids, tau_s, tau_t)[name][0]
+        for chunk_size, chunks in ((None, 1), (5, 3)):
+            grad_input = s_shard.clone().requires_grad_(True)
+            value = fn(grad_input, t_shard, true_vocab_size=VOCAB, chunk_size=chunk_size)
+            forward_count = _all_reduces(lambda: fn(s_shard, t_shard, true_vocab_size=VOCAB, chunk_size=chunk_size))
+            backward_count = _all_reduces(lambda: value.sum().backward())
+            out[f"hot_path/{name}_chunks{chunks}_all_reduces"] = (
+                forward_count == (2 * chunks + 1 if tp > 1 else 0) and backward_count == 0)
     with debug_checks():
         out["debug/token_logprobs_all_reduces"] = _all_reduces(token_logprobs) == collectives + (tp > 1)
         out["debug/reverse_kl_all_reduces"] = _all_reduces(reverse_kl) == collectives + (tp > 1)
@@ -237,4 +249,42 @@ def parity_worker(tp: int) -> dict[str, float | bool]:
     probe = torch.ones(1)
     dist.all_reduce(probe, group=parallel_state.get_tensor_model_parallel_group())
     out["bad/group_alive"] = int(probe.item()) == tp
+    return out
+
+
+def compiled_worker(tp: int) -> dict[str, float | bool]:
+    """The compiled kernels (`divergence_kernels.set_compiled_kernels`) against the references: every dedicated
+    divergence in float64 (padding columns beyond `true_vocab_size`, temperatures, chunks, a token masked on both
+    sides, which sends its rows through the eager `fix` recomputation) and float32."""
+    from opd_megatron.parallel.divergence_kernels import set_compiled_kernels
+
+    _init(tp)
+    set_compiled_kernels(True)
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    padded = -(-VOCAB // tp) * tp
+    width = padded // tp
+    cols = slice(rank * width, (rank + 1) * width)
+    gen = torch.Generator().manual_seed(99)
+    student = 3.0 * torch.randn(ROWS, VOCAB, generator=gen, dtype=torch.float64)
+    teacher = 3.0 * torch.randn(ROWS, VOCAB, generator=gen, dtype=torch.float64)
+    student[:4, 3] = teacher[:4, 3] = float("-inf")
+    ids = torch.zeros(ROWS, dtype=torch.long)
+    out: dict[str, float | bool] = {}
+    names = ("forward_kl", "total_variation", "generalized_jsd_0.3", "skew_forward_kl_0.2", "skew_reverse_kl_0.2")
+    cases = _cases(ids, 0.8, 1.3)
+    for name in names:
+        fn, reference = cases[name]
+        for dtype in (torch.float64, torch.float32):
+            s, t = student.to(dtype), teacher.to(dtype)
+            ref_value, ref_grad = _value_and_grad(reference, s, t)
+            value, grad = _value_and_grad(fn, _pad(s, padded, 50.0)[:, cols], _pad(t, padded, 50.0)[:, cols],
+                                          true_vocab_size=VOCAB, chunk_size=5)
+            scale = 1.0 if dtype == torch.float64 else ref_value.abs().max().item()
+            grad_scale = 1.0 if dtype == torch.float64 else ref_grad.abs().max().item()
+            label = "float64" if dtype == torch.float64 else "float32"
+            out[f"compiled/{name}/{label}_value{'_rel' if label == 'float32' else ''}"] = (
+                _err(value, ref_value) / scale)
+            out[f"compiled/{name}/{label}_grad{'_rel' if label == 'float32' else ''}"] = (
+                _err(grad, _pad(ref_grad, padded, 0.0)[:, cols]) / grad_scale)
+    set_compiled_kernels(False)
     return out
