@@ -107,6 +107,11 @@ def tokenizer_vocab_size(path: str | Path) -> Optional[int]:
 def model_keys_from_hf(path: str | Path) -> dict[str, Any]:
     """The `model.*` keys of the Llama / Qwen2 / Qwen3 checkpoint at `path` (its config.json, and its
     tokenizer.json for the true vocabulary size)."""
+    return _model_keys(path, tokenizer_vocab_size(path))
+
+
+def _model_keys(path: str | Path, tokens: Optional[int]) -> dict[str, Any]:
+    """`model_keys_from_hf` with the tokenizer's id count `tokens` already read (None: no tokenizer.json)."""
     config = read_hf_config(path)
     where = str(Path(path) / CONFIG_FILE)
     family = hf_family(config, where)
@@ -122,7 +127,6 @@ def model_keys_from_hf(path: str | Path) -> dict[str, Any]:
     heads = int(config["num_attention_heads"])
     theta, rope_scaling = rope_from_hf(config, where)
     rows = int(config["vocab_size"])
-    tokens = tokenizer_vocab_size(path)
     if tokens is not None and tokens > rows:
         raise HFBridgeError(f"{Path(path) / TOKENIZER_FILE}: ids up to {tokens - 1}, but {where} has vocab_size="
                             f"{rows} embedding rows; the tokenizer does not belong to this model")
@@ -182,7 +186,8 @@ def resolve_from_hf(section: dict[str, Any], key: str) -> dict[str, Any]:
     if section.get("preset") is not None:
         raise ConfigError(f"{key}.preset={section['preset']!r} and {key}.from_hf={path!r} both give the model's "
                           f"shape; keep one")
-    derived = model_keys_from_hf(path)
+    tokens = tokenizer_vocab_size(path)  # read once: a Qwen tokenizer.json is ~7 MB of JSON
+    derived = _model_keys(path, tokens)
     layers = section.get("from_hf_layers")
     if layers is not None:
         total = derived["num_layers"]
@@ -193,7 +198,7 @@ def resolve_from_hf(section: dict[str, Any], key: str) -> dict[str, Any]:
         derived["num_layers"] = len(layers)
     rows = derived["checkpoint_vocab_size"] or derived["vocab_size"]
     given_vocab = section.get("vocab_size")
-    fewest = derived["vocab_size"] if derived["checkpoint_vocab_size"] or tokenizer_vocab_size(path) else 1
+    fewest = derived["vocab_size"] if tokens is not None else 1
     if isinstance(given_vocab, int) and not isinstance(given_vocab, bool) and fewest <= given_vocab <= rows:
         # The tokenizer's true size inside the embedding's rows, given by the user (e.g. a checkpoint without a
         # tokenizer.json here, whose tokenizer lives elsewhere).

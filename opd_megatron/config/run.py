@@ -11,7 +11,7 @@ from typing import Any, Optional
 
 from opd_megatron.config.loader import (ConfigError, build_dataclass, parse_override, read_yaml, reject_moved_keys,
                                         require, set_dotted)
-from opd_megatron.config.hf import CONFIG_FILE, model_keys_from_hf, resolve_from_hf, tokenizer_vocab_size
+from opd_megatron.config.hf import CONFIG_FILE, TOKENIZER_FILE, model_keys_from_hf, resolve_from_hf
 from opd_megatron.config.opd import OpdSection
 from opd_megatron.config.presets import with_preset
 from opd_megatron.config.sections import (CheckpointSection, DataSection, EvalSection, LoggingSection, ModelSection,
@@ -307,7 +307,7 @@ def _fill_from_hf(raw: dict[str, Any]) -> None:
         return
     raw["model"] = resolve_from_hf(model, "model")
     data = raw.setdefault("data", {})
-    if isinstance(data, dict) and "tokenizer" not in data and tokenizer_vocab_size(model["from_hf"]) is not None:
+    if isinstance(data, dict) and "tokenizer" not in data and (Path(model["from_hf"]) / TOKENIZER_FILE).is_file():
         data["tokenizer"] = model["from_hf"]
 
 
