@@ -78,6 +78,7 @@ def checkpoint_faults(ckpts: str) -> dict:
     dist.barrier()
     seen["after_failed_save"] = sorted(p.name for p in root.iterdir())
     seen["latest_after_failed_save"] = (root / "latest").read_text()
+    dist.barrier()  # both ranks have listed the directory before rank 0 adds iteration 9 to it
     # 2. a complete iteration 9 beside (a copy of iteration 1), then a save of iteration 3 with keep_last=1.
     if ctx.rank == 0:
         shutil.copytree(root / "iter_0000001", root / "iter_0000009")
@@ -85,6 +86,7 @@ def checkpoint_faults(ckpts: str) -> dict:
     checkpoint.save_checkpoint(root, 3, trainable, ctx, {}, cfg.to_dict(), keep_last=1)
     seen["after_keep_last"] = sorted(p.name for p in root.iterdir())
     seen["resolved_after_keep_last"] = str(checkpoint.resolve_checkpoint(root))
+    dist.barrier()  # both ranks have listed and resolved before rank 0 truncates a shard of iteration 3
     # 3. truncate one of rank 1's shards of iteration 3 (the one `latest` names).
     if ctx.rank == 0:
         shard = root / "iter_0000003" / "__1_0.distcp"
