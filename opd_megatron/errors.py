@@ -10,3 +10,13 @@ class ReportedError(Exception):
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN/inf; the last checkpoint is kept and nothing is saved over it."""
+
+
+class RolloutServerError(ReportedError):
+    """A rollout server (rollout.engine vllm / sglang) is down, answers garbage, lost its weights or cannot reload
+    them; the message names the server and the evidence."""
+
+
+class RolloutMismatchError(ReportedError):
+    """A served engine's log-probs disagree with the trainer's on the same tokens beyond the configured bound
+    before training (wrong weights, tokenizer, logprobs mode or padded vocabulary)."""

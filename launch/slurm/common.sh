@@ -35,25 +35,45 @@ except Exception:
     sys.exit(1)' "$1"
 }
 
-# wait_healthy NAME URL PID TIMEOUT_S LOGFILE: poll URL every 2 s, bounded by TIMEOUT_S and a try count; fail
-# at once, naming the teacher and quoting its log, if its srun step (PID) exits first.
+# rollout_command KIND: a rollout server's command line (in ROLLOUT_CMD) for the student's rollouts
+# (rollout.engine: vllm | sglang, rollout/served.py): the ROLLOUT_* variables, plus what a rollout server needs:
+# vLLM: the dev-mode weight-sync routes, behaviour log-probs after temperature/top-k/top-p, no sampling defaults from
+# the checkpoint; SGLang: deterministic inference, without which it ignores the per-row sampling seeds.
+rollout_command() {
+  local extra=()
+  read -r -a extra <<< "${ROLLOUT_ARGS:-}"
+  case "$1" in
+    vllm)   ROLLOUT_CMD=(env VLLM_SERVER_DEV_MODE=1 "$ROLLOUT_PYTHON" -m vllm.entrypoints.openai.api_server
+                         --model "$ROLLOUT_MODEL" --served-model-name "$ROLLOUT_NAME"
+                         --tensor-parallel-size "$ROLLOUT_TP" --host "$ROLLOUT_BIND" --port "$ROLLOUT_PORT"
+                         --logprobs-mode processed_logprobs --generation-config vllm "${extra[@]}") ;;
+    sglang) ROLLOUT_CMD=("$ROLLOUT_PYTHON" -m sglang.launch_server --model-path "$ROLLOUT_MODEL"
+                         --served-model-name "$ROLLOUT_NAME" --tp "$ROLLOUT_TP" --host "$ROLLOUT_BIND"
+                         --port "$ROLLOUT_PORT" --enable-deterministic-inference "${extra[@]}") ;;
+    *) log "ROLLOUT_KIND=$1: expected vllm, sglang or none"; return 2 ;;
+  esac
+}
+
+# wait_healthy NAME URL PID TIMEOUT_S LOGFILE [ROLE]: poll URL every 2 s, bounded by TIMEOUT_S and a try count;
+# fail at once, naming the server (ROLE: teacher, the default, or rollout) and quoting its log, if its srun step
+# (PID) exits first.
 wait_healthy() {
-  local name=$1 url=$2 pid=$3 timeout_s=$4 logfile=$5 begin=$SECONDS try rc
+  local name=$1 url=$2 pid=$3 timeout_s=$4 logfile=$5 role=${6:-teacher} begin=$SECONDS try rc
   for ((try = 0; try <= timeout_s / 2; try++)); do
     if http_ok "$url"; then
-      log "teacher $name healthy at $url after $((SECONDS - begin)) s"
+      log "$role $name healthy at $url after $((SECONDS - begin)) s"
       return 0
     fi
     if ! kill -0 "$pid" 2>/dev/null; then
       rc=0; wait "$pid" || rc=$?
-      log "ERROR: teacher $name exited (code $rc) before $url answered; its log $logfile ends:"
+      log "ERROR: $role $name exited (code $rc) before $url answered; its log $logfile ends:"
       tail -n 20 "$logfile" >&2 || true
       return 1
     fi
     ((SECONDS - begin < timeout_s)) || break
     sleep 2
   done
-  log "ERROR: teacher $name not healthy at $url after $((SECONDS - begin)) s (TEACHER_WAIT_S=$timeout_s); its log" \
+  log "ERROR: $role $name not healthy at $url after $((SECONDS - begin)) s (${role^^}_WAIT_S=$timeout_s); its log" \
       "$logfile ends:"
   tail -n 20 "$logfile" >&2 || true
   return 1

@@ -4,7 +4,8 @@ model, the parallel layout, data, optimizer, checkpoints, logging, rollouts, eva
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -177,11 +178,29 @@ class ParallelSection:
 
 
 @dataclass
+class BlendCorpusSection:
+    """One corpus of `data.blend`: an indexed dataset's prefix and its weight (normalised over the blend)."""
+    path: str = ""
+    weight: float = 1.0
+
+
+@dataclass
 class DataSection:
     """Training data. `jsonl`: one JSON object a line, with `prompt`+`response` (loss on the response) or `text`
-    (loss on every token). `indexed`: megatron-core `.bin/.idx` written by `opd-megatron preprocess`."""
+    (loss on every token). `indexed`: megatron-core `.bin/.idx` written by `opd-megatron preprocess`, one corpus
+    (`path`) or a weighted blend (`blend`), cut into fixed windows of packed documents (data/indexed.py)."""
     format: Literal["jsonl", "indexed"] = "jsonl"
     path: str = ""                  # a .jsonl file, or the prefix of an indexed dataset (without .bin/.idx)
+    # indexed only, instead of `path`: [{path: /data/web, weight: 0.7}, {path: /data/code, weight: 0.3}]; each
+    # sample comes from one corpus with probability weight / sum(weights), in an order fixed by run.seed.
+    blend: list[BlendCorpusSection] = field(default_factory=list)
+    # indexed only: documents packed into one window (megatron GPTDataset's options, same meaning). eod_mask_loss:
+    # the label that opens the next document (predicted from the previous one) does not train; reset_position_ids:
+    # positions restart at each document (read by learned_absolute embeddings; RoPE is relative); reset_attention_mask:
+    # a token attends only to its own document (megatron-core's local layer spec; refused with TransformerEngine's).
+    eod_mask_loss: bool = True
+    reset_position_ids: bool = False
+    reset_attention_mask: bool = False
     tokenizer: str = "byte"         # "byte" (built-in byte-level), or a directory / tokenizer.json of an HF tokenizer
     seq_length: int = 128
     prompt_key: str = "prompt"
@@ -193,6 +212,15 @@ class DataSection:
 
     def validate(self) -> None:
         require(self.seq_length >= 2, "data.seq_length", "an integer >= 2", self.seq_length)
+        if self.blend:
+            require(self.format == "indexed", "data.blend", "empty unless data.format is indexed", self.blend)
+            require(not self.path, "data.path", "empty when data.blend is set (the blend names its corpora)",
+                    self.path)
+            for i, corpus in enumerate(self.blend):
+                require(bool(corpus.path), f"data.blend[{i}].path",
+                        "the prefix of an indexed dataset (without .bin/.idx)", corpus.path)
+                require(math.isfinite(corpus.weight) and corpus.weight > 0, f"data.blend[{i}].weight",
+                        "a positive finite number", corpus.weight)
 
 
 @dataclass
@@ -288,9 +316,33 @@ class RolloutSection:
     top_k: int = 0
     max_new_tokens: int = 16
     stop_at_eos: bool = True
-    engine: Literal["megatron"] = "megatron"   # the RolloutEngine; a served student engine plugs in here
+    # The RolloutEngine: `megatron` samples from the training student in-process (the embedded default); `vllm` /
+    # `sglang` from servers holding a copy of its weights, synced every `sync_interval` updates (rollout/served.py:
+    # vLLM runs with VLLM_SERVER_DEV_MODE=1, --logprobs-mode processed_logprobs and --generation-config vllm;
+    # rollout/served_sglang.py: SGLang with --enable-deterministic-inference).
+    engine: Literal["megatron", "vllm", "sglang"] = "megatron"
+    server: "RolloutServerSection" = field(default_factory=lambda: RolloutServerSection())
+    sync_interval: int = 1
+    # Served engines: rollouts of up to this many later steps are generated while a step trains (0: none; each row
+    # then trains at most max_staleness updates after the weights that sampled it: loop/rollouts_ahead.py).
+    max_staleness: int = 0
+    # Before the first update the trainer's log-probs of the engine's first batch, under the distribution the engine
+    # sampled from, are compared with the engine's: a mean |log pi_train - log mu| above this is an error (wrong
+    # weights, tokenizer, logprobs mode or padded vocabulary), never a run that trains on it.
+    max_initial_mismatch: float = 0.02
 
     def validate(self) -> None:
+        require(self.sync_interval >= 1, "rollout.sync_interval", "an integer >= 1 (updates between weight syncs)",
+                self.sync_interval)
+        require(self.max_initial_mismatch > 0, "rollout.max_initial_mismatch", "a positive number (nats)",
+                self.max_initial_mismatch)
+        require(self.max_staleness >= 0, "rollout.max_staleness", "an integer >= 0", self.max_staleness)
+        if self.engine != "megatron":
+            self.server.validate("rollout.server.")
+        elif self.max_staleness:
+            raise ConfigError(f"rollout.max_staleness={self.max_staleness} needs a served engine (rollout.engine: "
+                              f"vllm or sglang): the in-process sampler shares the student's weights, so it cannot sample "
+                              f"ahead while they train")
         for key in ("prompts_per_step", "samples_per_prompt", "max_new_tokens"):
             require(getattr(self, key) >= 1, f"rollout.{key}", "an integer >= 1", getattr(self, key))
         require(self.temperature > 0 and math.isfinite(self.temperature), "rollout.temperature",
@@ -304,6 +356,83 @@ class RolloutSection:
             if self.task not in TASKS:
                 raise ConfigError(f"rollout.task: unknown task {self.task!r}; expected one of {sorted(TASKS)}"
                                   f"{did_you_mean(self.task, TASKS)}")
+
+
+@dataclass
+class ServerSection:
+    """A served model (a teacher or the rollout servers; SGLang, vLLM): where it is, what it serves, and the
+    transport knobs."""
+    urls: list[str] = field(default_factory=list)  # base URLs, e.g. ["http://10.0.0.5:30000"]; a router is one URL
+    model: str = ""                  # served model name (vLLM's "model"; checked against the server's identity)
+    vocab_size: int = 0              # the tokenizer's true size (not a padded embedding's, e.g. 151936 not 152064)
+    max_topk: Optional[int] = None   # cap on top-k (vLLM: the server's --max-logprobs, 20 by default)
+    max_extra_ids: int = 256         # SGLang: bound on the distinct extra ids (student top-k) sent per row
+    timeout_s: float = 120.0         # per request (read/write/pool)
+    connect_timeout_s: float = 5.0
+    max_retries: int = 4             # retries after the first attempt
+    backoff_s: float = 0.5           # first retry waits ~backoff_s, doubling, jittered in [0.5, 1] x
+    backoff_max_s: float = 10.0
+    max_retry_time_s: float = 300.0  # a request gives up once this much time has passed since its first attempt
+    max_inflight: int = 8            # concurrent requests, all servers together
+    max_tokens_per_request: int = 32768  # rows are packed into one request up to this many tokens
+    max_rows_per_request: int = 64
+    balance: Literal["least_inflight", "round_robin"] = "least_inflight"
+    # The API key (sent as a Bearer header) comes from the environment or a file, never from the config itself:
+    api_key_env: Optional[str] = None    # NAME of the environment variable holding it (e.g. OPD_TEACHER_API_KEY)
+    api_key_file: Optional[str] = None   # or a file holding it (its first line; e.g. a mounted secret)
+    check_on_start: bool = True      # health + identity of every URL at construction
+    reply_retries: int = 2           # a batch whose reply is rejected (malformed, non-finite, out of range, another
+    #                                  model) is asked again this many times before the run stops; never trained on
+
+    def validate(self, prefix: str = "teacher.server.") -> None:
+        urls = self.urls
+        require(isinstance(urls, (list, tuple)) and len(urls) > 0
+                and all(isinstance(u, str) and u.startswith(("http://", "https://")) for u in urls),
+                f"{prefix}urls", "a non-empty list of http(s):// base URLs", urls)
+        require(isinstance(self.vocab_size, int) and self.vocab_size >= 1, f"{prefix}vocab_size",
+                "the teacher tokenizer's true vocabulary size (an integer >= 1)", self.vocab_size)
+        require(self.max_topk is None or self.max_topk >= 0, f"{prefix}max_topk", "None or an integer >= 0",
+                self.max_topk)
+        for key in ("max_extra_ids", "max_inflight", "max_tokens_per_request", "max_rows_per_request"):
+            require(getattr(self, key) >= 1, f"{prefix}{key}", "an integer >= 1", getattr(self, key))
+        require(self.max_retries >= 0, f"{prefix}max_retries", "an integer >= 0", self.max_retries)
+        for key in ("timeout_s", "connect_timeout_s", "backoff_max_s", "max_retry_time_s"):
+            require(getattr(self, key) > 0, f"{prefix}{key}", "a positive number of seconds", getattr(self, key))
+        require(self.backoff_s >= 0, f"{prefix}backoff_s", "a number of seconds >= 0", self.backoff_s)
+        require(self.reply_retries >= 0, f"{prefix}reply_retries", "an integer >= 0", self.reply_retries)
+        # The value is never echoed: a key pasted here by mistake must not reach a log or an error message.
+        if self.api_key_env is not None and not re.fullmatch(r"[A-Z_][A-Z0-9_]{0,127}", str(self.api_key_env)):
+            raise ConfigError(f"{prefix}api_key_env: expected the NAME of an environment variable (upper-case "
+                              f"letters, digits and _, e.g. OPD_TEACHER_API_KEY), got a value that is not one (not "
+                              f"shown: it may be the key itself). Put the key in that variable, or in a file named "
+                              f"by {prefix}api_key_file; a key is never written in the config")
+        if self.api_key_file is not None and not (isinstance(self.api_key_file, str) and "/" in self.api_key_file):
+            raise ConfigError(f"{prefix}api_key_file: expected the path of a file holding the API key, with a '/' "
+                              f"(e.g. /run/secrets/teacher_key or ./teacher.key), got a value that is not one (not "
+                              f"shown: it may be the key itself)")
+        require(self.api_key_env is None or self.api_key_file is None, f"{prefix}api_key_env",
+                f"at most one of {prefix}api_key_env and {prefix}api_key_file", "both")
+
+
+@dataclass
+class RolloutServerSection(ServerSection):
+    """The rollout servers of a served engine (rollout.engine vllm): the client knobs of a served teacher's
+    `server` section (urls, model, retries, balancing; `vocab_size` 0 = the student's), plus where the weights are
+    published for them to reload."""
+    # How the weights reach the servers: `disk` (an HF export each server reloads: works everywhere), `nccl` (vLLM's
+    # weight-transfer engine, GPUs, parallel.pp 1: rollout/nccl_sync.py), `auto` (nccl on a GPU at pp 1, else disk).
+    sync: Literal["auto", "disk", "nccl"] = "auto"
+    bucket_mb: int = 1024           # nccl: the bytes of one broadcast
+    weights_dir: str = ""           # disk: a directory every server can read; "" = <run_dir>/rollout-weights
+    keep_versions: int = 2          # disk: published versions kept (a restarted server reloads the newest)
+
+    def validate(self, prefix: str = "rollout.server.") -> None:
+        require(self.vocab_size >= 0, f"{prefix}vocab_size", "0 (the student's) or the student's true vocabulary "
+                "size", self.vocab_size)
+        # The shared checks, with 0 standing for the student's vocabulary (known when the engine is built).
+        ServerSection.validate(replace(self, vocab_size=self.vocab_size or 1), prefix)
+        require(self.keep_versions >= 1, f"{prefix}keep_versions", "an integer >= 1", self.keep_versions)
+        require(self.bucket_mb >= 1, f"{prefix}bucket_mb", "an integer >= 1 (MiB per broadcast)", self.bucket_mb)
 
 
 @dataclass

@@ -10,73 +10,18 @@ sub-section per kind of teacher.
       multi:        {members, routes, default, mixture, weights}
       self_teacher: {mode, ema_decay, insert, keep}    kind self
 
-A section of another kind than `kind` is not read. `ServerSection` is the served teachers' client schema; the client
-(`teachers/http.py: HTTPTeacherConfig`) is this section plus the teacher's temperature.
+A section of another kind than `kind` is not read. `ServerSection` (config/sections.py, shared with the rollout
+servers) is the served teachers' client schema; the client (`teachers/http.py: HTTPTeacherConfig`) is this section
+plus the teacher's temperature.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from opd_megatron.config.loader import ConfigError, require
-from opd_megatron.config.sections import ModelSection
-
-
-@dataclass
-class ServerSection:
-    """A served teacher (SGLang, vLLM): where it is, what it serves, and the transport knobs."""
-    urls: list[str] = field(default_factory=list)  # base URLs, e.g. ["http://10.0.0.5:30000"]; a router is one URL
-    model: str = ""                  # served model name (vLLM's "model"; checked against the server's identity)
-    vocab_size: int = 0              # the tokenizer's true size (not a padded embedding's, e.g. 151936 not 152064)
-    max_topk: Optional[int] = None   # cap on top-k (vLLM: the server's --max-logprobs, 20 by default)
-    max_extra_ids: int = 256         # SGLang: bound on the distinct extra ids (student top-k) sent per row
-    timeout_s: float = 120.0         # per request (read/write/pool)
-    connect_timeout_s: float = 5.0
-    max_retries: int = 4             # retries after the first attempt
-    backoff_s: float = 0.5           # first retry waits ~backoff_s, doubling, jittered in [0.5, 1] x
-    backoff_max_s: float = 10.0
-    max_retry_time_s: float = 300.0  # a request gives up once this much time has passed since its first attempt
-    max_inflight: int = 8            # concurrent requests, all servers together
-    max_tokens_per_request: int = 32768  # rows are packed into one request up to this many tokens
-    max_rows_per_request: int = 64
-    balance: Literal["least_inflight", "round_robin"] = "least_inflight"
-    # The API key (sent as a Bearer header) comes from the environment or a file, never from the config itself:
-    api_key_env: Optional[str] = None    # NAME of the environment variable holding it (e.g. OPD_TEACHER_API_KEY)
-    api_key_file: Optional[str] = None   # or a file holding it (its first line; e.g. a mounted secret)
-    check_on_start: bool = True      # health + identity of every URL at construction
-    reply_retries: int = 2           # a batch whose reply is rejected (malformed, non-finite, out of range, another
-    #                                  model) is asked again this many times before the run stops; never trained on
-
-    def validate(self, prefix: str = "teacher.server.") -> None:
-        urls = self.urls
-        require(isinstance(urls, (list, tuple)) and len(urls) > 0
-                and all(isinstance(u, str) and u.startswith(("http://", "https://")) for u in urls),
-                f"{prefix}urls", "a non-empty list of http(s):// base URLs", urls)
-        require(isinstance(self.vocab_size, int) and self.vocab_size >= 1, f"{prefix}vocab_size",
-                "the teacher tokenizer's true vocabulary size (an integer >= 1)", self.vocab_size)
-        require(self.max_topk is None or self.max_topk >= 0, f"{prefix}max_topk", "None or an integer >= 0",
-                self.max_topk)
-        for key in ("max_extra_ids", "max_inflight", "max_tokens_per_request", "max_rows_per_request"):
-            require(getattr(self, key) >= 1, f"{prefix}{key}", "an integer >= 1", getattr(self, key))
-        require(self.max_retries >= 0, f"{prefix}max_retries", "an integer >= 0", self.max_retries)
-        for key in ("timeout_s", "connect_timeout_s", "backoff_max_s", "max_retry_time_s"):
-            require(getattr(self, key) > 0, f"{prefix}{key}", "a positive number of seconds", getattr(self, key))
-        require(self.backoff_s >= 0, f"{prefix}backoff_s", "a number of seconds >= 0", self.backoff_s)
-        require(self.reply_retries >= 0, f"{prefix}reply_retries", "an integer >= 0", self.reply_retries)
-        # The value is never echoed: a key pasted here by mistake must not reach a log or an error message.
-        if self.api_key_env is not None and not re.fullmatch(r"[A-Z_][A-Z0-9_]{0,127}", str(self.api_key_env)):
-            raise ConfigError(f"{prefix}api_key_env: expected the NAME of an environment variable (upper-case "
-                              f"letters, digits and _, e.g. OPD_TEACHER_API_KEY), got a value that is not one (not "
-                              f"shown: it may be the key itself). Put the key in that variable, or in a file named "
-                              f"by {prefix}api_key_file; a key is never written in the config")
-        if self.api_key_file is not None and not (isinstance(self.api_key_file, str) and "/" in self.api_key_file):
-            raise ConfigError(f"{prefix}api_key_file: expected the path of a file holding the API key, with a '/' "
-                              f"(e.g. /run/secrets/teacher_key or ./teacher.key), got a value that is not one (not "
-                              f"shown: it may be the key itself)")
-        require(self.api_key_env is None or self.api_key_file is None, f"{prefix}api_key_env",
-                f"at most one of {prefix}api_key_env and {prefix}api_key_file", "both")
+from opd_megatron.config.loader import require
+from opd_megatron.config.sections import ModelSection, ServerSection  # noqa: F401  (ServerSection: re-exported)
 
 
 @dataclass

@@ -1,11 +1,14 @@
 """Which samples each step trains on: a resumable global-batch order, and one data-parallel rank's share of it.
 
-Every rank builds the same GlobalBatchSampler and draws the same global batches (no communication needed);
-`split_for_rank` then hands each data-parallel rank its contiguous slice, cut into micro-batches.
+Every rank builds the same sampler and draws the same global batches (no communication needed); `split_for_rank`
+then hands each data-parallel rank its contiguous slice, cut into micro-batches. Two samplers: GlobalBatchSampler
+shuffles a finite dataset epoch by epoch (JSONL); StreamBatchSampler takes consecutive indices of an endless order
+that the dataset already shuffled (an indexed corpus blend, data/indexed.py::CorpusBlend).
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any, Iterator
 
 import torch
@@ -63,6 +66,9 @@ class GlobalBatchSampler:
         return {"epoch": self.epoch, "position": self.position, "consumed_samples": self.consumed_samples}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "epoch" not in state:
+            raise ValueError(f"sampler state {dict(state)} is not an epoch sampler's (a JSONL dataset's); was the "
+                             f"checkpoint saved by a run on an indexed corpus (data.format: indexed)?")
         epoch, position, consumed = int(state["epoch"]), int(state["position"]), int(state["consumed_samples"])
         # consumed = epoch * num_samples + position holds only for the dataset size the state was saved with.
         if not 0 <= position < self.num_samples or epoch * self.num_samples + position != consumed:
@@ -71,6 +77,51 @@ class GlobalBatchSampler:
                              f"training data change since the checkpoint?")
         self.epoch, self.position, self.consumed_samples = epoch, position, consumed
         self._order = self._epoch_order(epoch)
+
+
+class StreamBatchSampler:
+    """Yields consecutive global batches of an endless sample order: batch b is samples [b*G, (b+1)*G).
+
+    The dataset owns the order (a blend's windows, shuffled by the seed); the position is the consumed-sample count.
+    The state also records `order`, a description of what the order is drawn from (CorpusBlend.order_description:
+    corpus sizes, weights, seed, seq_length), and a resume whose order differs is refused rather than continued on
+    other samples.
+    """
+
+    def __init__(self, global_batch_size: int, order: dict[str, Any]) -> None:
+        if global_batch_size < 1:
+            raise ValueError(f"StreamBatchSampler: global_batch_size must be >= 1, got {global_batch_size}")
+        self.global_batch_size = global_batch_size
+        # As it comes back from a checkpoint (tuples as lists): compared with what a resume saved.
+        self.order = json.loads(json.dumps(order))
+        self.consumed_samples = 0
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return self
+
+    def __next__(self) -> list[int]:
+        batch = list(range(self.consumed_samples, self.consumed_samples + self.global_batch_size))
+        self.consumed_samples += self.global_batch_size
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"consumed_samples": self.consumed_samples, "order": self.order}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "order" not in state:
+            raise ValueError(f"sampler state {dict(state)} is not a stream sampler's (an indexed corpus's); was the "
+                             f"checkpoint saved by a run on JSONL data (data.format: jsonl)?")
+        saved = json.loads(json.dumps(state["order"]))
+        if saved != self.order:
+            changed = sorted(key for key in set(saved) | set(self.order) if saved.get(key) != self.order.get(key))
+            raise ValueError(f"the indexed data changed since the checkpoint ({', '.join(changed)} differ: saved "
+                             f"{ {key: saved.get(key) for key in changed} }, now "
+                             f"{ {key: self.order.get(key) for key in changed} }); resuming would read other "
+                             f"samples than the interrupted run. Restore the data config or start a new run")
+        consumed = int(state["consumed_samples"])
+        if consumed < 0:
+            raise ValueError(f"sampler state {dict(state)}: consumed_samples must be >= 0")
+        self.consumed_samples = consumed
 
 
 def split_for_rank(global_indices: list[int], dp_rank: int, dp_size: int, micro_batch_size: int) -> list[list[int]]:

@@ -25,10 +25,14 @@ class DataError(ValueError):
 
 @dataclass
 class SftSample:
-    """One training sequence of length S, already shifted: labels[t] is the token that follows tokens[t]."""
+    """One training sequence of length S, already shifted: labels[t] is the token that follows tokens[t].
+    Several documents packed into one sequence (an indexed corpus, data/indexed.py) may carry per-position
+    position ids and document ids; None means the sequence is one document at positions 0..S-1."""
     tokens: torch.Tensor      # [S] int64 input ids
     labels: torch.Tensor      # [S] int64 next-token targets (pad_id where padded: always a valid id)
     loss_mask: torch.Tensor   # [S] float32, 1.0 where labels[t] trains
+    position_ids: Optional[torch.Tensor] = None   # [S] int64, restarting at each document (data.reset_position_ids)
+    document_ids: Optional[torch.Tensor] = None   # [S] int64, each position's document (data.reset_attention_mask)
 
 
 @dataclass
@@ -36,17 +40,48 @@ class SftBatch:
     tokens: torch.Tensor      # [B, S] int64
     labels: torch.Tensor      # [B, S] int64
     loss_mask: torch.Tensor   # [B, S] float32
+    position_ids: Optional[torch.Tensor] = None   # [B, S] int64, or None: 0..S-1 in every row
+    document_ids: Optional[torch.Tensor] = None   # [B, S] int64, or None: each row one document
 
     def to(self, device: torch.device | str) -> "SftBatch":
-        return SftBatch(self.tokens.to(device), self.labels.to(device), self.loss_mask.to(device))
+        return SftBatch(self.tokens.to(device), self.labels.to(device), self.loss_mask.to(device),
+                        None if self.position_ids is None else self.position_ids.to(device),
+                        None if self.document_ids is None else self.document_ids.to(device))
+
+    def model_inputs(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """(input ids [B, S], position ids [B, S], attention mask [B, 1, S, S] or None) for the student's forward
+        (student/schedule.py). The mask, where document ids are given, is True where query t may not attend to key
+        u: u > t or another document (megatron-core's convention: masked scores are filled with -10000); None
+        leaves the plain causal mask to the attention."""
+        tokens = self.tokens.to(device)
+        if self.position_ids is not None:
+            position_ids = self.position_ids.to(device)
+        else:
+            position_ids = torch.arange(tokens.shape[1], device=device).unsqueeze(0).expand_as(tokens)
+        if self.document_ids is None:
+            return tokens, position_ids, None
+        documents = self.document_ids.to(device)
+        causal = torch.ones(tokens.shape[1], tokens.shape[1], dtype=torch.bool, device=device).tril()
+        same_document = documents.unsqueeze(2) == documents.unsqueeze(1)   # [B, S query, S key]
+        return tokens, position_ids, (~(same_document & causal)).unsqueeze(1)
 
 
 def collate(samples: Sequence[SftSample]) -> SftBatch:
     if not samples:
         raise ValueError("collate: expected at least one sample")
+
+    def stacked(name: str, values: list[Optional[torch.Tensor]]) -> Optional[torch.Tensor]:
+        if all(v is None for v in values):
+            return None
+        if any(v is None for v in values):
+            raise ValueError(f"collate: some samples have {name} and some not; expected samples of one dataset")
+        return torch.stack(values)
+
     return SftBatch(tokens=torch.stack([s.tokens for s in samples]),
                     labels=torch.stack([s.labels for s in samples]),
-                    loss_mask=torch.stack([s.loss_mask for s in samples]))
+                    loss_mask=torch.stack([s.loss_mask for s in samples]),
+                    position_ids=stacked("position_ids", [s.position_ids for s in samples]),
+                    document_ids=stacked("document_ids", [s.document_ids for s in samples]))
 
 
 def make_sample(ids: Sequence[int], first_trained: int, seq_length: int, pad_id: int) -> SftSample:

@@ -34,11 +34,12 @@ from megatron.core import parallel_state
 
 from opd_megatron.config import RunConfig
 from opd_megatron.data.tokenizer import check_vocab_fits, load_tokenizer
-from opd_megatron.errors import NonFiniteLossError
+from opd_megatron.errors import NonFiniteLossError, RolloutMismatchError
 from opd_megatron.loop.common import (Checkpointer, LoadMeaning, RunDirectory, StepLoop, StopRequest, TrainResult,
                                       run_steps, starting_point)
 from opd_megatron.loop.evaluation import Evaluator, describe
 from opd_megatron.loop.metrics import MetricsWriter
+from opd_megatron.loop.rollouts_ahead import RolloutsAhead
 from opd_megatron.loop.objective import MicroBatchStats, OpdObjective, StudentInput, normalizer_weights
 from opd_megatron.loop.teacher_scoring import TeacherScoring, scoring_rank
 from opd_megatron.math.cr_opd import RoutingStats
@@ -49,8 +50,10 @@ from opd_megatron.math.mixtures import OnPolicyMixture
 from opd_megatron.parallel import divergences as vp
 from opd_megatron.rollout.batch import RolloutBatch
 from opd_megatron.rollout.engine import MegatronRolloutEngine, RolloutEngine
-from opd_megatron.rollout.generate import SamplingConfig
+from opd_megatron.rollout.generate import SamplingConfig, sampling_token_logprobs
 from opd_megatron.rollout.prompts import PromptSource, with_prompt_context
+from opd_megatron.rollout.served import build_vllm_engine
+from opd_megatron.rollout.served_sglang import build_sglang_engine
 from opd_megatron.student.checkpoint import load_checkpoint, resolve_checkpoint
 from opd_megatron.student.distributed import ParallelContext, destroy_parallel, init_parallel
 from opd_megatron.student.hf_bridge import load_hf_weights
@@ -89,15 +92,20 @@ class OpdProgress:
 
 class OpdRankState:
     """One rank's shard of an OPD checkpoint (restored at the same layout only), from the parts that hold one: the
-    batch teacher.overlap scores ahead (`pending`, `pending_extra_ids`), the teacher's state (`self_teacher`, left
+    batch teacher.overlap scores ahead (`pending`, `pending_extra_ids`), the rollouts already requested for later
+    steps (`rollouts_ahead`, rollout.max_staleness), the teacher's state (`self_teacher`, left
     out when the teacher has none: so far only a self-teacher has one) and the value head's (`value_head`, last
     pipeline stage)."""
 
-    def __init__(self, scoring: TeacherScoring, teacher: Teacher, value_head: Optional[ValueHead]):
-        self.scoring, self.teacher, self.value_head = scoring, teacher, value_head
+    def __init__(self, scoring: TeacherScoring, teacher: Teacher, value_head: Optional[ValueHead],
+                 rollouts: RolloutsAhead):
+        self.scoring, self.teacher, self.value_head, self.rollouts = scoring, teacher, value_head, rollouts
 
     def state_dict(self) -> dict:
         state = self.scoring.state_dict()
+        ahead = self.rollouts.state_dict()
+        if ahead["batches"]:
+            state["rollouts_ahead"] = ahead
         teacher = self.teacher.state_dict()
         if teacher:
             state["self_teacher"] = teacher
@@ -111,6 +119,8 @@ class OpdRankState:
             self.value_head.load(state["value_head"])
         if "self_teacher" in state:
             self.teacher.load_state_dict(state["self_teacher"])
+        if "rollouts_ahead" in state:
+            self.rollouts.load_state_dict(state["rollouts_ahead"])
         self.scoring.load_state_dict(state)
 
 
@@ -130,7 +140,8 @@ class OpdRun(StepLoop):
         self.progress = OpdProgress(self.engine, self.scoring)
         self.checkpointer = Checkpointer(cfg, ctx, self.trainable, self.run_dir.checkpoints,
                                          shared={"opd": self.progress},
-                                         per_rank=OpdRankState(self.scoring, self.teacher, self.value_head))
+                                         per_rank=OpdRankState(self.scoring, self.teacher, self.value_head,
+                                                               self.rollouts))
         self.step = 0
         # Seconds over this process's training steps (evaluations not included): sampling rollouts, on the teacher
         # (waiting for a served teacher's scores; a dense teacher's forwards inside the loss), in the updates (the
@@ -178,8 +189,18 @@ class OpdRun(StepLoop):
         cfg, ctx = self.cfg, self.ctx
         self.student = build_student(cfg.model, cfg.parallel, ctx.device)
         self.trainable = wrap_for_training(self.student, cfg.optim, cfg.model, cfg.run.train_steps)
-        self.engine = MegatronRolloutEngine(self.trainable.ddp, self.vocab, self.tokenizer.pad_id,
-                                            cfg.model.max_position_embeddings, cfg.run.seed)
+        if cfg.rollout.engine != "megatron":
+            build = build_sglang_engine if cfg.rollout.engine == "sglang" else build_vllm_engine
+            self.engine: RolloutEngine = build(cfg, ctx, self.trainable.module, self.vocab, self.tokenizer.pad_id,
+                                               self.run_dir.path)
+        else:
+            self.engine = MegatronRolloutEngine(self.trainable.ddp, self.vocab, self.tokenizer.pad_id,
+                                                cfg.model.max_position_embeddings, cfg.run.seed)
+        self.rollouts = RolloutsAhead(
+            self.engine, self.sampling, lambda step: self.source.prompts(step, ctx.dp_rank, ctx.dp,
+                                                                         self.prompts_per_rank),
+            self.mixture.is_on_policy, cfg.run.train_steps, cfg.rollout.max_staleness)
+        self.engine_agreement: dict[str, float] = {}
         self.eval_engine = MegatronRolloutEngine(self.trainable.ddp, self.vocab, self.tokenizer.pad_id,
                                                  cfg.model.max_position_embeddings, cfg.run.seed + 1)
         self.teacher, self.compat = build_teacher(cfg, ctx.device, self.tokenizer, self.student.padded_vocab_size,
@@ -210,6 +231,10 @@ class OpdRun(StepLoop):
         self.step = self.checkpointer.restore(start)
         if start.restores_run and self.ctx.is_logging_rank:
             print(f"[opd-megatron] resumed from {start.path} at step {self.step}", flush=True)
+        # A served engine starts from the weights the run starts (or resumes) with, checked against the trainer.
+        if self.engine.holds_copy:
+            self.engine.sync_weights(self.step)
+            self._check_engine_agreement()
 
     def save(self) -> str:
         """A checkpoint of the run at its current step (collective)."""
@@ -229,11 +254,9 @@ class OpdRun(StepLoop):
         started = time.perf_counter()
         n = self.cfg.rollout.samples_per_prompt
         if self.mixture.is_on_policy(step):
-            prompts = self.source.prompts(step, self.ctx.dp_rank, self.ctx.dp, self.prompts_per_rank)
             # The noise is a pure function of (run seed, step, data-parallel rank, column): an exact resume
             # replays it, and no two data-parallel ranks share it.
-            batch = self.engine.generate([p.ids for p in prompts], self.sampling, [p.text for p in prompts],
-                                         policy_version=self.step, sample_key=("rollout", step))
+            prompts, batch = self.rollouts.take(step, self.engine.policy_version(self.step))
         else:
             prompts = self.source.prompts(step, self.ctx.dp_rank, self.ctx.dp, self.prompts_per_rank * n)
             missing = [p.text for p in prompts if p.reference is None]
@@ -286,6 +309,14 @@ class OpdRun(StepLoop):
             outcome = centred_rewards(scored.rewards, "group_mean", group_ids=scored.group_ids)
         reference = advantages = None
         whole_batch_baseline = opd.loss != "divergence" and credit.baseline in ("group_mean", "batch_mean")
+        if scored.behaviour_logprobs is not None and scored.old_logprobs is None and self.step > scored.policy_version:
+            # Stale rows of a served engine carry its `mu` but no pi_theta_old, and the weights that sampled them
+            # are gone: the current ones stand in as the proximal policy of decoupled PPO (Hilton et al. 2021, as
+            # AReaL does), so the PPO ratio starts at 1 and the sampler-mismatch weight pi_theta_old / mu carries
+            # the staleness and the engine's numerics, corrected by truncated IS (docs/opd-math.md, Route B).
+            # Fresh rows need nothing: the training forward's own log-probs are pi_theta_old.
+            old, _ = self._served_logprobs(scored, with_mu=False)
+            scored = replace(scored, old_logprobs=old) if old is not None else scored
         if self.reference is not None or whole_batch_baseline:
             micro = StudentInput.of(scored, self.cfg.parallel.micro_batch_size)
             if self.reference is not None:
@@ -352,6 +383,69 @@ class OpdRun(StepLoop):
         totals[1, : values.shape[1]] = (mask > 0).double().sum(0)
         dist.all_reduce(totals, group=group)
         return totals[0, : values.shape[1]].to(values.dtype), totals[1, : values.shape[1]].to(values.dtype)
+
+    def _served_logprobs(self, batch: RolloutBatch, with_mu: bool) -> tuple[Optional[torch.Tensor],
+                                                                               Optional[torch.Tensor]]:
+        """A forward-only pass with the current weights over rows a served engine sampled: the sampled tokens'
+        log-probs under the loss's distribution (full softmax at opd.student_temperature) and, with `with_mu`, under
+        the distribution the engine sampled from (rollout temperature, top-k, top-p). `[B, S]` each on the last
+        pipeline stage, None elsewhere."""
+        captured: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+        def loss_fn(logits, micro: StudentInput):
+            mb = micro.rollout
+            with torch.no_grad():
+                labels = mb.labels.to(logits.device)
+                mask = mb.loss_mask.to(logits.device) > 0
+                old = vp.vocab_parallel_token_logprobs(logits, labels, self.cfg.opd.student_temperature, self.vocab)
+                mu = sampling_token_logprobs(logits, labels, self.sampling, self.vocab) if with_mu else old
+                captured.append((torch.where(mask, old, 0.0).cpu(), torch.where(mask, mu, 0.0).cpu()))
+            return logits.sum() * 0.0, mb.loss_mask.sum()
+
+        forward_backward(self.trainable.ddp, StudentInput.of(batch, self.cfg.parallel.micro_batch_size), loss_fn,
+                         batch.tokens.shape[1] - 1, self.cfg.parallel.micro_batch_size, forward_only=True)
+        if not captured:
+            return None, None
+        return torch.cat([c[0] for c in captured]), (torch.cat([c[1] for c in captured]) if with_mu else None)
+
+    def _check_engine_agreement(self) -> None:
+        """Before the first update of this process (a run's start or resume): a probe batch (the step's first prompt
+        on each data-parallel rank, rollout.samples_per_prompt rows, its own sample key) from the engine just
+        synced, and mean |log mu_trainer - log mu_engine| over its response tokens on every rank (the last pipeline
+        stage computes, every rank learns) within rollout.max_initial_mismatch, else RolloutMismatchError with the
+        evidence."""
+        prompts = self.source.prompts(self.step, self.ctx.dp_rank, self.ctx.dp, 1)
+        batch = self.engine.generate([p.ids for p in prompts], self.sampling, [p.text for p in prompts],
+                                     policy_version=self.step, sample_key=("engine_check", self.step)).trimmed()
+        _, trainer_mu = self._served_logprobs(batch, with_mu=True)
+        totals = torch.zeros(4, dtype=torch.float64)
+        if trainer_mu is not None and parallel_state.get_tensor_model_parallel_rank() == 0:
+            keep = batch.loss_mask > 0
+            gap = (trainer_mu.double() - batch.behaviour_logprobs.double()).abs()[keep]
+            outside = ~torch.isfinite(gap)
+            gap = gap.nan_to_num(nan=50.0, posinf=50.0).clamp(max=50.0)
+            totals += torch.tensor([float(gap.sum()), float(keep.sum()), float(outside.sum()),
+                                    float(gap.max()) if gap.numel() else 0.0], dtype=torch.float64)
+        everyone = torch.zeros(self.ctx.world_size, 4, dtype=torch.float64)
+        gathered = list(everyone.unbind(0))
+        dist.all_gather(gathered, totals)
+        every = torch.stack(gathered)
+        tokens = float(every[:, 1].sum())
+        mean_gap = float(every[:, 0].sum()) / max(tokens, 1.0)
+        worst, outside = float(every[:, 3].max()), float(every[:, 2].sum())
+        self.engine_agreement = {"rollout/engine_logprob_gap_mean": mean_gap, "rollout/engine_logprob_gap_max":
+                                 worst, "rollout/engine_tokens_outside_support": outside}
+        if mean_gap > self.cfg.rollout.max_initial_mismatch:
+            raise RolloutMismatchError(
+                f"the rollout engine's log-probs disagree with the trainer's on a probe batch: mean |log mu_trainer"
+                f" - log mu_engine| = {mean_gap:.4g} nats over {int(tokens)} tokens (max {worst:.4g}; "
+                f"{int(outside)} tokens the trainer's sampling distribution cannot produce), above rollout."
+                f"max_initial_mismatch={self.cfg.rollout.max_initial_mismatch}. Does the server hold the student's "
+                f"weights and tokenizer, and run with --logprobs-mode processed_logprobs and --generation-config "
+                f"vllm?")
+        if self.ctx.is_logging_rank:
+            print(f"[opd-megatron] rollout engine agrees with the trainer: mean |log-prob gap| {mean_gap:.3g} nats "
+                  f"(max {worst:.3g}) over {int(tokens)} tokens", flush=True)
 
     def _reference_logprobs(self, batch: RolloutBatch, micro_batches: list[StudentInput]) -> Optional[torch.Tensor]:
         """The frozen reference's log-probs of the sampled tokens `[B, S]` (last stage; None elsewhere), by a
@@ -604,6 +698,10 @@ class OpdRun(StepLoop):
         batch, teacher = self.next_batch()
         metrics, _ = self.train_step(batch, teacher)
         self.step += 1
+        if self.engine.holds_copy and self.step % cfg.rollout.sync_interval == 0 and self.step < cfg.run.train_steps:
+            synced = time.perf_counter()
+            self.engine.sync_weights(self.step)
+            self.rollout_s += time.perf_counter() - synced
         self.steps_s += time.perf_counter() - started
         if metrics is not None:
             # time/step/*: this step's seconds; time/cumulative/*: their sums over this process's steps.
@@ -612,6 +710,8 @@ class OpdRun(StepLoop):
             metrics.update({f"time/cumulative/{k}": v for k, v in after.items()})
             # The global batch's response tokens trained on, per second of the whole step.
             metrics["tokens_per_s"] = metrics["tokens"] / max(metrics["time/step/wall_s"], 1e-9)
+            metrics.update(self.engine.stats())
+            metrics.update(self.engine_agreement)
         if cfg.eval.interval and self.step % cfg.eval.interval == 0 and self.step < cfg.run.train_steps:
             result = self.evaluator.evaluate()
             if metrics is not None:
@@ -655,6 +755,7 @@ def train_opd(cfg: RunConfig, ctx: ParallelContext, stop: StopRequest) -> TrainR
             result.wall_s = time.perf_counter() - started
     finally:
         run.teacher.close()
+        run.engine.close()
     summary = run.summary(result)
     if ctx.is_logging_rank:
         run_dir.write_summary(summary)

@@ -15,9 +15,9 @@ import time
 import torch
 
 from opd_megatron.config import RunConfig
-from opd_megatron.data import build_dataset
-from opd_megatron.data.batch_indices import GlobalBatchSampler, split_for_rank
-from opd_megatron.data.jsonl import JsonlDataset, collate
+from opd_megatron.data import build_batch_sampler, build_dataset
+from opd_megatron.data.batch_indices import split_for_rank
+from opd_megatron.data.jsonl import JsonlDataset, SftBatch, collate
 from opd_megatron.data.tokenizer import check_vocab_fits, load_tokenizer
 from opd_megatron.errors import NonFiniteLossError
 from opd_megatron.loop.common import (Checkpointer, LoadMeaning, RunDirectory, StepLoop, StopRequest, TrainResult,
@@ -37,9 +37,9 @@ class SftLoop(StepLoop):
         self.cfg, self.ctx, self.run_dir = cfg, ctx, run_dir
         tokenizer = load_tokenizer(cfg.data.tokenizer)
         check_vocab_fits(tokenizer, cfg.model.vocab_size)
-        self.dataset = build_dataset(cfg.data, tokenizer)
-        self.sampler = GlobalBatchSampler(len(self.dataset), cfg.parallel.global_batch_size, cfg.run.seed,
-                                          cfg.data.shuffle)
+        self.dataset = build_dataset(cfg.data, tokenizer, seed=cfg.run.seed)
+        self.sampler = build_batch_sampler(self.dataset, cfg.parallel.global_batch_size, cfg.run.seed,
+                                           cfg.data.shuffle)
         student = build_student(cfg.model, cfg.parallel, ctx.device)
         self.trainable = wrap_for_training(student, cfg.optim, cfg.model, cfg.run.train_steps)
         self.checkpointer = Checkpointer(cfg, ctx, self.trainable, run_dir.checkpoints,
@@ -64,7 +64,9 @@ class SftLoop(StepLoop):
         micro_batches = [collate([self.dataset[i] for i in ids])
                          for ids in split_for_rank(global_indices, self.ctx.dp_rank, self.ctx.dp, mbs)]
         zero_grads(self.trainable)
-        loss_sum, num_tokens = forward_backward(self.trainable.ddp, micro_batches, self.loss, cfg.data.seq_length, mbs)
+        # SftBatch.model_inputs: packed documents' own positions and attention where the data asks for them.
+        loss_sum, num_tokens = forward_backward(self.trainable.ddp, micro_batches, self.loss, cfg.data.seq_length, mbs,
+                                                model_inputs=SftBatch.model_inputs)
         loss = loss_sum / max(num_tokens, 1.0)
         if not torch.isfinite(torch.tensor(loss)):
             raise NonFiniteLossError(

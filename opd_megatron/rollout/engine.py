@@ -8,10 +8,19 @@ sync after each update) without touching the loop.
 from __future__ import annotations
 
 import abc
+from concurrent.futures import Future
 from typing import Optional, Sequence
 
 from opd_megatron.rollout.batch import RolloutBatch
 from opd_megatron.rollout.generate import MegatronSampler, SamplingConfig
+
+
+class RolloutTicket:
+    """A generate() call in flight (`RolloutEngine.submit`): `future` where the engine works in the background,
+    else the finished `batch`."""
+
+    def __init__(self, batch: Optional[RolloutBatch] = None, future: Optional[Future] = None):
+        self.batch, self.future = batch, future
 
 
 class RolloutEngine(abc.ABC):
@@ -24,8 +33,37 @@ class RolloutEngine(abc.ABC):
         `("rollout", step)`) names the call: its randomness is a pure function of (run seed, key, DP rank), so
         the same key repeats the same rollouts and the DP replicas draw independently; None: a call counter."""
 
+    def submit(self, prompts_ids: Sequence[Sequence[int]], config: SamplingConfig,
+               prompts: Optional[list[str]] = None, policy_version: int = 0,
+               sample_key: Optional[tuple] = None) -> RolloutTicket:
+        """Start a generate() call; `collect` returns its batch. Every rank of a replica calls both, in the same
+        order. An engine that cannot work in the background (it shares the student's weights) generates here."""
+        return RolloutTicket(batch=self.generate(prompts_ids, config, prompts, policy_version, sample_key))
+
+    def collect(self, ticket: RolloutTicket) -> RolloutBatch:
+        return ticket.batch
+
     def sync_weights(self, policy_version: int) -> None:
-        """Make the engine sample from the student's current weights (a no-op when it shares them)."""
+        """Make the engine sample from the student's current weights (a no-op when it shares them); calls in
+        flight finish first, on the weights they started with."""
+
+    def policy_version(self, step: int) -> int:
+        """The optimizer step whose weights the engine samples from now, at training step `step` (`step` itself
+        when it shares the student's weights; the last synced version when it holds a copy)."""
+        return step
+
+    @property
+    def holds_copy(self) -> bool:
+        """Whether the engine samples from a copy of the weights (served): its log-probs are then checked against
+        the trainer's before the first update."""
+        return False
+
+    def stats(self) -> dict[str, float]:
+        """Counters for the step's metrics (weight-sync seconds, batches asked again, ...)."""
+        return {}
+
+    def close(self) -> None:
+        pass
 
     def state_dict(self) -> dict:
         return {}

@@ -313,20 +313,10 @@ class MegatronSampler:
         with top-p alone, the nucleus of the full distribution within `top_p_candidates` candidates. One draw per
         row from a generator seeded alike on every TP rank, so they all pick the same id. Returns CPU ids `[B]`
         and their log-probs under the renormalised candidates `[B]` (the behaviour log-probs)."""
-        k = min(config.top_k if config.top_k > 0 else config.top_p_candidates, self.vocab_size)
-        values, ids = vocab_parallel_topk(scaled, k, self.vocab_size, group)
-        if config.top_k > 0:
-            candidate_logp = values - torch.logsumexp(values, dim=-1, keepdim=True)
-        else:
-            candidate_logp = values - vocab_parallel_logsumexp(scaled, self.vocab_size, group).unsqueeze(-1)
-        keep = torch.isfinite(values)
-        if config.top_p < 1.0:
-            keep &= top_p_mask_on_candidates(candidate_logp, ids, config.top_p)[0]
-        masked = values.masked_fill(~keep, float("-inf"))
-        logp_candidates = masked - torch.logsumexp(masked, dim=-1, keepdim=True)
+        ids, logp_candidates = truncated_candidates(scaled, config, self.vocab_size, group)
         gen = torch.Generator(device="cpu").manual_seed(seed)
         choice = torch.multinomial(logp_candidates.exp().cpu(), 1, generator=gen).squeeze(-1)
-        rows = torch.arange(values.shape[0])
+        rows = torch.arange(ids.shape[0])
         return ids.cpu()[rows, choice], logp_candidates.cpu()[rows, choice]
 
     @staticmethod
@@ -340,6 +330,44 @@ class MegatronSampler:
         first = torch.where(hit.any(-1), hit.float().argmax(-1) + start, torch.full_like(local_arg, big))
         dist.all_reduce(first, op=dist.ReduceOp.MIN, group=group)
         return first.cpu()
+
+
+def truncated_candidates(scaled: torch.Tensor, config: SamplingConfig, vocab_size: int, group
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top-k / top-p sampling distribution of the TP-sharded, temperature-scaled logits `[N, V/tp]` (padding
+    ids at -inf): candidate ids `[N, k]` and their log-probs `[N, k]` renormalised over the kept ones (-inf for the
+    dropped), replicated on every TP rank. k is top_k, or top_p_candidates with top-p alone."""
+    k = min(config.top_k if config.top_k > 0 else config.top_p_candidates, vocab_size)
+    values, ids = vocab_parallel_topk(scaled, k, vocab_size, group)
+    if config.top_k > 0:
+        candidate_logp = values - torch.logsumexp(values, dim=-1, keepdim=True)
+    else:
+        candidate_logp = values - vocab_parallel_logsumexp(scaled, vocab_size, group).unsqueeze(-1)
+    keep = torch.isfinite(values)
+    if config.top_p < 1.0:
+        keep &= top_p_mask_on_candidates(candidate_logp, ids, config.top_p)[0]
+    masked = values.masked_fill(~keep, float("-inf"))
+    return ids, masked - torch.logsumexp(masked, dim=-1, keepdim=True)
+
+
+def sampling_token_logprobs(logits_shard: torch.Tensor, labels: torch.Tensor, config: SamplingConfig,
+                            vocab_size: int, group=None) -> torch.Tensor:
+    """`log mu(labels)` `[...]`: the log-probs of `labels [...]` under the distribution the sampler draws from with
+    `config` (softmax(z / T), renormalised over the top-k / top-p candidates when they apply), from the TP-sharded
+    logits `[..., V/tp]`: what a rollout engine reports as its behaviour log-prob, computed by the trainer to check
+    the engine against it. -inf where a label is outside the kept candidates (the sampler could not draw it)."""
+    if config.temperature <= 0:
+        raise ValueError("sampling_token_logprobs: greedy sampling (temperature 0) has no behaviour distribution")
+    group = group if group is not None else parallel_state.get_tensor_model_parallel_group()
+    if not (config.top_k > 0 or config.top_p < 1.0):
+        return vocab_parallel_token_logprobs(logits_shard, labels, config.temperature, vocab_size, group=group)
+    shape = labels.shape
+    flat = logits_shard.reshape(-1, logits_shard.shape[-1]).float()
+    scaled = mask_padded_vocab(flat, vocab_size) / config.temperature
+    ids, logp = truncated_candidates(scaled, config, vocab_size, group)
+    hit = ids == labels.reshape(-1, 1).to(ids.device)
+    picked = torch.where(hit, logp, torch.zeros_like(logp)).sum(-1)
+    return torch.where(hit.any(-1), picked, torch.full_like(picked, float("-inf"))).reshape(shape)
 
 
 def _cut_responses(tokens: torch.Tensor, behaviour: torch.Tensor, old: torch.Tensor, prompt_lens: torch.Tensor,

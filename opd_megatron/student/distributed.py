@@ -132,6 +132,15 @@ def abort_process(code: int) -> NoReturn:
     os._exit(code)
 
 
+def broadcast_failure(failure: Optional[str]) -> Optional[str]:
+    """The driver's failure message (or None) on every rank, so that all of them raise together."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return failure
+    holder = [failure]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
 def destroy_parallel() -> None:
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()

@@ -34,7 +34,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -317,6 +317,22 @@ def _to_hf(mapping: _Mapping, shards: list[torch.Tensor], model: ModelSection) -
     return {name: torch.cat(part) for name, part in zip(names, parts)}
 
 
+def hf_tensors(module, model: ModelSection, dtype: Optional[torch.dtype] = None
+               ) -> Iterator[tuple[str, torch.Tensor]]:
+    """This stage's weights as whole HF tensors `(name, tensor)`, one megatron parameter at a time, each gathered
+    over the TP group (collective: every rank of the stage iterates to the end; the tensors come out on TP rank 0
+    of data-parallel replica 0 only, in `dtype` (default: the parameter's), on the parameter's device)."""
+    rank, tp = _tp()
+    writer = rank == 0 and parallel_state.get_data_parallel_rank() == 0
+    for name, param in _parameters(module):
+        if name == "output_layer.weight" and model.tie_embeddings:
+            continue  # the last stage's copy of the tied embedding: HF keeps only embed_tokens
+        shards = _gather_tp(param.detach(), tp)
+        if writer:
+            for hf_name, tensor in _to_hf(_mapping(module, name, model.tie_embeddings), shards, model).items():
+                yield hf_name, tensor.to(dtype or tensor.dtype).contiguous()
+
+
 def _stage_file(pp_rank: int, pp: int) -> str:
     return WEIGHTS_FILE if pp == 1 else f"model-{pp_rank + 1:05d}-of-{pp:05d}.safetensors"
 
@@ -340,14 +356,8 @@ def export_hf_checkpoint(module, model: ModelSection, directory: str | Path, fam
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
     writer = rank == 0 and parallel_state.get_data_parallel_rank() == 0
-    tensors: dict[str, torch.Tensor] = {}
-    for name, param in _parameters(module):
-        if name == "output_layer.weight" and model.tie_embeddings:
-            continue  # the last stage's copy of the tied embedding: HF keeps only embed_tokens
-        shards = _gather_tp(param.detach(), tp)
-        if writer:
-            for hf_name, tensor in _to_hf(_mapping(module, name, model.tie_embeddings), shards, model).items():
-                tensors[hf_name] = tensor.to(dtype or tensor.dtype).contiguous()
+    # To host memory tensor by tensor: a GPU holds one gathered parameter at a time, not the stage.
+    tensors = {name: tensor.cpu() for name, tensor in hf_tensors(module, model, dtype)}
     if writer:
         directory.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(directory / _stage_file(pp_rank, pp)), metadata={"format": "pt"})
@@ -372,4 +382,4 @@ def export_hf_checkpoint(module, model: ModelSection, directory: str | Path, fam
 
 __all__ = ["HFBridgeError", "SUPPORTED_ARCHITECTURES", "SafetensorsCheckpoint", "read_hf_config", "hf_family",
            "model_section_from_hf_config", "hf_config_from_model_section", "load_hf_weights",
-           "load_hf_checkpoint", "export_hf_checkpoint"]
+           "load_hf_checkpoint", "export_hf_checkpoint", "hf_tensors"]

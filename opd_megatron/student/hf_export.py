@@ -158,23 +158,33 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, *, tp: int = 1
     try:
         student = build_student(model, ParallelSection(tp=ctx.tp, pp=ctx.pp), ctx.device)
         load_model_weights(student.module, path)
-        partial = _shared_partial_name(output, ctx)
-        export_hf_checkpoint(student.module, model, partial, family=family, hf_config=base,
-                             dtype=STORAGE_DTYPES[storage])
-        copied: list[str] = []
-        if ctx.rank == 0:
-            if tokenizer_dir is not None:
-                for name in TOKENIZER_FILES:
-                    if (tokenizer_dir / name).is_file():
-                        shutil.copy2(tokenizer_dir / name, partial / name)
-                        copied.append(name)
-            _publish(partial, output)
-        if ctx.world_size > 1:
-            dist.barrier()
+        copied = export_module(student.module, model, output, ctx, family=family, hf_config=base,
+                               dtype=STORAGE_DTYPES[storage], tokenizer_dir=tokenizer_dir)
     finally:
         if owns_parallel:
             destroy_parallel()
-    return ExportResult(output=output, checkpoint=path, family=family, dtype=storage, tokenizer_files=tuple(copied))
+    return ExportResult(output=output, checkpoint=path, family=family, dtype=storage, tokenizer_files=copied)
+
+
+def export_module(module, model: ModelSection, output: Path, ctx: ParallelContext, *, family: str,
+                  hf_config: Optional[dict[str, Any]], dtype: Optional[torch.dtype],
+                  tokenizer_dir: Optional[Path]) -> tuple[str, ...]:
+    """The live `module` (this rank's stage; every rank calls) as an HF checkpoint in `output`, with the tokenizer's
+    files: written under a partial name and renamed once complete, so that a reader (a rollout server reloading
+    weights, a user) never sees half of it. Returns the tokenizer files copied."""
+    partial = _shared_partial_name(output, ctx)
+    export_hf_checkpoint(module, model, partial, family=family, hf_config=hf_config, dtype=dtype)
+    copied: list[str] = []
+    if ctx.rank == 0:
+        if tokenizer_dir is not None:
+            for name in TOKENIZER_FILES:
+                if (tokenizer_dir / name).is_file():
+                    shutil.copy2(tokenizer_dir / name, partial / name)
+                    copied.append(name)
+        _publish(partial, output)
+    if ctx.world_size > 1:
+        dist.barrier()
+    return tuple(copied)
 
 
 def export_run(run_dir: str | Path, output: str | Path, iteration: Optional[int] = None, **kwargs) -> ExportResult:

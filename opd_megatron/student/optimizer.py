@@ -10,8 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
-from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer import ChainedOptimizer, MegatronOptimizer, OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from opd_megatron.config import ModelSection, OptimSection
@@ -62,6 +64,12 @@ def wrap_for_training(student: StudentModel, optim: OptimSection, model_cfg: Mod
         ),
         [ddp],
     )
+    if optim.optimizer == "sgd":
+        # megatron-core 0.16 gives SGD no state initialiser, and loading a checkpoint's optimizer state calls it
+        # ("'NoneType' object is not callable"): a resumed SGD run could not start. Adam's creates its moments.
+        for inner in optimizer.chained_optimizers if isinstance(optimizer, ChainedOptimizer) else [optimizer]:
+            if inner.init_state_fn is None:
+                inner.init_state_fn = _init_sgd_state
     if model_cfg.dtype == "fp16":
         config.grad_scale_func = optimizer.scale_loss
     decay_steps = optim.decay_steps or train_steps
@@ -81,6 +89,17 @@ def wrap_for_training(student: StudentModel, optim: OptimSection, model_cfg: Mod
         use_checkpoint_opt_param_scheduler=True,
     )
     return TrainableStudent(student=student, ddp=ddp, optimizer=optimizer, scheduler=scheduler)
+
+
+def _init_sgd_state(optimizer: torch.optim.Optimizer, config=None) -> None:
+    """torch SGD's state as a step creates it (a momentum buffer per parameter when momentum is on), so that a
+    checkpoint's buffers have somewhere to load into."""
+    for group in optimizer.param_groups:
+        if group.get("momentum", 0) == 0:
+            continue
+        for param in group["params"]:
+            if "momentum_buffer" not in optimizer.state[param]:
+                optimizer.state[param]["momentum_buffer"] = torch.zeros_like(param.data)
 
 
 def current_lr(optimizer: MegatronOptimizer) -> float:

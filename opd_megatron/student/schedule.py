@@ -8,19 +8,32 @@ stage reads `labels` and `loss_mask` and calls `loss_fn`.
 from __future__ import annotations
 
 from functools import partial
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from opd_megatron.config import ConfigError
+from opd_megatron.student.model import transformer_engine_available
+
 # loss_fn(logits [B, S, V/tp], micro_batch) -> (loss_sum 0-dim, num_tokens 0-dim)
 LossFn = Callable[[torch.Tensor, object], tuple[torch.Tensor, torch.Tensor]]
+# model_inputs(micro_batch, device) -> (input ids [B, S], position ids [B, S], attention mask [B, 1, S, S] bool, True
+# where a query may not attend to a key, or None: the attention's own causal mask). SftBatch.model_inputs gives
+# packed documents their own positions and attention (data.reset_position_ids / data.reset_attention_mask).
+ModelInputs = Callable[[object, torch.device], tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]]
+
+
+def causal_inputs(micro_batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, None]:
+    """`micro_batch.tokens` at positions 0..S-1 under the plain causal mask."""
+    tokens = micro_batch.tokens.to(device)
+    return tokens, torch.arange(tokens.shape[1], device=device).unsqueeze(0).expand_as(tokens), None
 
 
 def forward_backward(model, micro_batches: Sequence, loss_fn: LossFn, seq_length: int, micro_batch_size: int,
-                     forward_only: bool = False) -> tuple[float, float]:
+                     forward_only: bool = False, model_inputs: ModelInputs = causal_inputs) -> tuple[float, float]:
     """Runs the schedule and returns (loss_sum, num_tokens) summed over micro-batches and data-parallel ranks,
     the same on every rank. Gradients (unless forward_only) are left in the DDP buffers, already divided by the
     global token count by finalize_model_grads."""
@@ -36,10 +49,16 @@ def forward_backward(model, micro_batches: Sequence, loss_fn: LossFn, seq_length
     def forward_step(data_iterator, model):
         micro_batch = next(data_iterator)
         device = next(model.parameters()).device
-        tokens = micro_batch.tokens.to(device)
-        position_ids = torch.arange(tokens.shape[1], device=device).unsqueeze(0).expand_as(tokens)
-        # attention_mask=None: causal masking inside the attention (megatron's default causal mask type).
-        logits = model(tokens, position_ids, None)
+        tokens, position_ids, attention_mask = model_inputs(micro_batch, device)
+        if attention_mask is not None and device.type == "cuda" and transformer_engine_available():
+            # TransformerEngine's attention with megatron's causal mask type ignores an explicit mask: documents
+            # would silently see each other.
+            raise ConfigError("data.reset_attention_mask=true needs megatron-core's local layer spec; "
+                              "TransformerEngine's causal attention ignores a per-document mask. Set "
+                              "data.reset_attention_mask=false (the loss still stops at document boundaries with "
+                              "data.eod_mask_loss)")
+        # attention_mask None: causal masking inside the attention (megatron's default causal mask type).
+        logits = model(tokens, position_ids, attention_mask)
         return logits, partial(loss_func, micro_batch)
 
     get_forward_backward_func()(

@@ -316,6 +316,12 @@ def rollout_rows(cfg: RunConfig, world_size: int) -> int:
     return cfg.parallel.global_batch_size // cfg.parallel.dp(world_size)
 
 
+def served_rollouts(cfg: RunConfig) -> bool:
+    """Whether rollouts come from rollout servers (rollout.engine vllm / sglang): then the training GPUs hold no
+    KV cache and no sampling logits; the servers do (`format_opd_notes`)."""
+    return cfg.rollout.engine != "megatron"
+
+
 def kv_cache_bytes(cfg: RunConfig, rows: int, layers: int) -> int:
     """megatron's StaticInferenceContext for the sampler (rollout/generate.py): K and V `[seq, rows, groups/tp,
     head_dim]` per layer of the stage, in the model dtype, for every row of the batch at once."""
@@ -402,7 +408,7 @@ def estimate_memory(cfg: RunConfig, world_size: int) -> MemoryEstimate:
                               f"the expert-parallel groups out of the data-parallel ranks)")
     teachers = resident_teachers(cfg)
     teacher_bytes = sum(teacher_weight_bytes(cfg, t.model) for t in teachers if t.model is not None)
-    rows = rollout_rows(cfg, world_size)
+    rows = 0 if served_rollouts(cfg) else rollout_rows(cfg, world_size)
     vocab = counts.padded_vocab_size
     stages = []
     for stage in counts.stages:
@@ -455,6 +461,10 @@ def remedies(cfg: RunConfig, estimate: MemoryEstimate, gpu_memory_gb: float) -> 
             cfg.rollout, prompts_per_step=max(1, cfg.rollout.prompts_per_step // 2)))
         fewer = dataclasses.replace(fewer, parallel=dataclasses.replace(
             p, global_batch_size=fewer.rollout.prompts_per_step * fewer.rollout.samples_per_prompt))
+        served = dataclasses.replace(cfg, rollout=dataclasses.replace(cfg.rollout, engine="vllm"))
+        on_servers = estimate_memory(served, world_size).per_gpu
+        lines.append(f"rollout.engine=vllm (rollouts on rollout servers of their own, docs/teacher-servers.md): "
+                     f"{_gib(on_servers)} GiB per GPU ({_verdict(on_servers, gpu_memory_gb)})")
         try:
             rollout_half = estimate_memory(fewer, world_size).per_gpu
             lines.append(f"rollout.prompts_per_step={fewer.rollout.prompts_per_step} (half the KV cache): "
@@ -618,13 +628,36 @@ def format_opd_notes(cfg: RunConfig, estimate: MemoryEstimate) -> list[str]:
             t.kind, "served: nothing on the training GPUs")
         lines.append(f"  teacher {t.kind}: {where}")
     rows = rollout_rows(cfg, estimate.world_size)
-    if rows:
+    if rows and served_rollouts(cfg):
+        lines += served_rollout_notes(cfg, rows * estimate.dp)
+    elif rows:
         lines.append(f"  rollout: {rows} rows per dp rank ({r.prompts_per_step} prompts x {r.samples_per_prompt} "
                      f"samples / dp {estimate.dp} x on-policy fraction {cfg.opd.mixtures.on_policy_fraction:g}) "
                      f"sampled at once into one KV cache of {cfg.data.seq_length} positions (data.seq_length)")
     else:
         lines.append("  rollout: none (opd.mixtures.on_policy_fraction=0: fixed rows only)")
     return lines
+
+
+def served_rollout_notes(cfg: RunConfig, global_rows: int) -> list[str]:
+    """The rollout servers' side of a served engine: each holds the whole student (its weights in the model
+    dtype) and the KV cache of the rows it serves; the weight sync writes the student to disk each time."""
+    m, r = cfg.model, cfg.rollout
+    servers = max(1, len(r.server.urls))
+    weights = parameter_counts(cfg).total * DTYPE_BYTES[m.dtype]
+    # Every row of a step on the servers at once (vLLM admits as many as its KV cache holds, then queues), split
+    # evenly over the servers; with max_staleness k, k later steps' rows may be queued behind them.
+    per_server_rows = -(-global_rows // servers)
+    kv = 2 * m.num_layers * cfg.data.seq_length * per_server_rows * m.query_groups * m.head_dim * DTYPE_BYTES[m.dtype]
+    return [f"  rollout: served by {r.engine} ({servers} server(s) at rollout.server.urls): no KV cache and no "
+            f"sampling logits on the training GPUs",
+            f"    each server: the student's weights {_gib(weights)} GiB ({m.dtype}), and {_gib(kv)} GiB of KV cache "
+            f"to hold its {per_server_rows} rows of a step x {cfg.data.seq_length} positions at once (vLLM admits "
+            f"what its cache holds and queues the rest), over the GPUs of its tensor parallelism",
+            f"    weight sync every {r.sync_interval} update(s): {_gib(weights)} GiB written to "
+            f"{r.server.weights_dir or '<run_dir>/rollout-weights'} each time ({r.server.keep_versions} versions "
+            f"kept: {_gib(weights * r.server.keep_versions)} GiB on disk); rows up to {r.max_staleness} update(s) "
+            f"stale (rollout.max_staleness)"]
 
 
 def format_report(cfg: RunConfig, world_size: int, gpu_memory_gb: float = 80.0) -> str:

@@ -7,12 +7,13 @@ from megatron.core.datasets.indexed_dataset import DType, IndexedDataset
 
 from opd_megatron.config import DataSection
 from opd_megatron.data import build_dataset
-from opd_megatron.data.indexed import IndexedTextDataset, preprocess_jsonl
+from opd_megatron.data.indexed import CorpusBlend, DocumentPacking, IndexedTextDataset, preprocess_jsonl
 from opd_megatron.data.jsonl import DataError
 from opd_megatron.data.tokenizer import ByteTokenizer, load_tokenizer
 
 BYTE = ByteTokenizer()
 BOS, EOS, PAD = BYTE.bos_id, BYTE.eos_id, BYTE.pad_id
+UNMASKED = DocumentPacking(eod_mask_loss=False)
 
 
 def write_jsonl(path, objects):
@@ -44,7 +45,7 @@ def test_windows_reconstruct_the_stream(tmp_path):
     stream = expected_stream(texts)
     assert len(stream) == 64
     seq_length = 8
-    dataset = IndexedTextDataset(tmp_path / "corpus", seq_length, pad_id=PAD)
+    dataset = IndexedTextDataset(tmp_path / "corpus", seq_length, pad_id=PAD, packing=UNMASKED)
     assert dataset.num_tokens == 64 and dataset.num_documents == 3
     assert len(dataset) == 8  # ceil((64 - 1) / 8): every token after the first is a label exactly once
     rebuilt, labels = [stream[0]], []
@@ -95,7 +96,10 @@ def test_append_eod_false_and_skip_malformed(tmp_path):
     src.write_text('{"text": "ab"}\nnot json\n\n{"text": 5}\n{"text": "cd"}\n')
     stats = preprocess_jsonl(src, tmp_path / "corpus", BYTE, append_eod=False, skip_malformed=True)
     assert (stats["documents"], stats["tokens"], stats["skipped"], stats["skipped_lines"]) == (2, 6, 2, [2, 4])
-    assert IndexedTextDataset(tmp_path / "corpus", 8, PAD)[0].tokens[:5].tolist() == [BOS, 97, 98, BOS, 99]
+    window = IndexedTextDataset(tmp_path / "corpus", 5, PAD)[0]
+    assert window.tokens.tolist() == [BOS, 97, 98, BOS, 99]
+    # No eod between the documents: the boundary still comes from the index, and its label (the second BOS) is masked.
+    assert window.loss_mask.tolist() == [1, 1, 0, 1, 1]
 
 
 def test_malformed_line_is_an_error_and_leaves_no_files(tmp_path):
@@ -123,7 +127,11 @@ def test_missing_files_name_the_prefix(tmp_path):
 def test_build_dataset_indexed(tmp_path):
     src = write_jsonl(tmp_path / "c.jsonl", [{"text": "abcdef"}] * 4)
     preprocess_jsonl(src, tmp_path / "corpus", BYTE)
-    dataset = build_dataset(DataSection(format="indexed", path=str(tmp_path / "corpus"), seq_length=4), BYTE)
-    assert isinstance(dataset, IndexedTextDataset)
-    assert len(dataset) == 8  # 32 tokens -> ceil(31 / 4)
-    assert dataset[1].tokens.tolist() == [100, 101, 102, EOS]
+    dataset = build_dataset(DataSection(format="indexed", path=str(tmp_path / "corpus"), seq_length=4), BYTE, seed=3)
+    assert isinstance(dataset, CorpusBlend)   # data.path: a blend of one corpus
+    (corpus,) = dataset.corpora
+    assert len(corpus) == 8  # 32 tokens -> ceil(31 / 4)
+    assert corpus[1].tokens.tolist() == [100, 101, 102, EOS]
+    # One pass draws every window once, in an order drawn from the seed.
+    assert sorted(dataset.sample_identity(i).window for i in range(8)) == list(range(8))
+    assert dataset.samples_per_pass == 8

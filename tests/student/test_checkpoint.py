@@ -170,3 +170,7 @@ def test_quarantine_and_older_checkpoints(tmp_path):
     _fake_checkpoint(tmp_path, 4, {})
     assert quarantine(tmp_path / "iter_0000004") == tmp_path / "iter_0000004.corrupt-2"
     assert complete_iterations(tmp_path) == [2, 6]
+
+
+def test_sgd_momentum_survives_a_resume(tmp_path):
+    assert run_distributed(cw.sgd_momentum_round_trip, 1, args=(str(tmp_path / "ckpts"),))[0]["equal"]

@@ -154,7 +154,10 @@ class VLLMServer:
     `url` is `http://127.0.0.1:PORT`; use as a context manager or call `start()` / `stop()`."""
 
     def __init__(self, model_dir: Path | str, venv: Path, log_path: Path | str, served_name: str = SERVED_NAME,
-                 max_model_len: int = 256, max_logprobs: int = 20, start_timeout_s: float = START_TIMEOUT_S):
+                 max_model_len: int = 256, max_logprobs: int = 20, start_timeout_s: float = START_TIMEOUT_S,
+                 extra_args: tuple[str, ...] = (), extra_env: Optional[dict[str, str]] = None):
+        """extra_args / extra_env: more server flags and environment (a rollout server: dev mode, processed
+        log-probs, no generation_config defaults)."""
         self.model_dir = Path(model_dir)
         self.venv = Path(venv)
         self.log_path = Path(log_path)
@@ -166,13 +169,15 @@ class VLLMServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.process: Optional[subprocess.Popen] = None
         self.start_seconds: Optional[float] = None
+        self.extra_args = tuple(extra_args)
+        self.extra_env = dict(extra_env or {})
 
     def command(self) -> list[str]:
         return [str(_venv_python(self.venv)), "-m", "vllm.entrypoints.openai.api_server",
                 "--model", str(self.model_dir), "--served-model-name", self.served_name,
                 "--host", "127.0.0.1", "--port", str(self.port), "--dtype", "float32",
                 "--max-model-len", str(self.max_model_len), "--max-logprobs", str(self.max_logprobs),
-                "--enforce-eager", "--distributed-executor-backend", "uni"]
+                "--enforce-eager", "--distributed-executor-backend", "uni", *self.extra_args]
 
     def start(self) -> "VLLMServer":
         env = _clean_env()
@@ -182,6 +187,7 @@ class VLLMServer:
         env.update(VLLM_CPU_KVCACHE_SPACE="1", VLLM_ENABLE_V1_MULTIPROCESSING="0", HF_HUB_OFFLINE="1",
                    PYTHONUNBUFFERED="1",
                    TRANSFORMERS_OFFLINE="1", VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1")
+        env.update(self.extra_env)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         begin = time.monotonic()
         with open(self.log_path, "wb") as log:
@@ -264,6 +270,19 @@ def write_teacher_checkpoint(directory: Path | str, seed: int = 0) -> Path:
     from tests.tiny_hf import write_tiny_checkpoint
 
     return write_tiny_checkpoint(directory, arch="llama", seed=seed)
+
+
+#: How a rollout server runs (rollout/served.py): the dev-mode routes (pause, collective_rpc reload, weight
+#: versions), behaviour log-probs after temperature and top-k/top-p, and no sampling defaults from the checkpoint.
+ROLLOUT_ARGS = ("--logprobs-mode", "processed_logprobs", "--generation-config", "vllm")
+ROLLOUT_ENV = {"VLLM_SERVER_DEV_MODE": "1"}
+
+
+def rollout_server(model_dir: Path | str, log_path: Path | str, served_name: str = "student",
+                   max_model_len: int = 128) -> VLLMServer:
+    """A started rollout server on `model_dir` (the caller stops it)."""
+    return VLLMServer(model_dir, ensure_venv(), log_path, served_name=served_name, max_model_len=max_model_len,
+                      extra_args=ROLLOUT_ARGS, extra_env=ROLLOUT_ENV).start()
 
 
 _SESSION: dict[str, VLLMServer] = {}

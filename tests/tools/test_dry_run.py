@@ -284,6 +284,18 @@ def test_rollout_kv_cache_counts_every_row_of_the_dp_rank():
     assert est.per_gpu == max(est.stages[0].training, est.stages[0].rollout)
 
 
+def test_served_rollouts_move_the_kv_cache_to_the_rollout_servers():
+    from opd_megatron.tools.dry_run import format_opd_notes
+
+    cfg = _opd("rollout.engine=vllm", "rollout.server={urls: [http://a:1, http://b:1], model: s}")
+    est = estimate_memory(cfg, 2)
+    assert est.stages[0].kv_cache == 0 and est.stages[0].rollout == 0 and est.per_gpu == est.stages[0].training
+    notes = "\n".join(format_opd_notes(cfg, est))
+    # 8 rows of the global batch over 2 servers: 4 each, x 2 layers x K and V x 64 positions x 2 groups x 16 x fp32
+    assert "served by vllm (2 server(s)" in notes and "its 4 rows of a step x 64 positions" in notes, notes
+    assert f"{2 * 2 * 64 * 4 * 2 * 16 * 4 / 2**30:.2f} GiB of KV cache" in notes, notes
+
+
 @pytest.mark.parametrize("fraction", ["0.5", "0.01"])
 def test_a_partly_on_policy_run_still_samples_whole_batches(fraction):
     """The on-policy fraction picks whole batches (GKD's per-batch coin, `math/mixtures.py::OnPolicyMixture`), so an
