@@ -95,6 +95,23 @@ class RunConfig:
             require(corrected, "teacher.overlap", f"false with opd.loss={o.loss} unless the one-update staleness is "
                     f"corrected: opd.policy_gradient.ratio=ppo (the PPO ratio against the sampling weights, "
                     f"policy_gradient only) or opd.gates.truncated_is=[0.5, 2.0] (weights pi/mu)", True)
+        stale_served = r.engine != "megatron" and (r.sync_interval > 1 or r.max_staleness > 0 or t.overlap)
+        if stale_served and o.loss in ("policy_gradient", "cr_opd"):
+            # A served engine's stale rows take the current forward as pi_theta_old (the proximal policy), so the
+            # PPO ratio starts at 1 and only the sampler-mismatch weight pi_theta_old / mu sees the staleness.
+            require(o.gates.truncated_is is not None, "opd.gates.truncated_is", f"set (e.g. [0.5, 2.0]) with "
+                    f"opd.loss={o.loss} and a served rollout engine whose rows can be stale (rollout.sync_interval="
+                    f"{r.sync_interval}, rollout.max_staleness={r.max_staleness}, teacher.overlap={t.overlap}): "
+                    f"truncated IS on pi_theta_old / mu is what corrects the staleness there", None)
+        if r.source == "corpus":
+            d = self.data
+            require(d.format == "indexed", "data.format", "indexed with rollout.source=corpus (the prompts are "
+                    "prefixes of data.path / data.blend)", d.format)
+            require(bool(self.eval.path), "eval.path", "the prefix of a held-out indexed corpus with rollout.source="
+                    "corpus (`opd-megatron preprocess` of documents training never sees)", self.eval.path)
+            require(r.prefix_tokens + r.max_new_tokens <= d.seq_length + 1, "rollout.prefix_tokens",
+                    f"at most data.seq_length + 1 - rollout.max_new_tokens = {d.seq_length + 1 - r.max_new_tokens} "
+                    f"(a prompt and the corpus continuation it is compared with fit in one sample)", r.prefix_tokens)
         if o.loss == "divergence":
             require(c.estimator == "immediate" and o.policy_gradient.ratio == "logprob", "opd.credit.estimator",
                     "the default (immediate, ratio logprob) with opd.loss=divergence: credit estimators and "

@@ -300,10 +300,14 @@ class RolloutSection:
     source `task`: prompts of a synthetic task (`opd_megatron/tasks`), with its verifier as the outcome reward;
     `jsonl`: prompts from `path` (key `prompt_key`), optional chat template. Each step samples
     `prompts_per_step` prompts x `samples_per_prompt` responses = the global batch (parallel.global_batch_size)."""
-    source: Literal["task", "jsonl"] = "task"
+    source: Literal["task", "jsonl", "corpus"] = "task"
     task: str = "sort_digits"
     task_options: dict[str, int] = field(default_factory=dict)   # e.g. {length: 8} for sort_digits
     path: str = ""
+    # corpus: prompts are the first prefix_tokens tokens of the samples of the indexed corpus in `data` (cut back
+    # to one document), continued by the student for max_new_tokens; the corpus's own continuation is the
+    # reference (the fixed-dataset share of opd.mixtures.on_policy_fraction); eval.path: a held-out corpus prefix.
+    prefix_tokens: int = 32
     prompt_key: str = "prompt"
     answer_key: str = "response"        # jsonl: the reference response (fixed-dataset rows of on_policy_fraction)
     apply_chat_template: bool = False
@@ -351,6 +355,8 @@ class RolloutSection:
         require(self.top_k >= 0, "rollout.top_k", "an integer >= 0 (0 = off)", self.top_k)
         if self.source == "jsonl":
             require(bool(self.path), "rollout.path", "a JSONL prompt file with rollout.source=jsonl", self.path)
+        elif self.source == "corpus":
+            require(self.prefix_tokens >= 1, "rollout.prefix_tokens", "an integer >= 1", self.prefix_tokens)
         else:
             from opd_megatron.tasks import TASKS
             if self.task not in TASKS:

@@ -227,6 +227,17 @@ class IndexedTextDataset(torch.utils.data.Dataset):
             document_ids[:n] = torch.from_numpy(relative)
         return SftSample(tokens, labels, loss_mask, position_ids=position_ids, document_ids=document_ids)
 
+    def window_tokens(self, window: int) -> tuple[numpy.ndarray, numpy.ndarray]:
+        """Window `window`'s stream tokens `[n]` (up to seq_length + 1) and the document of each `[n]` (0 for the
+        window's first document, counting up): a corpus prefix for on-policy continuations (rollout.source corpus)
+        keeps to one document."""
+        if not 0 <= window < self._num_windows:
+            raise IndexError(f"window {window} out of range for {self._num_windows} windows")
+        start = window * self.seq_length
+        stop = min(start + self.seq_length + 1, self.num_tokens)
+        document = numpy.searchsorted(self._document_ends, numpy.arange(start, stop), side="right")
+        return self.read(start, stop), document - document[0]
+
     def read(self, start: int, stop: int) -> numpy.ndarray:
         """Stream tokens [start, stop) as int64 (the memory map is read-only and may be uint16: a copy)."""
         return numpy.asarray(self._stream[start:stop], dtype=numpy.int64)
@@ -335,6 +346,11 @@ class CorpusBlend:
         passes, position = divmod(draw, len(self.corpora[corpus]))
         window = int(self._window_order(corpus, passes)[position]) if self.shuffle else position
         return SampleIdentity(corpus, window, int(self._window_offsets[corpus]) + window)
+
+    def window_tokens(self, index: int) -> tuple[numpy.ndarray, numpy.ndarray]:
+        """Sample `index`'s stream tokens and their documents (`IndexedTextDataset.window_tokens`)."""
+        identity = self.sample_identity(index)
+        return self.corpora[identity.corpus].window_tokens(identity.window)
 
     def window_sample(self, window_key: int) -> SftSample:
         """The sample of one window by its key (a teacher cache scores each window once, however often drawn)."""

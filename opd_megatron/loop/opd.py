@@ -33,6 +33,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from opd_megatron.config import RunConfig
+from opd_megatron.data import build_dataset
 from opd_megatron.data.tokenizer import check_vocab_fits, load_tokenizer
 from opd_megatron.errors import NonFiniteLossError, RolloutMismatchError
 from opd_megatron.loop.common import (Checkpointer, LoadMeaning, RunDirectory, StepLoop, StopRequest, TrainResult,
@@ -51,7 +52,7 @@ from opd_megatron.parallel import divergences as vp
 from opd_megatron.rollout.batch import RolloutBatch
 from opd_megatron.rollout.engine import MegatronRolloutEngine, RolloutEngine
 from opd_megatron.rollout.generate import SamplingConfig, sampling_token_logprobs
-from opd_megatron.rollout.prompts import PromptSource, with_prompt_context
+from opd_megatron.rollout.prompts import CorpusPrompts, PromptSource, with_prompt_context
 from opd_megatron.rollout.served import build_vllm_engine
 from opd_megatron.rollout.served_sglang import build_sglang_engine
 from opd_megatron.student.checkpoint import load_checkpoint, resolve_checkpoint
@@ -169,11 +170,14 @@ class OpdRun(StepLoop):
         if max_prompt < 1:
             raise ValueError(f"rollout.max_new_tokens={r.max_new_tokens} leaves no room for a prompt in "
                              f"model.max_position_embeddings={cfg.model.max_position_embeddings}")
-        self.source = PromptSource(self.tokenizer, cfg.run.seed, max_prompt, task=self.task,
-                                   path=r.path if r.source == "jsonl" else None, prompt_key=r.prompt_key,
-                                   answer_key=r.answer_key, apply_chat_template=r.apply_chat_template,
-                                   domain_key=r.domain_key, privileged_key=r.privileged_key,
-                                   eval_count=cfg.eval.prompts, eval_path=cfg.eval.path or None)
+        if r.source == "corpus":
+            self.source = self._corpus_prompts(max_prompt)
+        else:
+            self.source = PromptSource(self.tokenizer, cfg.run.seed, max_prompt, task=self.task,
+                                       path=r.path if r.source == "jsonl" else None, prompt_key=r.prompt_key,
+                                       answer_key=r.answer_key, apply_chat_template=r.apply_chat_template,
+                                       domain_key=r.domain_key, privileged_key=r.privileged_key,
+                                       eval_count=cfg.eval.prompts, eval_path=cfg.eval.path or None)
         stops = (self.tokenizer.eos_id,) if r.stop_at_eos else ()
         # policy_temperature: the loss's distribution, under which the sampler records pi_theta_old(y_t) beside
         # the behaviour log-prob mu(y_t) of what it actually sampled (docs/opd-math.md, Route B).
@@ -181,6 +185,21 @@ class OpdRun(StepLoop):
                                        top_k=r.top_k, n=r.samples_per_prompt, stop_ids=stops,
                                        policy_temperature=cfg.opd.student_temperature)
         self.mixture = OnPolicyMixture(cfg.opd.mixtures.on_policy_fraction, cfg.run.seed)
+
+    def _corpus_prompts(self, max_prompt: int) -> PromptSource:
+        """rollout.source corpus: prompts cut from the samples of the indexed corpus in `data` (its blend order),
+        evaluation prompts from the held-out corpus at eval.path (its first samples, in file order)."""
+        cfg, r = self.cfg, self.cfg.rollout
+        if r.prefix_tokens > max_prompt:
+            raise ValueError(f"rollout.prefix_tokens={r.prefix_tokens} + rollout.max_new_tokens={r.max_new_tokens} "
+                             f"exceed model.max_position_embeddings={cfg.model.max_position_embeddings}")
+        blend = build_dataset(cfg.data, self.tokenizer, seed=cfg.run.seed)
+        held_out = build_dataset(dataclasses.replace(cfg.data, path=cfg.eval.path, blend=[], shuffle=False),
+                                 self.tokenizer, seed=cfg.run.seed)
+        corpus = CorpusPrompts(blend, self.tokenizer, r.prefix_tokens, r.max_new_tokens, "rollout.source=corpus")
+        evaluation = CorpusPrompts(held_out, self.tokenizer, r.prefix_tokens, r.max_new_tokens, "eval.path")
+        return PromptSource(self.tokenizer, cfg.run.seed, max_prompt, eval_count=cfg.eval.prompts, corpus=corpus,
+                            eval_corpus=evaluation)
 
     def _build_models(self) -> None:
         """The student and its optimizer, the rollout engines on its weights, the teacher (and its scoring), the

@@ -1,4 +1,5 @@
-"""Prompt sources for rollouts: a synthetic task's endless stream, or a JSONL prompt file.
+"""Prompt sources for rollouts: a synthetic task's endless stream, a JSONL prompt file, or prefixes of an indexed
+corpus (rollout.source corpus: the student continues them; the corpus's own continuation is the reference).
 
 Both are stateless: the prompts of (step, data-parallel rank) are a pure function of the seed, so an exact resume
 needs only the step. A prompt is `[bos] + encode(prompt)` (through the chat template when configured), the ids a
@@ -73,6 +74,44 @@ def with_prompt_context(batch: RolloutBatch, rows: Sequence[Prompt], privileged:
     return replace(batch, domains=domains, privileged=context)
 
 
+def corpus_prompt(tokenizer: Tokenizer, ids: Sequence[int], documents: Sequence[int], prefix_tokens: int,
+                  continuation_tokens: int) -> Optional[Prompt]:
+    """A corpus window as a prompt to continue (rollout.source corpus, the seed's "partial rollouts"): its first
+    `prefix_tokens` tokens, cut back to the start of the last document that begins inside them (a prompt never
+    spans two documents), and as reference the corpus's own continuation, up to `continuation_tokens` tokens and
+    never past the end of that document. None when nothing is left to continue (the prefix ends its document)."""
+    prefix = list(ids[:prefix_tokens])
+    last = documents[min(prefix_tokens, len(ids)) - 1]
+    first = next(i for i, d in enumerate(documents) if d == last)
+    prompt = [int(t) for t in prefix[first:]]
+    reference = [int(t) for t, d in zip(ids[prefix_tokens: prefix_tokens + continuation_tokens],
+                                        documents[prefix_tokens: prefix_tokens + continuation_tokens]) if d == last]
+    if not prompt or not reference:
+        return None
+    return Prompt(tokenizer.decode(prompt), prompt, reference)
+
+
+class CorpusPrompts:
+    """Prompts cut from an indexed corpus (a `data/indexed.py::CorpusBlend`): sample `index` of the blend's order,
+    or the next sample whose prefix leaves something to continue (at most `MAX_SKIP` further)."""
+
+    MAX_SKIP = 64
+
+    def __init__(self, blend, tokenizer: Tokenizer, prefix_tokens: int, continuation_tokens: int, where: str):
+        self.blend, self.tokenizer = blend, tokenizer
+        self.prefix_tokens, self.continuation_tokens, self.where = prefix_tokens, continuation_tokens, where
+
+    def prompt(self, index: int) -> Prompt:
+        for offset in range(self.MAX_SKIP + 1):
+            ids, documents = self.blend.window_tokens(index + offset)
+            prompt = corpus_prompt(self.tokenizer, ids, documents, self.prefix_tokens, self.continuation_tokens)
+            if prompt is not None:
+                return prompt
+        raise DataError(f"{self.where}: samples {index}..{index + self.MAX_SKIP} all end a document within their "
+                        f"first rollout.prefix_tokens={self.prefix_tokens} tokens; expected documents longer than the "
+                        f"prefix (lower rollout.prefix_tokens)")
+
+
 class PromptSource:
     """`prompts(step, rank, world, count)`: this data-parallel rank's `count` prompts of `step`;
     `eval_prompts()`: the `eval_count` evaluation prompts, none of which `prompts` ever returns (a task's eval
@@ -81,7 +120,17 @@ class PromptSource:
     def __init__(self, tokenizer: Tokenizer, seed: int, max_prompt_tokens: int, task: Optional[Task] = None,
                  path: Optional[str] = None, prompt_key: str = "prompt", answer_key: str = "response",
                  apply_chat_template: bool = False, domain_key: str = "", privileged_key: str = "",
-                 eval_count: int = 0, eval_path: Optional[str] = None):
+                 eval_count: int = 0, eval_path: Optional[str] = None, corpus: Optional[CorpusPrompts] = None,
+                 eval_corpus: Optional[CorpusPrompts] = None):
+        """corpus / eval_corpus: rollout.source corpus, prompts cut from an indexed corpus and from a held-out one
+        (evaluation: its first `eval_count` samples, in file order)."""
+        self.corpus, self.eval_corpus = corpus, eval_corpus
+        if corpus is not None:
+            if task is not None or path is not None or eval_corpus is None:
+                raise ValueError("PromptSource: a corpus source needs eval_corpus and neither a task nor a path")
+            self.tokenizer, self.seed, self.task, self.eval_count = tokenizer, seed, None, eval_count
+            self.max_prompt_tokens = max_prompt_tokens
+            return
         if (task is None) == (path is None):
             raise ValueError("PromptSource needs exactly one of a task or a JSONL path")
         if task is not None and eval_path:
@@ -120,6 +169,8 @@ class PromptSource:
     def eval_prompts(self) -> list[Prompt]:
         """The `eval_count` evaluation prompts, in a fixed order (the same list on every rank and call). A task's
         carry the domain and the privileged answer, as its training prompts do."""
+        if self.corpus is not None:
+            return [self.eval_corpus.prompt(i) for i in range(self.eval_count)]
         if self.task is not None:
             examples = self.task.examples("eval", self.eval_count, self.seed)
             return [Prompt(ex.prompt, [self.tokenizer.bos_id] + self.tokenizer.encode(ex.prompt), domain=self.task.name,
@@ -174,6 +225,8 @@ class PromptSource:
         return [self._prompt(index) for index in range(first, first + count)]
 
     def _prompt(self, index: int) -> Prompt:
+        if self.corpus is not None:
+            return self.corpus.prompt(index)
         if self.task is not None:
             example = self.task.train_example(index, self.seed)
             ids = _prompt_ids(self.tokenizer, example.prompt, False)
