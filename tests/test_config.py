@@ -170,6 +170,16 @@ def test_the_bases_are_valid():
     ([*OPD, "teacher.colocated.model={vocab_size: 300}"],
      r"teacher.colocated.model.vocab_size=300 differs from model.vocab_size=512: student and teacher must share one "
      r"vocabulary"),
+    # Served rollouts and corpus prompts
+    ([*OPD, *PG, "rollout.engine=vllm", "rollout.server={urls: [http://127.0.0.1:1], model: s}",
+      "rollout.sync_interval=2"], r"opd.gates.truncated_is: expected set .*rollout.sync_interval=2"),
+    ([*OPD, "rollout.max_staleness=1"], r"rollout.max_staleness=1 needs a served engine"),
+    ([*OPD, "rollout.engine=vllm"], r"rollout.server.urls: expected a non-empty list"),
+    ([*OPD, "rollout.source=corpus", "eval.path=/data/held"], r"data.format: expected indexed with rollout.source"),
+    ([*OPD, "rollout.source=corpus", "data.format=indexed", "data.path=/data/c"],
+     r"eval.path: expected the prefix of a held-out indexed corpus"),
+    ([*OPD, "rollout.source=corpus", "data.format=indexed", "data.path=/data/c", "eval.path=/data/h",
+      "data.seq_length=16", "rollout.prefix_tokens=10"], r"rollout.prefix_tokens: expected at most"),
 ])
 def test_incompatible_combinations_are_rejected_naming_the_keys(overrides, message):
     with pytest.raises(ConfigError, match=message):

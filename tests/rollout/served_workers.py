@@ -122,7 +122,8 @@ def served_resume(model_dir: str, teacher_dir: str, prompts_path: str, url: str,
             "parallel.global_batch_size=8", "rollout.source=jsonl", f"rollout.path={prompts_path}",
             "rollout.prompts_per_step=4", "rollout.samples_per_prompt=2", "rollout.max_new_tokens=6",
             "rollout.engine=vllm", f"rollout.server={{urls: [{url}], model: student}}", "rollout.max_staleness=2",
-            "opd.loss=policy_gradient", "opd.policy_gradient.ratio=ppo", "teacher.kind=inprocess",
+            "opd.loss=policy_gradient", "opd.policy_gradient.ratio=ppo", "opd.gates.truncated_is=[0.5, 2.0]",
+            "teacher.kind=inprocess",
             f"teacher.inprocess.path={teacher_dir}", "eval.prompts=4", "logging.progress_bar=false",
             "logging.tensorboard=false", "optim.optimizer=sgd", "optim.lr=0.05", "optim.clip_grad=0"])
 

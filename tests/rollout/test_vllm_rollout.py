@@ -99,7 +99,7 @@ def test_opd_run_with_the_vllm_engine(student_server, tmp_path, route):
     extra = {"rkl_every_step": ["opd.loss=divergence"],
              "ppo_every_second_step": ["opd.loss=policy_gradient", "opd.policy_gradient.ratio=ppo",
                                        "rollout.sync_interval=2", "rollout.temperature=0.8",
-                                       "opd.student_temperature=0.8"]}[route]
+                                       "opd.student_temperature=0.8", "opd.gates.truncated_is=[0.5, 2.0]"]}[route]
     result = _run_opd(model_dir, server.url, tmp_path, *extra)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-4000:]
     assert "rollout engine agrees with the trainer" in result.stdout
