@@ -1,5 +1,5 @@
-"""`opd-megatron` command line: train, quickstart, eval, dry-run, preprocess, sweep, sweep-report, export-hf,
-convert.
+"""`opd-megatron` command line: train, quickstart, eval, dry-run, preprocess, cache-teacher, sweep, sweep-report,
+export-hf, convert.
 
     opd-megatron quickstart                                   # OPD on the CPU in minutes (configs/quickstart.yaml)
     opd-megatron train --config configs/sft_tiny.yaml parallel.tp=2 optim.lr=1e-4
@@ -7,6 +7,7 @@ convert.
     torchrun --nproc_per_node 2 -m opd_megatron train --config configs/sft_tiny.yaml parallel.tp=2
     opd-megatron dry-run --config configs/llama3_8b_sft.yaml --world-size 64 --gpu-memory-gb 80
     opd-megatron preprocess --input corpus.jsonl --output-prefix data/corpus --tokenizer path/to/tokenizer
+    opd-megatron cache-teacher --config kd.yaml --output cache/teacher   # teacher top-k of an indexed corpus, once
     opd-megatron sweep --config sweeps/smoke.yaml --results results/smoke
     opd-megatron sweep-report --results results/smoke --out docs/results/smoke.md
     opd-megatron export-hf --run-dir runs/opd --output hf/student         # safetensors + config.json + tokenizer
@@ -61,6 +62,15 @@ def _parser() -> argparse.ArgumentParser:
     pre.add_argument("--apply-chat-template", action="store_true")
     pre.add_argument("--skip-malformed", action="store_true", help="skip and count malformed lines")
     pre.add_argument("--no-eod", action="store_true", help="do not append the end-of-document token")
+
+    cache = sub.add_parser("cache-teacher", help="score an indexed corpus with the config's teacher once into a "
+                                                 "sharded top-k cache (resumable; one writer per DP rank)")
+    cache.add_argument("--config", required=True, help="YAML run config: its data (indexed) and teacher sections")
+    cache.add_argument("--output", required=True, help="the cache directory (an unfinished one is resumed)")
+    cache.add_argument("--samples-per-shard", type=int, default=256, help="samples per shard file")
+    cache.add_argument("--batch-size", type=int, default=None,
+                       help="samples per teacher request (default parallel.micro_batch_size)")
+    cache.add_argument("overrides", nargs="*")
 
     sweep = sub.add_parser("sweep", help="run (or resume) a grid of run configs x seeds, one run after another")
     sweep.add_argument("--config", required=True, help="sweep YAML (format: sweeps/README.md)")
@@ -165,6 +175,13 @@ def main(argv: list[str] | None = None) -> int:
                                      skip_malformed=args.skip_malformed)
             print(f"[opd-megatron] wrote {stats['documents']} documents, {stats['tokens']} tokens "
                   f"({stats['dtype']}) to {stats['bin_path']} / {stats['idx_path']}; skipped {stats['skipped']}")
+        elif args.command == "cache-teacher":
+            from opd_megatron.tools.cache_teacher import result_line, run_cache_teacher
+            cfg = load_config(args.config, args.overrides)
+            outcome = run_cache_teacher(cfg, args.output, args.samples_per_shard, args.batch_size,
+                                        log=lambda line: print(line, flush=True))
+            if int(os.environ.get("RANK", "0")) == 0:
+                print(result_line(outcome), flush=True)
         elif args.command == "sweep":
             from opd_megatron.tools.sweep import run_sweep
             outcome = run_sweep(args.config, args.results, args.only, args.dry, args.keep_checkpoints,

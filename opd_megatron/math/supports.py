@@ -116,12 +116,23 @@ def top_k_positions(values: torch.Tensor, k: int) -> torch.Tensor:
     """Positions `[..., k]` of the k largest entries of `values [..., n]` along the last dim, in ascending
     position order. Ties are resolved deterministically: among equal values the lower position (for
     vocabulary logits: the lower token id) wins, unlike `torch.topk` whose tie order is unspecified."""
-    kth = torch.topk(values, k, dim=-1).values[..., -1:]
-    above = values > kth
-    tied = values == kth
-    need = k - above.sum(dim=-1, keepdim=True)
-    take = above | (tied & (torch.cumsum(tied, dim=-1, dtype=torch.int32) <= need))
-    return take.nonzero()[:, -1].view(*values.shape[:-1], k)
+    n = values.shape[-1]
+    if k >= n:
+        return torch.arange(n, device=values.device).expand(*values.shape[:-1], n).clone()
+    # Fast path: the k largest of topk(k + 1) are the answer wherever the k-th value is strictly above the next
+    # (no tie across the boundary, so no choice among equal values); only the other rows need the O(n) tie rule.
+    top = torch.topk(values, k + 1, dim=-1)
+    positions = top.indices[..., :k].sort(dim=-1).values
+    tie = ~(top.values[..., k - 1] > top.values[..., k])
+    if bool(tie.any()):
+        rows = values[tie]
+        kth = top.values[..., k - 1][tie].unsqueeze(-1)
+        above = rows > kth
+        tied = rows == kth
+        need = k - above.sum(dim=-1, keepdim=True)
+        take = above | (tied & (torch.cumsum(tied, dim=-1, dtype=torch.int32) <= need))
+        positions[tie] = take.nonzero()[:, -1].view(-1, k)
+    return positions
 
 
 def check_sparse_teacher(teacher: SparseTeacherLogprobs, leading: tuple[int, ...], vocab: int,

@@ -279,3 +279,17 @@ def test_bad_support_arguments():
         build_support(s, {"ids": None}, "teacher_topk", 3)
     with pytest.raises(MathInputError, match="beta: required"):
         divergence_on_support("generalized_jsd", build_support(s, t))
+
+
+def test_top_k_positions_breaks_ties_to_the_lower_position_on_every_row():
+    """The fast path (topk of k + 1) and the tie rule agree with the definition, rows with ties at the k-th value
+    (integer-valued logits, -inf rows) and without mixed in one tensor."""
+    generator = torch.Generator().manual_seed(0)
+    for trial in range(60):
+        n = int(torch.randint(2, 40, (1,), generator=generator))
+        values = torch.randint(0, 5, (4, n), generator=generator).float()
+        values[1] = torch.randn(n, generator=generator)             # a row without ties
+        values[2, : n // 2] = float("-inf")
+        k = int(torch.randint(1, n + 1, (1,), generator=generator))
+        want = [sorted(sorted(range(n), key=lambda i: (-float(row[i]), i))[:k]) for row in values]
+        assert top_k_positions(values, k).tolist() == want, (trial, k)
