@@ -103,6 +103,12 @@ class RunConfig:
                     f"opd.loss={o.loss} and a served rollout engine whose rows can be stale (rollout.sync_interval="
                     f"{r.sync_interval}, rollout.max_staleness={r.max_staleness}, teacher.overlap={t.overlap}): "
                     f"truncated IS on pi_theta_old / mu is what corrects the staleness there", None)
+        if t.kind == "cache":
+            require(r.source == "corpus" and o.mixtures.on_policy_fraction == 0, "teacher.kind",
+                    "cache only with rollout.source=corpus and opd.mixtures.on_policy_fraction=0 (a teacher cache "
+                    "scores the corpus windows it was written for, not the student's rollouts)", t.kind)
+            require(o.loss == "divergence", "opd.loss", "divergence with teacher.kind=cache (route A on the cached "
+                    "top-k support)", o.loss)
         if r.source == "corpus":
             d = self.data
             require(d.format == "indexed", "data.format", "indexed with rollout.source=corpus (the prompts are "

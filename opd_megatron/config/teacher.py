@@ -2,13 +2,14 @@
 sub-section per kind of teacher.
 
     teacher:
-      kind: colocated | inprocess | sglang | vllm | multi | self
+      kind: colocated | inprocess | sglang | vllm | multi | self | cache
       temperature, topk, score_student_topk, overlap
       colocated:    {path, model}           kind colocated
       inprocess:    {path}                  kind inprocess
       server:       {urls, model, ...}      kinds sglang and vllm (the HTTP client, teachers/http.py)
       multi:        {members, routes, default, mixture, weights}
       self_teacher: {mode, ema_decay, insert, keep}    kind self
+      cache:        {path}                  kind cache (a teacher top-k cache, `opd-megatron cache-teacher`)
 
 A section of another kind than `kind` is not read. `ServerSection` (config/sections.py, shared with the rollout
 servers) is the served teachers' client schema; the client (`teachers/http.py: HTTPTeacherConfig`) is this section
@@ -30,6 +31,12 @@ class ColocatedTeacherSection:
     and support)."""
     path: str = ""                           # a megatron checkpoint of ours, or an HF checkpoint directory
     model: Optional[ModelSection] = None     # its shape (default: the one saved in the checkpoint)
+
+
+@dataclass
+class CacheTeacherSection:
+    """kind cache: a teacher top-k cache written by `opd-megatron cache-teacher` (no teacher at train time)."""
+    path: str = ""                           # the cache directory (its manifest.json)
 
 
 @dataclass
@@ -109,7 +116,7 @@ class TeacherSection:
     score_student_topk: SGLang: also score the student's top-k ids (the student_topk / union supports).
     overlap: score the next batch (sampled with the weights before this update, so one update stale) while this
         batch trains; staleness is reported every step. Only for served teachers."""
-    kind: Literal["colocated", "inprocess", "sglang", "vllm", "multi", "self"] = "colocated"
+    kind: Literal["colocated", "inprocess", "sglang", "vllm", "multi", "self", "cache"] = "colocated"
     temperature: float = 1.0
     topk: int = 0
     score_student_topk: int = 0
@@ -119,6 +126,7 @@ class TeacherSection:
     server: ServerSection = field(default_factory=ServerSection)
     multi: MultiTeacherSection = field(default_factory=MultiTeacherSection)
     self_teacher: SelfTeacherSection = field(default_factory=SelfTeacherSection)
+    cache: CacheTeacherSection = field(default_factory=CacheTeacherSection)
 
     @property
     def dense(self) -> bool:
@@ -145,6 +153,11 @@ class TeacherSection:
             return
         if self.kind in ("sglang", "vllm"):
             self.server.validate("teacher.server.")
+            return
+        if self.kind == "cache":
+            require(bool(self.cache.path), "teacher.cache.path", "the directory of a cache written by "
+                    "`opd-megatron cache-teacher`", self.cache.path)
+            require(not self.overlap, "teacher.overlap", "false for a teacher cache (reading it is cheap)", True)
             return
         path = self.as_member().checkpoint_path
         require(bool(path), f"teacher.{self.kind}.path", f"a checkpoint directory for teacher.kind={self.kind}", path)

@@ -27,7 +27,7 @@ from opd_megatron.parallel.finite import nonfinite_on_any_tp_rank
 from opd_megatron.rollout.batch import RolloutBatch
 from opd_megatron.rollout.engine import RolloutEngine
 from opd_megatron.rollout.generate import MegatronSampler, SamplingConfig
-from opd_megatron.rollout.prompts import Prompt, PromptSource, with_prompt_context
+from opd_megatron.rollout.prompts import Prompt, PromptSource, window_batch, with_prompt_context
 from opd_megatron.student.distributed import ParallelContext
 from opd_megatron.student.optimizer import TrainableStudent
 from opd_megatron.student.schedule import forward_backward
@@ -54,6 +54,8 @@ class Evaluator:
         """Held-out verifier score (`score`, greedy; task prompts only) and per-token reverse KL to the teacher
         (`rkl`) on the student's own samples at temperature 1 (exact over the vocabulary with a dense teacher, the
         k1 estimate with a served one)."""
+        if self.teacher.reads_sample_keys:
+            return self._held_out_nll()
         batch_size = self.cfg.eval.batch_size
         mine = self.source.eval_prompts()[self.ctx.dp_rank:: self.ctx.dp]
         correct = torch.zeros(2, dtype=torch.float64)      # hits, prompts
@@ -77,6 +79,24 @@ class Evaluator:
         # _reverse_kl's totals are already summed over the whole world by forward_backward.
         out["rkl"] = float(rkl[0] / max(rkl[1], 1.0))
         return out
+
+    def _held_out_nll(self) -> dict[str, float]:
+        """A teacher cache scores only the windows it was written for, not the student's samples: the evaluation
+        is then the student's per-token negative log-likelihood on the held-out corpus's first `eval.prompts`
+        windows (`nll`; no `rkl`), as pretraining distillation reports its validation loss."""
+        batch = window_batch(self.source.eval_windows()[self.ctx.dp_rank:: self.ctx.dp], self.tokenizer.pad_id)
+        mbs = self.cfg.parallel.micro_batch_size
+
+        def loss_fn(logits, micro: StudentInput):
+            mb = micro.rollout
+            with torch.no_grad():
+                mask = mb.loss_mask.to(logits.device)
+                logp = vp.vocab_parallel_token_logprobs(logits, mb.labels.to(logits.device), 1.0, self.vocab)
+                return -(logp * mask).sum(), mask.sum()
+
+        total, count = forward_backward(self.trainable.ddp, StudentInput.of(batch, mbs), loss_fn,
+                                        batch.tokens.shape[1] - 1, mbs, forward_only=True)
+        return {"nll": float(total / max(count, 1.0))}
 
     def _count_greedy_hits(self, chunk: list[Prompt], start: int, correct: torch.Tensor) -> None:
         """Add the student's greedy hits on `chunk` and its size to `correct` `[2]`."""
@@ -156,4 +176,6 @@ class Evaluator:
 def describe(result: dict[str, float]) -> str:
     """One line of an evaluation's results, for the run's log."""
     score = f"score {result['score']:.3f}, " if result.get("score") is not None else ""
+    if result.get("rkl") is None:
+        return f"{score}held-out per-token NLL {result['nll']:.4f}"
     return f"{score}per-token reverse KL to the teacher {result['rkl']:.4f}"

@@ -52,7 +52,7 @@ from opd_megatron.parallel import divergences as vp
 from opd_megatron.rollout.batch import RolloutBatch
 from opd_megatron.rollout.engine import MegatronRolloutEngine, RolloutEngine
 from opd_megatron.rollout.generate import SamplingConfig, sampling_token_logprobs
-from opd_megatron.rollout.prompts import CorpusPrompts, PromptSource, with_prompt_context
+from opd_megatron.rollout.prompts import CorpusPrompts, PromptSource, window_batch, with_prompt_context
 from opd_megatron.rollout.served import build_vllm_engine
 from opd_megatron.rollout.served_sglang import build_sglang_engine
 from opd_megatron.student.checkpoint import load_checkpoint, resolve_checkpoint
@@ -276,6 +276,10 @@ class OpdRun(StepLoop):
             # The noise is a pure function of (run seed, step, data-parallel rank, column): an exact resume
             # replays it, and no two data-parallel ranks share it.
             prompts, batch = self.rollouts.take(step, self.engine.policy_version(self.step))
+        elif self.cfg.rollout.source == "corpus":
+            # Whole samples (every token trains, as in pretraining KD), keyed for a teacher cache.
+            windows = self.source.windows(step, self.ctx.dp_rank, self.ctx.dp, self.prompts_per_rank * n)
+            batch, prompts = window_batch(windows, self.tokenizer.pad_id, policy_version=self.step), []
         else:
             prompts = self.source.prompts(step, self.ctx.dp_rank, self.ctx.dp, self.prompts_per_rank * n)
             missing = [p.text for p in prompts if p.reference is None]
@@ -287,8 +291,9 @@ class OpdRun(StepLoop):
                                                 self.tokenizer.pad_id, on_policy=False,
                                                 prompts=[p.text for p in prompts], policy_version=self.step,
                                                 length=max(len(p.ids) + len(p.reference) for p in prompts))
-        rows = prompts if len(prompts) == batch.size else [p for p in prompts for _ in range(n)]
-        batch = with_prompt_context(batch, rows, self.teacher.reads_privileged_context)
+        if prompts:
+            rows = prompts if len(prompts) == batch.size else [p for p in prompts for _ in range(n)]
+            batch = with_prompt_context(batch, rows, self.teacher.reads_privileged_context)
         if self.task is not None:
             batch = replace(batch, rewards=torch.tensor(
                 [self.task.score(text, self.tokenizer.decode(batch.response_ids(b)))
@@ -703,7 +708,7 @@ class OpdRun(StepLoop):
         if self.progress.baseline_eval:
             return
         before = self.evaluator.evaluate()
-        self.progress.baseline_eval = {"student_score_before": before.get("score"), "rkl_before": before["rkl"],
+        self.progress.baseline_eval = {"student_score_before": before.get("score"), "rkl_before": before.get("rkl"),
                                        "teacher_score": self.evaluator.teacher_score()}
         writer.message(f"[opd-megatron] before OPD: {describe(before)}; teacher score "
                        f"{self.progress.baseline_eval['teacher_score']}")

@@ -54,6 +54,7 @@ class RolloutBatch:
     old_logprobs: Optional[torch.Tensor] = None   # [B, L-1] pi_theta_old(y_t), the full softmax (see above)
     outcome_advantages: Optional[torch.Tensor] = None   # [B] R - b_R, centred on the whole batch (outcome hybrid)
     policy_version: int = 0          # the optimizer step whose weights sampled it (staleness = step - this)
+    sample_keys: Optional[torch.Tensor] = None   # [B] int64 corpus window keys (rollout.source corpus), -1: none
 
     @property
     def size(self) -> int:
@@ -76,7 +77,8 @@ class RolloutBatch:
     def teacher_request(self, topk: int = 0, extra_ids: Optional[torch.Tensor] = None) -> TeacherRequest:
         """What the teacher scores: the response columns, in the student's own contexts."""
         return TeacherRequest(tokens=self.tokens, lengths=self.lengths, score_start=self.prompt_lengths - 1,
-                              topk=topk, extra_ids=extra_ids, domains=self.domains, privileged=self.privileged)
+                              topk=topk, extra_ids=extra_ids, domains=self.domains, privileged=self.privileged,
+                              sample_keys=self.sample_keys)
 
     def select(self, rows: Sequence[int] | torch.Tensor) -> "RolloutBatch":
         """The rows `rows` as a new batch (micro-batches, data-parallel shares); every per-row field follows."""
@@ -205,9 +207,12 @@ def concat(batches: Sequence[RolloutBatch], pad_id: int) -> RolloutBatch:
         loss_mask=torch.cat([pad(b.loss_mask, length - 1, 0.0) for b in batches]), behaviour_logprobs=behaviour,
         group_ids=torch.cat(groups), on_policy=torch.cat([b.on_policy for b in batches]),
         prompts=[p for b in batches for p in b.prompts], domains=domains,
-        policy_version=min(b.policy_version for b in batches), old_logprobs=old)
+        policy_version=min(b.policy_version for b in batches), old_logprobs=old,
+        sample_keys=None if all(b.sample_keys is None for b in batches) else torch.cat(
+            [b.sample_keys if b.sample_keys is not None else torch.full((b.size,), -1, dtype=torch.long)
+             for b in batches]))
 
 
 _PER_ROW = ("tokens", "lengths", "prompt_lengths", "loss_mask", "behaviour_logprobs", "group_ids", "on_policy",
             "prompts", "domains", "privileged", "rewards", "teacher", "advantages", "values", "loss_weights",
-            "reference_logprobs", "old_logprobs", "outcome_advantages")
+            "reference_logprobs", "old_logprobs", "outcome_advantages", "sample_keys")

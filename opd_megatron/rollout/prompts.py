@@ -24,6 +24,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional, Sequence
 
+import torch
+
 from opd_megatron.data.jsonl import DataError, parse_json_line, require_text
 from opd_megatron.data.tokenizer import Tokenizer
 from opd_megatron.rollout.batch import RolloutBatch
@@ -91,6 +93,20 @@ def corpus_prompt(tokenizer: Tokenizer, ids: Sequence[int], documents: Sequence[
     return Prompt(tokenizer.decode(prompt), prompt, reference)
 
 
+def window_batch(windows: Sequence[tuple[list[int], list[float], int]], pad_id: int,
+                 policy_version: int = 0) -> RolloutBatch:
+    """Whole corpus samples (`CorpusPrompts.window`) as fixed-dataset rows: every label trains except those that
+    open another document, and each row carries its window key (`sample_keys`, a teacher cache's key)."""
+    batch = RolloutBatch.from_sequences([ids[:1] for ids, _, _ in windows], [ids[1:] for ids, _, _ in windows],
+                                        pad_id, on_policy=False, policy_version=policy_version,
+                                        prompts=[""] * len(windows))
+    mask = torch.zeros_like(batch.loss_mask)
+    for b, (_, boundaries, _) in enumerate(windows):
+        mask[b, : len(boundaries)] = torch.tensor(boundaries)
+    return replace(batch, loss_mask=batch.loss_mask * mask,
+                   sample_keys=torch.tensor([key for _, _, key in windows], dtype=torch.long))
+
+
 class CorpusPrompts:
     """Prompts cut from an indexed corpus (a `data/indexed.py::CorpusBlend`): sample `index` of the blend's order,
     or the next sample whose prefix leaves something to continue (at most `MAX_SKIP` further)."""
@@ -100,6 +116,14 @@ class CorpusPrompts:
     def __init__(self, blend, tokenizer: Tokenizer, prefix_tokens: int, continuation_tokens: int, where: str):
         self.blend, self.tokenizer = blend, tokenizer
         self.prefix_tokens, self.continuation_tokens, self.where = prefix_tokens, continuation_tokens, where
+
+    def window(self, index: int) -> tuple[list[int], list[float], int]:
+        """Sample `index` whole, for the fixed-dataset share (pretraining-style KD on every token): its tokens, a
+        loss mask per label (0 where the label opens another document: the window crosses documents) and its
+        window key (what a teacher cache is keyed by)."""
+        ids, documents = self.blend.window_tokens(index)
+        mask = [1.0 if documents[t + 1] == documents[t] else 0.0 for t in range(len(ids) - 1)]
+        return [int(t) for t in ids], mask, self.blend.sample_identity(index).window_key
 
     def prompt(self, index: int) -> Prompt:
         for offset in range(self.MAX_SKIP + 1):
@@ -219,6 +243,19 @@ class PromptSource:
         if not records:
             raise DataError(f"{path}: no prompts")
         return records
+
+    def eval_windows(self) -> list[tuple[list[int], list[float], int]]:
+        """rollout.source corpus: the held-out corpus's first `eval_count` whole samples."""
+        if self.eval_corpus is None:
+            raise ValueError("PromptSource.eval_windows: only a corpus source has windows")
+        return [self.eval_corpus.window(index) for index in range(self.eval_count)]
+
+    def windows(self, step: int, rank: int, world: int, count: int) -> list[tuple[list[int], list[float], int]]:
+        """rollout.source corpus: this rank's `count` whole samples of `step` (`CorpusPrompts.window`)."""
+        if self.corpus is None:
+            raise ValueError("PromptSource.windows: only a corpus source has windows")
+        first = (step * world + rank) * count
+        return [self.corpus.window(index) for index in range(first, first + count)]
 
     def prompts(self, step: int, rank: int, world: int, count: int) -> list[Prompt]:
         first = (step * world + rank) * count

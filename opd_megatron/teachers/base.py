@@ -46,6 +46,7 @@ class TeacherRequest:
     domains: per-row domain tags (multi-teacher routing), or None.
     privileged: per-row extra context token ids (self-distillation: e.g. the reference solution) that a
         self-teacher inserts before the prompt; the scores stay aligned to the student's columns.
+    sample_keys: per-row corpus window keys (rollout.source corpus), which a teacher cache is keyed by.
     """
 
     tokens: torch.Tensor
@@ -55,6 +56,7 @@ class TeacherRequest:
     extra_ids: Optional[torch.Tensor] = None
     domains: Optional[Sequence[str]] = None
     privileged: Optional[Sequence[Sequence[int]]] = None
+    sample_keys: Optional[torch.Tensor] = None      # [B] int64: each row's corpus window key (-1: none)
 
     @property
     def batch_size(self) -> int:
@@ -212,6 +214,9 @@ class Teacher(abc.ABC):
     #: True when the teacher reads each row's privileged context (`TeacherRequest.privileged`): the loop then
     #: sends it (a self-teacher); other teachers never see it.
     reads_privileged_context: bool = False
+    #: True when the teacher scores rows by their corpus window keys (`TeacherRequest.sample_keys`): a teacher
+    #: cache. The loop then gives it whole windows.
+    reads_sample_keys: bool = False
     #: True when `generation_model` gives a model to sample the teacher's own answers from. The same on every
     #: rank (evaluation of the teacher's score is collective), whether or not this rank holds the model.
     can_generate: bool = False

@@ -83,6 +83,14 @@ def build_teacher(cfg: RunConfig, device: torch.device, student_tokenizer: Token
         multi = t.multi
         teacher = MultiTeacher(members, routes=(multi.routes or {}) if multi.mixture is None else None,
                                default=multi.default, mixture=multi.mixture, weights=multi.weights or None)
+    elif t.kind == "cache":
+        from opd_megatron.data.teacher_cache import tokenizer_fingerprint
+        from opd_megatron.teachers.cached import CachedTeacher
+        # The corpus it was written for is checked row by row (each window's tokens against the crc the cache
+        # kept); the tokenizer and the window length here, at once.
+        teacher = CachedTeacher(t.cache.path, expect={"tokenizer_hash": tokenizer_fingerprint(student_tokenizer),
+                                                      "seq_length": cfg.data.seq_length,
+                                                      "temperature": t.temperature})
     elif t.kind == "self":
         from opd_megatron.teachers.colocated import ColocatedTeacher
         from opd_megatron.teachers.self_teacher import SelfTeacher
