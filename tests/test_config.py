@@ -172,8 +172,8 @@ def test_the_bases_are_valid():
      r"vocabulary"),
     # A teacher cache scores corpus windows, offline only
     ([*OPD, "teacher.kind=cache"], r"teacher.cache.path: expected the directory of a cache"),
-    ([*OPD, *TOPK, "teacher.topk=16", "teacher.kind=cache", "teacher.cache.path=/c"], r"teacher.kind: expected cache only with rollout.source="
-                                                            r"corpus and opd.mixtures.on_policy_fraction=0"),
+    ([*OPD, *TOPK, "teacher.kind=cache", "teacher.cache.path=/c"],
+     r"teacher.kind: expected cache only with rollout.source=corpus and opd.mixtures.on_policy_fraction=0"),
     # Served rollouts and corpus prompts
     ([*OPD, *PG, "rollout.engine=vllm", "rollout.server={urls: [http://127.0.0.1:1], model: s}",
       "rollout.sync_interval=2"], r"opd.gates.truncated_is: expected set .*rollout.sync_interval=2"),
