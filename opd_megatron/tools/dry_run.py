@@ -627,6 +627,8 @@ def format_opd_notes(cfg: RunConfig, estimate: MemoryEstimate) -> list[str]:
         where = {"self": "shares the student's weights (self_teacher.mode current)"}.get(
             t.kind, "served: nothing on the training GPUs")
         lines.append(f"  teacher {t.kind}: {where}")
+    if r.source == "corpus" and cfg.opd.mixtures.on_policy_fraction < 1 and t.topk:
+        lines.append(teacher_cache_note(cfg))
     rows = rollout_rows(cfg, estimate.world_size)
     if rows and served_rollouts(cfg):
         lines += served_rollout_notes(cfg, rows * estimate.dp)
@@ -637,6 +639,20 @@ def format_opd_notes(cfg: RunConfig, estimate: MemoryEstimate) -> list[str]:
     else:
         lines.append("  rollout: none (opd.mixtures.on_policy_fraction=0: fixed rows only)")
     return lines
+
+
+def teacher_cache_note(cfg: RunConfig) -> str:
+    """The disk a teacher top-k cache of the run's offline corpus tokens takes (`opd-megatron cache-teacher`,
+    data/teacher_cache.py's encoding): train_steps x global batch x seq_length x the offline share."""
+    from opd_megatron.data.teacher_cache import cache_bytes
+
+    offline = 1.0 - cfg.opd.mixtures.on_policy_fraction
+    tokens = int(cfg.run.train_steps * cfg.parallel.global_batch_size * cfg.data.seq_length * offline)
+    size = cache_bytes(tokens, cfg.teacher.topk, cfg.model.vocab_size, cfg.data.seq_length)
+    where = "read by teacher.kind=cache" if cfg.teacher.kind == "cache" else "if cached (teacher.kind=cache)"
+    return (f"  teacher cache, {where}: top-{cfg.teacher.topk} of {tokens:.3g} corpus tokens (train_steps x global "
+            f"batch x data.seq_length x offline share {offline:g}) = {size / 1e12:.3g} TB "
+            f"({size / max(tokens, 1):.0f} B/token); fewer when the corpus has fewer windows (each is cached once)")
 
 
 def served_rollout_notes(cfg: RunConfig, global_rows: int) -> list[str]:

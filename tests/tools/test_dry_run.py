@@ -296,6 +296,18 @@ def test_served_rollouts_move_the_kv_cache_to_the_rollout_servers():
     assert f"{2 * 2 * 64 * 4 * 2 * 16 * 4 / 2**30:.2f} GiB of KV cache" in notes, notes
 
 
+def test_a_corpus_run_reports_the_teacher_cache_it_would_read():
+    from opd_megatron.data.teacher_cache import cache_bytes
+    from opd_megatron.tools.dry_run import format_opd_notes
+
+    cfg = _opd("rollout.source=corpus", "data.format=indexed", "data.path=/c", "eval.path=/h", "teacher.topk=8",
+               "rollout.prefix_tokens=8", "opd.mixtures.on_policy_fraction=0.25", "run.train_steps=10")
+    notes = "\n".join(format_opd_notes(cfg, estimate_memory(cfg, 1)))
+    tokens = 10 * 8 * 64 * 3 // 4            # steps x global batch x seq_length x the offline share
+    size = cache_bytes(tokens, 8, cfg.model.vocab_size, 64)
+    assert f"top-8 of {tokens:.3g} corpus tokens" in notes and f"{size / 1e12:.3g} TB" in notes, notes
+
+
 @pytest.mark.parametrize("fraction", ["0.5", "0.01"])
 def test_a_partly_on_policy_run_still_samples_whole_batches(fraction):
     """The on-policy fraction picks whole batches (GKD's per-batch coin, `math/mixtures.py::OnPolicyMixture`), so an
