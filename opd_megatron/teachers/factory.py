@@ -18,7 +18,8 @@ def _is_hf_dir(path: Path) -> bool:
 
 
 def _single(cfg: RunConfig, t: TeacherMemberSection, device: torch.device, padded_vocab_size: int,
-            name: Optional[str] = None, true_vocab_size: Optional[int] = None) -> tuple[Teacher, Optional[Tokenizer]]:
+            name: Optional[str] = None, true_vocab_size: Optional[int] = None,
+            full_logits: bool = True) -> tuple[Teacher, Optional[Tokenizer]]:
     """One teacher of kind colocated / inprocess / sglang / vllm, and its tokenizer when it has local files."""
     named = {"name": name} if name else {}
     if t.kind == "colocated":
@@ -52,7 +53,7 @@ def _single(cfg: RunConfig, t: TeacherMemberSection, device: torch.device, padde
                                                           **named), None)
     if t.kind == "inprocess":
         from opd_megatron.teachers.inprocess import InProcessTeacher
-        return (InProcessTeacher(t.inprocess.path, temperature=t.temperature, device=device, full_logits=True,
+        return (InProcessTeacher(t.inprocess.path, temperature=t.temperature, device=device, full_logits=full_logits,
                                  padded_vocab_size=padded_vocab_size, student_vocab_size=true_vocab_size,
                                  **named), load_tokenizer(t.inprocess.path))
     from opd_megatron.teachers.http import HTTPTeacherConfig
@@ -65,10 +66,11 @@ def _single(cfg: RunConfig, t: TeacherMemberSection, device: torch.device, padde
 
 
 def build_teacher(cfg: RunConfig, device: torch.device, student_tokenizer: Tokenizer, padded_vocab_size: int,
-                  student=None) -> tuple[Teacher, CompatReport]:
+                  student=None, full_logits: bool = True) -> tuple[Teacher, CompatReport]:
     """Build the configured teacher on this rank and check that it shares the student's vocabulary (a mismatch
     is a `VocabMismatchError` naming what differs). Collective for colocated teachers (every rank calls it).
-    `student` (a `StudentModel`) is needed by `kind: self`."""
+    `student` (a `StudentModel`) is needed by `kind: self`. full_logits=False: an in-process teacher returns
+    sampled-token and top-k log-probs only (a caller that reads no more need not copy its [B, L-1, V] logits)."""
     t = cfg.teacher
     tokenizer: Optional[Tokenizer] = None
     if t.kind == "multi":
@@ -104,7 +106,7 @@ def build_teacher(cfg: RunConfig, device: torch.device, student_tokenizer: Token
                               insert=own.insert, keep=own.keep, max_length=cfg.model.max_position_embeddings)
     else:
         teacher, tokenizer = _single(cfg, t.as_member(), device, padded_vocab_size,
-                                     true_vocab_size=student_tokenizer.vocab_size)
+                                     true_vocab_size=student_tokenizer.vocab_size, full_logits=full_logits)
     report = check_teacher_compatible(student_tokenizer, teacher, teacher_tokenizer=tokenizer,
                                       student_embedding_rows=padded_vocab_size)
     return teacher, report

@@ -154,9 +154,9 @@ def run_cache_teacher(cfg: RunConfig, output: str | Path, samples_per_shard: int
     try:
         tokenizer = load_tokenizer(cfg.data.tokenizer)
         blend = build_dataset(cfg.data, tokenizer, seed=cfg.run.seed)
-        teacher, _ = build_teacher(cfg, ctx.device, tokenizer, padded_vocab_size(cfg.model.embedding_rows, ctx.tp))
         # The cache keeps top-k only: an in-process teacher need not copy its whole [B, L-1, V] logits per request.
-        teacher.gives_full_logits = False
+        teacher, _ = build_teacher(cfg, ctx.device, tokenizer, padded_vocab_size(cfg.model.embedding_rows, ctx.tp),
+                                   full_logits=False)
         k = cfg.teacher.topk
         identity = CacheIdentity(teacher=teacher_identity(cfg, teacher),
                                  tokenizer_hash=tokenizer_fingerprint(tokenizer), topk=k,
