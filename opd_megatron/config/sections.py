@@ -425,6 +425,9 @@ class RolloutServerSection(ServerSection):
     """The rollout servers of a served engine (rollout.engine vllm): the client knobs of a served teacher's
     `server` section (urls, model, retries, balancing; `vocab_size` 0 = the student's), plus where the weights are
     published for them to reload."""
+    # A rollout request lasts as long as its whole generation (64 rows x 128 tokens of a 100M model: up to 218 s on
+    # 2 CPU cores, benchmarks/rollout_engines.py); a teacher's 120 s would time it out and generate it again.
+    timeout_s: float = 1800.0
     # How the weights reach the servers: `disk` (an HF export each server reloads: works everywhere), `nccl` (vLLM's
     # weight-transfer engine, GPUs, parallel.pp 1: rollout/nccl_sync.py), `auto` (nccl on a GPU at pp 1, else disk).
     sync: Literal["auto", "disk", "nccl"] = "auto"
