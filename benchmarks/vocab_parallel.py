@@ -4,14 +4,18 @@ Every row is one forward + backward on this rank's shards, timed in the same run
 - on a given logits shard `[N, V/tp]`: megatron CE (the 1.00x baseline), our sampled-token log-prob
   (`vocab_parallel_token_logprobs`, the route-B hot path), every full-vocabulary divergence against a teacher
   shard (reverse KL, also with `keep_softmax`, forward KL, total variation, generalized JSD at beta 0.5, skew
-  forward / reverse KL at alpha 0.1), and CR-OPD (`vocab_parallel_cr_opd_loss`, dense teacher shard, teacher
-  top-20 support, student top-20 reach, weights q, advantages ~ N(0, 1));
+  forward / reverse KL at alpha 0.1), every divergence on a teacher top-64 support (`vocab_parallel_build_support`
+  then `divergence_on_support`; tail and renormalised; the teacher dense, or served: its top-64 ids and
+  log-probs, as a server or a logit cache gives them), and CR-OPD (`vocab_parallel_cr_opd_loss`, both forms, dense
+  or served teacher, teacher top-20 support, student top-20 reach, weights q, advantages ~ N(0, 1));
 - with `--compile`, a `(compiled)` row per dense divergence other than the reverse KL: the same op with its chunk
   kernels through `torch.compile` (`divergence_kernels.set_compiled_kernels`), compiled in an untimed first run;
 - peers (TP=1 only: they need the whole vocabulary): what a user would write instead, a plain PyTorch version of
   each divergence (`log_softmax` of both sides, `F.kl_div(..., log_target=True)` terms, the mixture by
   `logsumexp` of a stack), and TRL's `GKDTrainer.generalized_jsd_loss` for the JSD when `trl` is importable (else
-  the plain version, which follows TRL's code);
+  the plain version, which follows TRL's code); for the supports, the same support in plain PyTorch
+  (`log_softmax`, `gather`, the tail as `log(1 - sum_S p)`); for CR-OPD, the single-device reference
+  `math/cr_opd.py::cr_opd_loss` (`[N, V]` masks);
 - from the hidden states `[N, H]` and the output-layer shard `[V/tp, H]` (the matmul included): matmul + megatron CE
   (the 1.00x baseline, materialises the logits), matmul + our chunked token log-prob, and the fused paths
   (`fused_token_logprobs`, `fused_reverse_kl`) that never hold `[N, V/tp]`.
@@ -164,6 +168,43 @@ PEERS = {name: ("plain PyTorch", _plain_peer(kind, next(iter(parameters.values()
          for name, (kind, parameters) in DIVERGENCE_ROWS.items()}
 PEERS["generalized JSD 0.5"] = _jsd_peer(0.5)
 
+SUPPORT_K = 64  # the support rows: teacher top-64, as a served teacher or a logit cache returns it
+SUPPORT_MODES = ("tail", "renormalized")
+
+
+def support_row(name: str, mode: str, sparse: bool) -> str:
+    return f"{name}, teacher top-{SUPPORT_K} {mode}, {'served' if sparse else 'dense'} teacher"
+
+
+def _plain_support_peer(kind: str, parameters: dict, mode: str
+                        ) -> Callable[[torch.Tensor, torch.Tensor | tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+    """A plain PyTorch version of a teacher top-k support on full-vocabulary logits `[N, V]`, as a user would write
+    it: `log_softmax` of the student (and of a dense teacher, whose ids come from `torch.topk`), the log-probs
+    gathered at the ids, the tail as `log(1 - sum_S p)` (clamped away from 0), or the gathered logits renormalised
+    by `log_softmax` over the k slots; then the divergence of the two `[N, k(+1)]` rows (`math/divergences.py`, the
+    same cheap step as ours). `teacher` is a logits tensor or a served `(ids, logprobs)` pair."""
+    from opd_megatron.math.divergences import divergence_from_log_probs
+
+    def tail_of(logp_on_support: torch.Tensor) -> torch.Tensor:
+        rest = 1.0 - logp_on_support.exp().sum(dim=-1, keepdim=True)
+        return rest.clamp_min(torch.finfo(rest.dtype).tiny).log()
+
+    def loss(student_logits: torch.Tensor, teacher) -> torch.Tensor:
+        if isinstance(teacher, torch.Tensor):
+            ids = torch.topk(teacher, SUPPORT_K, dim=-1).indices
+            teacher_on_support = (torch.log_softmax(teacher, dim=-1).gather(-1, ids) if mode == "tail"
+                                  else teacher.gather(-1, ids))
+        else:
+            ids, teacher_on_support = teacher
+        if mode == "tail":
+            lp = torch.log_softmax(student_logits, dim=-1).gather(-1, ids)
+            lp, lq = torch.cat([lp, tail_of(lp)], -1), torch.cat([teacher_on_support, tail_of(teacher_on_support)], -1)
+        else:
+            lp = torch.log_softmax(student_logits.gather(-1, ids), dim=-1)
+            lq = torch.log_softmax(teacher_on_support, dim=-1)
+        return divergence_from_log_probs(kind, lp, lq, **parameters)
+    return loss
+
 
 def compiled_divergence(kind: str, student: torch.Tensor, teacher: torch.Tensor, **options) -> torch.Tensor:
     """`vocab_parallel_divergence` with the compiled kernels switched on for this call (forward and backward)."""
@@ -187,7 +228,10 @@ def bench_worker(tp: int, tokens: int, hidden_size: int, vocab: int, chunk_size:
     from opd_megatron.parallel import fused
     from opd_megatron.parallel import divergences as vp
     from opd_megatron.parallel.cr_opd import vocab_parallel_cr_opd_loss
-    from opd_megatron.math.cr_opd import RoutingConfig
+    from opd_megatron.parallel.supports import vocab_parallel_build_support
+    from opd_megatron.parallel.topk import vocab_parallel_logsumexp, vocab_parallel_topk
+    from opd_megatron.math.cr_opd import RoutingConfig, cr_opd_loss
+    from opd_megatron.math.supports import SparseTeacherLogprobs, divergence_on_support
     from opd_megatron.student.cpu_shims import apply_cpu_shims
 
     apply_cpu_shims()
@@ -210,7 +254,9 @@ def bench_worker(tp: int, tokens: int, hidden_size: int, vocab: int, chunk_size:
 
     def on_logits(loss: Callable[[torch.Tensor], torch.Tensor], clone: bool) -> Callable[[], Callable[[], None]]:
         def setup():
-            z = (logits.clone() if clone else logits).requires_grad_(True)  # megatron CE works in place
+            z = logits.clone() if clone else logits  # megatron CE works in place
+            z.grad = None  # else every round after the first would add its gradient into the last one's
+            z.requires_grad_(True)
             return lambda: loss(z).sum().backward()
         return setup
 
@@ -230,7 +276,47 @@ def bench_worker(tp: int, tokens: int, hidden_size: int, vocab: int, chunk_size:
     advantages = torch.randn(tokens, generator=gen)  # about half negative: routed; the rest plain PG
     # Student reach by top-k: these random logits are nearly uniform over V, where a top-p nucleus would hold
     # most of the vocabulary (a trained LM's is small); teacher top-20 support, weights q.
-    routing = RoutingConfig(student_reach="topk")
+    routing = {form: RoutingConfig(student_reach="topk", form=form) for form in ("matched", "kl_target")}
+    # A served teacher's answer: the teacher's top-64 ids and log-probs (global, the same on every rank).
+    with torch.no_grad():
+        top_values, top_ids = vocab_parallel_topk(teacher, SUPPORT_K, vocab)
+        served_logprobs = top_values - vocab_parallel_logsumexp(teacher, vocab).unsqueeze(-1)
+    served = SparseTeacherLogprobs(top_ids, served_logprobs)
+
+    def cr_opd(z: torch.Tensor, form: str, sparse: bool) -> torch.Tensor:
+        given = (dict(teacher_topk_ids=top_ids, teacher_topk_logprobs=served_logprobs) if sparse
+                 else dict(teacher_logits_shard=teacher))
+        return vocab_parallel_cr_opd_loss(z, ids, advantages, config=routing[form], chunk_size=chunk_size,
+                                          **given)[0]
+
+    def cr_opd_reference(z: torch.Tensor, form: str, sparse: bool) -> torch.Tensor:
+        given = (dict(teacher_topk_ids=top_ids, teacher_topk_logprobs=served_logprobs) if sparse
+                 else dict(teacher_logits=teacher))
+        return cr_opd_loss(z, ids, advantages, config=routing[form], **given)[0]
+
+    support_rows = {}
+    for name, (kind, parameters) in DIVERGENCE_ROWS.items():
+        for mode in SUPPORT_MODES:
+            for sparse in (False, True):
+                row = support_row(name, mode, sparse)
+                support_rows[row] = on_logits(
+                    lambda z, kind=kind, parameters=parameters, mode=mode, sparse=sparse: divergence_on_support(
+                        kind, vocab_parallel_build_support(z, served if sparse else teacher, "teacher_topk",
+                                                           SUPPORT_K, mode, chunk_size=chunk_size), **parameters),
+                    clone=False)
+                if tp == 1:
+                    peer = _plain_support_peer(kind, parameters, mode)
+                    support_rows[f"{row} [plain PyTorch]"] = on_logits(
+                        lambda z, peer=peer, sparse=sparse: peer(z, (top_ids, served_logprobs) if sparse else teacher),
+                        clone=False)
+    cr_opd_rows = {}
+    for form in ("matched", "kl_target"):
+        for sparse in (False, True):
+            row = f"CR-OPD {form}, {'served' if sparse else 'dense'} teacher"
+            cr_opd_rows[row] = on_logits(lambda z, form=form, sparse=sparse: cr_opd(z, form, sparse), clone=False)
+            if tp == 1:
+                cr_opd_rows[f"{row} [math reference]"] = on_logits(
+                    lambda z, form=form, sparse=sparse: cr_opd_reference(z, form, sparse), clone=False)
     logit_rows = {
         "megatron CE": on_logits(lambda z: vocab_parallel_cross_entropy(z, ids), clone=True),
         "token log-prob": on_logits(lambda z: -vp.vocab_parallel_token_logprobs(z, ids, chunk_size=chunk_size),
@@ -247,9 +333,8 @@ def bench_worker(tp: int, tokens: int, hidden_size: int, vocab: int, chunk_size:
             for name, (kind, parameters) in DIVERGENCE_ROWS.items() if kind != "reverse_kl"} if compile_rows else {}),
         **({f"{name} [{PEERS[name][0]}]": on_logits(lambda z, name=name: PEERS[name][1](z, teacher), clone=False)
             for name in DIVERGENCE_ROWS} if tp == 1 else {}),
-        "CR-OPD": on_logits(lambda z: vocab_parallel_cr_opd_loss(z, ids, advantages, teacher_logits_shard=teacher,
-                                                                 config=routing, chunk_size=chunk_size)[0],
-                            clone=False),
+        **support_rows,
+        **cr_opd_rows,
     }
 
     def hidden_rows(rows: int):

@@ -336,7 +336,7 @@ class OpdObjective:
         supported = vocab_parallel_build_support(
             student, teacher if teacher is not None else sparse, a.support, a.support_k, a.support_mode,
             student_temperature=tau_s, teacher_temperature=tau_t if teacher is not None else 1.0,
-            true_vocab_size=self.vocab)
+            true_vocab_size=self.vocab, chunk_size=opd.chunk_size)
         beta = a.jsd_beta if a.divergence == "jsd" else None
         alpha = a.skew_alpha if a.divergence.startswith("skew") else None
         return divergence_on_support(kind, supported, beta=beta, alpha=alpha)

@@ -12,10 +12,12 @@ gradient). Every result is replicated on the TP ranks; the gradient reaching eac
 Two implementations of the same loss (equal value, gradient and statistics, both held to the reference):
 - on ids (`_routed_rows_on_ids`: teacher top-k support, student top-k or top-p reach, the default config): the
   sets are lists of global ids (replicated), `S_t` has at most `teacher_top_k + 1` members, and the only passes
-  over `[N, V/tp]` are the two normalisers, the two distributed top-k selections and the normaliser's softmax in
-  backward; the student's logits are read differentiably at `[y_t, teacher top-k]` in one gather (`[N, k]`,
-  owner's entry all-reduced), and everything else is `[N, k]`. A top-p nucleus is found on a top-k widened
-  until it holds it: cheap for a peaked student, up to a full sort for a near-uniform one.
+  over `[N, V/tp]` (chunk by chunk, into one reused buffer) are the two normalisers, the two distributed top-k
+  selections and the student normaliser's softmax in backward. The student is read differentiably once, by
+  `_NormalizerAndLogits`: its normaliser and its logits at `[y_t, teacher top-k]` (`[N, k + 1]`, owner's entry
+  all-reduced), with a closed-form backward that writes the softmax and scatters the `k + 1` entries' gradients
+  into the same buffer; everything else is `[N, k]`. A top-p nucleus is found on a top-k widened until it holds
+  it: cheap for a peaked student, up to a full sort for a near-uniform one.
 - on masks (`_routed_rows`: a threshold support or reach, whose sets are not bounded by a k), described below.
 
 How each piece is formed on masks:
@@ -49,9 +51,10 @@ import torch
 from opd_megatron.math.checks import MathInputError, require_floating, require_positive, require_positive_int
 from opd_megatron.math.cr_opd import RoutingConfig, RoutingStats
 from opd_megatron.math.divergences import compute_dtype
-from opd_megatron.parallel.shard import (CopyToTP, LogNormalizer, ReduceFromTP, Shard, check_inputs, chunked_rows,
-                                         debug_checks_enabled, flatten_rows, global_log_normalizer, ids_outside,
-                                         masked_logsumexp, row_pieces, token_mask, values_at_ids)
+from opd_megatron.parallel.shard import (CopyToTP, ReduceFromTP, Shard, check_inputs, chunked_rows,
+                                         debug_checks_enabled, flatten_rows, ids_outside, masked_logsumexp,
+                                         row_chunks, row_pieces, token_mask, values_at_ids)
+from opd_megatron.parallel.supports import support_statistics
 from opd_megatron.parallel.topk import (scatter_sparse_to_shards, top_p_mask_on_candidates, vocab_parallel_top_p_mask,
                                         vocab_parallel_topk)
 
@@ -144,8 +147,9 @@ def vocab_parallel_cr_opd_loss(student_logits_shard: torch.Tensor, sampled_ids: 
     every other column; fallback positions (`A_t >= 0` or `C_t` empty) `-A_t (e_{y_t} - pi)`;
     masked positions nothing.
 
-    chunk_size: rows at a time (`shard.chunked_rows`): the `[chunk, V/tp]` temporaries of one chunk live
-    at a time, and with gradient each chunk is recomputed in backward, so memory does not grow with N.
+    chunk_size: rows at a time: the `[chunk, V/tp]` temporaries of one chunk live at a time. On ids, backward
+    keeps only `[N, k]` / `[N]` tensors and a reference to the logits; on masks (`shard.chunked_rows`) each chunk
+    is recomputed in backward. Either way memory does not grow with N beyond the gradient.
     """
     inputs = _checked_inputs(student_logits_shard, sampled_ids, advantages, mask, teacher_logits_shard,
                              teacher_topk_ids, teacher_topk_logprobs, config, student_temperature,
@@ -153,18 +157,25 @@ def vocab_parallel_cr_opd_loss(student_logits_shard: torch.Tensor, sampled_ids: 
     # Teacher top-k support with a top-k or top-p student reach: every set is a list of ids (`_routed_rows_on_ids`,
     # the default config's fast path); a threshold on either side needs the `[N, V/tp]` masks (`_routed_rows`).
     on_ids = config.teacher_support == "topk" and config.student_reach in ("topk", "top_p")
-    routed_rows = _routed_rows_on_ids if on_ids else _routed_rows
-    student_rows = row_pieces(inputs.student, chunk_size)
+    if on_ids:
+        # The ids path keeps only `[N, k]` / `[N]` tensors and a reference to the logits for backward: it runs on
+        # all rows at once, its passes over `[chunk, V/tp]` chunked inside.
+        if chunk_size is not None:
+            require_positive_int("chunk_size", chunk_size)
+        loss, stats = _routed_rows_on_ids(inputs.shard, config, inputs.student, inputs.ids, inputs.advantages,
+                                          inputs.keep, inputs.teacher, float(student_temperature),
+                                          float(teacher_temperature), chunk_size)
+    else:
+        student_rows = row_pieces(inputs.student, chunk_size)
 
-    def rows(piece: slice) -> tuple[torch.Tensor, RoutingStats]:
-        rows_teacher = {name: None if value is None else value[piece] for name, value in inputs.teacher.items()}
-        return routed_rows(inputs.shard, config, student_rows(piece), inputs.ids[piece], inputs.advantages[piece],
-                           inputs.keep[piece], rows_teacher, float(student_temperature), float(teacher_temperature))
+        def rows(piece: slice) -> tuple[torch.Tensor, RoutingStats]:
+            rows_teacher = {name: None if value is None else value[piece] for name, value in inputs.teacher.items()}
+            return _routed_rows(inputs.shard, config, student_rows(piece), inputs.ids[piece],
+                                inputs.advantages[piece], inputs.keep[piece], rows_teacher,
+                                float(student_temperature), float(teacher_temperature))
 
-    # The ids path keeps only `[n, k]` / `[n]` tensors (and a reference to the logits) for backward, so its chunks
-    # need no recomputation; the masks path keeps `[n, V/tp]` masks, so its chunks are recomputed in backward.
-    loss, stats = chunked_rows(rows, inputs.student.shape[0], chunk_size,
-                               inputs.student.requires_grad and not on_ids)
+        # The masks path keeps `[n, V/tp]` masks, so its chunks are recomputed in backward.
+        loss, stats = chunked_rows(rows, inputs.student.shape[0], chunk_size, inputs.student.requires_grad)
     leading = tuple(student_logits_shard.shape[:-1])
     return loss.reshape(leading), dataclasses.replace(stats, **{
         field.name: getattr(stats, field.name).reshape(leading) for field in dataclasses.fields(stats)})
@@ -358,29 +369,39 @@ def _members(ids: torch.Tensor, pool: torch.Tensor, chosen: torch.Tensor) -> tor
 
 def _routed_rows_on_ids(shard: Shard, config: RoutingConfig, flat: torch.Tensor, ids: torch.Tensor,
                         adv: torch.Tensor, keep: torch.Tensor, teacher: dict, student_temperature: float,
-                        teacher_temperature: float) -> tuple[torch.Tensor, RoutingStats]:
+                        teacher_temperature: float, chunk_size: Optional[int]) -> tuple[torch.Tensor, RoutingStats]:
     """`_routed_rows` for a teacher top-k support and a student top-k / top-p reach, on lists of ids: `S_t` has
-    at most `teacher_top_k + 1` members, so after the two normalisers and the two top-k selections (the only
-    passes over `[n, V/tp]`, plus the normaliser's softmax in backward) everything is `[n, k]`, replicated.
-    Slot 0 of `S_t` is `y_t`, slots `1..k` the teacher's top-k ids masked to `C_t`. Same value, gradient and
-    statistics as `_routed_rows` (and the reference)."""
+    at most `teacher_top_k + 1` members, so after the normalisers and the two top-k selections (the only passes
+    over `[N, V/tp]`, chunk by chunk, plus the normaliser's softmax in backward) everything is `[N, k]`,
+    replicated. Slot 0 of `S_t` is `y_t`, slots `1..k` the teacher's top-k ids masked to `C_t`. Same value,
+    gradient and statistics as `_routed_rows` (and the reference)."""
     dtype = compute_dtype(flat)
+    pieces = row_chunks(flat.shape[0], chunk_size)
     if not bool(keep.all()):  # masked rows become zeros, as in the reference (whatever they held)
         flat = torch.where(keep.unsqueeze(-1), flat, 0.0)
-    log_norm = LogNormalizer.apply(flat, shard, student_temperature, None).to(dtype)  # gradient softmax / tau
+
     with torch.no_grad():
-        zd = shard.scaled(flat.detach(), student_temperature, dtype)
+        top_ids, logq = _teacher_topk_on_ids(shard, config, teacher, keep, pieces, teacher_temperature, dtype,
+                                             chunk_size)
+    # The one differentiable read of the student's logits: its normaliser and its logits at [y_t, top-k ids], in
+    # one Function (backward: the softmax plus a sparse scatter into the same gradient buffer).
+    log_norm, raw_s = _NormalizerAndLogits.apply(flat, torch.cat([ids.unsqueeze(-1), top_ids], dim=-1), shard,
+                                                 student_temperature, dtype, chunk_size)
+    z_s = raw_s.to(dtype) / student_temperature
+    logp_sampled = z_s[:, 0] - log_norm
+    with torch.no_grad():
         lse = log_norm.detach()
-        logp_y = values_at_ids(shard, zd, ids) - lse
+        logp_y = logp_sampled.detach()
+        logp = z_s[:, 1:].detach() - lse.unsqueeze(-1)
     if debug_checks_enabled() and torch.isneginf(logp_y).any():
         raise MathInputError("student_logits_shard: the sampled token (sampled_ids) has a -inf logit at an "
                              "unmasked position; pi(y_t) = 0 cannot have been sampled")
 
     with torch.no_grad():
-        top_ids, logq = _teacher_topk_on_ids(shard, config, teacher, keep, teacher_temperature, dtype)
-        reach_ids, in_reach = _student_reach_on_ids(shard, config, zd, lse)
-        logp = values_at_ids(shard, zd, top_ids) - lse.unsqueeze(-1)
-        candidates = ((logq > -math.inf) & (logp > -math.inf) & _members(top_ids, reach_ids, in_reach)
+        reachable = torch.cat([_student_reach_on_ids(shard, config, shard.scaled(flat[piece].detach(),
+                                                                                 student_temperature, dtype),
+                                                     lse[piece], top_ids[piece]) for piece in pieces])
+        candidates = ((logq > -math.inf) & (logp > -math.inf) & reachable
                       & (top_ids != ids.unsqueeze(-1)) & keep.unsqueeze(-1))
         count = candidates.sum(dim=-1)
         negative = keep & (adv < 0)
@@ -392,11 +413,6 @@ def _routed_rows_on_ids(shard: Shard, config: RoutingConfig, flat: torch.Tensor,
         rho = rho / torch.where(count > 0, rho.sum(dim=-1), 1.0).unsqueeze(-1)
         in_s = torch.cat([torch.ones_like(candidates[:, :1]), candidates], dim=-1)  # slot 0: y_t
 
-    # The one differentiable read of the student's logits besides the normaliser: at [y_t, top-k ids] (one
-    # sparse gradient, so backward adds a single [n, V/tp] term to the normaliser's softmax).
-    raw_s = values_at_ids(shard, flat, torch.cat([ids.unsqueeze(-1), top_ids], dim=-1))
-    z_s = raw_s.to(dtype) / student_temperature
-    logp_sampled = z_s[:, 0] - log_norm
     if config.form == "matched":
         # sum_{v in C} rho (z_y - z_v), on the replicated [n, k] slots (`math/cr_opd.py::matched_routed_loss`).
         moved = torch.where(routed, adv.abs() * -torch.expm1(logp_y), 0.0)
@@ -410,37 +426,101 @@ def _routed_rows_on_ids(shard: Shard, config: RoutingConfig, flat: torch.Tensor,
     return loss, stats
 
 
+class _NormalizerAndLogits(torch.autograd.Function):
+    """`(logsumexp_v(z_v / tau) [N] in dtype, z at ids [N, m] in the logits' dtype)`, replicated, from the logits
+    shard `[N, V/tp]` and global ids `[N, m]` (repeats allowed). Forward: `supports.support_statistics` with an
+    empty support (per chunk: row max, `exp(x - max)` into one reused buffer, row sum; at tp > 1 one all-reduce
+    MAX and one SUM of `[N]`) and the owners' logits at the ids, all-reduced. Saves the logits (a reference), the
+    ids and the normaliser.
+
+    Backward [Ours]: `d lse / d z_v = softmax(z / tau)_v / tau` and `d z_{i_j} / d z_v = [v = i_j]`, so the
+    gradient is `exp(z / tau - lse) g_lse / tau` (per chunk: two passes and a row scale, written into the gradient
+    itself) plus each owned id's `g_j`, added with one `scatter_add_` into the same buffer; no communication, no
+    other `[N, V/tp]` tensor (the separate normaliser and gather of before built a zero-filled gradient for the
+    gather and added the two)."""
+
+    @staticmethod
+    def forward(ctx, logits, ids, shard: Shard, temperature: float, dtype: torch.dtype, chunk_size: Optional[int]):
+        no_ids = ids[:, :0]
+        _, lse, _ = support_statistics(shard, logits, no_ids, no_ids >= 0, temperature, dtype, chunk_size)
+        at_ids = values_at_ids(shard, logits, ids)
+        ctx.save_for_backward(logits, ids, lse)
+        ctx.shard, ctx.temperature, ctx.chunk_size = shard, temperature, chunk_size
+        return lse, at_ids
+
+    @staticmethod
+    def backward(ctx, grad_lse, grad_at_ids):
+        logits, ids, lse = ctx.saved_tensors
+        shard, tau = ctx.shard, ctx.temperature
+        width, dtype = shard.valid_width, lse.dtype
+        whole = width == logits.shape[1] and dtype == logits.dtype
+        grad = torch.empty_like(logits) if whole else torch.zeros_like(logits)
+        if width == 0:
+            return grad, None, None, None, None, None
+        factor = (torch.zeros_like(lse) if grad_lse is None else grad_lse.to(dtype)) / tau
+        local = ids - shard.start
+        owned = (local >= 0) & (local < width)
+        column = local.clamp(0, width - 1)
+        pieces = row_chunks(logits.shape[0], ctx.chunk_size)
+        span = max(piece.stop - piece.start for piece in pieces)
+        buffer = None if whole else torch.empty(span, width, dtype=dtype, device=logits.device)
+        for piece in pieces:
+            n = piece.stop - piece.start
+            out = grad[piece] if whole else buffer[:n]
+            if tau == 1.0:
+                torch.sub(logits[piece, :width], lse[piece, None], out=out)
+            else:
+                torch.add(-lse[piece, None], logits[piece, :width], alpha=1.0 / tau, out=out)
+            out.exp_().mul_(factor[piece, None])
+            if grad_at_ids is not None:
+                out.scatter_add_(-1, column[piece], torch.where(owned[piece], grad_at_ids[piece].to(dtype), 0.0))
+            if not whole:
+                grad[piece, :width] = out.to(grad.dtype)
+        return grad, None, None, None, None, None
+
+
 def _teacher_topk_on_ids(shard: Shard, config: RoutingConfig, teacher: dict, keep: torch.Tensor,
-                         temperature: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """The teacher's top-k ids `[n, k]` (global, replicated) and its log-probs there: from its logits shard (a
-    distributed top-k and the global normaliser) or among a server's answer. Masked rows read zeros."""
+                         pieces: list[slice], temperature: float, dtype: torch.dtype,
+                         chunk_size: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's top-k ids `[N, k]` (global, replicated) and its log-probs there: from its logits shard (a
+    distributed top-k per chunk of rows, and the global normaliser, `supports.support_statistics` over all rows
+    in one reused buffer) or among a server's answer. Masked rows read zeros (their normaliser is `log V`)."""
     if teacher["teacher_logits"] is not None:
-        raw = teacher["teacher_logits"]
-        raw = raw if bool(keep.all()) else torch.where(keep.unsqueeze(-1), raw, 0.0)
-        scaled_t = shard.scaled(raw, temperature, dtype)
-        top_logits, top_ids = vocab_parallel_topk(scaled_t, config.teacher_top_k, shard.true_vocab_size,
-                                                  shard.group, check_values=False)
-        return top_ids, top_logits - global_log_normalizer(shard, scaled_t, 1.0, dtype, None).unsqueeze(-1)
+        logits = teacher["teacher_logits"]
+        everything = bool(keep.all())
+        top_logits, top_ids = [], []
+        for piece in pieces:
+            raw = logits[piece] if everything else torch.where(keep[piece].unsqueeze(-1), logits[piece], 0.0)
+            values, ids = vocab_parallel_topk(shard.scaled(raw, temperature, dtype), config.teacher_top_k,
+                                              shard.true_vocab_size, shard.group, check_values=False)
+            top_logits.append(values)
+            top_ids.append(ids)
+        no_ids = torch.cat(top_ids)[:, :0]
+        _, lse, _ = support_statistics(shard, logits, no_ids, no_ids >= 0, temperature, dtype, chunk_size)
+        if not everything:  # a masked row is a row of zeros: log V (whatever the given row held)
+            lse = torch.where(keep, lse, math.log(shard.true_vocab_size))
+        return torch.cat(top_ids), torch.cat(top_logits) - lse.unsqueeze(-1)
     served = torch.where(keep.unsqueeze(-1), teacher["teacher_topk_ids"], 0).long()
-    chosen = teacher["teacher_topk_logprobs"].topk(config.teacher_top_k, dim=-1).indices
-    return served.gather(-1, chosen), teacher["teacher_topk_logprobs"].gather(-1, chosen).to(dtype)
+    logprobs = teacher["teacher_topk_logprobs"]
+    chosen = logprobs.topk(config.teacher_top_k, dim=-1).indices
+    return served.gather(-1, chosen), logprobs.gather(-1, chosen).to(dtype)
 
 
-def _student_reach_on_ids(shard: Shard, config: RoutingConfig, logits: torch.Tensor,
-                          log_normalizer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The student's reach as a list of ids: its top-k ids `[n, k']` and which of them are reachable (all for a
-    top-k reach; the top-p nucleus otherwise, from a top-k widened until every row's holds the nucleus), from
-    the tempered logits `[n, V/tp]` and their global log-normaliser `[n]`."""
+def _student_reach_on_ids(shard: Shard, config: RoutingConfig, logits: torch.Tensor, log_normalizer: torch.Tensor,
+                          ids: torch.Tensor) -> torch.Tensor:
+    """Whether each of `ids [n, k]` is in the student's reach (its top-k for a top-k reach; its top-p nucleus
+    otherwise, found on a top-k widened until every row's holds the nucleus), from the tempered logits
+    `[n, V/tp]` and their global log-normaliser `[n]`."""
     vocab = shard.true_vocab_size
     k = min(config.student_top_k, vocab)
     while True:
         values, reach_ids = vocab_parallel_topk(logits, k, vocab, shard.group, check_values=False)
         if config.student_reach == "topk":
-            return reach_ids, torch.ones_like(reach_ids, dtype=torch.bool)
+            return _members(ids, reach_ids, torch.ones_like(reach_ids, dtype=torch.bool))
         in_reach, complete = top_p_mask_on_candidates(values - log_normalizer.unsqueeze(-1), reach_ids,
                                                       config.student_top_p)
         if bool(complete.all()) or k == vocab:  # replicated values: every rank agrees
-            return reach_ids, in_reach
+            return _members(ids, reach_ids, in_reach)
         k = min(2 * k, vocab)
 
 

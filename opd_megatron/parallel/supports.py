@@ -9,12 +9,17 @@ How each piece is formed (layout and gradient convention as in `shard.py`):
   selection on the server answer, which every rank holds; with a sparse teacher's `student_ids` (the ids a
   served teacher scored for the student), the reference's `top_k_among` on the student's logits at those ids
   (gathered as below, exact: the same ranking as `vocab_parallel_topk` on the same logits);
-- the logits at the ids: `shard.values_at_ids`, each rank's owned entries (0 elsewhere), then an all-reduce SUM
-  (`ReduceFromTP`: backward identity, so the gradient of a support slot reaches only the rank owning its id);
-- tail mode: the global normaliser (`vocab_parallel_log_normalizer`, gradient `softmax / tau` into the shard) and
-  the complement mass `sum_{v not in S} exp(z_v / tau)`: a local partial over this rank's columns outside S, one
-  all-reduce MAX (shift) and one all-reduce SUM, both `[N]`.
-Communication per call: at most two top-k all-gathers of `[tp, N, k]`, all-reduces of `[N, K]` and `[N]`.
+- renormalised mode: both sides' scaled logits at the ids, `shard.values_at_ids` (each rank's owned entries, 0
+  elsewhere, then an all-reduce SUM through `ReduceFromTP`: backward identity, so the gradient of a support slot
+  reaches only the rank owning its id), renormalised on the `[N, K]` slots;
+- tail mode: the student's log-probs at the ids and its tail bucket from one autograd Function (`_SupportTail`,
+  closed-form backward derived there), on `support_statistics`: per chunk the row maximum, `exp(x - max)` with
+  the support's entries zeroed and one row sum, which is the complement's mass directly; a dense teacher's side
+  is the same statistics without gradient. Communication: one all-reduce MAX `[N]` and one SUM of `[2, N]` and
+  the `[N, K]` logits at the ids per side.
+Communication per call: at most two top-k all-gathers of `[tp, N, k]`, the all-reduces above. Cost (CPU, V=32k,
+k=64, tail): a served teacher's support about a megatron cross-entropy; a dense teacher adds its top-k and its
+statistics (`docs/performance.md`).
 
 Ids `>= true_vocab_size` (padding) never enter a support and carry no tail mass. The full-vocabulary support is
 not offered here (its `[..., V]` result is what this module avoids): use `divergences.vocab_parallel_divergence`.
@@ -22,19 +27,18 @@ not offered here (its `[..., V]` result is what this module avoids): use `diverg
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Callable, Optional
 
 import torch
+import torch.distributed as dist
 
 from opd_megatron.math.checks import MathInputError, require_choice, require_positive, require_positive_int
 from opd_megatron.math.divergences import compute_dtype
 from opd_megatron.math.supports import (MODES, SparseTeacherLogprobs, SupportedDistributions, check_sparse_request,
                                         check_sparse_teacher, log_normalize, sparse_tail, sparse_teacher_logprobs,
-                                        sparse_teacher_topk, support_ids, top_k_among)
-from opd_megatron.parallel.divergences import vocab_parallel_log_normalizer
-from opd_megatron.parallel.shard import (Shard, check_inputs, chunked_rows, debug_checks_enabled, flatten_rows,
-                                         masked_logsumexp, row_pieces, values_at_ids)
+                                        sparse_teacher_topk, support_ids, top_k_among, top_k_positions)
+from opd_megatron.parallel.shard import (Shard, check_inputs, debug_checks_enabled, flatten_rows, masked_logsumexp,
+                                         require_some_mass, row_chunks, values_at_ids)
 from opd_megatron.parallel.topk import vocab_parallel_topk
 
 TOPK_SUPPORTS = ("teacher_topk", "student_topk", "union")
@@ -53,23 +57,64 @@ def vocab_parallel_build_support(student_logits_shard: torch.Tensor,
 
     support: `teacher_topk`, `student_topk` or `union`; mode: `renormalized` or `tail`; the rules (k limits,
     sparse teacher needs, temperature with a sparse tail, ranking by the raw logits) are the reference's.
-    `true_vocab_size`: the unpadded vocabulary (default: tp x V/tp). chunk_size: rows at a time
-    (`shard.chunked_rows`: one chunk's `[chunk, V/tp]` temporaries at a time; with gradient each chunk is
-    recomputed in backward, so memory does not grow with N)."""
+    `true_vocab_size`: the unpadded vocabulary (default: tp x V/tp). chunk_size: rows at a time for the passes
+    over `[chunk, V/tp]` (the top-k selections, the tail's statistics and its gradient: one chunk's buffers at a
+    time, and backward keeps only `[N, K]` / `[N]` tensors and a reference to the logits, so memory does not
+    grow with N)."""
     student, teacher_rows, shard, dtype = _checked_inputs(student_logits_shard, teacher, support, k, mode,
                                                           student_temperature, teacher_temperature,
                                                           true_vocab_size, group)
-    taus = (float(student_temperature), float(teacher_temperature))
-    student_rows = row_pieces(student, chunk_size)
+    tau_s, tau_t = float(student_temperature), float(teacher_temperature)
+    sparse = isinstance(teacher, SparseTeacherLogprobs)
+    pieces = row_chunks(student.shape[0], chunk_size)
 
-    def rows_of_inputs(piece: slice) -> SupportedDistributions:
-        return _support_rows(shard, support, k, mode, student_rows(piece), teacher_rows(piece), taus, dtype)
+    # The support and the teacher's side, chunk by chunk, without gradient.
+    with torch.no_grad():
+        if sparse and support == "teacher_topk":
+            # The ids are chosen among the served ones: their log-probs come with them (the lookup among the served
+            # and extra ids, `[N, K, k_t]` comparisons, would find the same values).
+            ids, served_lq = _served_topk(teacher_rows(slice(None)), k)
+        else:
+            ids = torch.cat([_support_ids(shard, support, k, student[piece], teacher_rows(piece))
+                             for piece in pieces])
+    valid = ids >= 0
+    safe_ids = ids.clamp_min(0)
 
-    out = chunked_rows(rows_of_inputs, student.shape[0], chunk_size, student.requires_grad)
-    leading, slots = tuple(student_logits_shard.shape[:-1]), out.student_logp.shape[-1]
-    return dataclasses.replace(out, student_logp=out.student_logp.reshape(*leading, slots),
-                               teacher_logp=out.teacher_logp.reshape(*leading, slots),
-                               ids=out.ids.reshape(*leading, out.ids.shape[-1]))
+    # The student: its scaled logits at the ids (renormalised: directly, as the reference, for precision; one
+    # differentiable gather), or its global log-probs there and the tail bucket (`_SupportTail`).
+    if mode == "tail":
+        lp_s, tail_p = _SupportTail.apply(student, safe_ids, valid, shard, tau_s, dtype, chunk_size)
+    else:
+        lp_s = values_at_ids(shard, student, safe_ids).to(dtype) / tau_s
+    lp_s = lp_s.masked_fill(~valid, float("-inf"))
+
+    with torch.no_grad():
+        if sparse and support == "teacher_topk":
+            lq_s = served_lq.to(dtype) / tau_t
+            tail_q = sparse_tail(lq_s, tail_p) if mode == "tail" else None
+        elif sparse:
+            lq_s = torch.cat([sparse_teacher_logprobs(teacher_rows(piece), safe_ids[piece], valid[piece], support, k,
+                                                      tau_t, dtype, require_found=debug_checks_enabled())
+                              for piece in pieces])
+            tail_q = sparse_tail(lq_s, tail_p) if mode == "tail" else None
+        elif mode == "tail":
+            teacher_flat = teacher_rows(slice(None))
+            at_ids, lse_t, complement_t = support_statistics(shard, teacher_flat, safe_ids, valid, tau_t, dtype,
+                                                             chunk_size)
+            lq_s = (at_ids - lse_t[:, None]).masked_fill(~valid, float("-inf"))
+            tail_q = (complement_t - lse_t)[:, None]
+        else:
+            lq_s = (values_at_ids(shard, teacher_rows(slice(None)), safe_ids).to(dtype) / tau_t).masked_fill(
+                ~valid, float("-inf"))
+
+    if mode == "renormalized":
+        lp_s, lq_s = log_normalize(lp_s), log_normalize(lq_s)
+    else:
+        lp_s = torch.cat([lp_s, tail_p], dim=-1)
+        lq_s = torch.cat([lq_s, tail_q], dim=-1)
+    leading, slots = tuple(student_logits_shard.shape[:-1]), lp_s.shape[-1]
+    return SupportedDistributions(lp_s.reshape(*leading, slots), lq_s.reshape(*leading, slots),
+                                  ids.reshape(*leading, ids.shape[-1]), support, k, mode, sparse)
 
 
 def _checked_inputs(student_logits_shard: torch.Tensor, teacher: torch.Tensor | SparseTeacherLogprobs,
@@ -112,43 +157,13 @@ def _checked_inputs(student_logits_shard: torch.Tensor, teacher: torch.Tensor | 
     return student, (lambda piece: teacher_flat[piece]), shard, compute_dtype(student, teacher_flat)
 
 
-def _support_rows(shard: Shard, support: str, k: int, mode: str, student: torch.Tensor,
-                  teacher: torch.Tensor | SparseTeacherLogprobs, taus: tuple[float, float],
-                  dtype: torch.dtype) -> SupportedDistributions:
-    """`vocab_parallel_build_support` on `n` rows of checked, flattened inputs (a sparse teacher's fields
-    `[n, k_t]`); rows are independent, so the public function runs this on chunks of rows."""
-    student_temperature, teacher_temperature = taus
-    sparse = isinstance(teacher, SparseTeacherLogprobs)
-    ids = _support_ids(shard, support, k, student, teacher)
-    valid = ids >= 0
-    safe_ids = ids.clamp_min(0)
-
-    # Student: scaled logits at the ids (renormalised: directly, as the reference, for precision), or global
-    # log-probs (tail) with the complement bucket.
-    scaled_s = shard.scaled(student, student_temperature, dtype)
-    lp_s = values_at_ids(shard, scaled_s, safe_ids)
-    if mode == "tail":
-        lse_s = vocab_parallel_log_normalizer(student, student_temperature, shard.true_vocab_size,
-                                              group=shard.group).to(dtype)
-        lp_s = lp_s - lse_s.unsqueeze(-1)
-        tail_p = _complement_logsumexp(shard, scaled_s, safe_ids, valid) - lse_s.unsqueeze(-1)
-    lp_s = lp_s.masked_fill(~valid, float("-inf"))
-
-    with torch.no_grad():
-        if sparse:
-            lq_s = sparse_teacher_logprobs(teacher, safe_ids, valid, support, k, teacher_temperature, dtype,
-                                           require_found=debug_checks_enabled())
-            tail_q = sparse_tail(lq_s, tail_p) if mode == "tail" else None
-        else:
-            lq_s, tail_q = _dense_teacher_on_support(shard, teacher, safe_ids, valid, mode, teacher_temperature,
-                                                     dtype)
-
-    if mode == "renormalized":
-        lp_s, lq_s = log_normalize(lp_s), log_normalize(lq_s)
-    else:
-        lp_s = torch.cat([lp_s, tail_p], dim=-1)
-        lq_s = torch.cat([lq_s, tail_q], dim=-1)
-    return SupportedDistributions(lp_s, lq_s, ids, support, k, mode, sparse)
+def _served_topk(teacher: SparseTeacherLogprobs, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sparse_teacher_topk` (the teacher's top-k among the served ids, ascending, ties to the lower id) `[N, k]`
+    and the served log-probs at them, read off the same positions."""
+    by_id = torch.argsort(teacher.ids, dim=-1, stable=True)
+    sorted_ids, sorted_logprobs = teacher.ids.gather(-1, by_id), teacher.logprobs.detach().gather(-1, by_id)
+    chosen = top_k_positions(sorted_logprobs, k)
+    return sorted_ids.gather(-1, chosen).long(), sorted_logprobs.gather(-1, chosen)
 
 
 def _support_ids(shard: Shard, support: str, k: int, student: torch.Tensor,
@@ -170,28 +185,159 @@ def _support_ids(shard: Shard, support: str, k: int, student: torch.Tensor,
     return support_ids(support, teacher_ids, student_ids)
 
 
-def _dense_teacher_on_support(shard: Shard, teacher: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor,
-                              mode: str, temperature: float,
-                              dtype: torch.dtype) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """A teacher logits shard's scaled logits (renormalised mode) or log-probs (tail) at the support ids
-    `[n, K]`, -inf on unused slots, and its tail bucket `[n, 1]` (tail mode, else None)."""
-    scaled_t = shard.scaled(teacher, temperature, dtype)
-    lq_s = values_at_ids(shard, scaled_t, ids)
-    tail_q = None
-    if mode == "tail":
-        lse_t = vocab_parallel_log_normalizer(teacher, temperature, shard.true_vocab_size,
-                                              group=shard.group).to(dtype).unsqueeze(-1)
-        lq_s = lq_s - lse_t
-        tail_q = _complement_logsumexp(shard, scaled_t, ids, valid) - lse_t
-    return lq_s.masked_fill(~valid, float("-inf")), tail_q
 
 
-def _complement_logsumexp(shard: Shard, scaled: torch.Tensor, ids: torch.Tensor,
-                          valid: torch.Tensor) -> torch.Tensor:
-    """`log sum_{v not in S} exp(scaled_v)` `[N, 1]` over the unpadded vocabulary (padding is -inf in `scaled`),
-    S = `ids[valid]`; -inf with zero gradient where S covers the vocabulary (as `safe_logsumexp`)."""
+# ---------------------------------------------------------------------------------------------------------------
+# The tail mode's statistics and the student's autograd Function
+
+
+def _owned_slots(shard: Shard, ids: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For support ids `[n, K]`: whether this rank holds each valid one's column, and the local column (clamped
+    into the shard where not owned: the caller masks those slots)."""
     local = ids - shard.start
-    mine = valid & (local >= 0) & (local < shard.width)
-    in_support = torch.zeros(scaled.shape, dtype=torch.int32, device=scaled.device)
-    in_support = in_support.scatter_add(-1, torch.where(mine, local, 0), mine.to(torch.int32)) > 0
-    return masked_logsumexp(shard, scaled, ~in_support).unsqueeze(-1)
+    owned = valid & (local >= 0) & (local < shard.valid_width)
+    return owned, local.clamp(0, max(shard.valid_width - 1, 0))
+
+
+def support_statistics(shard: Shard, logits: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor,
+                       temperature: float, dtype: torch.dtype, chunk_size: Optional[int]
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What a support's tail mode needs of one side, without gradient: with `x = logits / tau` (in `dtype`) and S
+    the valid support ids `[N, K]` (distinct, clamped to 0 where not valid), returns `x` at the ids `[N, K]`
+    (valid slots; 0 elsewhere), the global log-normaliser `lse = log sum_v exp(x_v)` `[N]` and the log of the
+    complement's mass `log C = log sum_{v not in S} exp(x_v)` `[N]` over the unpadded vocabulary (-inf where S
+    covers it or every entry outside S is -inf), replicated. So `log p_S = x_S - lse` and the tail bucket is
+    `log C - lse`, the reference's `log_softmax` at the ids and `safe_logsumexp` of its complement.
+
+    Per chunk, one pass to find the local row maximum `m_r`, then `exp(x - m_r)` into a buffer `[chunk, V/tp + 1]`
+    (two passes: shift, exp), the S entries set to 0 there (a scatter of K per row into the spare last column where
+    this rank does not own the id) and one row sum: the complement's partial sum directly, a sum of positive
+    terms, not `total - sum_S`, so a tail of mass 1e-30 keeps its digits. The support's own partial mass is
+    summed from the gathered `x` `[n, K]`. Communication (tp > 1): one all-reduce MAX of `m_r` `[N]` and one
+    all-reduce SUM of the rescaled partial sums `[2, N]` and the owners' `x` at the ids `[N, K]`, for all chunks
+    at once. A complement whose shifted terms underflow (mass below `2^-100` of the row maximum's in float32) is
+    recomputed for those rows with its own maximum as shift (`masked_logsumexp`: a host read of the row test, a
+    collective every rank runs alike since the test is on replicated values)."""
+    rows, width = logits.shape[0], shard.valid_width
+    device = logits.device
+    local_max = torch.full((rows,), float("-inf"), dtype=dtype, device=device)
+    partial = torch.zeros(2, rows, dtype=dtype, device=device)  # [complement, whole] exp-sums shifted by m_r
+    at_ids = torch.zeros(ids.shape, dtype=dtype, device=device)
+    owned, local = _owned_slots(shard, ids, valid)
+    if width > 0:
+        pieces = row_chunks(rows, chunk_size)
+        span = max(piece.stop - piece.start for piece in pieces)
+        buffer = torch.empty(span, width + 1, dtype=dtype, device=device)
+        for piece in pieces:
+            n = piece.stop - piece.start
+            x = logits[piece, :width]
+            top = x.amax(dim=-1).to(dtype) / temperature  # max commutes with the (monotone) division
+            shift = top.masked_fill(torch.isneginf(top), 0.0)
+            exp_x = buffer[:n, :width]
+            _shifted(x, shift, temperature, exp_x).exp_()
+            buffer[:n].scatter_(-1, torch.where(owned[piece], local[piece], width), 0.0)
+            picked = x.gather(-1, local[piece]).to(dtype) / temperature
+            at_ids[piece] = torch.where(owned[piece], picked, 0.0)
+            in_support = torch.where(owned[piece], (picked - shift[:, None]).exp(), 0.0).sum(dim=-1)
+            complement = exp_x.sum(dim=-1)
+            local_max[piece] = top
+            partial[0, piece], partial[1, piece] = complement, complement + in_support
+        del buffer
+    if shard.tp > 1:
+        row_max = shard.all_reduce(local_max.clone(), dist.ReduceOp.MAX)
+        partial.mul_(torch.where(torch.isneginf(local_max), 0.0, (local_max - row_max).exp()))
+        reduced = shard.all_reduce(torch.cat([partial.reshape(-1), at_ids.reshape(-1)]))
+        partial, at_ids = reduced[:2 * rows].reshape(2, rows), reduced[2 * rows:].reshape(ids.shape)
+    else:
+        row_max = local_max
+    require_some_mass(row_max)
+    shift = row_max.masked_fill(torch.isneginf(row_max), 0.0)
+    lse = shift + partial[1].log()
+    log_complement = shift + partial[0].log()
+    # Underflow: no shifted complement term survived (or only denormals), though S leaves ids out.
+    outside = shard.true_vocab_size - valid.sum(dim=-1)
+    underflow = (partial[0] < torch.finfo(dtype).tiny * 2.0 ** 26) & (outside > 0)
+    if bool(underflow.any()):
+        rows_at = underflow.nonzero().squeeze(-1)
+        scaled = shard.scaled(logits[rows_at], temperature, dtype)
+        members = torch.ones(rows_at.shape[0], shard.width + 1, dtype=torch.bool, device=device)
+        members.scatter_(-1, torch.where(owned[rows_at], local[rows_at], shard.width), False)
+        log_complement[rows_at] = masked_logsumexp(shard, scaled, members[:, :shard.width])
+    return at_ids, lse, log_complement
+
+
+def _shifted(x: torch.Tensor, shift: torch.Tensor, temperature: float, out: torch.Tensor) -> torch.Tensor:
+    """`x / tau - shift[:, None]` into `out` in one pass (`x * (1 / tau)`, which may differ from `x / tau` in the
+    last bit)."""
+    if temperature == 1.0:
+        return torch.sub(x, shift[:, None], out=out)
+    return torch.add(-shift[:, None], x, alpha=1.0 / temperature, out=out)
+
+
+class _SupportTail(torch.autograd.Function):
+    """The student's side of a tail-mode support: `log pi` at the support ids `[N, K]` and the tail bucket
+    `log sum_{v not in S} pi_v` `[N, 1]`, replicated (`support_statistics`; unused slots hold an arbitrary
+    finite value, which the caller masks to -inf). Saves the logits shard (a reference), the ids, `[N, K]` and
+    `[N]` statistics.
+
+    Gradient [Ours]. With `x = z / tau`, `lse` the global normaliser, `C = sum_{v not in S} exp(x_v)`,
+    `P = C / exp(lse)` the tail mass and `pi_v = exp(x_v - lse)`: `d log pi_u / d x_v = delta_uv - pi_v` and
+    `d log P / d x_v = [v not in S] exp(x_v) / C - pi_v`. So for upstream gradients `g_j` (slot j, id `s_j`) and
+    `g_T` (tail), with `G = sum_j g_j + g_T`:
+
+        d L / d z_v = (g_j - G pi_v) / tau                                  v = s_j in S,
+        d L / d z_v = exp(x_v - log C) (g_T - G P) / tau                    v not in S,
+
+    the second since `g_T exp(x_v) / C - G pi_v = exp(x_v - log C) (g_T - G exp(log C - lse))`. Written this way
+    nothing overflows: `exp(x_v - log C) <= 1` off S and `P <= 1`, even where the tail's mass is far below
+    float32's range relative to `pi` (as 1 / P would not be). A row whose tail is empty (`log C = -inf`: S covers
+    the vocabulary or the rest is masked) has, as the reference's `safe_logsumexp`, zero gradient through the
+    tail, so `g_T` is dropped there. Backward, per chunk: `exp(x - log C)` (two passes) times the row factor (one
+    pass) into the gradient, then the K entries of S overwritten with their own formula (a scatter); no
+    communication, no `[N, V/tp]` temporaries beyond the gradient."""
+
+    @staticmethod
+    def forward(ctx, logits, ids, valid, shard: Shard, temperature: float, dtype: torch.dtype,
+                chunk_size: Optional[int]):
+        at_ids, lse, log_complement = support_statistics(shard, logits, ids, valid, temperature, dtype, chunk_size)
+        log_p = at_ids - lse[:, None]
+        tail = (log_complement - lse)[:, None]
+        ctx.save_for_backward(logits, ids, valid, log_p, lse, log_complement)
+        ctx.shard, ctx.temperature, ctx.chunk_size = shard, temperature, chunk_size
+        return log_p, tail
+
+    @staticmethod
+    def backward(ctx, grad_log_p, grad_tail):
+        logits, ids, valid, log_p, lse, log_complement = ctx.saved_tensors
+        shard, tau = ctx.shard, ctx.temperature
+        dtype, width = lse.dtype, shard.valid_width
+        empty = torch.isneginf(log_complement)
+        grad_slots = torch.where(valid, grad_log_p.to(dtype), 0.0)
+        grad_tail = torch.where(empty, 0.0, grad_tail.to(dtype).squeeze(-1))
+        total = grad_slots.sum(dim=-1) + grad_tail
+        factor = torch.where(empty, 0.0, (grad_tail - total * (log_complement - lse).exp()) / tau)
+        base = torch.where(empty, lse, log_complement)
+        on_support = (grad_slots - total[:, None] * log_p.exp()) / tau
+        owned, local = _owned_slots(shard, ids, valid)
+        # Rows with no owned slot write column 0's own value back (it is not in S on this rank): a scatter needs
+        # an index for every slot, and duplicates must carry equal values.
+        first = owned.to(torch.int8).argmax(dim=-1, keepdim=True)
+        any_owned = owned.any(dim=-1, keepdim=True)
+        column = torch.where(owned, local, torch.where(any_owned, local.gather(-1, first), 0))
+
+        whole = width == logits.shape[1] and dtype == logits.dtype
+        grad = torch.empty_like(logits) if whole else torch.zeros_like(logits)
+        if width == 0:
+            return grad, None, None, None, None, None, None
+        pieces = row_chunks(logits.shape[0], ctx.chunk_size)
+        span = max(piece.stop - piece.start for piece in pieces)
+        buffer = None if whole else torch.empty(span, width, dtype=dtype, device=logits.device)
+        for piece in pieces:
+            n = piece.stop - piece.start
+            out = grad[piece] if whole else buffer[:n]
+            _shifted(logits[piece, :width], base[piece], tau, out).exp_().mul_(factor[piece, None])
+            keep_first = torch.where(any_owned[piece], on_support[piece].gather(-1, first[piece]), out[:, :1])
+            out.scatter_(-1, column[piece], torch.where(owned[piece], on_support[piece], keep_first))
+            if not whole:
+                grad[piece, :width] = out.to(grad.dtype)
+        return grad, None, None, None, None, None, None

@@ -6,7 +6,9 @@ Every rank builds the same full logits from a fixed seed, pads the vocabulary (3
 values (a padding id would win every top-k if it were not masked), keeps its contiguous shard, and compares the
 vocab-parallel result with the single-device reference on the unpadded logits: values, and the gradient wrt the
 student logits gathered from all ranks' shards (padding columns must receive exactly 0); chunked along tokens equals
-unchunked."""
+unchunked. `precision_checks` adds float32 (against the float64 reference, relative to the scale) and supports
+whose complement holds so little mass that its terms shifted by the row maximum underflow (the tail's exact
+recomputation), in float32 and float64, values and gradients."""
 
 from __future__ import annotations
 
@@ -123,9 +125,68 @@ def _check_support(student_full, teacher_full, sparse: bool, support: str, k: in
     return checks
 
 
+def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """Largest error of the finite entries relative to the largest finite magnitude (infinities must agree)."""
+    assert torch.equal(torch.isinf(got), torch.isinf(want)), "infinities differ"
+    finite = ~torch.isinf(want)
+    assert not torch.isnan(got).any()
+    scale = max(float(want[finite].abs().max()), 1e-30) if finite.any() else 1.0
+    return float((got[finite].double() - want[finite]).abs().max()) / scale if finite.any() else 0.0
+
+
+def peaked_logits(student_full: torch.Tensor, teacher_full: torch.Tensor, k: int, drop: float) -> torch.Tensor:
+    """The student's logits with every entry outside the teacher's top-k lowered by `drop`: the teacher top-k
+    support's complement then holds mass ~exp(-drop), below what the row maximum's shift can represent (float32:
+    drop 150, float64: drop 800), so the tail is recomputed with the complement's own shift."""
+    outside = torch.ones_like(student_full, dtype=torch.bool).scatter_(-1, top_k_positions(teacher_full, k), False)
+    return student_full - drop * outside
+
+
+def precision_checks(tp: int, rank: int) -> int:
+    """float32 inputs against the float64 reference (relative error <= 2e-5 of the scale: values and gradients),
+    every support x mode, dense and sparse teacher; and the underflowing tail (peaked logits) in float32 and
+    float64. Returns the number of checks."""
+    checks = 0
+    student64, teacher64 = random_logits(4), random_logits(5)
+    cases = [(torch.float32, student64, 2e-5)]
+    cases += [(dtype, peaked_logits(student64, teacher64, 5, drop), tol)
+              for dtype, drop, tol in ((torch.float32, 150.0, 2e-5), (torch.float64, 800.0, TOL))]
+    for dtype, student_full, tol in cases:
+        for sparse in (False, True):
+            for support in SUPPORTS:
+                for mode in MODES:
+                    tau_t = 1.0 if sparse and mode == "tail" else TAU_T
+                    teacher_ref = sparse_teacher(teacher64, student_full) if sparse else teacher64
+                    teacher_vp = (SparseTeacherLogprobs(teacher_ref.ids, teacher_ref.logprobs.to(dtype),
+                                                        teacher_ref.extra_ids, teacher_ref.extra_logprobs.to(dtype))
+                                  if sparse else shard_of(teacher64, tp, rank).to(dtype))
+                    leaf = shard_of(student_full, tp, rank).to(dtype).requires_grad_(True)
+                    got = vocab_parallel_build_support(leaf, teacher_vp, support, 5, mode, student_temperature=TAU_S,
+                                                       teacher_temperature=tau_t, true_vocab_size=VOCAB)
+                    full_leaf = student_full.clone().requires_grad_(True)
+                    want = build_support(full_leaf, teacher_ref, support, 5, mode, student_temperature=TAU_S,
+                                         teacher_temperature=tau_t)
+                    case = f"{dtype} {'sparse' if sparse else 'dense'} {want.name}"
+                    assert torch.equal(got.ids, want.ids), case
+                    assert got.student_logp.dtype == dtype, case
+                    for name, mine, reference in (("student_logp", got.student_logp, want.student_logp),
+                                                  ("teacher_logp", got.teacher_logp, want.teacher_logp)):
+                        assert _relative_error(mine.detach(), reference.detach()) <= tol, (case, name)
+                    loss = divergence_on_support("forward_kl", got)
+                    ref_loss = divergence_on_support("forward_kl", want)
+                    assert _relative_error(loss.detach(), ref_loss.detach()) <= tol, (case, "loss")
+                    loss.sum().backward()
+                    ref_loss.sum().backward()
+                    grad = gather_shards(leaf.grad, tp)
+                    assert _relative_error(grad[:, :VOCAB], full_leaf.grad) <= tol, (case, "grad")
+                    assert bool((grad[:, VOCAB:] == 0).all()), case + " padding grad"
+                    checks += 1
+    return checks
+
+
 def all_checks(tp: int) -> int:
     rank = _init(tp)
-    checks = 0
+    checks = precision_checks(tp, rank)
     cases = [(random_logits(0), random_logits(1), KS), (tied_logits(2), tied_logits(3), (5, 12))]
     for student_full, teacher_full, ks in cases:
         for sparse in (False, True):

@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from opd_megatron.math import cr_opd as ref
-from opd_megatron.parallel.cr_opd import vocab_parallel_cr_opd_loss
+from opd_megatron.parallel.cr_opd import _NormalizerAndLogits, vocab_parallel_cr_opd_loss
 from opd_megatron.math.checks import MathInputError
-from opd_megatron.parallel.shard import debug_checks
+from opd_megatron.parallel.shard import Shard, debug_checks
 from tests.harness import run_distributed
 from tests.parallel import cr_opd_workers as workers
 
@@ -62,3 +62,19 @@ def test_sparse_teacher_id_outside_the_vocabulary_is_an_error():
         vocab_parallel_cr_opd_loss(data["student"], data["ids"], data["advantages"], data["mask"],
                                    teacher_topk_ids=ids, teacher_topk_logprobs=logp,
                                    config=workers.CONFIGS["topk_topk_q"])
+
+
+def test_ids_path_gradient_passes_gradcheck():
+    """The ids path's one differentiable read of the student (`_NormalizerAndLogits`: the global normaliser and the
+    logits at `[y_t, teacher top-k]`, a repeated id included; backward the normaliser's softmax plus a scatter)
+    against finite differences (float64, tp = 1, temperature 1 and 0.8, in chunks of 3 rows and unchunked). The
+    loss itself holds stop-gradients (`sg pi(y_t)`, `sg P_t`), so its gradient is the reference's, not the
+    derivative of its value: that is the parity tests' to check."""
+    data = workers._inputs()
+    ids = torch.cat([data["ids"].unsqueeze(-1), data["teacher"].topk(4, dim=-1).indices], dim=-1)
+    ids[0, 1] = ids[0, 0]
+    shard = Shard(workers.VOCAB, None, None)
+    for temperature, chunk_size in ((1.0, 3), (0.8, None)):
+        def normalizer_and_logits(x, temperature=temperature, chunk_size=chunk_size):
+            return _NormalizerAndLogits.apply(x, ids, shard, temperature, torch.float64, chunk_size)
+        assert torch.autograd.gradcheck(normalizer_and_logits, (data["student"].clone().requires_grad_(True),))

@@ -16,7 +16,8 @@ from tests.harness import run_distributed
 from tests.parallel import supports_workers as workers
 
 # supports x modes x divergence kinds: random logits dense (4 k) + sparse (3 k), tied logits dense + sparse (2 k)
-EXPECTED_SUPPORT_CHECKS = 3 * 2 * 2 * (4 + 3 + 2 + 2)
+# + precision checks: (float32, float32 underflowing tail, float64 underflowing tail) x dense/sparse x supports x modes
+EXPECTED_SUPPORT_CHECKS = 3 * 2 * 2 * (4 + 3 + 2 + 2) + 3 * 2 * 3 * 2
 
 
 @pytest.mark.parametrize("tp", [1, 2, 4])
@@ -78,3 +79,25 @@ def test_float32_within_1e5_relative():
         assert got.dtype == torch.float32
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(leaf.grad, ref_leaf.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_tail_gradient_passes_gradcheck():
+    """`_SupportTail`'s closed-form backward against finite differences (float64, tp = 1): both outputs (the
+    support slots and the tail bucket), every support with a dense and a sparse teacher, ordinary and peaked
+    logits (a tail of mass ~exp(-800), recomputed with the complement's own shift), and a divergence on top."""
+    student, teacher = workers.random_logits(0)[:3], workers.random_logits(1)[:3]
+    peaked = workers.peaked_logits(workers.random_logits(0), workers.random_logits(1), 5, 800.0)[:3]
+    served = workers.sparse_teacher(workers.random_logits(1), workers.random_logits(0))
+    served = workers.SparseTeacherLogprobs(*(None if t is None else t[:3] for t in (served.ids, served.logprobs,
+                                                                                  served.extra_ids,
+                                                                                  served.extra_logprobs)))
+    for logits in (student, peaked):
+        for support in workers.SUPPORTS:
+            for given in (teacher, served):
+                def slots_and_tail(x, given=given, support=support):
+                    supported = vocab_parallel_build_support(x, given, support, 5, "tail", student_temperature=0.7,
+                                                             chunk_size=2)
+                    logp = supported.student_logp
+                    return (logp.masked_fill(torch.isinf(logp), 0.0),
+                            divergence_on_support("forward_kl", supported))
+                assert torch.autograd.gradcheck(slots_and_tail, (logits.clone().requires_grad_(True),))
