@@ -2,7 +2,8 @@
 rollout/served.py): every request is forwarded unchanged, and `/v1/completions` replies are altered by `mode`:
 - `shift_logprobs`: every sampled token's log-prob lowered by `shift` (a server whose `mu` is not the student's:
   wrong weights, wrong logprobs mode);
-- `drop_token_ids`: the first `count` replies lose `token_ids` (malformed rows), later ones pass through.
+- `drop_token_ids`: the first `count` replies lose `token_ids` (malformed rows), later ones pass through;
+- `pass`: nothing altered (a server to stop mid-run: `stop()`).
 `completions` counts the `/v1/completions` requests seen."""
 
 from __future__ import annotations
@@ -65,6 +66,10 @@ class MisbehavingProxy:
         self.thread.start()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def stop(self) -> None:
+        """The server gone, as a killed one is: its port refuses connections from now on."""
         self.server.shutdown()
         self.server.server_close()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

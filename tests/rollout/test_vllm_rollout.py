@@ -160,10 +160,13 @@ def test_malformed_rows_are_asked_again_never_trained_on(student_server):
             _engine(proxy.url, retries=1).generate(prompts, config, sample_key=("rollout", 0))
     message = str(caught.value)
     assert "after 2 attempt(s)" in message and proxy.url in message and "token_ids" in message, message
-    # A dead server: a clear error naming it (connection refused), no rows.
-    dead = _engine("http://127.0.0.1:9")
-    with pytest.raises(RolloutServerError, match="127.0.0.1:9"):
-        dead.generate(prompts, config, sample_key=("rollout", 0))
+    # A server that dies mid-run: the batch before is fine; the next is a clear error naming it, with no rows.
+    proxy = MisbehavingProxy(server.url, "pass").__enter__()
+    engine = _engine(proxy.url)
+    assert engine.generate(prompts, config, sample_key=("rollout", 1)).size == 4
+    proxy.stop()
+    with pytest.raises(RolloutServerError, match=proxy.url.replace(".", r"\.")):
+        engine.generate(prompts, config, sample_key=("rollout", 2))
 
 
 @pytest.mark.slow
