@@ -181,8 +181,9 @@ class VLLMServer:
 
     def start(self) -> "VLLMServer":
         env = _clean_env()
-        # 1 GiB of KV cache is plenty for 256-token test sequences; in-process engine core (one process
-        # group to stop, no extra 2 GB worker); nothing leaves the machine; the log is unbuffered so that tests can
+        # 1 GiB of KV cache is plenty for 256-token test sequences; VLLM_ENABLE_V1_MULTIPROCESSING=0 only affects
+        # vLLM's offline engine: the API server still runs its engine core as a second process, in the supervisor's
+        # process group (stopped together); nothing leaves the machine; the log is unbuffered so that tests can
         # watch the access lines as requests arrive.
         env.update(VLLM_CPU_KVCACHE_SPACE="1", VLLM_ENABLE_V1_MULTIPROCESSING="0", HF_HUB_OFFLINE="1",
                    PYTHONUNBUFFERED="1",
