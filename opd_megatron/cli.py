@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import io
 import logging
 import os
 import sys
@@ -232,4 +233,12 @@ def _report(command: str, exc: BaseException) -> None:
     if os.environ.get("OPD_DEBUG"):
         traceback.print_exception(exc)
     message = " | ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
-    print(f"opd-megatron {command}: error: {message}", file=sys.stderr, flush=True)
+    line = f"opd-megatron {command}: error: {message}\n"
+    # One write() of the whole line: every rank of a torchrun job reports on the same stderr pipe, and print()
+    # writes the text and its newline separately, so two ranks' lines could interleave into one (seen in CI).
+    sys.stderr.flush()
+    try:
+        os.write(sys.stderr.fileno(), line.encode("utf-8", errors="replace"))
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):   # a captured stderr has no file
+        sys.stderr.write(line)
+        sys.stderr.flush()
