@@ -793,6 +793,8 @@ def evaluate_checkpoint(cfg: RunConfig, checkpoint: str) -> dict:
     cfg = dataclasses.replace(cfg)
     cfg.run.algorithm = "opd"
     cfg.checkpoint.load, cfg.checkpoint.resume = checkpoint, False
+    # Evaluation samples in-process: a served engine's servers are neither needed nor touched (no weight sync).
+    cfg.rollout = dataclasses.replace(cfg.rollout, engine="megatron", max_staleness=0)
     if resolve_checkpoint(checkpoint) is None:
         raise FileNotFoundError(f"--checkpoint {checkpoint}: no complete checkpoint there")
     ctx = init_parallel(cfg)
