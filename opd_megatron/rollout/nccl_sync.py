@@ -42,6 +42,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 import torch
 
 from opd_megatron.errors import RolloutServerError
+from opd_megatron.rollout.control import control_call
 from opd_megatron.student.distributed import broadcast_failure
 
 #: vLLM's defaults (`packed_tensor.DEFAULT_PACKED_BUFFER_SIZE_BYTES`); the trainer sends its own in init_info.
@@ -138,21 +139,9 @@ class VLLMNcclWeightSync:
 
     # -- HTTP ----------------------------------------------------------------------------------------------------
     def _call(self, url: str, method: str, path: str, body: Optional[dict] = None) -> Any:
-        import httpx
-
-        try:
-            reply = self.client.request(method, url + path, json=body)
-        except httpx.HTTPError as error:
-            raise RolloutServerError(f"{url}{path}: {type(error).__name__}: {error}") from None
-        if reply.status_code == 404:
-            raise RolloutServerError(f"{url}{path}: HTTP 404: start the rollout server with VLLM_SERVER_DEV_MODE=1 "
-                                     f"and --weight-transfer-config '{{\"backend\": \"nccl\"}}'")
-        if reply.status_code != 200:
-            raise RolloutServerError(f"{url}{path}: HTTP {reply.status_code}: {reply.text[:300]}")
-        try:
-            return reply.json()
-        except ValueError:
-            return None
+        return control_call(self.client, url, method, path, body,
+                            "start the rollout server with VLLM_SERVER_DEV_MODE=1 and --weight-transfer-config "
+                            "'{\"backend\": \"nccl\"}'")
 
     def _on_all(self, method: str, path: str, body: Optional[dict] = None) -> list[Any]:
         return [self._call(url, method, path, body) for url in self.urls]

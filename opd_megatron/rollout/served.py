@@ -50,6 +50,7 @@ import torch.distributed as dist
 
 from opd_megatron.errors import RolloutServerError
 from opd_megatron.rollout.batch import RolloutBatch
+from opd_megatron.rollout.control import control_call
 from opd_megatron.rollout.engine import RolloutEngine, RolloutTicket
 from opd_megatron.rollout.generate import SamplingConfig, _call_key, _seed
 from opd_megatron.rollout.nccl_sync import VLLMNcclWeightSync
@@ -442,22 +443,9 @@ class DiskWeightSync:
         return self._request(url, "POST", path, body)
 
     def _request(self, url: str, method: str, path: str, body: Optional[dict]) -> Any:
-        import httpx
-
-        try:
-            reply = self.client.request(method, url + path, json=body)
-        except httpx.HTTPError as error:
-            raise RolloutServerError(f"{url}{path}: {type(error).__name__}: {error}") from None
-        if reply.status_code == 404:
-            raise RolloutServerError(f"{url}{path}: HTTP 404: the route is missing; start the rollout server with "
-                                     f"VLLM_SERVER_DEV_MODE=1 (the pause/resume, collective_rpc and weight-version "
-                                     f"routes are dev-mode only)")
-        if reply.status_code != 200:
-            raise RolloutServerError(f"{url}{path}: HTTP {reply.status_code}: {reply.text[:300]}")
-        try:
-            return reply.json()
-        except ValueError:
-            return None
+        return control_call(self.client, url, method, path, body,
+                            "the route is missing; start the rollout server with VLLM_SERVER_DEV_MODE=1 (the "
+                            "pause/resume, collective_rpc and weight-version routes are dev-mode only)")
 
     def close(self) -> None:
         self.client.close()
@@ -468,20 +456,24 @@ class DiskWeightSync:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def build_vllm_engine(cfg, ctx, module, vocab_size: int, pad_id: int, run_path: Path) -> VLLMRolloutEngine:
-    """`rollout.engine: vllm` for the run `cfg` on this rank: the client of `rollout.server.urls` and the disk sync
-    of the student `module` (this rank's stage) to them. Checks what vLLM needs to load the student: an HF-exportable
-    architecture (the family from model.from_hf, else llama) and an HF tokenizer (data.tokenizer a directory)."""
+def build_served_engine(cfg, ctx, module, vocab_size: int, pad_id: int, run_path: Path, engine_cls,
+                        disk_sync_cls, nccl_sync: Callable[..., Any]) -> ServedRolloutEngine:
+    """A served engine (`engine_cls`) for the run `cfg` on this rank: the client of `rollout.server.urls` and the
+    weight sync of the student `module` (this rank's stage) to them, by `rollout.server.sync`: `disk_sync_cls`
+    (a `DiskWeightSync`: an HF export each server reloads), or `nccl_sync(urls, tensors, is_driver, bucket_bytes,
+    device)` on a GPU at PP = 1 (`auto` picks it there; untested on a GPU). Checks what the server needs to load
+    the student: an HF-exportable architecture (the family from model.from_hf, else llama) and an HF tokenizer
+    (data.tokenizer a directory)."""
+    import torch
     from megatron.core import parallel_state
 
     from opd_megatron.config import ConfigError
-    from opd_megatron.config.sections import ServerSection
     from opd_megatron.config.hf import CONFIG_FILE, hf_family, read_hf_config
-    from opd_megatron.student.hf_bridge import check_exportable
+    from opd_megatron.config.sections import ServerSection
+    from opd_megatron.student.hf_bridge import check_exportable, hf_tensors
     from opd_megatron.student.hf_export import export_module
-    from opd_megatron.teachers.http import HTTPTeacherConfig
 
-    server = cfg.rollout.server
+    server, engine = cfg.rollout.server, cfg.rollout.engine
     if server.vocab_size not in (0, vocab_size):
         raise ConfigError(f"rollout.server.vocab_size={server.vocab_size} is not the student's vocabulary "
                           f"({vocab_size}); leave it 0")
@@ -492,36 +484,33 @@ def build_vllm_engine(cfg, ctx, module, vocab_size: int, pad_id: int, run_path: 
     if tokenizer is not None and tokenizer.is_file():
         tokenizer = tokenizer.parent
     if tokenizer is None or not (tokenizer / "tokenizer.json").is_file():
-        raise ConfigError(f"rollout.engine=vllm: vLLM loads the student with its tokenizer; data.tokenizer="
-                          f"{cfg.data.tokenizer!r} is not a directory holding an HF tokenizer.json")
-    weights_dir = Path(server.weights_dir) if server.weights_dir else run_path / "rollout-weights"
-
-    def export(directory: Path) -> None:
-        export_module(module, cfg.model, directory, ctx, family=family, hf_config=base, dtype=None,
-                      tokenizer_dir=tokenizer)
-
+        raise ConfigError(f"rollout.engine={engine}: {engine_cls.engine_name} loads the student with its tokenizer; "
+                          f"data.tokenizer={cfg.data.tokenizer!r} is not a directory holding an HF tokenizer.json")
     shared = {f.name: getattr(server, f.name) for f in dataclasses.fields(ServerSection)}
     client = HTTPTeacherConfig(**{**shared, "vocab_size": vocab_size}).validate("rollout.server.")
-    sync = weight_sync(cfg, ctx, module, client.urls, export, weights_dir)
-    return VLLMRolloutEngine(client, vocab_size, pad_id, cfg.run.seed, parallel_state.get_data_parallel_rank(),
-                             sync=sync, model_parallel_group=parallel_state.get_model_parallel_group())
-
-
-def weight_sync(cfg, ctx, module, urls: Sequence[str], export: Callable[[Path], None], weights_dir: Path):
-    """`rollout.server.sync`: the disk sync, or vLLM's NCCL weight transfer (rollout/nccl_sync.py) on a GPU at
-    PP = 1 (`auto` picks it there)."""
-    import torch
-
-    from opd_megatron.config import ConfigError
-    from opd_megatron.student.hf_bridge import hf_tensors
-
-    server = cfg.rollout.server
     gpu = torch.cuda.is_available()
     if server.sync == "nccl" and not (gpu and cfg.parallel.pp == 1):
         raise ConfigError(f"rollout.server.sync=nccl needs CUDA and parallel.pp=1 (got "
                           f"{'a GPU' if gpu else 'no GPU'}, pp={cfg.parallel.pp}); use sync=disk or auto")
     if server.sync == "nccl" or (server.sync == "auto" and gpu and cfg.parallel.pp == 1):
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.model.dtype)
-        return VLLMNcclWeightSync(urls, lambda: hf_tensors(module, cfg.model, dtype), is_driver=ctx.rank == 0,
-                                  bucket_bytes=server.bucket_mb << 20)
-    return DiskWeightSync(urls, weights_dir, export, is_driver=ctx.rank == 0, keep=server.keep_versions)
+        sync = nccl_sync(client.urls, lambda: hf_tensors(module, cfg.model, dtype), ctx.rank == 0,
+                         server.bucket_mb << 20, ctx.device)
+    else:
+        def export(directory: Path) -> None:
+            export_module(module, cfg.model, directory, ctx, family=family, hf_config=base, dtype=None,
+                          tokenizer_dir=tokenizer)
+
+        weights_dir = Path(server.weights_dir) if server.weights_dir else run_path / "rollout-weights"
+        sync = disk_sync_cls(client.urls, weights_dir, export, is_driver=ctx.rank == 0, keep=server.keep_versions)
+    return engine_cls(client, vocab_size, pad_id, cfg.run.seed, parallel_state.get_data_parallel_rank(),
+                      sync=sync, model_parallel_group=parallel_state.get_model_parallel_group())
+
+
+def build_vllm_engine(cfg, ctx, module, vocab_size: int, pad_id: int, run_path: Path) -> VLLMRolloutEngine:
+    """`rollout.engine: vllm` (`build_served_engine`), with vLLM's NCCL weight transfer on GPUs."""
+    def nccl_sync(urls, tensors, is_driver, bucket_bytes, device):
+        return VLLMNcclWeightSync(urls, tensors, is_driver=is_driver, bucket_bytes=bucket_bytes)
+
+    return build_served_engine(cfg, ctx, module, vocab_size, pad_id, run_path, VLLMRolloutEngine, DiskWeightSync,
+                               nccl_sync)

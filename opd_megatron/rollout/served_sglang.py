@@ -102,7 +102,6 @@ executed from the wheel. NCCL itself, SGLang's `load_weights` of the buckets and
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import socket
 import threading
@@ -117,7 +116,8 @@ import torch.distributed as dist
 
 from opd_megatron.rollout.generate import SamplingConfig, _seed
 from opd_megatron.rollout.served import (SEED_MASK, VLLM_LOGPROB_FLOOR, DiskWeightSync, RolloutServerError,
-                                         ServedRolloutEngine, ServedRow, WeightVersionMismatch)
+                                         ServedRolloutEngine, ServedRow, WeightVersionMismatch,
+                                         build_served_engine)
 from opd_megatron.student.distributed import broadcast_failure
 from opd_megatron.teachers.http import HTTPTeacherConfig
 from opd_megatron.teachers.sglang import SGLANG_VERSION
@@ -350,20 +350,26 @@ class SGLangRolloutEngine(ServedRolloutEngine):
 
 
 # -- weight sync -------------------------------------------------------------------------------------------------
-def _control_reply(url: str, path: str, reply) -> dict:
-    """The JSON of a weight-control route: 200, or 400 with `success: false` (SGLang's failure answer); anything
-    else is a RolloutServerError naming the route."""
+def _control_call(client, url: str, method: str, path: str, body: Optional[dict]) -> dict:
+    """`method url+path` on a weight-control route: its JSON on 200, or on 400 with `success: false` (SGLang's
+    failure answer); a transport failure or anything else is a RolloutServerError naming the route."""
+    import httpx
+
+    try:
+        reply = client.request(method, url + path, json=body)
+    except httpx.HTTPError as error:
+        raise RolloutServerError(f"{url}{path}: {type(error).__name__}: {error}") from None
     if reply.status_code == 404:
         raise RolloutServerError(f"{url}{path}: HTTP 404: the route is missing (SGLang {SGLANG_VERSION} expected)")
     try:
-        body = reply.json()
+        answer = reply.json()
     except ValueError:
-        body = None
-    if reply.status_code not in (200, 400) or not isinstance(body, dict):
+        answer = None
+    if reply.status_code not in (200, 400) or not isinstance(answer, dict):
         raise RolloutServerError(f"{url}{path}: HTTP {reply.status_code}: {reply.text[:300]}")
-    if reply.status_code == 400 and body.get("success") is not False:
+    if reply.status_code == 400 and answer.get("success") is not False:
         raise RolloutServerError(f"{url}{path}: HTTP 400: {reply.text[:300]}")
-    return body
+    return answer
 
 
 class SGLangDiskSync(DiskWeightSync):
@@ -414,13 +420,7 @@ class SGLangDiskSync(DiskWeightSync):
         self._post(url, "/update_weight_version", {"new_version": UNKNOWN_VERSION, "abort_all_requests": False})
 
     def _request(self, url: str, method: str, path: str, body: Optional[dict]) -> Any:
-        import httpx
-
-        try:
-            reply = self.client.request(method, url + path, json=body)
-        except httpx.HTTPError as error:
-            raise RolloutServerError(f"{url}{path}: {type(error).__name__}: {error}") from None
-        return _control_reply(url, path, reply)
+        return _control_call(self.client, url, method, path, body)
 
 
 # -- weight sync over NCCL (GPU only; not run on a GPU yet) --------------------------------------------------------
@@ -655,13 +655,7 @@ class SGLangNCCLSync:
         return self._call(url, "GET", path, None)
 
     def _call(self, url: str, method: str, path: str, body: Optional[dict]) -> Any:
-        import httpx
-
-        try:
-            reply = self.client.request(method, url + path, json=body)
-        except httpx.HTTPError as error:
-            raise RolloutServerError(f"{url}{path}: {type(error).__name__}: {error}") from None
-        return _control_reply(url, path, reply)
+        return _control_call(self.client, url, method, path, body)
 
     @staticmethod
     def _check(results: dict[str, Any], path: str) -> None:
@@ -679,48 +673,10 @@ class SGLangNCCLSync:
 
 
 def build_sglang_engine(cfg, ctx, module, vocab_size: int, pad_id: int, run_path: Path) -> SGLangRolloutEngine:
-    """`rollout.engine: sglang` for the run `cfg` on this rank: the client of `rollout.server.urls` and the weight
-    sync of the student `module` (this rank's stage) to them, by `rollout.server.sync`: `nccl` (CUDA and
-    parallel.pp 1; untested on a GPU), `disk`, or `auto` (nccl where it can run). Checks what SGLang needs to load
-    the student, as `build_vllm_engine` does."""
-    from megatron.core import parallel_state
+    """`rollout.engine: sglang` (`served.build_served_engine`), with SGLang's disk reload and, on GPUs, its
+    distributed weight update."""
+    def nccl_sync(urls, tensors, is_driver, bucket_bytes, device):
+        return SGLangNCCLSync(urls, tensors, is_driver=is_driver, bucket_bytes=bucket_bytes, device=device)
 
-    from opd_megatron.config import ConfigError
-    from opd_megatron.config.hf import CONFIG_FILE, hf_family, read_hf_config
-    from opd_megatron.config.sections import ServerSection
-    from opd_megatron.student.hf_bridge import check_exportable, hf_tensors
-    from opd_megatron.student.hf_export import export_module
-
-    server = cfg.rollout.server
-    if server.vocab_size not in (0, vocab_size):
-        raise ConfigError(f"rollout.server.vocab_size={server.vocab_size} is not the student's vocabulary "
-                          f"({vocab_size}); leave it 0")
-    check_exportable(cfg.model)
-    base = read_hf_config(cfg.model.from_hf) if cfg.model.from_hf else None
-    family = hf_family(base, str(Path(cfg.model.from_hf) / CONFIG_FILE)) if base is not None else "llama"
-    tokenizer = Path(cfg.data.tokenizer) if cfg.data.tokenizer not in ("", "byte") else None
-    if tokenizer is not None and tokenizer.is_file():
-        tokenizer = tokenizer.parent
-    if tokenizer is None or not (tokenizer / "tokenizer.json").is_file():
-        raise ConfigError(f"rollout.engine=sglang: SGLang loads the student with its tokenizer; data.tokenizer="
-                          f"{cfg.data.tokenizer!r} is not a directory holding an HF tokenizer.json")
-    shared = {f.name: getattr(server, f.name) for f in dataclasses.fields(ServerSection)}
-    client = HTTPTeacherConfig(**{**shared, "vocab_size": vocab_size}).validate("rollout.server.")
-    gpu = torch.cuda.is_available()
-    if server.sync == "nccl" and not (gpu and cfg.parallel.pp == 1):
-        raise ConfigError(f"rollout.server.sync=nccl needs CUDA and parallel.pp=1 (got "
-                          f"{'a GPU' if gpu else 'no GPU'}, pp={cfg.parallel.pp}); use sync=disk or auto")
-    if server.sync == "nccl" or (server.sync == "auto" and gpu and cfg.parallel.pp == 1):
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.model.dtype)
-        sync: Any = SGLangNCCLSync(client.urls, lambda: hf_tensors(module, cfg.model, dtype), is_driver=ctx.rank == 0,
-                                   bucket_bytes=server.bucket_mb << 20, device=ctx.device)
-    else:
-        weights_dir = Path(server.weights_dir) if server.weights_dir else run_path / "rollout-weights"
-
-        def export(directory: Path) -> None:
-            export_module(module, cfg.model, directory, ctx, family=family, hf_config=base, dtype=None,
-                          tokenizer_dir=tokenizer)
-
-        sync = SGLangDiskSync(client.urls, weights_dir, export, is_driver=ctx.rank == 0, keep=server.keep_versions)
-    return SGLangRolloutEngine(client, vocab_size, pad_id, cfg.run.seed, parallel_state.get_data_parallel_rank(),
-                               sync=sync, model_parallel_group=parallel_state.get_model_parallel_group())
+    return build_served_engine(cfg, ctx, module, vocab_size, pad_id, run_path, SGLangRolloutEngine, SGLangDiskSync,
+                               nccl_sync)
