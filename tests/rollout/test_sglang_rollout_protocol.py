@@ -13,7 +13,6 @@ import ast
 import json
 import random
 import threading
-import zipfile
 from pathlib import Path
 
 import pytest
@@ -27,9 +26,10 @@ from opd_megatron.rollout.served_sglang import (UNKNOWN_VERSION, Bucket, SGLangD
                                                 sglang_payload, uses_sampling_mask)
 from opd_megatron.teachers.http import HTTPTeacherConfig
 from opd_megatron.teachers.sglang import SGLANG_VERSION
+from tests.sglang_source import CACHE, annotated_fields as _fields, class_node as _class, function_node as _function, \
+    sglang_wheel_files
 from tests.teachers.fake_server import FakeServer, Reply
 
-CACHE = Path.home() / ".cache" / "opd-megatron" / f"sglang-{SGLANG_VERSION}"
 FIXTURES = sorted((Path(__file__).parent / "fixtures" / "sglang").glob("*.json"))
 VOCAB, STOP = 64, 2
 SOURCES = ("sglang/srt/managers/io_struct.py", "sglang/api/v1/api_types.py", "sglang/srt/sampling/sampling_params.py",
@@ -48,33 +48,12 @@ PLAIN = SamplingConfig(max_new_tokens=6, temperature=0.9, n=2, stop_ids=(STOP,))
 
 @pytest.fixture(scope="module")
 def wheel():
-    wheels = sorted(CACHE.glob(f"sglang-{SGLANG_VERSION}-*.whl"))
-    if not wheels:
-        import subprocess
-        import sys
-        CACHE.mkdir(parents=True, exist_ok=True)
-        run = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", f"sglang=={SGLANG_VERSION}",
-                              "-d", str(CACHE)], capture_output=True, text=True, timeout=600)
-        wheels = sorted(CACHE.glob(f"sglang-{SGLANG_VERSION}-*.whl"))
-        if not wheels:
-            pytest.fail(f"could not download sglang=={SGLANG_VERSION} into {CACHE}: {run.stderr[-2000:]}")
-    with zipfile.ZipFile(wheels[0]) as archive:
-        return {path: archive.read(path).decode() for path in SOURCES + ("sglang/srt/weight_sync/tensor_bucket.py",)}
+    return sglang_wheel_files(SOURCES + ("sglang/srt/weight_sync/tensor_bucket.py",))
 
 
 @pytest.fixture(scope="module")
 def source(wheel):
     return {path: ast.parse(wheel[path], filename=path) for path in SOURCES}
-
-
-def _class(tree, name):
-    return next(n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == name)
-
-
-def _function(tree, name, within=None):
-    scope = _class(tree, within) if within else tree
-    return next(n for n in ast.walk(scope) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
-                and n.name == name)
 
 
 def _flat(node) -> str:
@@ -84,12 +63,6 @@ def _flat(node) -> str:
 
 def _text(tree, name, within=None) -> str:
     return _flat(_function(tree, name, within))
-
-
-def _fields(cls):
-    """Annotated class fields -> default source text ('' when there is none)."""
-    return {n.target.id: ast.unparse(n.value) if n.value is not None else "" for n in cls.body
-            if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)}
 
 
 def _routes(tree) -> dict[str, tuple[str, list[str]]]:
@@ -637,6 +610,8 @@ def test_nccl_sync_request_bodies_and_order_on_the_cpu(tmp_path):
 SGLANG_RECEIVER = """
 import ast, json, sys, zipfile
 import torch, torch.distributed as dist
+from tests.sglang_source import CACHE, annotated_fields as _fields, class_node as _class, function_node as _function, \
+    sglang_wheel_files
 from tests.teachers.fake_server import FakeServer, Reply
 wheel, out = sys.argv[1:]
 archive = zipfile.ZipFile(wheel)

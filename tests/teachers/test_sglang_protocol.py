@@ -8,9 +8,6 @@ logprob_start_len slice moved) fails here before it reaches a run."""
 
 import ast
 import json
-import subprocess
-import sys
-import zipfile
 from pathlib import Path
 
 import pytest
@@ -18,45 +15,21 @@ import torch
 
 from opd_megatron.teachers.base import TeacherRequest
 from opd_megatron.teachers.sglang import SGLANG_VERSION, SGLangTeacher
+from tests.sglang_source import annotated_fields as _fields, class_node as _class, function_node as _function, \
+    sglang_wheel_files
 from tests.teachers.fake_server import VOCAB, FakeServer, Reply, make_request, sglang_routes
 
-CACHE = Path.home() / ".cache" / "opd-megatron" / f"sglang-{SGLANG_VERSION}"
 FIXTURES = sorted((Path(__file__).parent / "fixtures" / "sglang").glob("*.json"))
 
 
 @pytest.fixture(scope="module")
 def source():
     """path inside the wheel -> parsed module."""
-    wheels = sorted(CACHE.glob(f"sglang-{SGLANG_VERSION}-*.whl"))
-    if not wheels:
-        CACHE.mkdir(parents=True, exist_ok=True)
-        run = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", f"sglang=={SGLANG_VERSION}",
-                              "-d", str(CACHE)], capture_output=True, text=True, timeout=600)
-        wheels = sorted(CACHE.glob(f"sglang-{SGLANG_VERSION}-*.whl"))
-        if not wheels:
-            pytest.fail(f"could not download sglang=={SGLANG_VERSION} into {CACHE}: {run.stderr[-2000:]}")
-    with zipfile.ZipFile(wheels[0]) as wheel:
-        def parse(path):
-            return ast.parse(wheel.read(path).decode(), filename=path)
-        return {path: parse(path) for path in (
-            "sglang/srt/managers/io_struct.py", "sglang/api/v1/api_types.py",
-            "sglang/srt/managers/tokenizer_manager.py", "sglang/srt/entrypoints/http_server.py",
-            "sglang/srt/managers/scheduler_components/logprob_result_processor.py",
-            "sglang/srt/managers/scheduler.py", "sglang/srt/layers/logprob_processor.py")}
-
-
-def _class(tree, name):
-    return next(n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == name)
-
-
-def _function(tree, name):
-    return next(n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name == name)
-
-
-def _fields(cls):
-    """Annotated class fields -> default source text ('' when there is none)."""
-    return {n.target.id: ast.unparse(n.value) if n.value is not None else "" for n in cls.body
-            if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)}
+    paths = ("sglang/srt/managers/io_struct.py", "sglang/api/v1/api_types.py",
+             "sglang/srt/managers/tokenizer_manager.py", "sglang/srt/entrypoints/http_server.py",
+             "sglang/srt/managers/scheduler_components/logprob_result_processor.py",
+             "sglang/srt/managers/scheduler.py", "sglang/srt/layers/logprob_processor.py")
+    return {path: ast.parse(text, filename=path) for path, text in sglang_wheel_files(paths).items()}
 
 
 def _our_payload(topk=2, extra=2):
