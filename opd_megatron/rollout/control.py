@@ -27,3 +27,12 @@ def control_call(client: httpx.Client, url: str, method: str, path: str, body: O
         return reply.json()
     except ValueError:
         return None
+
+
+def check_reported_version(reply: Any, url: str, version: str, after: str) -> None:
+    """A RolloutServerError unless `GET /weight_info`'s `reply` reports weight version `version` (after `after`:
+    what was just done to the server, for the message); a reply that is not a JSON object reports none."""
+    reported = reply.get("weight_version") if isinstance(reply, dict) else None
+    if str(reported) != version:
+        raise RolloutServerError(f"{url}: after {after} the server reports weight version {reported!r}, expected "
+                                 f"{version!r}")

@@ -42,7 +42,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 import torch
 
 from opd_megatron.errors import RolloutServerError
-from opd_megatron.rollout.control import control_call
+from opd_megatron.rollout.control import check_reported_version, control_call
 from opd_megatron.student.distributed import broadcast_failure
 
 #: vLLM's defaults (`packed_tensor.DEFAULT_PACKED_BUFFER_SIZE_BYTES`); the trainer sends its own in init_info.
@@ -215,9 +215,7 @@ class VLLMNcclWeightSync:
             self._on_all("POST", "/resume")
         for url in self.urls:
             reply = self._call(url, "GET", "/weight_info")
-            if str((reply or {}).get("weight_version")) != version:
-                raise RolloutServerError(f"{url}: after the NCCL update the server reports weight version "
-                                         f"{(reply or {}).get('weight_version')!r}, expected {version!r}")
+            check_reported_version(reply, url, version, "the NCCL update")
         self.reload_seconds.append(time.perf_counter() - started)
 
     def reload(self, urls: Sequence[str]) -> None:

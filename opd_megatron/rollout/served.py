@@ -50,7 +50,7 @@ import torch.distributed as dist
 
 from opd_megatron.errors import RolloutServerError
 from opd_megatron.rollout.batch import RolloutBatch
-from opd_megatron.rollout.control import control_call
+from opd_megatron.rollout.control import check_reported_version, control_call
 from opd_megatron.rollout.engine import RolloutEngine, RolloutTicket
 from opd_megatron.rollout.generate import SamplingConfig, _call_key, _seed
 from opd_megatron.rollout.nccl_sync import VLLMNcclWeightSync
@@ -97,17 +97,18 @@ def parse_vllm_reply(reply: Any, config: SamplingConfig, vocab_size: int, where:
     choices = reply["choices"]
     if len(choices) != config.n:
         raise bad(f"{len(choices)} choices for n={config.n} samples")
-    try:
-        choices = sorted(choices, key=lambda choice: int(choice["index"]))
-    except (KeyError, TypeError, ValueError):
-        raise bad("a choice without an integer `index`") from None
-    if [int(c["index"]) for c in choices] != list(range(config.n)):
+    # A JSON integer only: int() would also read 0.5, true or "0" as an index (and overflow on inf).
+    if not all(isinstance(c, dict) and type(c.get("index")) is int for c in choices):
+        raise bad(f"a choice without an integer `index` in {str(choices)[:200]!r}")
+    choices = sorted(choices, key=lambda choice: choice["index"])
+    if [c["index"] for c in choices] != list(range(config.n)):
         raise bad(f"choice indices {[c['index'] for c in choices]} are not 0..{config.n - 1}")
     stops = set(config.stop_ids)
     rows = []
     for choice in choices:
-        j = int(choice["index"])
-        ids, logprobs = choice.get("token_ids"), (choice.get("logprobs") or {}).get("token_logprobs")
+        j = choice["index"]
+        logprobs = choice.get("logprobs")
+        ids, logprobs = choice.get("token_ids"), logprobs.get("token_logprobs") if isinstance(logprobs, dict) else None
         if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
             raise bad(f"sample {j}: `token_ids` is not a list of integers (was the request's return_token_ids "
                       f"ignored? vLLM >= 0.10 is needed)")
@@ -304,7 +305,10 @@ class ServedRolloutEngine(RolloutEngine):
         try:
             return self.transport.get_json(url, path)
         except TeacherError as error:
-            raise RolloutServerError(str(error)) from None
+            # The shared transport's hint speaks of a teacher; this is the rollout server (a version read: the
+            # first request of a run, so a server down at start is named here).
+            raise RolloutServerError(str(error).replace("is the teacher server running",
+                                                        "is the rollout server running")) from None
 
     def sync_weights(self, policy_version: int) -> None:
         if self.sync is not None:
@@ -434,9 +438,7 @@ class DiskWeightSync:
             finally:
                 self._post(url, "/resume", None)
             answer = self._request(url, "GET", "/weight_info", None)
-            if str((answer or {}).get("weight_version")) != version:
-                raise RolloutServerError(f"{url}: after reloading {path} the server reports weight version "
-                                         f"{(answer or {}).get('weight_version')!r}, expected {version!r}")
+            check_reported_version(answer, url, version, f"reloading {path}")
         self.reload_seconds.append(time.perf_counter() - started)
 
     def _post(self, url: str, path: str, body: Optional[dict]) -> Any:

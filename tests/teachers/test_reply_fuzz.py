@@ -10,37 +10,22 @@ the others, each seen to crash before its fix."""
 
 from __future__ import annotations
 
-import copy
-import os
-
 import httpx
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from opd_megatron.teachers.base import TeacherError
 from opd_megatron.teachers.http import HTTPTransport, pack_rows
 from opd_megatron.teachers.sglang import SGLangTeacher
 from opd_megatron.teachers.vllm import VLLMTeacher
+from tests.fuzz_json import FUZZ, json_values, mutate
 from tests.teachers.fake_server import VOCAB, make_request, sglang_generate, vllm_completions
 
-# OPD_FUZZ_EXAMPLES raises the example count for a longer hunt (3,000 per test found nothing beyond the regressions
-# below); CI runs 200.
-FUZZ = settings(deadline=None, max_examples=int(os.environ.get("OPD_FUZZ_EXAMPLES", "200")),
-                suppress_health_check=[HealthCheck.too_slow])
 URL = "http://127.0.0.1:9"   # never contacted: check_on_start is off and nothing is posted
 KNOBS = {"urls": [URL], "vocab_size": VOCAB, "check_on_start": False}
-
-# Any JSON value, with the numbers a server could send: huge integers, NaN/inf, subnormals, negative zero.
-JSON_SCALARS = (st.none() | st.booleans() | st.integers() | st.integers(min_value=-2 ** 70, max_value=2 ** 70)
-                | st.sampled_from([10 ** 400, -10 ** 400, 2 ** 63, -1, VOCAB, VOCAB - 1, 0])
-                | st.floats(allow_nan=True, allow_infinity=True)
-                | st.text(max_size=8) | st.sampled_from(["0", "7", "²", "١", "-3", "63", "64", "1e3", " 5"]))
-JSON = st.recursive(JSON_SCALARS, lambda inner: st.lists(inner, max_size=5)
-                    | st.dictionaries(st.text(max_size=6) | st.sampled_from(["index", "meta_info", "choices",
-                                                                            "prompt_logprobs", "logprob"]),
-                                      inner, max_size=5), max_leaves=25)
+JSON = json_values((VOCAB, VOCAB - 1))
 
 
 @pytest.fixture(scope="module")
@@ -77,40 +62,6 @@ def _assemble(teacher, request, reply):
         return None
 
 
-def _paths(value, path=()):
-    """Every place in a JSON value: (path to the container, key or index)."""
-    out = []
-    if isinstance(value, dict):
-        for key, item in value.items():
-            out.append((path, key))
-            out.extend(_paths(item, path + (key,)))
-    elif isinstance(value, list):
-        for index, item in enumerate(value):
-            out.append((path, index))
-            out.extend(_paths(item, path + (index,)))
-    return out
-
-
-def _mutate(reply, data):
-    """A copy of `reply` with one place replaced by any JSON value, removed, or duplicated (lists)."""
-    reply = copy.deepcopy(reply)
-    places = _paths(reply)
-    if not places:
-        return data.draw(JSON)
-    path, key = data.draw(st.sampled_from(places))
-    container = reply
-    for step in path:
-        container = container[step]
-    action = data.draw(st.sampled_from(["replace", "remove", "duplicate"]))
-    if action == "replace":
-        container[key] = data.draw(JSON)
-    elif action == "remove":
-        del container[key]
-    elif isinstance(container, list):
-        container.insert(key, copy.deepcopy(container[key]))
-    return reply
-
-
 @pytest.mark.parametrize("kind", ["sglang", "sglang_plain", "vllm", "vllm_plain"])
 def test_valid_replies_assemble(teachers, kind):
     teacher, request = teachers[kind.split("_")[0]], REQUESTS[kind]
@@ -124,7 +75,7 @@ def test_valid_replies_assemble(teachers, kind):
 @given(data=st.data())
 def test_one_part_of_a_valid_reply_changed_gives_scores_or_a_teacher_error(teachers, kind, data):
     teacher, request = teachers[kind.split("_")[0]], REQUESTS[kind]
-    reply = _mutate(_valid_reply(kind.split("_")[0], teacher, request), data)
+    reply = mutate(_valid_reply(kind.split("_")[0], teacher, request), data, JSON)
     scores = _assemble(teacher, request, reply)
     if scores is not None:      # accepted: then it passed every check
         values = scores.sampled_logprobs[scores.valid]
