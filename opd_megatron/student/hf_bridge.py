@@ -154,6 +154,14 @@ class SafetensorsCheckpoint:
             raise HFBridgeError(f"{str(self.path / file)!r}: tensor {name!r} is missing")
         return handle.get_slice(name)
 
+    def names(self) -> list[str]:
+        """Every tensor name of the checkpoint (the index's, or the single file's)."""
+        if self._weight_map is not None:
+            return list(self._weight_map)
+        from safetensors import safe_open
+        with safe_open(str(self.path / WEIGHTS_FILE), framework="pt") as handle:
+            return list(handle.keys())
+
     def shape(self, name: str) -> list[int]:
         return list(self._slice(name).get_shape())
 
@@ -259,11 +267,50 @@ def _read_local(ckpt: SafetensorsCheckpoint, mapping: _Mapping, local_shape: Seq
     return out
 
 
+_HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+# Saved beside the weights by some checkpoints but not weights: a tied model's lm_head copy (transformers ties it to
+# the embedding on load), the RoPE inverse frequencies of old Llama checkpoints (recomputed from the config).
+_NOT_WEIGHTS = re.compile(r"^(lm_head\.weight|model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq)$")
+
+
+def _layer_tensors_read(module) -> set[str]:
+    """The per-layer HF tensor names (`self_attn.q_proj.weight`, ...) the decoder layers of `module` read."""
+    return {suffix for name, _ in _parameters(module) if (match := _LAYER.match(name))
+            and match.group(2) in _LAYER_PARAMS for suffix in _LAYER_PARAMS[match.group(2)][1]}
+
+
+def unread_hf_tensors(names: Sequence[str], module, model: ModelSection) -> list[str]:
+    """The tensors of a checkpoint (`names`) that no parameter of a model built from `model` reads: a bias,
+    a norm or a tower config.json does not announce. Loading while ignoring them would give other logits than
+    transformers. The decoder layers of a model have one parameter set, so `module` (any pipeline stage) tells
+    which per-layer tensors are read; with `model.from_hf_layers` the checkpoint's other layers are left out on
+    purpose."""
+    per_layer = _layer_tensors_read(module)
+    layers = range(model.num_layers) if model.from_hf_layers is None else None
+    unread = []
+    for name in names:
+        if name in ("model.embed_tokens.weight", "model.norm.weight") or _NOT_WEIGHTS.match(name):
+            continue
+        match = _HF_LAYER.match(name)
+        if match and match.group(2) in per_layer and (layers is None or int(match.group(1)) in layers):
+            continue
+        unread.append(name)
+    return unread
+
+
 def load_hf_weights(module, model: ModelSection, path: str | Path) -> None:
     """Fill this rank's stage (`module`, a GPTModel built from `model` at the current TP/PP layout) from the HF
-    checkpoint at `path`, reading only this rank's slices. Every parameter of the stage must be found."""
+    checkpoint at `path`, reading only this rank's slices. Every parameter of the stage must be found, and every
+    weight of the checkpoint must be one the model reads."""
     rank, tp = _tp()
     with SafetensorsCheckpoint(path) as ckpt, torch.no_grad():
+        unread = unread_hf_tensors(ckpt.names(), module, model)
+        if unread:
+            shown = ", ".join(repr(n) for n in unread[:6]) + (f" and {len(unread) - 6} more" if len(unread) > 6 else "")
+            raise HFBridgeError(f"{str(path)!r}: nothing in the model reads the tensors {shown}: config.json does "
+                                f"not describe them (a bias, a norm or another module this bridge does not map); "
+                                f"the model reads model.embed_tokens.weight, model.norm.weight, lm_head.weight "
+                                f"and per layer {sorted(_layer_tensors_read(module))}")
         for name, param in _parameters(module):
             mapping = _mapping(module, name, model.tie_embeddings, model.from_hf_layers)
             local = _read_local(ckpt, mapping, tuple(param.shape), model, rank, tp)

@@ -91,14 +91,18 @@ def bridge_layouts(dirs: dict[str, str], layouts: list[tuple[int, int]], export_
     return results
 
 
-def load_error(path: str) -> str:
-    """The message of the HFBridgeError a load of the (broken) checkpoint at `path` raises."""
+def load_errors(paths: list[str]) -> list[Optional[str]]:
+    """The message of the HFBridgeError a load of each (broken) checkpoint of `paths` raises (None: it loads)."""
     ctx = init_layout(1, 1)
-    try:
-        load_hf_checkpoint(path, load_config(None, []).parallel, ctx.device)
-    except HFBridgeError as error:
-        return str(error)
-    raise AssertionError(f"loading {path} raised no HFBridgeError")
+    messages = []
+    for path in paths:
+        try:
+            load_hf_checkpoint(path, load_config(None, []).parallel, ctx.device)
+        except HFBridgeError as error:
+            messages.append(str(error))
+        else:
+            messages.append(None)
+    return messages
 
 
 def checkpoint_logits(checkpoints: str, ids: torch.Tensor) -> torch.Tensor:

@@ -153,12 +153,29 @@ def test_what_the_student_cannot_reproduce_is_refused_by_key_and_value(tmp_path,
         model_section_from_hf_config(tmp_path)
 
 
-def test_missing_tensor_is_a_clear_error(bridge_runs, tmp_path):
+def test_missing_or_unread_tensors_are_clear_errors(bridge_runs, tmp_path):
+    """A tensor the student needs that is not there, and tensors the student would not read (an o_proj bias that
+    config.json does not announce: ignoring it would change every logit), both refused naming the tensor; a tied
+    checkpoint's saved lm_head copy and old checkpoints' rotary inv_freq buffers are not weights and load."""
     from safetensors.torch import load_file, save_file
-    broken = tmp_path / "broken"
-    shutil.copytree(bridge_runs["dirs"]["qwen2"], broken)
-    tensors = load_file(str(broken / "model.safetensors"))
-    del tensors["model.layers.1.self_attn.k_proj.bias"]
-    save_file(tensors, str(broken / "model.safetensors"), metadata={"format": "pt"})
-    message = run_distributed(w.load_error, 1, args=(str(broken),), timeout_s=120)[0]
-    assert "model.layers.1.self_attn.k_proj.bias" in message and "missing" in message
+
+    def changed(name, source, change):
+        directory = tmp_path / name
+        shutil.copytree(bridge_runs["dirs"][source], directory)
+        tensors = load_file(str(directory / "model.safetensors"))
+        change(tensors)
+        save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+        return str(directory)
+
+    missing = changed("missing", "qwen2", lambda t: t.pop("model.layers.1.self_attn.k_proj.bias"))
+    unread = changed("unread", "llama", lambda t: t.update({
+        "model.layers.0.self_attn.o_proj.bias": torch.ones(t["model.layers.0.self_attn.o_proj.weight"].shape[0]),
+        "model.vision_tower.proj.weight": torch.ones(2, 2)}))
+    harmless = changed("harmless", "llama_tied_pad", lambda t: t.update({
+        "lm_head.weight": t["model.embed_tokens.weight"].clone(),
+        "model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(4)}))
+    messages = run_distributed(w.load_errors, 1, args=([missing, unread, harmless],), timeout_s=120)[0]
+    assert "model.layers.1.self_attn.k_proj.bias" in messages[0] and "missing" in messages[0]
+    assert "model.layers.0.self_attn.o_proj.bias" in messages[1] and "model.vision_tower.proj.weight" in messages[1]
+    assert "nothing in the model reads" in messages[1]
+    assert messages[2] is None
