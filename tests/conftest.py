@@ -54,6 +54,7 @@ SLOW: dict[str, frozenset[str] | None] = {
     # real services
     "tests/launch/test_slurm.py": None,
     "tests/teachers/test_vllm_real.py": None,
+    "tests/teachers/test_degrading_vllm_real.py": None,
     "tests/opd/test_opd_vllm.py": None,
     # the OPD / training loop, end to end
     "tests/opd/test_opd_loop.py": None,
@@ -84,7 +85,7 @@ SLOW: dict[str, frozenset[str] | None] = {
         "test_checkpoint_faults_on_two_ranks"}),
     "tests/student/test_hf_bridge.py": frozenset({
         "test_logits_equal_transformers", "test_vocab_padding_is_used", "test_export_round_trip_is_bit_exact",
-        "test_missing_tensor_is_a_clear_error"}),
+        "test_missing_or_unread_tensors_are_clear_errors"}),
     "tests/student/test_hf_export.py": frozenset({
         "test_the_run_trains_from_the_hf_weights_and_exports_a_checkpoint_transformers_matches",
         "test_export_at_pp2_under_torchrun_writes_the_same_tensors",
