@@ -163,7 +163,7 @@ class ServedRolloutEngine(RolloutEngine):
     def __init__(self, server: HTTPTeacherConfig, vocab_size: int, pad_id: int, seed: int, dp_rank: int,
                  sync=None, version_check: bool = True, model_parallel_group=None):
         self.config = server
-        self.transport = HTTPTransport(server, f"rollout engine ({self.engine_name})")
+        self.transport = HTTPTransport(server, f"rollout engine ({self.engine_name})", section="rollout.server")
         self.vocab_size = vocab_size
         self.pad_id = pad_id
         self.seed = seed
@@ -305,10 +305,7 @@ class ServedRolloutEngine(RolloutEngine):
         try:
             return self.transport.get_json(url, path)
         except TeacherError as error:
-            # The shared transport's hint speaks of a teacher; this is the rollout server (a version read: the
-            # first request of a run, so a server down at start is named here).
-            raise RolloutServerError(str(error).replace("is the teacher server running",
-                                                        "is the rollout server running")) from None
+            raise RolloutServerError(str(error)) from None
 
     def sync_weights(self, policy_version: int) -> None:
         if self.sync is not None:

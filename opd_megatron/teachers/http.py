@@ -127,10 +127,13 @@ class _Retryable(Exception):
 class HTTPTransport:
     """POSTs JSON to a pool of servers, at most `max_inflight` at a time, with retries; see the module docstring."""
 
-    def __init__(self, config: HTTPTeacherConfig, name: str):
+    def __init__(self, config: HTTPTeacherConfig, name: str, section: str = "teacher.server"):
+        """`section`: the config section `config` came from (`teacher.server`, `rollout.server`), which messages
+        name, and whose part says what the servers are (a teacher, a rollout server)."""
         self.config = config
         self.name = name
-        self._api_key = _read_api_key(config)
+        self.section = section
+        self._api_key = _read_api_key(config, section)
         headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
         timeout = httpx.Timeout(config.timeout_s, connect=config.connect_timeout_s)
         limits = httpx.Limits(max_connections=config.max_inflight, max_keepalive_connections=config.max_inflight)
@@ -156,7 +159,7 @@ class HTTPTransport:
             return self._client.get(url + path)
         except httpx.HTTPError as exc:
             raise TeacherError(self.scrub(f"{self.name}: GET {url}{path} failed: {_describe(exc)}"
-                                           f"{_hint(exc)}")) from None
+                                           f"{_hint(exc, self.section)}")) from None
 
     def get_json(self, url: str, path: str) -> Any:
         return self._json(self.get(url, path), f"GET {url}{path}")
@@ -267,24 +270,24 @@ class HTTPTransport:
             self._client.close()
 
 
-def _read_api_key(config: ServerSection) -> Optional[str]:
+def _read_api_key(config: ServerSection, section: str) -> Optional[str]:
     """The API key from the environment variable named by api_key_env, or the first line of api_key_file; None when
     neither is set. Errors name the variable or the file, never a key."""
     if config.api_key_env is not None:
         key = os.environ.get(config.api_key_env, "").strip()
         if not key:
-            raise ConfigError(f"teacher.server.api_key_env: the environment variable {config.api_key_env!r} is not "
+            raise ConfigError(f"{section}.api_key_env: the environment variable {config.api_key_env!r} is not "
                               f"set or empty")
         return key
     if config.api_key_file is not None:
         try:
             lines = Path(config.api_key_file).expanduser().read_text(encoding="utf-8").splitlines()
         except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"teacher.server.api_key_file: cannot read {config.api_key_file} "
+            raise ConfigError(f"{section}.api_key_file: cannot read {config.api_key_file} "
                               f"({type(exc).__name__}); expected a UTF-8 file holding the API key") from None
         key = lines[0].strip() if lines else ""
         if not key:
-            raise ConfigError(f"teacher.server.api_key_file: {config.api_key_file} is empty; expected the API key "
+            raise ConfigError(f"{section}.api_key_file: {config.api_key_file} is empty; expected the API key "
                               f"on its first line")
         return key
     return None
@@ -294,9 +297,10 @@ def _describe(exc: Exception) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
-def _hint(exc: Exception) -> str:
+def _hint(exc: Exception, section: str) -> str:
     if isinstance(exc, httpx.ConnectError):
-        return " (connection refused or host unreachable: is the teacher server running at this address?)"
+        return (f" (connection refused or host unreachable: is the {section.split('.')[0]} server running at this "
+                f"address?)")
     return ""
 
 

@@ -8,6 +8,7 @@ import threading
 
 import pytest
 
+from opd_megatron.config import ConfigError
 from opd_megatron.errors import RolloutServerError
 from opd_megatron.rollout.generate import SamplingConfig
 from opd_megatron.rollout.served import VLLMRolloutEngine, WeightVersionMismatch
@@ -62,6 +63,16 @@ def test_a_rollout_server_down_at_start_is_an_error_naming_it():
                                                  rf"server running at this address\?"):
         engine.generate(PROMPTS, CONFIG, sample_key=("rollout", 0))
     engine.close()
+
+
+def test_a_missing_rollout_api_key_names_the_rollout_section(monkeypatch):
+    """The transport is shared with the teachers; its messages name the section the servers came from."""
+    monkeypatch.delenv("OPD_TEST_ROLLOUT_KEY", raising=False)
+    client = HTTPTeacherConfig(urls=["http://127.0.0.1:9"], model="student", vocab_size=VOCAB,
+                               api_key_env="OPD_TEST_ROLLOUT_KEY").validate("rollout.server.")
+    with pytest.raises(ConfigError, match=r"^rollout\.server\.api_key_env: the environment variable "
+                                          r"'OPD_TEST_ROLLOUT_KEY' is not set"):
+        VLLMRolloutEngine(client, VOCAB, pad_id=0, seed=3, dp_rank=0)
 
 
 def test_weight_versions_that_move_during_a_batch_ask_again_then_stop_after_reply_retries():
