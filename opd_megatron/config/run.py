@@ -104,11 +104,7 @@ class RunConfig:
                     f"{r.sync_interval}, rollout.max_staleness={r.max_staleness}, teacher.overlap={t.overlap}): "
                     f"truncated IS on pi_theta_old / mu is what corrects the staleness there", None)
         if t.kind == "cache":
-            require(r.source == "corpus" and o.mixtures.on_policy_fraction == 0, "teacher.kind",
-                    "cache only with rollout.source=corpus and opd.mixtures.on_policy_fraction=0 (a teacher cache "
-                    "scores the corpus windows it was written for, not the student's rollouts)", t.kind)
-            require(o.loss == "divergence", "opd.loss", "divergence with teacher.kind=cache (route A on the cached "
-                    "top-k support)", o.loss)
+            self._validate_cache_mixture()
         if r.source == "corpus":
             d = self.data
             require(d.format == "indexed", "data.format", "indexed with rollout.source=corpus (the prompts are "
@@ -146,6 +142,28 @@ class RunConfig:
             raise ConfigError(f"teacher.colocated.model.vocab_size={model.vocab_size} differs from model.vocab_size="
                               f"{self.model.vocab_size}: student and teacher must share one vocabulary")
         self._validate_colocated_teacher_layouts()
+
+    def _validate_cache_mixture(self) -> None:
+        """teacher.kind=cache: offline KD on corpus windows (on_policy_fraction 0), or mixed with on-policy
+        continuations of corpus prefixes scored by teacher.cache.live (a fraction in (0, 1)); route A on the cached
+        top-k support either way."""
+        r, t, o = self.rollout, self.teacher, self.opd
+        fraction, live = o.mixtures.on_policy_fraction, t.cache.live.kind
+        require(r.source == "corpus", "teacher.kind", "cache only with rollout.source=corpus and opd.mixtures."
+                "on_policy_fraction=0, or with a fraction in (0, 1) and a live teacher for the on-policy rows "
+                "(teacher.cache.live): a teacher cache scores the corpus windows it was written for, not the "
+                "student's rollouts", t.kind)
+        require(fraction < 1, "opd.mixtures.on_policy_fraction", "below 1 with teacher.kind=cache (at 1 no step reads "
+                "the cache: make the live teacher teacher.kind itself)", fraction)
+        if fraction > 0:
+            require(live is not None, "teacher.cache.live.kind", f"colocated, inprocess, sglang or vllm: the teacher "
+                    f"of the on-policy rows of opd.mixtures.on_policy_fraction={fraction:g} (the cache scores the "
+                    f"offline corpus windows only)", live)
+        else:
+            require(live is None, "teacher.cache.live.kind", "unset with opd.mixtures.on_policy_fraction=0 (no "
+                    "on-policy rows to score; a fraction in (0, 1) mixes them in)", live)
+        require(o.loss == "divergence", "opd.loss", "divergence with teacher.kind=cache (route A on the cached "
+                "top-k support)", o.loss)
 
     def _validate_teacher_gives_what_the_loss_reads(self) -> None:
         """A served teacher gives sampled-token and top-k logprobs only: the loss, credit, routing and gates must
@@ -195,6 +213,10 @@ class RunConfig:
         dtype = self.model.dtype  # an HF teacher is built in the student's precision (teachers/factory.py)
         if t.kind == "colocated":
             return [ColocatedTeacherShape.of("the teacher", "teacher.colocated", t.colocated, dtype)]
+        live = t.live_member
+        if live is not None and live.kind == "colocated":
+            return [ColocatedTeacherShape.of("the live teacher of the on-policy rows", "teacher.cache.live.colocated",
+                                             live.colocated, dtype)]
         if t.kind != "multi":
             return []
         return [ColocatedTeacherShape.of(f"teacher.multi.members[{member.name}]",
@@ -310,6 +332,8 @@ def from_dict(raw: dict[str, Any]) -> RunConfig:
     _fill_from_hf(raw)
     teacher = _mapping(raw.get("teacher"))
     _fill_preset(_mapping(teacher.get("colocated")), "teacher.colocated.model")
+    _fill_preset(_mapping(_mapping(_mapping(teacher.get("cache")).get("live")).get("colocated")),
+                 "teacher.cache.live.colocated.model")
     members = _mapping(teacher.get("multi")).get("members")
     for i, member in enumerate(members if isinstance(members, list) else []):
         _fill_preset(_mapping(_mapping(member).get("colocated")), f"teacher.multi.members[{i}].colocated.model")

@@ -9,7 +9,9 @@ sub-section per kind of teacher.
       server:       {urls, model, ...}      kinds sglang and vllm (the HTTP client, teachers/http.py)
       multi:        {members, routes, default, mixture, weights}
       self_teacher: {mode, ema_decay, insert, keep}    kind self
-      cache:        {path}                  kind cache (a teacher top-k cache, `opd-megatron cache-teacher`)
+      cache:        {path, live, check_live_identity}   kind cache (a teacher top-k cache, `opd-megatron
+                                            cache-teacher`; `live`: the teacher of the on-policy rows when the run
+                                            mixes them in, opd.mixtures.on_policy_fraction in (0, 1))
 
 A section of another kind than `kind` is not read. `ServerSection` (config/sections.py, shared with the rollout
 servers) is the served teachers' client schema; the client (`teachers/http.py: HTTPTeacherConfig`) is this section
@@ -33,10 +35,6 @@ class ColocatedTeacherSection:
     model: Optional[ModelSection] = None     # its shape (default: the one saved in the checkpoint)
 
 
-@dataclass
-class CacheTeacherSection:
-    """kind cache: a teacher top-k cache written by `opd-megatron cache-teacher` (no teacher at train time)."""
-    path: str = ""                           # the cache directory (its manifest.json)
 
 
 @dataclass
@@ -66,6 +64,62 @@ class TeacherMemberSection:
         else:
             require(bool(self.checkpoint_path), f"{prefix}{self.kind}.path", "a checkpoint directory",
                     self.checkpoint_path)
+
+
+@dataclass
+class CacheLiveTeacherSection:
+    """teacher.cache.live: the live teacher of the on-policy rows in a run that mixes cached offline KD with on-policy
+    continuations of corpus prefixes (opd.mixtures.on_policy_fraction in (0, 1)). Offline steps read the cache and
+    call no teacher; on-policy steps are scored by this teacher, on the same top-k + tail support (its top-k at
+    teacher.topk). kind colocated, inprocess, sglang or vllm, with that kind's keys as under `teacher`; no
+    temperature of its own: it scores at teacher.temperature, the cache's (checked against the manifest).
+
+        teacher:
+          kind: cache
+          topk: 64                          # <= the cache's k
+          cache:
+            path: /data/cache/llama70b-top64
+            live: {kind: vllm, server: {urls: [http://teacher:8000], model: meta-llama/Llama-3.1-70B}}
+            check_live_identity: true       # the live teacher must be the one the cache was written with
+
+    kind None (the default): no live teacher; the run is offline only (on_policy_fraction 0)."""
+    kind: Optional[Literal["colocated", "inprocess", "sglang", "vllm"]] = None
+    colocated: ColocatedTeacherSection = field(default_factory=ColocatedTeacherSection)
+    inprocess: InProcessTeacherSection = field(default_factory=InProcessTeacherSection)
+    server: ServerSection = field(default_factory=ServerSection)
+
+    def as_member(self, temperature: float) -> TeacherMemberSection:
+        """The live teacher as the member it is built like (teachers/factory.py), at the cache's `temperature`."""
+        if self.kind is None:
+            raise ValueError("teacher.cache.live.kind is not set: there is no live teacher")
+        return TeacherMemberSection(name="live", kind=self.kind, temperature=temperature, colocated=self.colocated,
+                                    inprocess=self.inprocess, server=self.server)
+
+
+@dataclass
+class CacheTeacherSection:
+    """kind cache: a teacher top-k cache written by `opd-megatron cache-teacher`, read in place of a teacher.
+
+    path: the cache directory (its manifest.json).
+    live: the teacher of the on-policy rows (`CacheLiveTeacherSection`); unset (kind None) for offline KD only.
+    check_live_identity: the live teacher must be the teacher the cache was written with: the same files
+        (sha256 of a local checkpoint's files, whatever its path or kind colocated / inprocess) or the same served
+        model name; its vocabulary, the tokenizer, teacher.temperature and teacher.topk <= the cache's k are checked
+        always. A live teacher that cannot be compared with the cache's (one local, the other served) is refused
+        unless this is false: set it false only when both are the same model (a checkpoint and its served copy)."""
+    path: str = ""
+    live: CacheLiveTeacherSection = field(default_factory=CacheLiveTeacherSection)
+    check_live_identity: bool = True
+
+    def validate(self, overlap: bool) -> None:
+        require(bool(self.path), "teacher.cache.path", "the directory of a cache written by "
+                "`opd-megatron cache-teacher`", self.path)
+        require(not overlap, "teacher.overlap", "false for a teacher cache (its offline steps read the cache; its "
+                "on-policy steps are scored when they are sampled)", True)
+        if self.live.kind is not None:
+            self.live.as_member(1.0).validate("teacher.cache.live.")
+            if self.live.kind == "colocated" and self.live.colocated.model is not None:
+                self.live.colocated.model.validate()
 
 
 @dataclass
@@ -129,6 +183,20 @@ class TeacherSection:
     cache: CacheTeacherSection = field(default_factory=CacheTeacherSection)
 
     @property
+    def live_member(self) -> Optional[TeacherMemberSection]:
+        """The live teacher of a teacher cache's on-policy rows (teacher.cache.live), None without one."""
+        if self.kind != "cache" or self.cache.live.kind is None:
+            return None
+        return self.cache.live.as_member(self.temperature)
+
+    @property
+    def dense_on_some_steps(self) -> bool:
+        """Whether some steps' teacher gives full-vocabulary logits on the training ranks: a dense teacher, or the
+        colocated / in-process live teacher of a cache's on-policy steps (its offline steps read top-k only)."""
+        live = self.live_member
+        return self.dense or (live is not None and live.kind in ("colocated", "inprocess"))
+
+    @property
     def dense(self) -> bool:
         """Whether the teacher gives full-vocabulary logits on the training ranks (colocated, in-process, self, or a
         multi-teacher of those), not only sampled-token and top-k logprobs."""
@@ -155,9 +223,7 @@ class TeacherSection:
             self.server.validate("teacher.server.")
             return
         if self.kind == "cache":
-            require(bool(self.cache.path), "teacher.cache.path", "the directory of a cache written by "
-                    "`opd-megatron cache-teacher`", self.cache.path)
-            require(not self.overlap, "teacher.overlap", "false for a teacher cache (reading it is cheap)", True)
+            self.cache.validate(self.overlap)
             return
         path = self.as_member().checkpoint_path
         require(bool(path), f"teacher.{self.kind}.path", f"a checkpoint directory for teacher.kind={self.kind}", path)

@@ -108,7 +108,7 @@ class TeacherScoring:
         has one for a batch scored ahead); without it the batch is scored now, after the student top-k pass (every
         rank of the replica takes part in it). student_topk=False: sampled-token and top-k scores only
         (evaluation reads no support)."""
-        if self.dense:
+        if self.scores_inside_loss(batch):
             return None
         extra_ids = self.student_topk(batch) if future is None and student_topk else None
         if not parallel_state.is_pipeline_last_stage():
@@ -131,6 +131,12 @@ class TeacherScoring:
         self.tokens += int(scores.valid.sum())
         self.rejected_replies += scores.rejected_replies
         return scores
+
+    def scores_inside_loss(self, batch: RolloutBatch) -> bool:
+        """Whether the loss scores `batch` micro-batch by micro-batch (a dense teacher) rather than this class once
+        per replica. A teacher that reads window keys (a teacher cache) scores keyed rows here, by their keys, even
+        when its live teacher of the on-policy rows is dense (teacher.cache.live colocated or in-process)."""
+        return self.dense and not (self.teacher.reads_sample_keys and batch.sample_keys is not None)
 
     def _score_now(self, batch: RolloutBatch, extra_ids: Optional[torch.Tensor] = None) -> TeacherScores:
         """The teacher's answer for `batch`, with its log-probs on `extra_ids` (the student's top-k) when given."""

@@ -93,6 +93,18 @@ def build_teacher(cfg: RunConfig, device: torch.device, student_tokenizer: Token
         teacher = CachedTeacher(t.cache.path, expect={"tokenizer_hash": tokenizer_fingerprint(student_tokenizer),
                                                       "seq_length": cfg.data.seq_length,
                                                       "temperature": t.temperature})
+        live_member = t.live_member
+        if live_member is not None:
+            from opd_megatron.teachers.cached import CacheOrLiveTeacher, check_live_teacher, teacher_identity
+            # The on-policy rows' teacher, at the cache's temperature (the manifest's, checked above), sharing the
+            # student's tokenizer (checked here) and the cache's teacher (checked against its manifest).
+            live, live_tokenizer = _single(cfg, live_member, device, padded_vocab_size,
+                                           true_vocab_size=student_tokenizer.vocab_size, full_logits=full_logits)
+            check_teacher_compatible(student_tokenizer, live, teacher_tokenizer=live_tokenizer,
+                                     student_embedding_rows=padded_vocab_size)
+            identity = teacher_identity(live_member, live) if t.cache.check_live_identity else None
+            check_live_teacher(teacher, live, identity, t.topk)
+            teacher, tokenizer = CacheOrLiveTeacher(teacher, live), live_tokenizer
     elif t.kind == "self":
         from opd_megatron.teachers.colocated import ColocatedTeacher
         from opd_megatron.teachers.self_teacher import SelfTeacher

@@ -264,6 +264,8 @@ def resident_teachers(cfg: RunConfig) -> list[ResidentTeacher]:
         return [] if mode == "current" else [ResidentTeacher(f"self ({mode} copy)", cfg.model, "the student's")]
     colocated = iter(cfg.colocated_teachers())
     members = [(m.name, m) for m in t.multi.members] if t.kind == "multi" else [(t.kind, t.as_member())]
+    if t.live_member is not None:      # a teacher cache's live teacher of the on-policy rows
+        members = [("cache.live", t.live_member)]
     resident = []
     for name, member in members:
         if member.kind == "colocated":
@@ -285,11 +287,12 @@ def teacher_logits_bytes(cfg: RunConfig, padded_vocab: int) -> int:
     """A dense teacher's answer for one micro-batch, kept until its loss ran: the fp32 logits shard
     `[b, s, V/tp]` (teachers/colocated.py) and the model-dtype logits it was cast from; a mixture of teachers
     holds one shard per member. Served teachers send `[b, s, k]` top-k logprobs (negligible)."""
-    if cfg.run.algorithm != "opd" or not cfg.teacher.dense:
+    if cfg.run.algorithm != "opd" or not cfg.teacher.dense_on_some_steps:
         return 0
     t, p = cfg.teacher, cfg.parallel
     members = len(t.multi.members) if t.kind == "multi" and t.multi.mixture is not None else 1
-    teacher_dtype = 4 if t.colocated.model is None else DTYPE_BYTES[t.colocated.model.dtype]
+    model = (t.live_member or t).colocated.model      # a teacher cache's on-policy steps: its live teacher's
+    teacher_dtype = 4 if model is None else DTYPE_BYTES[model.dtype]
     return members * p.micro_batch_size * cfg.data.seq_length * padded_vocab // p.tp * (4 + teacher_dtype)
 
 
@@ -624,8 +627,11 @@ def format_opd_notes(cfg: RunConfig, estimate: MemoryEstimate) -> list[str]:
                          f"whole (PP=1) at tp {cfg.parallel.tp} on each last-stage rank: "
                          f"{_gib(teacher_weight_bytes(cfg, model))} GiB")
     if not teachers:
-        where = {"self": "shares the student's weights (self_teacher.mode current)"}.get(
-            t.kind, "served: nothing on the training GPUs")
+        where = {"self": "shares the student's weights (self_teacher.mode current)",
+                 "cache": "read from disk: nothing on the training GPUs"}.get(t.kind, "served: nothing on the "
+                                                                               "training GPUs")
+        if t.live_member is not None:
+            where += f"; its on-policy rows' live teacher ({t.live_member.kind}) is served"
         lines.append(f"  teacher {t.kind}: {where}")
     if r.source == "corpus" and cfg.opd.mixtures.on_policy_fraction < 1 and t.topk:
         lines.append(teacher_cache_note(cfg))
