@@ -15,10 +15,23 @@ Two measurements, in one process:
   spent inside `Teacher.score`, which the machine's load moves much less); the scoring and bare-forward rates are
   also given per CPU second of the process (`time.process_time`, all threads), which other load hardly moves;
   after one uncounted round of each, each round runs both, alternating which goes first; the ratio is of the medians
-  (target >= 0.9x).
+  (target >= 0.9x). The loop's own CPU seconds (`CacheTeacherResult.loop_cpu_s`: reading, scoring, encoding,
+  writing; not the teacher's loading) give a second, fixed-cost-free ratio.
+- **KD step from the cache vs a cross-entropy step**: a megatron GPTModel student (`--student-*`, built by the loop)
+  on windows of an indexed corpus (`--kd-seq` tokens), a cache of them written by `cache-teacher` (a small random
+  teacher of the same vocabulary, top-`--topk`). The KD step is the loop's (`OpdRun`, teacher.kind cache,
+  rollout.source corpus, forward KL on the top-k + tail support): the cached rows read from the memory-mapped cache
+  (`TeacherScoring.scores_for`) + `OpdRun.train_step` (forward, the route A loss, backward, megatron's optimizer
+  step, the step's diagnostics); the plain step is megatron's `vocab_parallel_cross_entropy`
+  (`token_cross_entropy_sum`) through the same schedule and optimizer on the same windows. Each arm runs in a
+  process of its own (the same setup: config, student, cache reader), arms alternating over `--kd-rounds`: median
+  step time (wall and CPU seconds) over `--kd-steps` after `--kd-warmup`, and the process's peak RSS
+  (`ru_maxrss`, the resident high-water mark, which includes the mapped cache pages the step touched) and its rise
+  over the RSS before the first step (targets: time <= 1.10x, peak memory <= 1.05x).
 
     python -m benchmarks.corpus_kd
     python -m benchmarks.corpus_kd --samples 32 --seq 1024 --teacher-windows 8 --rounds 2   # about a minute
+    python -m benchmarks.corpus_kd --skip-cache --skip-teacher                              # the KD step only
 """
 
 from __future__ import annotations
@@ -27,7 +40,9 @@ import argparse
 import json
 import os
 import random
+import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -165,7 +180,8 @@ def cache_teacher_vs_forward(args, root: Path) -> dict:
     teacher = InProcessTeacher(cfg.teacher.inprocess.path, temperature=cfg.teacher.temperature)
     rates: dict[str, list[float]] = {"cache_teacher": [], "scoring": [], "bare_forward": []}
     teacher_shares = []
-    cpu_rates: dict[str, list[float]] = {"cache_teacher": [], "scoring": [], "bare_forward": []}
+    cpu_rates: dict[str, list[float]] = {"cache_teacher": [], "scoring": [], "bare_forward": [],
+                                         "cache_teacher_loop": []}
     # A first round of each, not counted: transformers and torch initialise lazily on a process's first forward.
     run_cache_teacher(cfg, root / "cache-warmup", samples_per_shard=args.samples_per_shard, log=lambda line: None)
     bare_forward_tokens_per_s(model, tokens, lengths, args.teacher_batch)
@@ -178,6 +194,7 @@ def cache_teacher_vs_forward(args, root: Path) -> dict:
                                            log=lambda line: None)
                 # CPU seconds of the whole call, the teacher's loading included (a bound on the loop's own).
                 cpu_rates[kind].append(result.columns_scored / (time.process_time() - cpu))
+                cpu_rates["cache_teacher_loop"].append(result.columns_scored / result.loop_cpu_s)
                 rates[kind].append(result.tokens_per_s)
                 teacher_shares.append(result.teacher_share)
             else:
@@ -199,7 +216,139 @@ def cache_teacher_vs_forward(args, root: Path) -> dict:
             "cpu_cache_teacher_to_bare_forward": statistics.median(cpu_rates["cache_teacher"]) /
             statistics.median(cpu_rates["bare_forward"]),
             "cpu_cache_teacher_to_scoring": statistics.median(cpu_rates["cache_teacher"]) /
-            statistics.median(cpu_rates["scoring"]), "rounds": rates, "cpu_rounds": cpu_rates}
+            statistics.median(cpu_rates["scoring"]),
+            "cpu_cache_teacher_loop_to_bare_forward": statistics.median(cpu_rates["cache_teacher_loop"]) /
+            statistics.median(cpu_rates["bare_forward"]), "rounds": rates, "cpu_rounds": cpu_rates}
+
+
+def kd_setup(args, root: Path) -> Path:
+    """A random teacher of the student's vocabulary, a training and a held-out corpus of its words, the teacher's
+    top-k cache of the training corpus (`run_cache_teacher`), and the student's KD config (returned)."""
+    vocab, seq = args.student_vocab, args.kd_seq
+    teacher_dir = write_tiny_checkpoint(root / "kd-teacher", "llama", vocab_size=vocab, hidden_size=64, num_layers=1,
+                                        num_heads=2, num_kv_heads=1, intermediate_size=128,
+                                        max_position_embeddings=max(256, seq + 1))
+    tokenizer = load_tokenizer(str(teacher_dir))
+    words = tiny_vocab(vocab)[4:]
+    pick = random.Random(1)
+    windows = args.kd_batch * (args.kd_warmup + args.kd_steps) + 1
+    for name, tokens in (("kd-corpus", windows * seq + 1), ("kd-held-out", 4 * seq)):
+        lines, total = [], 0
+        while total < tokens:
+            count = pick.randint(100, 800)
+            lines.append(json.dumps({"text": " ".join(pick.choice(words) for _ in range(count))}) + "\n")
+            total += count + 1
+        (root / f"{name}.jsonl").write_text("".join(lines))
+        preprocess_jsonl(root / f"{name}.jsonl", root / name, tokenizer)
+    config = {"run": {"name": "kd-step", "output_dir": str(root / "kd-runs"), "seed": 1, "algorithm": "opd",
+                      "train_steps": args.kd_warmup + args.kd_steps, "device": "cpu"},
+              "model": {"num_layers": args.student_layers, "hidden_size": args.student_hidden,
+                        "ffn_hidden_size": 4 * args.student_hidden, "num_attention_heads": args.student_hidden // 64,
+                        "vocab_size": vocab, "max_position_embeddings": seq, "tie_embeddings": False},
+              "parallel": {"micro_batch_size": args.kd_micro_batch, "global_batch_size": args.kd_batch},
+              "optim": {"lr": 1e-4, "warmup_steps": 0, "use_distributed_optimizer": False},
+              "data": {"format": "indexed", "path": str(root / "kd-corpus"), "tokenizer": str(teacher_dir),
+                       "seq_length": seq},
+              "rollout": {"source": "corpus", "prompts_per_step": args.kd_batch, "samples_per_prompt": 1},
+              "teacher": {"kind": "inprocess", "topk": args.topk, "inprocess": {"path": str(teacher_dir)}},
+              "opd": {"mixtures": {"on_policy_fraction": 0.0}, "loss": "divergence",
+                      "route_a": {"divergence": "forward_kl", "support": "teacher_topk", "support_k": args.topk,
+                                  "support_mode": "tail"}},
+              "eval": {"path": str(root / "kd-held-out"), "prompts": 2, "interval": 0},
+              "checkpoint": {"save_interval": 0, "save_at_end": False},
+              "logging": {"progress_bar": False, "tensorboard": False}}
+    (root / "kd-teacher.yaml").write_text(yaml.safe_dump(config))
+    run_cache_teacher(load_config(root / "kd-teacher.yaml"), root / "kd-cache", samples_per_shard=64,
+                      log=lambda line: None)
+    config["teacher"] = {"kind": "cache", "topk": args.topk, "cache": {"path": str(root / "kd-cache")}}
+    (root / "kd-student.yaml").write_text(yaml.safe_dump(config))
+    return root / "kd-student.yaml"
+
+
+def kd_arm(arm: str, config_path: str, warmup: int, steps: int, threads: int) -> dict:
+    """In a process of its own: the loop's setup for the KD config, then `warmup + steps` steps of one arm on the
+    corpus's windows: `kd` (cached rows + OpdRun.train_step) or `ce` (vocab-parallel cross-entropy on the same
+    windows, same schedule and optimizer). Per-step wall and CPU seconds, RSS before the first step and at peak."""
+    from opd_megatron.loop.opd import OpdRun
+    from opd_megatron.loop.objective import StudentInput
+    from opd_megatron.student.distributed import init_parallel
+    from opd_megatron.student.lm_loss import token_cross_entropy_sum
+    from opd_megatron.student.optimizer import optimizer_step, zero_grads
+    from opd_megatron.student.schedule import forward_backward
+
+    if arm == "kd_no_diagnostics":
+        # What the KD step costs without the per-step vocabulary diagnostics the loop computes with the loss (the
+        # student's entropy, top-k overlap and mass on the teacher's support: full-vocabulary passes of their own);
+        # their metrics are then absent, nothing else changes.
+        from opd_megatron.loop.objective import OpdObjective
+        OpdObjective._vocab_diagnostics = lambda self, *args, **kwargs: None
+    cfg = load_config(config_path)
+    ctx = init_parallel(cfg)
+    torch.set_num_threads(threads)
+    run = OpdRun(cfg, ctx)
+    vocab, mbs = cfg.model.vocab_size, cfg.parallel.micro_batch_size
+
+    def cross_entropy(logits, micro: StudentInput):
+        return token_cross_entropy_sum(logits, micro.rollout.labels, micro.rollout.loss_mask, vocab)
+
+    batches = [run.make_batch(step) for step in range(warmup + steps)]   # corpus reads: neither arm's step
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    wall, cpu, tokens = [], [], []
+    for step, batch in enumerate(batches):
+        started, cpu_started = time.perf_counter(), time.process_time()
+        if arm != "ce":
+            scores = run.scoring.scores_for(batch)
+            run.train_step(batch, scores)
+        else:
+            trimmed = batch.trimmed()
+            zero_grads(run.trainable)
+            forward_backward(run.trainable.ddp, StudentInput.of(trimmed, mbs), cross_entropy,
+                             trimmed.tokens.shape[1] - 1, mbs)
+            optimizer_step(run.trainable)
+        run.step += 1
+        if step >= warmup:
+            wall.append(time.perf_counter() - started)
+            cpu.append(time.process_time() - cpu_started)
+            tokens.append(float(batch.loss_mask.sum()))
+    return {"arm": arm, "wall_s": wall, "cpu_s": cpu, "tokens": tokens, "rss_before_kb": rss_before,
+            "rss_peak_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "threads": torch.get_num_threads()}
+
+
+def kd_step_vs_cross_entropy(args, root: Path) -> dict:
+    config_path = kd_setup(args, root)
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS=str(args.kd_threads))
+    runs: dict[str, list[dict]] = {"kd": [], "ce": [], "kd_no_diagnostics": []}
+    for round_ in range(args.kd_rounds):
+        for arm in (list(runs) if round_ % 2 == 0 else list(runs)[::-1]):
+            result = subprocess.run([sys.executable, "-m", "benchmarks.corpus_kd", "--kd-arm", arm, "--kd-config",
+                                     str(config_path), "--kd-warmup", str(args.kd_warmup), "--kd-steps",
+                                     str(args.kd_steps), "--kd-threads", str(args.kd_threads)],
+                                    cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=1800)
+            if result.returncode != 0:
+                raise RuntimeError(f"the {arm} arm failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}")
+            runs[arm].append(json.loads(result.stdout.strip().splitlines()[-1]))
+
+    def median(arm: str, key: str) -> float:
+        return statistics.median(value for run in runs[arm] for value in run[key])
+
+    def peak(arm: str, key: str = "rss_peak_kb") -> float:
+        return statistics.median(run[key] for run in runs[arm]) / 1024
+
+    rise = {arm: statistics.median((run["rss_peak_kb"] - run["rss_before_kb"]) / 1024 for run in runs[arm])
+            for arm in runs}
+    return {"student": {"layers": args.student_layers, "hidden": args.student_hidden, "vocab": args.student_vocab},
+            "seq_length": args.kd_seq, "global_batch": args.kd_batch, "micro_batch": args.kd_micro_batch,
+            "topk": args.topk, "tokens_per_step": statistics.median(runs["kd"][0]["tokens"]),
+            "kd_step_s": median("kd", "wall_s"), "ce_step_s": median("ce", "wall_s"),
+            "kd_step_cpu_s": median("kd", "cpu_s"), "ce_step_cpu_s": median("ce", "cpu_s"),
+            "kd_no_diagnostics_step_s": median("kd_no_diagnostics", "wall_s"),
+            "kd_no_diagnostics_step_cpu_s": median("kd_no_diagnostics", "cpu_s"),
+            "cpu_time_ratio_no_diagnostics": median("kd_no_diagnostics", "cpu_s") / median("ce", "cpu_s"),
+            "memory_ratio_no_diagnostics": peak("kd_no_diagnostics") / peak("ce"),
+            "time_ratio": median("kd", "wall_s") / median("ce", "wall_s"),
+            "cpu_time_ratio": median("kd", "cpu_s") / median("ce", "cpu_s"),
+            "kd_peak_rss_mib": peak("kd"), "ce_peak_rss_mib": peak("ce"), "memory_ratio": peak("kd") / peak("ce"),
+            "kd_rss_rise_mib": rise["kd"], "ce_rss_rise_mib": rise["ce"], "runs": runs}
 
 
 def main() -> None:
@@ -218,17 +367,40 @@ def main() -> None:
     parser.add_argument("--teacher-batch", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--skip-teacher", action="store_true")
+    parser.add_argument("--skip-cache", action="store_true", help="skip the cache size / read part")
+    parser.add_argument("--skip-kd-step", action="store_true")
+    parser.add_argument("--student-layers", type=int, default=4, help="KD step part: the megatron student")
+    parser.add_argument("--student-hidden", type=int, default=256)
+    parser.add_argument("--student-vocab", type=int, default=32000)
+    parser.add_argument("--kd-seq", type=int, default=512)
+    parser.add_argument("--kd-batch", type=int, default=8, help="windows per step")
+    parser.add_argument("--kd-micro-batch", type=int, default=4)
+    parser.add_argument("--kd-warmup", type=int, default=2)
+    parser.add_argument("--kd-steps", type=int, default=4)
+    parser.add_argument("--kd-rounds", type=int, default=2)
+    parser.add_argument("--kd-threads", type=int, default=1,
+                        help="intra-op threads of each arm's process (1: on a shared machine a waiting OpenMP thread "
+                             "spins, which inflates CPU seconds with other jobs' load)")
+    parser.add_argument("--kd-arm", choices=("kd", "ce", "kd_no_diagnostics"), default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--kd-config", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--json", default=None, help="write the raw numbers here")
     args = parser.parse_args()
+    if args.kd_arm is not None:       # one arm of the KD-step comparison, in its own process (kd_step_vs_cross_entropy)
+        print(json.dumps(kd_arm(args.kd_arm, args.kd_config, args.kd_warmup, args.kd_steps, args.kd_threads)),
+              flush=True)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        size = cache_size_and_reads(args, root)
-        print(f"| k | vocab | B/token (layout) | B/token (on disk) | write tokens/s | read tokens/s (crc checked) | "
-              f"read tokens/s (unchecked) |\n|---:|---:|---:|---:|---:|---:|---:|\n"
-              f"| {size['topk']} | {size['vocab']} | {size['bytes_per_token_layout']:.2f} | "
-              f"{size['bytes_per_token_on_disk']:.2f} | {size['write_tokens_per_s']:,.0f} | "
-              f"{size['read_tokens_per_s_verified']:,.0f} | {size['read_tokens_per_s_unverified']:,.0f} |", flush=True)
-        results = {"cache": size}
+        results = {}
+        if not args.skip_cache:
+            size = cache_size_and_reads(args, root)
+            print(f"| k | vocab | B/token (layout) | B/token (on disk) | write tokens/s | read tokens/s (crc checked) "
+                  f"| read tokens/s (unchecked) |\n|---:|---:|---:|---:|---:|---:|---:|\n"
+                  f"| {size['topk']} | {size['vocab']} | {size['bytes_per_token_layout']:.2f} | "
+                  f"{size['bytes_per_token_on_disk']:.2f} | {size['write_tokens_per_s']:,.0f} | "
+                  f"{size['read_tokens_per_s_verified']:,.0f} | {size['read_tokens_per_s_unverified']:,.0f} |",
+                  flush=True)
+            results["cache"] = size
         if not args.skip_teacher:
             teacher = cache_teacher_vs_forward(args, root)
             results["cache_teacher"] = teacher
@@ -239,10 +411,27 @@ def main() -> None:
                   f"{teacher['scoring_tokens_per_s']:,.0f} | {teacher['bare_forward_tokens_per_s']:,.0f} | "
                   f"{teacher['ratio_to_bare_forward']:.3f}x | {teacher['ratio_to_scoring']:.3f}x | "
                   f"{100 * teacher['teacher_share']:.1f}% |", flush=True)
-            print(f"\nPer CPU second of this process (steadier under load; cache-teacher's with the teacher's loading): "
-                  f"cache-teacher / bare forward = {teacher['cpu_cache_teacher_to_bare_forward']:.3f}x, cache-teacher "
-                  f"/ Teacher.score = {teacher['cpu_cache_teacher_to_scoring']:.3f}x, Teacher.score / bare forward = "
-                  f"{teacher['cpu_scoring_to_bare_forward']:.3f}x", flush=True)
+            print(f"\nPer CPU second of this process (steadier under load; cache-teacher's with the teacher's "
+                  f"loading): cache-teacher / bare forward = {teacher['cpu_cache_teacher_to_bare_forward']:.3f}x, "
+                  f"cache-teacher / Teacher.score = {teacher['cpu_cache_teacher_to_scoring']:.3f}x, Teacher.score / "
+                  f"bare forward = {teacher['cpu_scoring_to_bare_forward']:.3f}x; cache-teacher's shard loop alone / "
+                  f"bare forward = {teacher['cpu_cache_teacher_loop_to_bare_forward']:.3f}x", flush=True)
+        if not args.skip_kd_step:
+            kd = kd_step_vs_cross_entropy(args, root)
+            results["kd_step"] = kd
+            print(f"\n| student | vocab | tokens/step | k | KD step s (CPU s) | CE step s (CPU s) | KD / CE time "
+                  f"(CPU) | peak RSS KD / CE MiB | KD / CE peak | RSS rise in the steps KD / CE MiB |\n"
+                  f"|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+                  f"| {kd['student']['layers']} x {kd['student']['hidden']} | {kd['student']['vocab']} | "
+                  f"{kd['tokens_per_step']:.0f} | {kd['topk']} | {kd['kd_step_s']:.3f} ({kd['kd_step_cpu_s']:.3f}) | "
+                  f"{kd['ce_step_s']:.3f} ({kd['ce_step_cpu_s']:.3f}) | {kd['time_ratio']:.3f}x "
+                  f"({kd['cpu_time_ratio']:.3f}x) | {kd['kd_peak_rss_mib']:.0f} / {kd['ce_peak_rss_mib']:.0f} | "
+                  f"{kd['memory_ratio']:.3f}x | {kd['kd_rss_rise_mib']:.0f} / {kd['ce_rss_rise_mib']:.0f} |",
+                  flush=True)
+            print(f"\nWithout the loop's per-step vocabulary diagnostics: KD step "
+                  f"{kd['kd_no_diagnostics_step_s']:.3f} s ({kd['kd_no_diagnostics_step_cpu_s']:.3f} CPU s) = "
+                  f"{kd['cpu_time_ratio_no_diagnostics']:.3f}x the CE step's CPU time, peak RSS "
+                  f"{kd['memory_ratio_no_diagnostics']:.3f}x", flush=True)
     print(f"\ntorch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))

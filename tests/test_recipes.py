@@ -114,8 +114,43 @@ def logging_proxy(upstream: httpx.Client, teacher: str, log: list[ScoringRequest
                                                           ("POST", "/v1/completions"))})
 
 
+def _twin_env() -> dict:
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def _corpus_and_cache(name: str, values: dict, root: Path) -> dict:
+    """{corpus}, {held_out} and {cache} of a twin that trains from a teacher cache, as a user makes them: two indexed
+    corpora of the prompts' words (`preprocess_jsonl`, the tiny teacher's tokenizer), then `opd-megatron cache-teacher`
+    as a process, on the twin's own config (its data section: the same windows) with the tiny teacher in-process."""
+    import random
+
+    from opd_megatron.data.indexed import preprocess_jsonl
+    from opd_megatron.data.tokenizer import load_tokenizer
+
+    rng = random.Random(3)
+    words = [chr(c) for c in range(ord("a"), ord("z") + 1)] + [f"w{i}" for i in range(40)]
+    tokenizer = load_tokenizer(values["hf_teacher"])
+    paths = {"corpus": root / "corpus", "held_out": root / "held_out", "cache": root / "cache"}
+    for corpus, documents in (("corpus", 30), ("held_out", 8)):
+        lines = [json.dumps({"text": " ".join(rng.choice(words) for _ in range(rng.randint(12, 40)))})
+                 for _ in range(documents)]
+        (root / f"{corpus}.jsonl").write_text("\n".join(lines) + "\n")
+        preprocess_jsonl(root / f"{corpus}.jsonl", paths[corpus], tokenizer)
+    values = {**values, **{key: str(path) for key, path in paths.items()}}
+    result = subprocess.run([sys.executable, "-m", "opd_megatron", "cache-teacher", "--config",
+                             str(RECIPES / f"{name}.yaml"), "--output", str(paths["cache"]), *twin_args(name, values),
+                             "teacher.kind=inprocess", f"teacher.inprocess.path={values['hf_teacher']}"],
+                            cwd=REPO, env=_twin_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return values
+
+
 def _run_twin(name: str, shared: dict, out: Path) -> TwinRun:
     values = {"out": str(out), "hf_teacher": shared["hf_teacher"], "prompts": shared["prompts"]}
+    if any("{cache}" in str(item) for item in TWINS["twins"][name]):
+        values = _corpus_and_cache(name, values, out)
     requests: list[ScoringRequest] = []
     upstream, proxies = None, {}
     if name in SERVED:
@@ -123,12 +158,10 @@ def _run_twin(name: str, shared: dict, out: Path) -> TwinRun:
         proxies = {teacher: logging_proxy(upstream, teacher, requests) for teacher in ("teacher", *MEMBERS)}
         values["vllm_url"] = proxies["teacher"].url
         values.update({f"vllm_url_{member}": proxies[member].url for member in MEMBERS})
-    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     try:
         result = subprocess.run([sys.executable, "-m", "opd_megatron", "train", "--config",
                                  str(RECIPES / f"{name}.yaml"), *twin_args(name, values)],
-                                cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+                                cwd=REPO, env=_twin_env(), capture_output=True, text=True, timeout=600)
     finally:
         for proxy in proxies.values():
             proxy.stop()
@@ -251,9 +284,14 @@ def check_opsd(run: TwinRun) -> None:
 
 
 def check_pretrain_kd(run: TwinRun) -> None:
-    """Pre-training logit KD: forward KL on the teacher's top-k logits of the corpus text, no sampling."""
-    _asked_topk(run, TOPK)
-    _fixed_dataset_rows(run, TEXT)
+    """Pre-training logit KD from a teacher cache: whole corpus windows (no sampling, labels of up to
+    data.seq_length), forward KL on the cached top-k, and no teacher at train time (no scoring request anywhere; the
+    run refuses a cache whose windows are not its own, so finishing means it read its rows from the cache)."""
+    assert run.requests == [], f"{len(run.requests)} scoring requests: a cache run must call no teacher"
+    assert _every_step(run, "rollout/on_policy") == [0.0] * len(run.steps)
+    assert all(0.0 < v <= 48.0 for v in _every_step(run, "rollout/response_length_max"))   # data.seq_length 48
+    assert all(0.0 <= v <= 1.0 for v in _every_step(run, "agreement/teacher_top1_match"))   # the cached top-1
+    assert all(v > 0.0 for v in _every_step(run, "loss"))
 
 
 def check_gae(run: TwinRun) -> None:

@@ -112,6 +112,28 @@ def log_normalize(x: torch.Tensor) -> torch.Tensor:
     return shifted - torch.log(torch.where(total == 0, torch.ones_like(total), total))
 
 
+# Block pre-filter of `top_k_positions` on long rows (a vocabulary): blocks of 64, then of 8 of those (measured on
+# 1,020 x 32,000 logits, k = 64, one thread: 0.074 CPU-s against 0.114 for `torch.topk` of k + 1 on whole rows).
+_PREFILTER_BLOCKS = (64, 8)
+
+
+def _top_blocks(values: torch.Tensor, positions: Optional[torch.Tensor], k: int,
+                block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """values `[r, m]` (m a multiple of `block`) and their positions `[r, m]` (None: 0..m-1) -> the k blocks of the
+    largest maxima, as (values `[r, k * block]`, positions `[r, k * block]`), and per row whether the k-th block
+    maximum is above the (k+1)-th: then every value outside the kept blocks is below the kept blocks' k distinct
+    maxima, so below the row's k-th largest value, and the row's top-k lies in the kept blocks."""
+    rows, width = values.shape
+    blocks = values.reshape(rows, width // block, block)
+    top = torch.topk(blocks.amax(dim=-1), k + 1, dim=-1)
+    kept = top.indices[:, :k]
+    picked = blocks.gather(1, kept.unsqueeze(-1).expand(-1, -1, block)).reshape(rows, k * block)
+    where = (kept.unsqueeze(-1) * block + torch.arange(block, device=values.device)).reshape(rows, k * block)
+    if positions is not None:
+        where = positions.gather(1, where)
+    return picked, where, top.values[:, k - 1] > top.values[:, k]
+
+
 def top_k_positions(values: torch.Tensor, k: int) -> torch.Tensor:
     """Positions `[..., k]` of the k largest entries of `values [..., n]` along the last dim, in ascending
     position order. Ties are resolved deterministically: among equal values the lower position (for
@@ -119,6 +141,27 @@ def top_k_positions(values: torch.Tensor, k: int) -> torch.Tensor:
     n = values.shape[-1]
     if k >= n:
         return torch.arange(n, device=values.device).expand(*values.shape[:-1], n).clone()
+    first = _PREFILTER_BLOCKS[0]
+    if k > 0 and values.dim() == 2 and n % first == 0 and n // first > 4 * (k + 1):
+        # Narrow each row to k blocks of 64, then to k blocks of 8 of those, then topk(k + 1): exact wherever each
+        # stage's k-th block maximum is above its (k+1)-th and the k-th value above the (k+1)-th (no tie near the
+        # boundary, so no choice among equal values); the other rows take the whole-row path.
+        candidates, positions = values, None
+        sure = torch.ones(values.shape[0], dtype=torch.bool, device=values.device)
+        for block in _PREFILTER_BLOCKS:
+            candidates, positions, kept_above = _top_blocks(candidates, positions, k, block)
+            sure &= kept_above
+        top = torch.topk(candidates, k + 1, dim=-1)
+        sure &= top.values[:, k - 1] > top.values[:, k]
+        found = positions.gather(1, top.indices[:, :k]).sort(dim=-1).values
+        if not bool(sure.all()):
+            found[~sure] = _whole_row_top_k(values[~sure], k)
+        return found
+    return _whole_row_top_k(values, k)
+
+
+def _whole_row_top_k(values: torch.Tensor, k: int) -> torch.Tensor:
+    """`top_k_positions` on whole rows, k < n."""
     # Fast path: the k largest of topk(k + 1) are the answer wherever the k-th value is strictly above the next
     # (no tie across the boundary, so no choice among equal values); only the other rows need the O(n) tie rule.
     top = torch.topk(values, k + 1, dim=-1)

@@ -49,6 +49,8 @@ class CacheTeacherResult:
     bytes_per_token: float
     teacher_share: float = 0.0  # of rank 0's time writing shards, the share inside Teacher.score (the rest: reading
     #                             windows, encoding, writing)
+    loop_cpu_s: float = 0.0     # CPU seconds of rank 0's process over the shards' loop (all its threads; not the
+    #                             teacher's loading): what the loop costs, which other load on the machine hardly moves
 
     @property
     def tokens_per_s(self) -> float:
@@ -99,8 +101,9 @@ def check_cacheable(cfg: RunConfig) -> None:
 
 
 def window_rows(blend: CorpusBlend, keys: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Windows by key -> (tokens `[B, S + 1]` int64, lengths `[B]`): each window's inputs followed by its last label;
-    a corpus's last window is padded, its real length counted from the corpus's size."""
+    """Windows by key -> (tokens `[B, S + 1]` int64, lengths `[B]`): each window's first input followed by its labels
+    (label j is token j + 1, so a partial last window's real tokens are its first input and its real labels, where its
+    inputs end in padding); the real length counted from the corpus's size."""
     seq_length = blend.seq_length
     offsets = [0]
     for corpus in blend.corpora:
@@ -109,7 +112,7 @@ def window_rows(blend: CorpusBlend, keys: Sequence[int]) -> tuple[torch.Tensor, 
     for key in keys:
         corpus = next(c for c in range(len(blend.corpora)) if key < offsets[c + 1])
         sample = blend.window_sample(key)
-        rows.append(torch.cat([sample.tokens, sample.labels[-1:]]))
+        rows.append(torch.cat([sample.tokens[:1], sample.labels]))
         start = (key - offsets[corpus]) * seq_length
         lengths.append(min(seq_length + 1, blend.corpora[corpus].num_tokens - start))
     return torch.stack(rows).long(), torch.tensor(lengths, dtype=torch.long)
@@ -185,7 +188,7 @@ def run_cache_teacher(cfg: RunConfig, output: str | Path, samples_per_shard: int
             log(f"[cache-teacher] {blend.num_windows} windows x {cfg.data.seq_length} tokens, top-{k}, "
                 f"{layout.num_shards} shards of {samples_per_shard} ({layout.bytes_per_token:.1f} B/token) -> "
                 f"{output}; this replica: {len(pending)} shards to write")
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         columns = 0
         for shard in pending:
             if writes:
@@ -199,7 +202,7 @@ def run_cache_teacher(cfg: RunConfig, output: str | Path, samples_per_shard: int
                 samples = layout.shard_samples(shard)
                 for first in range(samples.start, samples.stop, batch):
                     score_batch(list(range(first, min(first + batch, samples.stop))))
-        wall = time.perf_counter() - start
+        wall, loop_cpu = time.perf_counter() - start, time.process_time() - cpu_start
         totals = torch.tensor([float(columns), float(len(pending) if writes else 0), wall], dtype=torch.float64,
                               device=ctx.device)
         if distributed:
@@ -212,7 +215,7 @@ def run_cache_teacher(cfg: RunConfig, output: str | Path, samples_per_shard: int
             manifest = writer.finish()
             log(f"[cache-teacher] done: {len(manifest['shards'])} shards in {output}")
         result = CacheTeacherResult(Path(output), layout.num_shards, int(totals[1]), int(totals[0]), float(totals[2]),
-                                    layout.bytes_per_token, clock.seconds / wall if wall > 0 else 0.0)
+                                    layout.bytes_per_token, clock.seconds / wall if wall > 0 else 0.0, loop_cpu)
         teacher.close()
         return result
     finally:
