@@ -17,8 +17,9 @@ Every row is one forward + backward on this rank's shards, timed in the same run
   (`log_softmax`, `gather`, the tail as `log(1 - sum_S p)`); for CR-OPD, the single-device reference
   `math/cr_opd.py::cr_opd_loss` (`[N, V]` masks);
 - from the hidden states `[N, H]` and the output-layer shard `[V/tp, H]` (the matmul included): matmul + megatron CE
-  (the 1.00x baseline, materialises the logits), matmul + our chunked token log-prob, and the fused paths
-  (`fused_token_logprobs`, `fused_reverse_kl`) that never hold `[N, V/tp]`.
+  (the 1.00x baseline, materialises the logits), matmul + our chunked token log-prob and each divergence, and the
+  fused paths (`fused_token_logprobs`, `fused_reverse_kl`, `fused_divergence` for every other divergence) that
+  never hold `[N, V/tp]`.
 Hidden-input rows wrap `hidden` in megatron's `copy_to_tensor_model_parallel_region` (as megatron's output layer
 does) except the fused ones, which all-reduce their hidden gradient themselves: one `[N, H]` all-reduce each.
 
@@ -347,6 +348,13 @@ def bench_worker(tp: int, tokens: int, hidden_size: int, vocab: int, chunk_size:
                 lambda h, w, i: -fused.fused_token_logprobs(h, w, i, chunk_size=chunk_size), rows),
             "fused reverse KL": on_hidden(
                 lambda h, w, i: fused.fused_reverse_kl(h, w, t, chunk_size=chunk_size), rows),
+            **{f"fused {name}": on_hidden(lambda h, w, i, kind=kind, parameters=parameters: fused.fused_divergence(
+                kind, h, w, t, chunk_size=chunk_size, **parameters), rows)
+               for name, (kind, parameters) in DIVERGENCE_ROWS.items() if kind != "reverse_kl"},
+            **{f"matmul + {name}": on_hidden(lambda h, w, i, kind=kind, parameters=parameters:
+                                             vp.vocab_parallel_divergence(kind, mm(h, w), t, chunk_size=chunk_size,
+                                                                          **parameters), rows)
+               for name, (kind, parameters) in DIVERGENCE_ROWS.items()},
         }
 
     steps = {**logit_rows, **(hidden_rows(tokens) if with_hidden else {})}

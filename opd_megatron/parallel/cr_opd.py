@@ -54,7 +54,7 @@ from opd_megatron.math.divergences import compute_dtype
 from opd_megatron.parallel.shard import (CopyToTP, ReduceFromTP, Shard, check_inputs, chunked_rows,
                                          debug_checks_enabled, flatten_rows, ids_outside, masked_logsumexp,
                                          row_chunks, row_pieces, token_mask, values_at_ids)
-from opd_megatron.parallel.supports import support_statistics
+from opd_megatron.parallel.supports import ChunkedGradient, support_statistics
 from opd_megatron.parallel.topk import (scatter_sparse_to_shards, top_p_mask_on_candidates, vocab_parallel_top_p_mask,
                                         vocab_parallel_topk)
 
@@ -453,20 +453,12 @@ class _NormalizerAndLogits(torch.autograd.Function):
         logits, ids, lse = ctx.saved_tensors
         shard, tau = ctx.shard, ctx.temperature
         width, dtype = shard.valid_width, lse.dtype
-        whole = width == logits.shape[1] and dtype == logits.dtype
-        grad = torch.empty_like(logits) if whole else torch.zeros_like(logits)
-        if width == 0:
-            return grad, None, None, None, None, None
+        grad = ChunkedGradient(logits, width, dtype, ctx.chunk_size)
         factor = (torch.zeros_like(lse) if grad_lse is None else grad_lse.to(dtype)) / tau
         local = ids - shard.start
         owned = (local >= 0) & (local < width)
         column = local.clamp(0, width - 1)
-        pieces = row_chunks(logits.shape[0], ctx.chunk_size)
-        span = max(piece.stop - piece.start for piece in pieces)
-        buffer = None if whole else torch.empty(span, width, dtype=dtype, device=logits.device)
-        for piece in pieces:
-            n = piece.stop - piece.start
-            out = grad[piece] if whole else buffer[:n]
+        for piece, out in grad.chunks():
             if tau == 1.0:
                 torch.sub(logits[piece, :width], lse[piece, None], out=out)
             else:
@@ -474,9 +466,7 @@ class _NormalizerAndLogits(torch.autograd.Function):
             out.exp_().mul_(factor[piece, None])
             if grad_at_ids is not None:
                 out.scatter_add_(-1, column[piece], torch.where(owned[piece], grad_at_ids[piece].to(dtype), 0.0))
-            if not whole:
-                grad[piece, :width] = out.to(grad.dtype)
-        return grad, None, None, None, None, None
+        return grad.grad, None, None, None, None, None
 
 
 def _teacher_topk_on_ids(shard: Shard, config: RoutingConfig, teacher: dict, keep: torch.Tensor,

@@ -13,6 +13,8 @@ tau_S`, so with `h_u = d phi / d pi_u`:
 `Q = q`; `F'`-style primes are the statistics as summed, before the constants named below are taken out):
 
 - forward KL `sum q (lq - lp)`: `h = -q / pi`, `H = -1`: gradient `(pi - q) / tau_S`. One statistic.
+- reverse KL `sum pi (lp - lq)` (the fused path's; on a logits shard `divergences._ReverseKL` runs):
+  `h = lp - lq + 1`, `H = F + 1`: gradient `pi (lp - lq - F) / tau_S`. One statistic.
 - total variation `1/2 sum |q - pi|`: `h = -1/2 sign(q - pi)` (0 at `q = pi`, the subgradient torch's `abs`
   takes), `H = -1/2 S`, `S = sum pi sign(q - pi)`: gradient `-1/2 pi (sign(q - pi) - S) / tau_S`.
 - generalized JSD, `0 < beta < 1`, `M = beta q + (1 - beta) pi = beta B`, `B = q + r pi`, `r = (1 - beta) /
@@ -130,6 +132,29 @@ class ForwardKL(DivergenceKernel):
 
     def gradient_function(self, lp, lq, stats, scale):
         return (lp.exp() - lq.exp()) * scale[:, None]
+
+
+class ReverseKL(DivergenceKernel):
+    """`sum pi (lp - lq)`; `h = lp - lq + 1`, `H = F + 1`: gradient `pi (lp - lq - F) g / tau_S`. For the fused
+    path (`fused.py`), which has no logits shard to run `divergences._ReverseKL` on; an entry with `pi = 0`
+    and `q = 0` is a NaN product there, fixed to 0 as the module docstring says, one with `q = 0 < pi` is +inf."""
+
+    forward_buffers = 2
+
+    def statistics_of(self, lp, lq, scratch, fix):
+        p, ratio = scratch
+        torch.exp(lp, out=p)
+        torch.sub(lp, lq, out=ratio)
+        return _row_dot(p, ratio, ratio, fix)[None]
+
+    def gradient(self, lp, lq, stats, scale, scratch, out):
+        torch.sub(lp, lq, out=out).sub_(stats[0][:, None]).mul_(lp.exp_()).mul_(scale[:, None])
+
+    def statistics_function(self, lp, lq):
+        return (lp.exp() * (lp - lq)).sum(dim=-1)[None]
+
+    def gradient_function(self, lp, lq, stats, scale):
+        return lp.exp() * (lp - lq - stats[0][:, None]) * scale[:, None]
 
 
 class TotalVariation(DivergenceKernel):

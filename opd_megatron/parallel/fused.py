@@ -8,16 +8,18 @@ layout), and this rank's output-layer weight shard `weight_shard` `[V/tp, H]` (r
 padded vocabulary, megatron's `ColumnParallelLinear` layout, bias-free as in GPT output layers). Rows
 `>= true_vocab_size` are padding: they are left out of the matmul, so they carry no mass and get zero gradient.
 
-Forward, chunk by chunk over tokens: `z = hidden[c] @ weight_valid.T / tau` `[chunk, V/tp]`, then the chunk's
-local row max `m_r`, its exp-sum relative to that max `s_r = sum_v exp(z_v - m_r)` and what the loss needs from
-the chunk (the target logit; for reverse KL `a_r = sum_v exp(z_v - m_r) (z_v - log q_v)`). One matmul per chunk:
-the local statistics are rescaled to the global max afterwards (`s_r exp(m_r - M)`, `M` = all-reduce MAX of
-`m_r`) instead of a second pass over the logits, so the only communication is two all-reduces of `[N]`-sized
-statistics. Saved for backward: `hidden` and `weight_shard` (references to the caller's tensors, no copies), the
-token ids or teacher logits, and `[N]` statistics. Backward recomputes each chunk's logits and softmax and
-accumulates `grad_hidden[c] = dz @ weight_valid` and `grad_weight += dz.T @ hidden[c]`, with `dz` the gradient
-wrt the chunk's logits (the formulas of `divergences.py`'s `_TokenLogProbs` and `_ReverseKL`). Peak memory is
-`chunk x V/tp` floats for the logits and their gradient, whatever `N`.
+Forward, chunk by chunk over tokens: `z = hidden[c] @ weight_valid.T / tau` `[chunk, V/tp]`, then what the loss
+needs from the chunk. The token log-prob: the chunk's local row max `m_r`, its exp-sum relative to that max
+`s_r = sum_v exp(z_v - m_r)` and the target logit, rescaled to the global max afterwards (`s_r exp(m_r - M)`, `M`
+= all-reduce MAX of `m_r`) instead of a second pass over the logits, so its only communication is two all-reduces
+of `[N]`-sized statistics. The divergences (`_FusedDivergence`): the forward chunk of `divergences._Divergence` on
+`z` (one `log_softmax` per side, at tp > 1 all-reduces of the `[2, chunk]` normalisers, the kernel's row
+statistics), then one all-reduce of the `[k, N]` statistics. Saved for backward: `hidden` and `weight_shard`
+(references to the caller's tensors, no copies), the token ids or teacher logits, and `[N]` statistics. Backward
+recomputes each chunk's logits and accumulates `grad_hidden[c] = dz @ weight_valid` and `grad_weight += dz.T @
+hidden[c]`, with `dz` the gradient wrt the chunk's logits (the formula of `divergences.py`'s `_TokenLogProbs`, or
+a divergence kernel's closed form, `divergence_kernels.py`). Peak memory is a few `chunk x V/tp` buffers for the
+logits and their gradient, whatever `N`.
 
 Composition with megatron's tensor parallelism. Each rank's `grad_hidden` from its shard is only a partial:
 `d loss / d hidden = sum_r dz_r @ W_r` sums over the vocabulary shards. In megatron's own output layer that sum is
@@ -45,12 +47,16 @@ import torch.distributed as dist
 
 from opd_megatron.math.checks import MathInputError, require_positive, require_positive_int
 from opd_megatron.math.divergences import compute_dtype
-from opd_megatron.parallel.divergences import divergence_rows, divergence_terms
-from opd_megatron.parallel.shard import (CopyToTP, Shard, debug_checks_enabled, flags_on_any_rank,
-                                         global_log_normalizer, has_nan_or_posinf, ids_outside, require_integer_ids,
+# The dense divergences' chunk kernels and their forward chunk (`divergences._Divergence`'s), shared so the fused
+# path computes exactly what the op on a given logits shard computes.
+from opd_megatron.parallel.divergence_kernels import DivergenceKernel, ReverseKL
+from opd_megatron.parallel.divergences import dense_kernel, divergence_chunk, global_log_probs, divergence_terms
+from opd_megatron.parallel.shard import (Shard, debug_checks_enabled, flags_on_any_rank,
+                                         has_nan_or_posinf, ids_outside, require_integer_ids,
                                          row_chunks)
 
 DEFAULT_CHUNK_SIZE = 1024  # tokens per chunk: 1024 x V/tp floats of logits live at a time
+_REVERSE_KL = ReverseKL()
 
 # ---------------------------------------------------------------------------------------------------------------
 # Shared pieces
@@ -58,8 +64,10 @@ DEFAULT_CHUNK_SIZE = 1024  # tokens per chunk: 1024 x V/tp floats of logits live
 
 def _logits(shard: Shard, hidden: torch.Tensor, weight: torch.Tensor, piece: slice, temperature: float,
             dtype: torch.dtype) -> torch.Tensor:
-    """`hidden[piece] @ weight_valid.T / tau` `[chunk, valid_width]` in `dtype` (padding rows never computed)."""
-    return (hidden[piece] @ weight[:shard.valid_width].T).to(dtype) / temperature
+    """`hidden[piece] @ weight_valid.T / tau` `[chunk, valid_width]` in `dtype` (padding rows never computed); the
+    division in place (the product is a fresh tensor), so one `[chunk, V/tp]` tensor is allocated, not two."""
+    logits = (hidden[piece] @ weight[:shard.valid_width].T).to(dtype)
+    return logits if temperature == 1.0 else logits.div_(temperature)
 
 
 def _global_normalizer(shard: Shard, local_max: torch.Tensor, local_sums: torch.Tensor,
@@ -234,49 +242,68 @@ class _FusedTokenLogProbs(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None, None, None, None
 
 
-class _FusedReverseKL(torch.autograd.Function):
-    """`RKL = sum_v pi_v (log pi_v - log q_v)` `[N]`, replicated, `pi = softmax(hidden @ W.T / tau_S)`. With
-    `S = sum_v exp(z_v - M)`: `RKL = (1/S) sum_v exp(z_v - M) (z_v - log q_v) - log S - M`, so the forward needs
-    only the per-rank sums `s_r` and `a_r` (module docstring). Backward per chunk
-    `dz = pi (log pi - log q - RKL) * grad / tau_S` (as `divergences._ReverseKL`)."""
+class _FusedDivergence(torch.autograd.Function):
+    """A dense divergence `F = sum_v phi(pi_v, q_v)` `[N]`, replicated, of `pi = softmax(hidden @ W.T / tau_S)`,
+    through the chunk kernels of `divergences._Divergence` (`divergence_kernels.py`: the row statistics and the
+    closed-form gradient `pi (h - H) / tau_S`). Forward per chunk: the chunk's logits `z = hidden[c] @ W.T / tau_S`,
+    then `_Divergence`'s forward chunk on them (one `log_softmax` per side, at tp > 1 the all-reduce MAX and SUM of
+    the `[2, chunk]` local normalisers, the kernel's `[k, chunk]` statistics); one all-reduce SUM of the `[k, N]`
+    statistics at the end. Saves `hidden`, `weight_shard`, the teacher (references), the global normalisers
+    `[2, N]` and the statistics `[k, N]`. Backward recomputes each chunk's logits and log-probs and writes the
+    kernel's gradient `dz` into one reused `[chunk, V/tp]` buffer, accumulated into the hidden and weight
+    gradients by `_backward`; no communication but `reduce_grad_hidden`'s. Memory: the chunk's logits plus `2 +
+    kernel.forward_buffers` `[chunk, V/tp]` buffers forward, `3 + kernel.backward_buffers` backward, whatever N."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, teacher, shard: Shard, tau_s: float, tau_t: float, chunk_size: Optional[int],
-                reduce_grad_hidden: bool):
+    def forward(ctx, hidden, weight, teacher, shard: Shard, kernel: DivergenceKernel, tau_s: float, tau_t: float,
+                chunk_size: Optional[int], reduce_grad_hidden: bool):
         dtype = compute_dtype(hidden, weight, teacher)
-        rows = hidden.shape[0]
-        lse_t = global_log_normalizer(shard, teacher, tau_t, dtype, chunk_size)
-        local_max = torch.full((rows,), float("-inf"), dtype=dtype, device=hidden.device)
-        sums = torch.zeros(2, rows, dtype=dtype, device=hidden.device)  # [s_r, a_r], both relative to m_r
-        if shard.valid_width > 0:
-            for piece in row_chunks(rows, chunk_size):
-                z = _logits(shard, hidden, weight, piece, tau_s, dtype)
-                log_q = teacher[piece, :shard.valid_width].to(dtype) / tau_t - lse_t[piece, None]
-                local_max[piece] = z.amax(dim=-1)
-                e = (z - local_max[piece, None]).exp()
-                sums[0, piece] = e.sum(dim=-1)
-                sums[1, piece] = (e * (z - log_q)).sum(dim=-1)
-                del z, e, log_q  # one chunk's buffers at a time
-        global_max, (sum_exp, weighted) = _global_normalizer(shard, local_max, sums)
-        lse_s = global_max + sum_exp.log()
-        rkl = weighted / sum_exp - lse_s
-        ctx.save_for_backward(hidden, weight, teacher, lse_s, lse_t, rkl)
-        ctx.shard, ctx.temperatures, ctx.chunk_size, ctx.reduce = shard, (tau_s, tau_t), chunk_size, reduce_grad_hidden
-        return rkl
+        rows, valid, device = hidden.shape[0], shard.valid_width, hidden.device
+        pieces = row_chunks(rows, chunk_size)
+        span = max(piece.stop - piece.start for piece in pieces)
+        stats = torch.empty(kernel.statistics, rows, dtype=dtype, device=device)
+        lse = torch.empty(2, rows, dtype=dtype, device=device)
+        bad = torch.zeros(rows, dtype=torch.bool, device=device)
+        log_probs = torch.empty(2, span, valid, dtype=dtype, device=device)
+        scratch = [torch.empty(span, valid, dtype=dtype, device=device) for _ in range(max(kernel.forward_buffers, 1))]
+        for piece in pieces:
+            n = piece.stop - piece.start
+            lp, lq = log_probs[:, :n]
+            z = _logits(shard, hidden, weight, piece, tau_s, dtype)  # already divided by tau_S
+            stats[:, piece], lse[:, piece], bad[piece] = divergence_chunk(
+                kernel, shard, z, teacher[piece], (1.0, tau_t), lp, lq, [b[:n] for b in scratch])
+            del z  # one chunk's logits at a time
+        del scratch, log_probs
+        stats = shard.all_reduce(stats)
+        ctx.save_for_backward(hidden, weight, teacher, lse, stats)
+        ctx.shard, ctx.kernel, ctx.temperatures = shard, kernel, (tau_s, tau_t)
+        ctx.chunk_size, ctx.reduce = chunk_size, reduce_grad_hidden
+        ctx.bad = bad if bool(bad.any()) else None
+        return kernel.value(stats)
 
     @staticmethod
     def backward(ctx, grad_out):
-        hidden, weight, teacher, lse_s, lse_t, rkl = ctx.saved_tensors
-        shard, (tau_s, tau_t) = ctx.shard, ctx.temperatures
+        hidden, weight, teacher, lse, stats = ctx.saved_tensors
+        shard, kernel, (tau_s, tau_t) = ctx.shard, ctx.kernel, ctx.temperatures
+        dtype, valid = lse.dtype, shard.valid_width
+        scale = grad_out.to(dtype) / tau_s
+        span = max(piece.stop - piece.start for piece in row_chunks(hidden.shape[0], ctx.chunk_size))
+        buffers = [torch.empty(span, valid, dtype=dtype, device=hidden.device)
+                   for _ in range(3 + kernel.backward_buffers)]
 
         def logits_grad(piece: slice, logits: torch.Tensor) -> torch.Tensor:
-            log_p = logits / tau_s - lse_s[piece, None]
-            log_q = teacher[piece, :shard.valid_width].to(lse_s.dtype) / tau_t - lse_t[piece, None]
-            g = grad_out[piece].to(lse_s.dtype) / tau_s
-            return log_p.exp() * (log_p - log_q - rkl[piece, None]) * g[:, None]
+            n = piece.stop - piece.start
+            lp = global_log_probs(shard, logits, tau_s, lse[0, piece], buffers[0][:n])
+            lq = global_log_probs(shard, teacher[piece], tau_t, lse[1, piece], buffers[1][:n])
+            out = buffers[2][:n]
+            kernel.gradient(lp, lq, stats[:, piece], scale[piece], [b[:n] for b in buffers[3:]], out)
+            if ctx.bad is not None and bool(ctx.bad[piece].any()):  # the `0 * inf` rows (divergence_kernels.py)
+                rows = ctx.bad[piece]
+                out[rows] = out[rows].nan_to_num(nan=0.0, posinf=float("inf"), neginf=float("-inf"))
+            return out
 
         grad_hidden, grad_weight = _backward(shard, hidden, weight, ctx.chunk_size, ctx.reduce, logits_grad)
-        return grad_hidden, grad_weight, None, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -329,9 +356,9 @@ def fused_reverse_kl(hidden: torch.Tensor, weight_shard: torch.Tensor, teacher_l
     teacher = _teacher_rows(teacher_logits_shard)
     flat, shard, leading = _prepare(hidden, weight_shard, true_vocab_size, group, chunk_size,
                                     {"teacher_logits_shard": teacher}, sequence_parallel=sequence_parallel)
-    out = _FusedReverseKL.apply(flat, weight_shard, teacher, shard, float(student_temperature),
-                                float(teacher_temperature), chunk_size,
-                                bool(reduce_grad_hidden) and not sequence_parallel)
+    out = _FusedDivergence.apply(flat, weight_shard, teacher, shard, _REVERSE_KL, float(student_temperature),
+                                 float(teacher_temperature), chunk_size,
+                                 bool(reduce_grad_hidden) and not sequence_parallel)
     return out.reshape(leading)
 
 
@@ -346,18 +373,23 @@ def fused_divergence(kind: str, hidden: torch.Tensor, weight_shard: torch.Tensor
     `softmax(hidden @ W.T / tau_S)` against the teacher's logits shard `[..., V/tp]`, with gradients into
     `hidden` and `weight_shard`; equals `vocab_parallel_<kind>(hidden @ weight_shard.T, teacher_logits_shard)`.
 
-    One generic path: `divergences.divergence_rows` with the chunk's logits computed from `hidden` inside each
-    chunk, so with `chunk_size` set only one chunk's `[chunk, V/tp]` logits and temporaries live at a time and
-    backward recomputes them (matmul included) through autograd. `fused_reverse_kl` is the dedicated (faster)
-    reverse KL. reduce_grad_hidden / sequence_parallel: as `fused_token_logprobs`."""
-    terms = divergence_terms(kind, student_temperature, teacher_temperature, beta, alpha)
+    Every divergence through `_FusedDivergence` with its chunk kernel: the one `divergences._Divergence` uses
+    (forward KL also for JSD `beta = 0` and skew forward KL `alpha = 0`; either skew at `alpha = 1` is 0), and
+    for the reverse KL (also JSD `beta = 1`, skew reverse KL `alpha = 0`) `divergence_kernels.ReverseKL`, as
+    `fused_reverse_kl`. With `chunk_size` set only one chunk's `[chunk, V/tp]` logits and buffers
+    live at a time, forward and backward (which recomputes the chunk's matmul). reduce_grad_hidden /
+    sequence_parallel: as `fused_token_logprobs`."""
+    divergence_terms(kind, student_temperature, teacher_temperature, beta, alpha)  # checks the arguments
+    kernel = dense_kernel(kind, None if beta is None else float(beta), None if alpha is None else float(alpha))
+    if kernel is None:
+        return fused_reverse_kl(hidden, weight_shard, teacher_logits_shard, student_temperature=student_temperature,
+                                teacher_temperature=teacher_temperature, true_vocab_size=true_vocab_size,
+                                chunk_size=chunk_size, reduce_grad_hidden=reduce_grad_hidden,
+                                sequence_parallel=sequence_parallel, group=group)
     teacher = _teacher_rows(teacher_logits_shard)
     flat, shard, leading = _prepare(hidden, weight_shard, true_vocab_size, group, chunk_size,
                                     {"teacher_logits_shard": teacher}, sequence_parallel=sequence_parallel)
-    # The hidden gradient of each rank is a partial over its vocabulary shard: CopyToTP sums it (backward).
-    replicated = CopyToTP.apply(flat, shard) if reduce_grad_hidden and not sequence_parallel else flat
-    out = divergence_rows(terms, lambda piece: replicated[piece] @ weight_shard.T, teacher, shard,
-                          float(student_temperature), float(teacher_temperature), flat.shape[0],
-                          compute_dtype(flat, weight_shard, teacher), chunk_size,
-                          flat.requires_grad or weight_shard.requires_grad)
+    out = _FusedDivergence.apply(flat, weight_shard, teacher, shard, kernel, float(student_temperature),
+                                 float(teacher_temperature), chunk_size,
+                                 bool(reduce_grad_hidden) and not sequence_parallel)
     return out.reshape(leading)

@@ -27,7 +27,7 @@ not offered here (its `[..., V]` result is what this module avoids): use `diverg
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -274,6 +274,31 @@ def _shifted(x: torch.Tensor, shift: torch.Tensor, temperature: float, out: torc
     return torch.add(-shift[:, None], x, alpha=1.0 / temperature, out=out)
 
 
+class ChunkedGradient:
+    """The gradient `[N, V/tp]` of a logits shard, written chunk by chunk: `chunks()` yields each chunk's rows and
+    the `[chunk, valid]` tensor to write their gradient into (this rank's real columns), and `grad` is the result.
+    Where the real columns are the whole shard and the dtypes agree, that tensor is the gradient's own rows (no
+    copy, and `grad` is `empty`: every entry is written); otherwise one reused `[chunk, valid]` buffer, copied into
+    a zero-filled gradient (padding columns stay 0) after the caller's work on the chunk. Shared by the backward
+    passes of `_SupportTail` and `cr_opd._NormalizerAndLogits`."""
+
+    def __init__(self, logits: torch.Tensor, valid: int, dtype: torch.dtype, chunk_size: Optional[int]) -> None:
+        self.whole = valid == logits.shape[1] and dtype == logits.dtype
+        self.grad = torch.empty_like(logits) if self.whole else torch.zeros_like(logits)
+        self.valid, self.dtype, self.pieces = valid, dtype, row_chunks(logits.shape[0], chunk_size)
+
+    def chunks(self) -> Iterator[tuple[slice, torch.Tensor]]:
+        if self.valid == 0:
+            return
+        span = max(piece.stop - piece.start for piece in self.pieces)
+        buffer = None if self.whole else torch.empty(span, self.valid, dtype=self.dtype, device=self.grad.device)
+        for piece in self.pieces:
+            out = self.grad[piece] if buffer is None else buffer[:piece.stop - piece.start]
+            yield piece, out
+            if buffer is not None:
+                self.grad[piece, :self.valid] = out.to(self.grad.dtype)
+
+
 class _SupportTail(torch.autograd.Function):
     """The student's side of a tail-mode support: `log pi` at the support ids `[N, K]` and the tail bucket
     `log sum_{v not in S} pi_v` `[N, 1]`, replicated (`support_statistics`; unused slots hold an arbitrary
@@ -325,19 +350,9 @@ class _SupportTail(torch.autograd.Function):
         any_owned = owned.any(dim=-1, keepdim=True)
         column = torch.where(owned, local, torch.where(any_owned, local.gather(-1, first), 0))
 
-        whole = width == logits.shape[1] and dtype == logits.dtype
-        grad = torch.empty_like(logits) if whole else torch.zeros_like(logits)
-        if width == 0:
-            return grad, None, None, None, None, None, None
-        pieces = row_chunks(logits.shape[0], ctx.chunk_size)
-        span = max(piece.stop - piece.start for piece in pieces)
-        buffer = None if whole else torch.empty(span, width, dtype=dtype, device=logits.device)
-        for piece in pieces:
-            n = piece.stop - piece.start
-            out = grad[piece] if whole else buffer[:n]
+        grad = ChunkedGradient(logits, width, dtype, ctx.chunk_size)
+        for piece, out in grad.chunks():
             _shifted(logits[piece, :width], base[piece], tau, out).exp_().mul_(factor[piece, None])
             keep_first = torch.where(any_owned[piece], on_support[piece].gather(-1, first[piece]), out[:, :1])
             out.scatter_(-1, column[piece], torch.where(owned[piece], on_support[piece], keep_first))
-            if not whole:
-                grad[piece, :width] = out.to(grad.dtype)
-        return grad, None, None, None, None, None, None
+        return grad.grad, None, None, None, None, None, None

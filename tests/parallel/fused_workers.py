@@ -4,8 +4,8 @@
 (name -> float) and booleans (name -> passed). The reference is the unfused single-device path: the full logits
 `hidden @ W.T` over the true vocabulary, then `log_softmax` / `math/divergences.py::<divergence>`; each rank compares
 its weight-shard gradient with the matching rows of the reference weight gradient (padding rows: 0). Covers the
-dedicated token log-prob and reverse KL, the generic `fused_divergence` for every divergence, and megatron's
-sequence-parallel hidden layout."""
+dedicated token log-prob and reverse KL, `fused_divergence` for every divergence (its endpoints, and a teacher with
+-inf entries), and megatron's sequence-parallel hidden layout."""
 
 from __future__ import annotations
 
@@ -25,6 +25,11 @@ ROWS, HIDDEN, VOCAB = 12, 8, 37  # 37 is not divisible by 2 or 4: the padded voc
 SEQ, BATCH = 4, 3  # ROWS as megatron's [S, B]: S/tp rows of the sequence per rank under sequence parallelism
 GENERIC = (("forward_kl", {}), ("reverse_kl", {}), ("generalized_jsd", {"beta": 0.3}),
            ("skew_forward_kl", {"alpha": 0.2}), ("skew_reverse_kl", {"alpha": 0.2}), ("total_variation", {}))
+# The endpoints `fused_divergence` dispatches to another kernel (forward KL, reverse KL, zero), value and gradients
+# checked in float64 at one chunk size.
+ENDPOINTS = (("generalized_jsd", {"beta": 0.0}), ("generalized_jsd", {"beta": 1.0}),
+             ("skew_forward_kl", {"alpha": 0.0}), ("skew_reverse_kl", {"alpha": 0.0}),
+             ("skew_forward_kl", {"alpha": 1.0}), ("skew_reverse_kl", {"alpha": 1.0}))
 
 
 def _value_and_grads(fn: Callable, hidden: torch.Tensor, weight: torch.Tensor):
@@ -112,6 +117,26 @@ def fused_worker(tp: int) -> dict[str, float | bool]:
         out[f"{name}/float32_grad_weight_rel"] = _err(gw32, pad_rows(ref_gw32)) / ref_gw32.abs().max().item()
         out[f"{name}/float32_dtype"] = value32.dtype == gh32.dtype == gw32.dtype == torch.float32
 
+    # The endpoints, and a teacher with -inf entries (tokens it rules out, the kernels' `0 * inf` rows) for every
+    # divergence with finite values there (the reverse KL's is +inf), against the reference.
+    masked_teacher = teacher.clone()
+    masked_teacher[::3, 5:30:2] = float("-inf")
+    masked_shard = torch.cat([masked_teacher, masked_teacher.new_full((ROWS, padded - VOCAB), 50.0)],
+                             dim=-1)[:, rows_of_shard]
+    extra_cases = [(f"endpoint_{kind}_{extra}", kind, extra, t_shard, teacher) for kind, extra in ENDPOINTS]
+    extra_cases += [(f"masked_teacher_{kind}", kind, extra, masked_shard, masked_teacher) for kind, extra in GENERIC
+                    if kind not in ("reverse_kl", "skew_reverse_kl")]
+    for name, kind, extra, shard_t, full_t in extra_cases:
+        # `+ 0 * sum(z)`: the reference of a skew KL at alpha = 1 is a constant 0 without a graph
+        ref_value, ref_gh, ref_gw = _value_and_grads(
+            lambda h, w: getattr(ref, kind)(h @ w.T, full_t, *extra.values(), **both) + 0.0 * (h @ w.T).sum(-1),
+            hidden, weight)
+        value, gh, gw = _value_and_grads(lambda h, w: fused.fused_divergence(
+            kind, h, w, shard_t, **extra, **both, true_vocab_size=VOCAB, chunk_size=5), hidden, w_shard)
+        out[f"{name}/value"] = _err(value, ref_value)
+        out[f"{name}/grad_hidden"] = _err(gh, ref_gh)
+        out[f"{name}/grad_weight"] = _err(gw, pad_rows(ref_gw))
+
     # Megatron's sequence-parallel layout: this rank holds hidden [S/tp, B, H]; the op gathers the sequence and
     # reduce-scatters the hidden gradient, so each rank gets the reference gradient of its own slice.
     rows_here = slice(rank * SEQ // tp, (rank + 1) * SEQ // tp)
@@ -123,6 +148,9 @@ def fused_worker(tp: int) -> dict[str, float | bool]:
                                                           chunk_size=5, sequence_parallel=True),
         "generic_forward_kl": lambda h, w: fused.fused_divergence(
             "forward_kl", h, w, t_shard, **both, true_vocab_size=VOCAB, chunk_size=5, sequence_parallel=True),
+        "generic_generalized_jsd": lambda h, w: fused.fused_divergence(
+            "generalized_jsd", h, w, t_shard, beta=0.3, **both, true_vocab_size=VOCAB, chunk_size=5,
+            sequence_parallel=True),
     }
     for name, fn in sequence_cases.items():
         ref_value, ref_gh, ref_gw = _value_and_grads(cases[name][2], hidden, weight)
@@ -151,6 +179,13 @@ def fused_worker(tp: int) -> dict[str, float | bool]:
         fused.fused_token_logprobs(hidden.clone().requires_grad_(True), w_shard.clone().requires_grad_(True), ids,
                                    true_vocab_size=VOCAB, chunk_size=5)
     out["memory/no_logits_saved"] = bool(saved) and all(shape != (ROWS, width) for shape in saved)
+    saved.clear()  # the dense divergences: the teacher shard is the caller's tensor, nothing else is [N, V/tp]
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        fused.fused_divergence("generalized_jsd", hidden.clone().requires_grad_(True),
+                               w_shard.clone().requires_grad_(True), t_shard, beta=0.3, true_vocab_size=VOCAB,
+                               chunk_size=5)
+    out["memory/divergence_no_logits_saved"] = bool(saved) and all(
+        t.data_ptr() == t_shard.data_ptr() or tuple(t.shape) != (ROWS, width) for t in saved)
 
     # Bad input: a MathInputError naming the argument, raised on every rank.
     # The checks that need another rank or a host read run with the debug checks on (`shard.py`).

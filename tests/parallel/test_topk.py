@@ -10,8 +10,8 @@ import torch
 
 from opd_megatron.math.supports import top_k_positions
 from opd_megatron.parallel.shard import debug_checks
-from opd_megatron.parallel.topk import (gather_owned, scatter_sparse_to_shards, top_p_mask_on_candidates,
-                                        vocab_parallel_topk)
+from opd_megatron.parallel.topk import (_PREFILTER_MAX_SHARE, _ordered_top_k, _prefilter_block, gather_owned,
+                                        scatter_sparse_to_shards, top_p_mask_on_candidates, vocab_parallel_topk)
 from opd_megatron.math.checks import MathInputError
 from tests.harness import run_distributed
 from tests.parallel import topk_workers
@@ -32,6 +32,41 @@ def test_single_process_without_distributed_equals_reference():
         values, ids = vocab_parallel_topk(full, k, topk_workers.VOCAB)
         assert torch.equal(ids, top_k_positions(full, k))
         assert torch.equal(values, full.gather(-1, ids))
+
+
+def _prefilter_cases() -> list[tuple[str, torch.Tensor, int]]:
+    """Rows wide enough for the block prefilter of `_ordered_top_k` (and some that are not), untied and tied."""
+    gen = torch.Generator().manual_seed(7)
+    width = 2000  # not a multiple of any block width: the partial last block is a candidate
+    untied = torch.randn(12, width, generator=gen, dtype=torch.float64)
+    few_values = torch.randint(0, 4, (12, width), generator=gen).double()  # ties everywhere, across blocks
+    adversarial = few_values.clone()
+    adversarial[0] = 1.0  # all equal: the lowest positions win
+    adversarial[1] = float("-inf")  # a row without mass
+    adversarial[2, ::2] = float("-inf")
+    adversarial[3] = 0.0
+    adversarial[3, [31, 32, 63, 64, 500, 998, 1999]] = 2.0  # the winners at block edges and in the partial block
+    adversarial[4] = torch.arange(width, dtype=torch.float64).flip(0) // 50  # equal maxima in runs of blocks
+    adversarial[5, -40:] = 9.0  # everything that wins lies in the partial last block (width 2000 = 62 x 32 + 16)
+    float32 = torch.randn(12, 4096, generator=gen).round(decimals=1)  # float32 ties, a whole number of blocks
+    return [(f"{name} k={k}", values, k) for name, values in (("untied", untied), ("tied", few_values),
+                                                             ("adversarial", adversarial), ("float32", float32))
+            for k in (1, 7, 15, 31)]
+
+
+def test_block_prefilter_equals_plain_top_k():
+    prefiltered = 0
+    for name, values, k in _prefilter_cases():
+        width = values.shape[-1]
+        prefiltered += k * _prefilter_block(width, k) <= _PREFILTER_MAX_SHARE * width
+        assert torch.equal(_ordered_top_k(values, k), top_k_positions(values, k)), name
+        # k near the number of blocks, the rule's own fallback
+        assert torch.equal(_ordered_top_k(values, width // 32), top_k_positions(values, width // 32)), name
+    assert prefiltered >= 10  # the cases reach the prefilter, not only its fallback
+    # a padded vocabulary (padding holds the largest values and must be masked) through vocab_parallel_topk
+    padded = torch.cat([_prefilter_cases()[5][1], torch.full((12, 24), 1e9, dtype=torch.float64)], dim=-1)
+    values, ids = vocab_parallel_topk(padded, 7, true_vocab_size=2000)
+    assert torch.equal(ids, top_k_positions(padded[:, :2000], 7)) and int(ids.max()) < 2000
 
 
 def test_padding_never_selected_single_shard():
