@@ -42,6 +42,7 @@ from typing_extensions import Unpack
 
 from opd_megatron.math.checks import MathInputError, require_positive, require_positive_int
 from opd_megatron.math.divergences import compute_dtype, divergence_from_log_probs, require_divergence_parameters
+from opd_megatron.parallel import triton_divergences
 from opd_megatron.parallel.divergence_kernels import (DivergenceKernel, ForwardKL, GeneralizedJSD, SkewForwardKL,
                                                       SkewReverseKL, TotalVariation, Zero, compiled,
                                                       compiled_kernels_enabled, gradient_from_logits,
@@ -258,7 +259,7 @@ def _log_softmax_and_normalizer(shard: Shard, logits: torch.Tensor, temperature:
     return lse
 
 
-def _global_log_probs(shard: Shard, logits: torch.Tensor, temperature: float, lse: torch.Tensor,
+def global_log_probs(shard: Shard, logits: torch.Tensor, temperature: float, lse: torch.Tensor,
                       out: torch.Tensor) -> torch.Tensor:
     """`logits / tau - lse` over this rank's real columns into `out [chunk, valid]` (one pass)."""
     x = logits[:, :shard.valid_width]
@@ -267,7 +268,7 @@ def _global_log_probs(shard: Shard, logits: torch.Tensor, temperature: float, ls
     return torch.add(-lse[:, None], x, alpha=1.0 / temperature, out=out)
 
 
-def _divergence_chunk(kernel: DivergenceKernel, shard: Shard, student: torch.Tensor, teacher: torch.Tensor,
+def divergence_chunk(kernel: DivergenceKernel, shard: Shard, student: torch.Tensor, teacher: torch.Tensor,
                       taus: tuple[float, float], lp: torch.Tensor, lq: torch.Tensor, scratch: list[torch.Tensor]
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One forward chunk of `_Divergence`: the global log-probs into `lp`, `lq` (local log-softmaxes, then, at
@@ -298,15 +299,19 @@ def _divergence_chunk(kernel: DivergenceKernel, shard: Shard, student: torch.Ten
 
 
 def _compiled_divergence_chunk(kernel: DivergenceKernel, shard: Shard, student: torch.Tensor, teacher: torch.Tensor,
-                               taus: tuple[float, float], dtype: torch.dtype
+                               taus: tuple[float, float], dtype: torch.dtype, use_triton: bool = False
                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`_divergence_chunk` through the compiled kernels (`divergence_kernels.set_compiled_kernels`): the local
-    normalisers and the statistics each in one fused function of the logits chunk, no `[chunk, V/tp]` buffers;
-    rows whose statistics are NaN are recomputed by the eager kernel with `fix`."""
+    """`divergence_chunk` through the compiled kernels (`divergence_kernels.set_compiled_kernels`), or with
+    `use_triton` the Triton kernels (`triton_divergences.py`, same functions): the local normalisers and the
+    statistics each in one pass over the logits chunk, no `[chunk, V/tp]` buffers; rows whose statistics are NaN
+    are recomputed by the eager kernel with `fix`."""
     n, valid = student.shape[0], shard.valid_width
     z, t = student[:, :valid], teacher[:, :valid]
+    normalizers = triton_divergences.local_normalizers if use_triton else compiled(local_normalizers, kernel, dtype)
+    statistics = (triton_divergences.statistics_from_logits if use_triton
+                  else compiled(statistics_from_logits, kernel, dtype))
     if valid > 0:
-        local = compiled(local_normalizers, kernel, dtype)(z, t, taus[0], taus[1], dtype)
+        local = normalizers(z, t, taus[0], taus[1], dtype)
     else:
         local = torch.full((2, n), float("-inf"), dtype=dtype, device=student.device)
     if shard.tp == 1:
@@ -316,13 +321,13 @@ def _compiled_divergence_chunk(kernel: DivergenceKernel, shard: Shard, student: 
         lse = _global_normalizers(shard, local)
     if valid == 0:
         return local.new_zeros(kernel.statistics, n), lse, torch.zeros(n, dtype=torch.bool, device=student.device)
-    stats = compiled(statistics_from_logits, kernel, dtype)(kernel, z, t, lse, taus[0], taus[1])
+    stats = statistics(kernel, z, t, lse, taus[0], taus[1])
     bad = torch.isnan(stats).any(dim=0)
     if bool(bad.any()):
         rows = int(bad.sum())
         lp, lq = (torch.empty(rows, valid, dtype=dtype, device=student.device) for _ in range(2))
-        _global_log_probs(shard, student[bad], taus[0], lse[0, bad], lp)
-        _global_log_probs(shard, teacher[bad], taus[1], lse[1, bad], lq)
+        global_log_probs(shard, student[bad], taus[0], lse[0, bad], lp)
+        global_log_probs(shard, teacher[bad], taus[1], lse[1, bad], lq)
         scratch = [torch.empty_like(lp) for _ in range(max(kernel.forward_buffers, 1))]
         stats[:, bad] = kernel.statistics_of(lp, lq, scratch, fix=True)
     return stats, lse, bad
@@ -349,16 +354,18 @@ class _Divergence(torch.autograd.Function):
         dtype = compute_dtype(student, teacher)
         rows, valid, device = student.shape[0], shard.valid_width, student.device
         taus = (student_temperature, teacher_temperature)
-        pieces = row_chunks(rows, chunk_size)
+        use_triton = triton_divergences.use_triton(student)
+        # The Triton kernels keep no [chunk, V/tp] buffers: one launch per phase for all rows.
+        pieces = [slice(0, rows)] if use_triton else row_chunks(rows, chunk_size)
         span = max(piece.stop - piece.start for piece in pieces)
-        use_compiled = compiled_kernels_enabled()
+        use_compiled = use_triton or compiled_kernels_enabled()
         stats = torch.empty(kernel.statistics, rows, dtype=dtype, device=device)
         lse = torch.empty(2, rows, dtype=dtype, device=device)
         bad = torch.zeros(rows, dtype=torch.bool, device=device)
         if use_compiled:
             for piece in pieces:
                 stats[:, piece], lse[:, piece], bad[piece] = _compiled_divergence_chunk(
-                    kernel, shard, student[piece], teacher[piece], taus, dtype)
+                    kernel, shard, student[piece], teacher[piece], taus, dtype, use_triton)
         else:
             log_probs = torch.empty(2, span, valid, dtype=dtype, device=device)
             scratch = [torch.empty(span, valid, dtype=dtype, device=device)
@@ -366,14 +373,14 @@ class _Divergence(torch.autograd.Function):
             for piece in pieces:
                 n = piece.stop - piece.start
                 lp, lq = log_probs[:, :n]
-                stats[:, piece], lse[:, piece], bad[piece] = _divergence_chunk(
+                stats[:, piece], lse[:, piece], bad[piece] = divergence_chunk(
                     kernel, shard, student[piece], teacher[piece], taus, lp, lq, [b[:n] for b in scratch])
             del scratch, log_probs
         stats = shard.all_reduce(stats)
         ctx.save_for_backward(student, teacher, lse, stats)
         ctx.shard, ctx.kernel, ctx.taus, ctx.chunk_size = shard, kernel, taus, chunk_size
         ctx.bad = bad if bool(bad.any()) else None
-        ctx.use_compiled = use_compiled
+        ctx.use_compiled, ctx.use_triton = use_compiled, use_triton
         return kernel.value(stats)
 
     @staticmethod
@@ -382,6 +389,15 @@ class _Divergence(torch.autograd.Function):
         shard, kernel = ctx.shard, ctx.kernel
         dtype, valid = lse.dtype, shard.valid_width
         scale = grad_out.to(dtype) / ctx.taus[0]
+        if ctx.use_triton:  # all rows in one launch, written into the gradient's real columns in its dtype
+            grad = torch.empty_like(student) if valid == student.shape[1] else torch.zeros_like(student)
+            if valid > 0:
+                out = triton_divergences.gradient_from_logits(
+                    kernel, student[:, :valid], teacher[:, :valid], lse, stats, scale, ctx.taus[0], ctx.taus[1],
+                    out=grad[:, :valid])
+                if ctx.bad is not None:
+                    out[ctx.bad] = out[ctx.bad].nan_to_num(nan=0.0, posinf=float("inf"), neginf=float("-inf"))
+            return grad, None, None, None, None, None, None
         whole = valid == student.shape[1] and dtype == student.dtype
         grad = torch.empty_like(student) if whole else torch.zeros_like(student)
         pieces = row_chunks(student.shape[0], ctx.chunk_size)
@@ -400,8 +416,8 @@ class _Divergence(torch.autograd.Function):
                    for _ in range(2 + kernel.backward_buffers + (0 if whole else 1))]
         for piece in pieces if valid > 0 else []:
             n = piece.stop - piece.start
-            lp = _global_log_probs(shard, student[piece], ctx.taus[0], lse[0, piece], buffers[0][:n])
-            lq = _global_log_probs(shard, teacher[piece], ctx.taus[1], lse[1, piece], buffers[1][:n])
+            lp = global_log_probs(shard, student[piece], ctx.taus[0], lse[0, piece], buffers[0][:n])
+            lq = global_log_probs(shard, teacher[piece], ctx.taus[1], lse[1, piece], buffers[1][:n])
             scratch = [b[:n] for b in buffers[2:2 + kernel.backward_buffers]]
             out = grad[piece] if whole else buffers[-1][:n]
             kernel.gradient(lp, lq, stats[:, piece], scale[piece], scratch, out)
@@ -414,7 +430,7 @@ class _Divergence(torch.autograd.Function):
 
 
 @functools.cache  # one kernel object per divergence: the compiled path's guards then hold across calls
-def _dense_kernel(kind: str, beta: Optional[float], alpha: Optional[float]) -> Optional[DivergenceKernel]:
+def dense_kernel(kind: str, beta: Optional[float], alpha: Optional[float]) -> Optional[DivergenceKernel]:
     """The chunk kernel of `kind`, or None where the divergence is the reverse KL (`_ReverseKL`): generalized JSD
     at `beta = 1` and skew reverse KL at `alpha = 0` (the references' definitions; `beta = 0` and skew forward
     KL at `alpha = 0` are the forward KL; either skew at `alpha = 1` is 0)."""
@@ -565,7 +581,7 @@ def vocab_parallel_divergence(kind: str, student_logits_shard: torch.Tensor, tea
     if chunk_size is not None:
         require_positive_int("chunk_size", chunk_size)
     tau_s, tau_t = float(student_temperature), float(teacher_temperature)
-    kernel = _dense_kernel(kind, None if beta is None else float(beta), None if alpha is None else float(alpha))
+    kernel = dense_kernel(kind, None if beta is None else float(beta), None if alpha is None else float(alpha))
     if kernel is None:
         keep = keep_softmax and torch.is_grad_enabled() and student.requires_grad
         out = _ReverseKL.apply(student, teacher, shard, tau_s, tau_t, chunk_size, keep)
