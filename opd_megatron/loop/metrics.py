@@ -1,6 +1,6 @@
 """Run outputs on the logging rank: a progress bar (tqdm), `metrics.jsonl` (one JSON object per logged step) and
 TensorBoard scalars (torch.utils.tensorboard), all under the run directory. A context manager: closed on exit,
-whatever ended the run."""
+whatever ended the run. `student_compute`: a step's student FLOPs (`compute/*`), the x axis of equal-compute plots."""
 
 from __future__ import annotations
 
@@ -10,6 +10,9 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
 from tqdm import tqdm
 
 
@@ -79,6 +82,33 @@ class MetricsWriter:
             self._tb.close()
         if self._jsonl is not None:
             self._jsonl.close()
+
+
+def student_parameters(module: torch.nn.Module) -> int:
+    """The whole student's parameter count, on every rank (collective over its model-parallel group, TP x PP):
+    each rank counts its TP shards, TP-replicated tensors (norms) only on TP rank 0, and not the last pipeline
+    stage's copy of tied embeddings (megatron marks it `shared`)."""
+    from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+    parallel = parallel_state.model_parallel_is_initialized()
+    counted = [p for p in module.parameters() if not parallel or (
+        not getattr(p, "shared", False) and param_is_not_tensor_parallel_duplicate(p))]
+    count = torch.tensor([float(sum(p.numel() for p in counted))], dtype=torch.float64)
+    if parallel:
+        dist.all_reduce(count, group=parallel_state.get_model_parallel_group())
+    return int(count.item())
+
+
+def student_compute(lengths: torch.Tensor, on_policy: torch.Tensor, parameters: int) -> dict[str, float]:
+    """One step's student compute, the x axis of equal-compute comparisons (issue 16), from the global batch's
+    sequence lengths `[B]` (prompt + response tokens) and its rows' on-policy flags `[B]`: every row goes through
+    the student's forward and backward, and a sampled row also went through its forward once as a rollout (KV
+    cached: one token per position). FLOPs by the dense-transformer estimate (Kaplan et al. 2020, C ~ 6 N D):
+    6 N per trained token, 2 N per rollout token. Evaluations, the frozen reference's and the whole-batch baselines'
+    forward-only passes, and the teacher are not counted."""
+    trained = float(lengths.double().sum())
+    rollout = float((lengths.double() * on_policy.double()).sum())
+    return {"compute/student_trained_tokens": trained, "compute/student_rollout_tokens": rollout,
+            "compute/student_flops": (6.0 * trained + 2.0 * rollout) * parameters}
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

@@ -39,7 +39,7 @@ from opd_megatron.errors import NonFiniteLossError, RolloutMismatchError
 from opd_megatron.loop.common import (Checkpointer, LoadMeaning, RunDirectory, StepLoop, StopRequest, TrainResult,
                                       run_steps, starting_point)
 from opd_megatron.loop.evaluation import Evaluator, describe
-from opd_megatron.loop.metrics import MetricsWriter
+from opd_megatron.loop.metrics import MetricsWriter, student_compute, student_parameters
 from opd_megatron.loop.rollouts_ahead import RolloutsAhead
 from opd_megatron.loop.objective import MicroBatchStats, OpdObjective, StudentInput, normalizer_weights
 from opd_megatron.loop.teacher_scoring import TeacherScoring, scoring_rank
@@ -208,6 +208,7 @@ class OpdRun(StepLoop):
         cfg, ctx = self.cfg, self.ctx
         self.student = build_student(cfg.model, cfg.parallel, ctx.device)
         self.trainable = wrap_for_training(self.student, cfg.optim, cfg.model, cfg.run.train_steps)
+        self.student_parameters = student_parameters(self.trainable.module)     # compute/student_flops
         if cfg.rollout.engine != "megatron":
             build = build_sglang_engine if cfg.rollout.engine == "sglang" else build_vllm_engine
             self.engine: RolloutEngine = build(cfg, ctx, self.trainable.module, self.vocab, self.tokenizer.pad_id,
@@ -617,6 +618,7 @@ class OpdRun(StepLoop):
                 "teacher": (self.scoring.tokens, self.scoring.seconds, self.scoring.rejected_replies),
                 "rows": {"staleness": torch.full((batch.size,), float(self.step - batch.policy_version)),
                          "response_lengths": (batch.lengths - batch.prompt_lengths).float(),
+                         "lengths": batch.lengths.float(),
                          "rewards": batch.rewards, "on_policy": batch.on_policy.float()}}
 
     def _global_diagnostics(self, parts: list[dict]) -> dict:
@@ -662,6 +664,7 @@ class OpdRun(StepLoop):
         if rewards is not None:
             out["reward/mean"] = float(rewards.double().mean())
         out["rollout/on_policy"] = float(row("on_policy").double().mean())
+        out.update(student_compute(row("lengths"), row("on_policy"), self.student_parameters))
         rates = [tokens / seconds for tokens, seconds, _ in (p["teacher"] for p in parts) if seconds > 0]
         if not self.scoring.dense:      # a served teacher's replies rejected and asked again (teachers/http.py)
             out["teacher/rejected_replies"] = float(sum(p["teacher"][2] for p in parts))

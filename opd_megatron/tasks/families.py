@@ -8,6 +8,10 @@
   answer needs the intermediate values; arithmetic is mod 10 to keep the alphabet small. Accepts any completion
   whose value is right, with or without the intermediate steps the teacher writes (`a3b7c4>4`: values then `>`
   and the answer); partial credit is not given.
+
+Tasks where on-policy states matter (issue 16), each in its own module: `prefix_sum` (compounding.py: a long
+output whose every step depends on the previous output), `any_order` (multi_answer.py: many valid answers),
+`zipf_lang` (zipf_language.py: a 4,096-id word vocabulary with Zipf-distributed words).
 """
 
 from __future__ import annotations
@@ -15,6 +19,9 @@ from __future__ import annotations
 import random
 
 from opd_megatron.tasks.base import Example, Task
+from opd_megatron.tasks.compounding import PrefixSum
+from opd_megatron.tasks.multi_answer import AnyOrder
+from opd_megatron.tasks.zipf_language import ZipfLanguage
 
 DIGITS = "0123456789"
 
@@ -97,7 +104,8 @@ class ReasoningChain(Task):
         return float(answer == str(self._value(prompt)))
 
 
-TASKS = {"sort_digits": SortDigits, "add": Addition, "chain": ReasoningChain}
+TASKS = {"sort_digits": SortDigits, "add": Addition, "chain": ReasoningChain, "prefix_sum": PrefixSum,
+         "any_order": AnyOrder, "zipf_lang": ZipfLanguage}
 
 
 def get_task(name: str, **kwargs) -> Task:

@@ -20,6 +20,7 @@ command that made its data with that command's summed CPU time.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import json
 import math
@@ -275,9 +276,39 @@ class ArmRow:
         return statistics.stdev(self.finals.values()) if len(self.finals) > 1 else 0.0
 
 
+CUMULATIVE = "cumulative/"      # x: "cumulative/<key>": the running sum over steps of a per-step key
+
+
+def with_running_sum(records: list[dict], key: str) -> list[dict]:
+    """`records` with `cumulative/<key>` on each: the sum of `key` over the steps up to and including its own
+    (a step logged twice, by a resumed run, counted once with its last value); a record before the first step
+    (the evaluation before training) gets 0. E.g. x: cumulative/compute/student_flops, the student compute so far."""
+    per_step: dict[int, float] = {}
+    for record in records:
+        value = record.get(key)
+        if isinstance(value, (int, float)) and isinstance(record.get("step"), int):
+            per_step[record["step"]] = float(value)
+    running, total = {}, 0.0
+    for step in sorted(per_step):
+        total += per_step[step]
+        running[step] = total
+    steps = sorted(running)
+    out = []
+    for record in records:
+        step = record.get("step")
+        if isinstance(step, int):
+            done = bisect.bisect_right(steps, step)          # steps logged up to this record's step
+            record = {**record, CUMULATIVE + key: running[steps[done - 1]] if done else 0.0}
+        out.append(record)
+    return out
+
+
 def series(records: list[dict], x: str, y: str) -> list[tuple[float, float]]:
     """(x, y) of every record holding both as numbers, sorted by x; a repeated x (a resumed run appends to
-    metrics.jsonl) keeps its last value."""
+    metrics.jsonl) keeps its last value. x = `cumulative/<key>`: the running sum of a per-step key
+    (`with_running_sum`)."""
+    if x.startswith(CUMULATIVE):
+        records = with_running_sum(records, x[len(CUMULATIVE):])
     points: dict[float, float] = {}
     for record in records:
         xv, yv = record.get(x), record.get(y)

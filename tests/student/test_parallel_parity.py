@@ -52,7 +52,8 @@ def parity_runs(tmp_path_factory):
         results = run_distributed(w.train_layout, world, args=(tp, pp, init, str(root / name), STEPS, extra),
                                   timeout_s=240)
         runs[name] = {"losses": results[0]["losses"], "grad_norms": [r["grad_norms"] for r in results],
-                      "logits": next(r["logits"] for r in results if r["logits"] is not None)}
+                      "logits": next(r["logits"] for r in results if r["logits"] is not None),
+                      "parameters": [r["parameters"] for r in results]}
     weights = run_distributed(w.full_weights, 1, args=([init] + [str(root / n) for n in LAYOUTS],), timeout_s=120)[0]
     runs["init"] = {"weights": weights[0]}
     for name, state in zip(LAYOUTS, weights[1:]):
@@ -63,7 +64,8 @@ def parity_runs(tmp_path_factory):
         results = run_distributed(w.train_layout, world, args=(tp, pp, tied_init, None, STEPS, TIED + w.SGD),
                                   timeout_s=240)
         runs[name] = {"losses": results[0]["losses"], "grad_norms": [r["grad_norms"] for r in results],
-                      "logits": next(r["logits"] for r in results if r["logits"] is not None)}
+                      "logits": next(r["logits"] for r in results if r["logits"] is not None),
+                      "parameters": [r["parameters"] for r in results]}
     return runs
 
 
@@ -144,3 +146,13 @@ def test_tied_embeddings_pp2_matches_tp1(parity_runs):
     _assert_grad_norms_match(got["grad_norms"], ref["grad_norms"][0], "tied PP=2")
     assert ref["losses"] != parity_runs["tp1"]["losses"]  # tying changed the model
     assert _rel(got["logits"], ref["logits"]) <= RTOL
+
+
+def test_the_student_parameter_count_is_the_same_at_every_layout(parity_runs):
+    """compute/student_flops counts the model's parameters once: TP shards summed, TP-replicated norms once, and the
+    last stage's copy of tied embeddings at PP=2 not at all; every rank reports the whole model's count."""
+    for tied, layouts in ((False, list(LAYOUTS)), (True, ["tied_tp1", "tied_pp2"])):
+        reference = parity_runs[layouts[0]]["parameters"][0]
+        for name in layouts:
+            assert parity_runs[name]["parameters"] == [reference] * len(parity_runs[name]["parameters"]), \
+                f"{name}: parameter counts per rank {parity_runs[name]['parameters']}, expected {reference} (TP=1)"
