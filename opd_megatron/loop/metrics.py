@@ -11,8 +11,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-import torch.distributed as dist
-from megatron.core import parallel_state
 from tqdm import tqdm
 
 
@@ -82,20 +80,6 @@ class MetricsWriter:
             self._tb.close()
         if self._jsonl is not None:
             self._jsonl.close()
-
-
-def student_parameters(module: torch.nn.Module) -> int:
-    """The whole student's parameter count, on every rank (collective over its model-parallel group, TP x PP):
-    each rank counts its TP shards, TP-replicated tensors (norms) only on TP rank 0, and not the last pipeline
-    stage's copy of tied embeddings (megatron marks it `shared`)."""
-    from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
-    parallel = parallel_state.model_parallel_is_initialized()
-    counted = [p for p in module.parameters() if not parallel or (
-        not getattr(p, "shared", False) and param_is_not_tensor_parallel_duplicate(p))]
-    count = torch.tensor([float(sum(p.numel() for p in counted))], dtype=torch.float64)
-    if parallel:
-        dist.all_reduce(count, group=parallel_state.get_model_parallel_group())
-    return int(count.item())
 
 
 def student_compute(lengths: torch.Tensor, on_policy: torch.Tensor, parameters: int) -> dict[str, float]:

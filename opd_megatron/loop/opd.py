@@ -39,7 +39,7 @@ from opd_megatron.errors import NonFiniteLossError, RolloutMismatchError
 from opd_megatron.loop.common import (Checkpointer, LoadMeaning, RunDirectory, StepLoop, StopRequest, TrainResult,
                                       run_steps, starting_point)
 from opd_megatron.loop.evaluation import Evaluator, describe
-from opd_megatron.loop.metrics import MetricsWriter, student_compute, student_parameters
+from opd_megatron.loop.metrics import MetricsWriter, student_compute
 from opd_megatron.loop.rollouts_ahead import RolloutsAhead
 from opd_megatron.loop.objective import MicroBatchStats, OpdObjective, StudentInput, normalizer_weights
 from opd_megatron.loop.teacher_scoring import TeacherScoring, scoring_rank
@@ -58,7 +58,7 @@ from opd_megatron.rollout.served_sglang import build_sglang_engine
 from opd_megatron.student.checkpoint import load_checkpoint, resolve_checkpoint
 from opd_megatron.student.distributed import ParallelContext, destroy_parallel, init_parallel
 from opd_megatron.student.hf_bridge import load_hf_weights
-from opd_megatron.student.model import build_student
+from opd_megatron.student.model import build_student, parameter_count
 from opd_megatron.student.optimizer import current_lr, optimizer_step, wrap_for_training, zero_grads
 from opd_megatron.student.schedule import forward_backward
 from opd_megatron.student.value_head import ValueHead
@@ -208,7 +208,7 @@ class OpdRun(StepLoop):
         cfg, ctx = self.cfg, self.ctx
         self.student = build_student(cfg.model, cfg.parallel, ctx.device)
         self.trainable = wrap_for_training(self.student, cfg.optim, cfg.model, cfg.run.train_steps)
-        self.student_parameters = student_parameters(self.trainable.module)     # compute/student_flops
+        self.student_parameters = parameter_count(self.trainable.module)        # compute/student_flops
         if cfg.rollout.engine != "megatron":
             build = build_sglang_engine if cfg.rollout.engine == "sglang" else build_vllm_engine
             self.engine: RolloutEngine = build(cfg, ctx, self.trainable.module, self.vocab, self.tokenizer.pad_id,

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
@@ -186,3 +187,17 @@ def build_student(model: ModelSection, parallel: ParallelSection, device: torch.
         _apply_llama3_rope_scaling(module, scaling)
     module.to(device)
     return StudentModel(module=module, config=config, vocab_size=model.vocab_size, padded_vocab_size=padded)
+
+
+def parameter_count(module: torch.nn.Module) -> int:
+    """The whole student's parameter count, on every rank (collective over its model-parallel group, TP x PP):
+    each rank counts its TP shards, TP-replicated tensors (norms) only on TP rank 0, and not the last pipeline
+    stage's copy of tied embeddings (megatron marks it `shared`)."""
+    from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+    parallel = parallel_state.model_parallel_is_initialized()
+    counted = [p for p in module.parameters() if not parallel or (
+        not getattr(p, "shared", False) and param_is_not_tensor_parallel_duplicate(p))]
+    count = torch.tensor([float(sum(p.numel() for p in counted))], dtype=torch.float64)
+    if parallel:
+        dist.all_reduce(count, group=parallel_state.get_model_parallel_group())
+    return int(count.item())

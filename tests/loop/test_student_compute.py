@@ -2,7 +2,8 @@
 
 import torch
 
-from opd_megatron.loop.metrics import student_compute, student_parameters
+from opd_megatron.loop.metrics import student_compute
+from opd_megatron.student.model import parameter_count
 
 
 def test_student_compute_counts_rollouts_only_for_sampled_rows():
@@ -18,4 +19,4 @@ def test_student_compute_counts_rollouts_only_for_sampled_rows():
 
 def test_student_parameters_without_a_process_group():
     module = torch.nn.Linear(4, 3)                      # 12 weights + 3 biases
-    assert student_parameters(module) == 15
+    assert parameter_count(module) == 15

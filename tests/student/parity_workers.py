@@ -15,11 +15,10 @@ from megatron.core import parallel_state
 from opd_megatron.config import load_config
 from opd_megatron.data.jsonl import collate, make_sample
 from opd_megatron.data.batch_indices import split_for_rank
-from opd_megatron.loop.metrics import student_parameters
 from opd_megatron.student.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
 from opd_megatron.student.distributed import init_parallel
 from opd_megatron.student.lm_loss import token_cross_entropy_sum
-from opd_megatron.student.model import build_student
+from opd_megatron.student.model import build_student, parameter_count
 from opd_megatron.student.optimizer import optimizer_step, wrap_for_training, zero_grads
 from opd_megatron.student.schedule import forward_backward
 
@@ -106,7 +105,7 @@ def train_layout(tp: int, pp: int, init: Optional[str], save_to: Optional[str], 
     if save_to is not None:
         save_checkpoint(save_to, first_step + steps, trainable, ctx, {}, cfg.to_dict())
     return {"losses": losses, "grad_norms": grad_norms, "logits": logits,
-            "lr": trainable.optimizer.param_groups[0]["lr"], "parameters": student_parameters(trainable.module)}
+            "lr": trainable.optimizer.param_groups[0]["lr"], "parameters": parameter_count(trainable.module)}
 
 
 def full_weights(paths: list[str]) -> list[dict[str, torch.Tensor]]:
