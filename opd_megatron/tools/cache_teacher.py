@@ -15,7 +15,6 @@ temperature or corpus into the same directory is refused.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ from opd_megatron.data.tokenizer import load_tokenizer
 from opd_megatron.student.distributed import destroy_parallel, init_parallel
 from opd_megatron.student.model import padded_vocab_size
 from opd_megatron.teachers.base import Teacher, TeacherRequest
+from opd_megatron.teachers.cached import teacher_identity
 from opd_megatron.teachers.factory import build_teacher
 
 DEFAULT_SAMPLES_PER_SHARD = 256
@@ -55,31 +55,6 @@ class CacheTeacherResult:
     @property
     def tokens_per_s(self) -> float:
         return self.columns_scored / self.wall_s if self.wall_s > 0 else 0.0
-
-
-def files_fingerprint(path: str | Path) -> str:
-    """sha256 over a checkpoint's files (relative path and size, and the content of its config.json files): cheap to
-    compute on a multi-GB checkpoint, and different for another model or another save of it."""
-    root = Path(path)
-    digest = hashlib.sha256()
-    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
-    for file in files:
-        digest.update(f"{file.relative_to(root) if file != root else file.name}:{file.stat().st_size}\n".encode())
-        if file.name == "config.json":
-            digest.update(file.read_bytes())
-    return digest.hexdigest()
-
-
-def teacher_identity(cfg: RunConfig, teacher: Teacher) -> dict:
-    """The teacher a cache is of: kind, name, where it comes from, and its files' fingerprint when it has local ones."""
-    t = cfg.teacher
-    identity = {"kind": t.kind, "name": teacher.name}
-    if t.kind in ("sglang", "vllm"):
-        identity.update(urls=list(t.server.urls), model=t.server.model)
-    else:
-        path = t.as_member().checkpoint_path
-        identity.update(path=str(path), files_sha256=files_fingerprint(path))
-    return identity
 
 
 def check_cacheable(cfg: RunConfig) -> None:
@@ -161,7 +136,7 @@ def run_cache_teacher(cfg: RunConfig, output: str | Path, samples_per_shard: int
         teacher, _ = build_teacher(cfg, ctx.device, tokenizer, padded_vocab_size(cfg.model.embedding_rows, ctx.tp),
                                    full_logits=False)
         k = cfg.teacher.topk
-        identity = CacheIdentity(teacher=teacher_identity(cfg, teacher),
+        identity = CacheIdentity(teacher=teacher_identity(cfg.teacher.as_member(), teacher),
                                  tokenizer_hash=tokenizer_fingerprint(tokenizer), topk=k,
                                  temperature=float(cfg.teacher.temperature), vocab_size=teacher.vocab_size(),
                                  dataset=corpora_identity(blend), seq_length=cfg.data.seq_length)
@@ -229,5 +204,5 @@ def result_line(result: CacheTeacherResult) -> str:
             f"B/token) in {result.output}")
 
 
-__all__ = ["CacheTeacherResult", "TeacherClock", "check_cacheable", "corpora_identity", "files_fingerprint",
-           "result_line", "run_cache_teacher", "scorer", "teacher_identity", "window_rows"]
+__all__ = ["CacheTeacherResult", "TeacherClock", "check_cacheable", "corpora_identity",
+           "result_line", "run_cache_teacher", "scorer", "window_rows"]

@@ -13,8 +13,7 @@ from opd_megatron.config import ConfigError, load_config
 from opd_megatron.data.teacher_cache import (BatchScores, CacheIdentity, CacheLayout, TeacherCacheMismatchError,
                                              TeacherCacheWriter, logprob_error_bound)
 from opd_megatron.teachers.base import TeacherError, TeacherRequest
-from opd_megatron.teachers.cached import (CachedTeacher, CacheOrLiveTeacher, check_live_teacher, files_fingerprint,
-                                          teacher_identity)
+from opd_megatron.teachers.cached import CachedTeacher, CacheOrLiveTeacher, check_live_teacher, files_fingerprint
 from tests.teachers.reference_teacher import ModelTeacher, TinyCausalLM
 
 VOCAB, SEQ, K, SAMPLES = 37, 12, 6, 6
@@ -152,22 +151,6 @@ def test_a_served_live_teacher_is_compared_by_its_model_name(tmp_path):
     check_live_teacher(cached, teacher, {**_served("org/tiny"), "urls": ["http://elsewhere:9000"]}, K)
     with pytest.raises(TeacherCacheMismatchError, match=r"teacher.model: .*'org/tiny'.* 'org/other'"):
         check_live_teacher(cached, teacher, _served("org/other"), K)
-
-
-def test_the_identity_is_the_one_cache_teacher_records(tmp_path):
-    """teachers/cached.py's teacher identity (what the live teacher is compared by) and tools/cache_teacher.py's (what
-    the manifest records) are the same function of the config and the teacher."""
-    from opd_megatron.tools import cache_teacher
-
-    (tmp_path / "config.json").write_text("{}")
-    teacher = ModelTeacher(TinyCausalLM(VOCAB, seed=1), VOCAB, name="tiny")
-    for overrides in (["teacher.kind=inprocess", f"teacher.inprocess.path={tmp_path}"],
-                      ["teacher.kind=colocated", f"teacher.colocated.path={tmp_path}"],
-                      ["teacher.kind=vllm", "teacher.server.urls=[http://t:8000]", "teacher.server.model=org/tiny",
-                       "teacher.server.vocab_size=37"]):
-        cfg = load_config(None, overrides)
-        assert teacher_identity(cfg.teacher.as_member(), teacher) == cache_teacher.teacher_identity(cfg, teacher)
-    assert files_fingerprint(tmp_path) == cache_teacher.files_fingerprint(tmp_path)
 
 
 # -- the config ------------------------------------------------------------------------------------------------------
