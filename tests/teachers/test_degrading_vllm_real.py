@@ -8,21 +8,18 @@ the seconds from the bad batch to the error are printed (`-s`, for docs/reliabil
 
 from __future__ import annotations
 
-import json
 import math
 import re
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable, Optional
 
-import httpx
 import pytest
 import torch
 
 from opd_megatron.teachers.base import TeacherRequest, TeacherScores
 from opd_megatron.teachers.http import RejectedReplyError
 from opd_megatron.teachers.vllm import VLLMTeacher
+from tests.completions_proxy import CompletionsProxy
 from tests.teachers.vllm_server import SERVED_NAME
 
 VOCAB = 512         # the tiny Llama's vocabulary (tests/teachers/vllm_server.py write_teacher_checkpoint)
@@ -35,58 +32,20 @@ SCORE_START = [0, 4, 2]
 BAD_ROW, BAD_POSITION = 1, 8     # the corrupted choice and its prompt_logprobs entry (label column 7)
 
 
-class DegradingProxy:
+class DegradingProxy(CompletionsProxy):
     """Forwards every request to the real server; the `/v1/completions` replies after the first `good` are altered
     by `corrupt` (for `bad` replies, None: for ever), the others pass through byte for byte. `completions` counts
     the scoring requests that reached the proxy."""
 
     def __init__(self, upstream: str, corrupt: Callable[[dict], None], good: int, bad: Optional[int] = None):
-        self.upstream, self.corrupt, self.good, self.bad = upstream, corrupt, good, bad
-        self.completions = 0
-        self.lock = threading.Lock()
-        proxy = self
+        super().__init__(upstream)
+        self.corrupt, self.good, self.bad = corrupt, good, bad
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):     # quiet
-                pass
-
-            def _forward(self, method: str) -> None:
-                length = int(self.headers.get("content-length") or 0)
-                body = self.rfile.read(length) if length else None
-                reply = httpx.request(method, proxy.upstream + self.path, content=body, timeout=120.0,
-                                      headers={"content-type": self.headers.get("content-type", "application/json")})
-                content = reply.content
-                if method == "POST" and self.path.startswith("/v1/completions"):
-                    with proxy.lock:
-                        proxy.completions += 1
-                        seen = proxy.completions
-                    if seen > proxy.good and (proxy.bad is None or seen <= proxy.good + proxy.bad):
-                        altered = reply.json()
-                        proxy.corrupt(altered)
-                        content = json.dumps(altered).encode()   # NaN is written as NaN, as Python servers do
-                self.send_response(reply.status_code)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(content)))
-                self.end_headers()
-                self.wfile.write(content)
-
-            def do_GET(self):
-                self._forward("GET")
-
-            def do_POST(self):
-                self._forward("POST")
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def __enter__(self) -> "DegradingProxy":
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+    def alter(self, reply: dict, seen: int) -> Optional[dict]:
+        if seen > self.good and (self.bad is None or seen <= self.good + self.bad):
+            self.corrupt(reply)
+            return reply
+        return None
 
 
 def _bad_choice(reply: dict) -> dict:
