@@ -86,3 +86,21 @@ def write_tiny_checkpoint(directory: Path | str, arch: str = "llama", seed: int 
     model.save_pretrained(str(directory), safe_serialization=True)
     write_tiny_tokenizer(directory, tokenizer_size or config.vocab_size, chat_template)
     return directory
+
+
+def write_tiny_corpus(directory: Path | str, name: str, tokenizer, documents: int, seed: int) -> Path:
+    """`documents` random documents of 5-30 words of `tiny_vocab(512)` (no special tokens) written as
+    `<directory>/<name>.jsonl` and preprocessed with `tokenizer` into megatron's indexed corpus
+    `<directory>/<name>` (.bin/.idx); returns that prefix."""
+    import json
+    import random
+
+    from opd_megatron.data.indexed import preprocess_jsonl
+
+    directory = Path(directory)
+    words = tiny_vocab(512)[len(SPECIAL_TOKENS):]
+    pick = random.Random(seed)
+    lines = [{"text": " ".join(pick.choice(words) for _ in range(pick.randint(5, 30)))} for _ in range(documents)]
+    (directory / f"{name}.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    preprocess_jsonl(directory / f"{name}.jsonl", directory / name, tokenizer)
+    return directory / name

@@ -2,9 +2,7 @@
 window, what the teacher computes on that window (ids exactly, log-probs within the encoding's bound); a rerun
 resumes with nothing to write; a run for another k into the same directory is refused, naming the field."""
 
-import json
 import os
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -16,13 +14,12 @@ import yaml
 from opd_megatron.cli import main
 from opd_megatron.config import ConfigError, load_config
 from opd_megatron.data import build_dataset
-from opd_megatron.data.indexed import preprocess_jsonl
 from opd_megatron.data.teacher_cache import logprob_error_bound, open_cache, tokenizer_fingerprint
 from opd_megatron.data.tokenizer import load_tokenizer
 from opd_megatron.teachers.base import TeacherRequest
 from opd_megatron.teachers.inprocess import InProcessTeacher
 from opd_megatron.tools.cache_teacher import check_cacheable, window_rows
-from tests.tiny_hf import tiny_vocab, write_tiny_checkpoint
+from tests.tiny_hf import write_tiny_checkpoint, write_tiny_corpus
 
 TOPK = 8
 SEQ_LENGTH = 16
@@ -34,11 +31,7 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("cache_teacher")
     teacher_dir = write_tiny_checkpoint(root / "teacher", "llama", num_layers=1)
     tokenizer = load_tokenizer(str(teacher_dir))
-    words = tiny_vocab(512)[4:]
-    pick = random.Random(0)
-    lines = [{"text": " ".join(pick.choice(words) for _ in range(pick.randint(5, 30)))} for _ in range(10)]
-    (root / "corpus.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
-    preprocess_jsonl(root / "corpus.jsonl", root / "corpus", tokenizer)
+    write_tiny_corpus(root, "corpus", tokenizer, documents=10, seed=0)
     config = {"run": {"name": "cache", "output_dir": str(root / "runs"), "seed": 3},
               "model": {"vocab_size": 512},
               "parallel": {"micro_batch_size": 3, "global_batch_size": 3},

@@ -3,15 +3,12 @@ one included, `window_rows` gives the tokens `CorpusBlend.window_tokens` gives t
 `teacher.kind: cache` run checks against the crc the cache wrote). Before the fix the partial last window's last
 real token was a pad: the cache scored a token the corpus does not have there, and training refused the cache."""
 
-import json
-import random
 
 from opd_megatron.data import build_dataset
-from opd_megatron.data.indexed import preprocess_jsonl
 from opd_megatron.data.tokenizer import load_tokenizer
 from opd_megatron.config import load_config
 from opd_megatron.tools.cache_teacher import window_rows
-from tests.tiny_hf import tiny_vocab, write_tiny_checkpoint
+from tests.tiny_hf import write_tiny_checkpoint, write_tiny_corpus
 
 SEQ_LENGTH = 16
 
@@ -19,11 +16,7 @@ SEQ_LENGTH = 16
 def test_window_rows_are_the_trainers_windows_the_partial_last_one_too(tmp_path):
     teacher_dir = write_tiny_checkpoint(tmp_path / "teacher", "llama", num_layers=1)
     tokenizer = load_tokenizer(str(teacher_dir))
-    words = tiny_vocab(512)[4:]
-    pick = random.Random(1)
-    lines = [{"text": " ".join(pick.choice(words) for _ in range(pick.randint(5, 30)))} for _ in range(9)]
-    (tmp_path / "corpus.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
-    preprocess_jsonl(tmp_path / "corpus.jsonl", tmp_path / "corpus", tokenizer)
+    write_tiny_corpus(tmp_path, "corpus", tokenizer, documents=9, seed=1)
     cfg = load_config(None, ["data.format=indexed", f"data.path={tmp_path / 'corpus'}", f"data.tokenizer={teacher_dir}",
                              f"data.seq_length={SEQ_LENGTH}", "model.vocab_size=512"])
     blend = build_dataset(cfg.data, tokenizer, seed=0)
