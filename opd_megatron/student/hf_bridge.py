@@ -143,13 +143,16 @@ class SafetensorsCheckpoint:
             raise HFBridgeError(f"{str(self.path)!r}: tensor {name!r} is missing ({INDEX_FILE} does not list it)")
         return self._weight_map[name]
 
-    def _slice(self, name: str):
-        from safetensors import safe_open
-        file = self._file_of(name)
+    def _handle(self, file: str):
+        """The open safetensors file `file` (opened once, kept until exit)."""
         if file not in self._handles:
-            handle = safe_open(str(self.path / file), framework="pt")
-            self._handles[file] = handle.__enter__()
-        handle = self._handles[file]
+            from safetensors import safe_open
+            self._handles[file] = safe_open(str(self.path / file), framework="pt").__enter__()
+        return self._handles[file]
+
+    def _slice(self, name: str):
+        file = self._file_of(name)
+        handle = self._handle(file)
         if name not in handle.keys():
             raise HFBridgeError(f"{str(self.path / file)!r}: tensor {name!r} is missing")
         return handle.get_slice(name)
@@ -158,9 +161,7 @@ class SafetensorsCheckpoint:
         """Every tensor name of the checkpoint (the index's, or the single file's)."""
         if self._weight_map is not None:
             return list(self._weight_map)
-        from safetensors import safe_open
-        with safe_open(str(self.path / WEIGHTS_FILE), framework="pt") as handle:
-            return list(handle.keys())
+        return list(self._handle(WEIGHTS_FILE).keys())
 
     def shape(self, name: str) -> list[int]:
         return list(self._slice(name).get_shape())
