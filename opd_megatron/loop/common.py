@@ -269,6 +269,13 @@ class StepLoop(abc.ABC):
         """After the last step, when the run was not stopped (e.g. the final evaluation); before the final save."""
 
 
+def logged_step(cfg: RunConfig, step: int) -> bool:
+    """Whether step `step` (1-based) is written to the metrics: every `logging.log_interval` steps and the last.
+    The loops compute the per-step vocabulary diagnostics only on those (`OpdRun.train_step(diagnostics=...)`);
+    a step that evaluated is written too, with whatever metrics it has."""
+    return step % cfg.logging.log_interval == 0 or step == cfg.run.train_steps
+
+
 def run_steps(loop: StepLoop, cfg: RunConfig, checkpointer: Checkpointer, writer: MetricsWriter,
               stop: StopRequest) -> TrainResult:
     """Drive `loop` to run.train_steps with the policy of the module docstring (logging, checkpoints, stopping),
@@ -290,7 +297,8 @@ def _drive(loop: StepLoop, cfg: RunConfig, checkpointer: Checkpointer, writer: M
         step = result.final_step = loop.step
         if metrics is not None:
             result.losses.append(metrics["loss"])
-            if step % cfg.logging.log_interval == 0 or step == cfg.run.train_steps:
+            # An evaluation is written whatever the interval: eval.interval need not be a multiple of it.
+            if logged_step(cfg, step) or any(key.startswith("eval/") for key in metrics):
                 writer.log(step, metrics)
         writer.advance()
         watchdog.progress(step, f"agreeing on a stop request after step {step}")

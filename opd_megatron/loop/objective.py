@@ -86,8 +86,8 @@ class StudentInput:
 class MicroBatchStats:
     """Detached per-token tensors `[B, S]` and counters of one micro-batch, for the step's diagnostics."""
     mask: torch.Tensor
-    log_ratio: torch.Tensor
-    student_logprobs: torch.Tensor
+    log_ratio: Optional[torch.Tensor]          # None on a step without diagnostics whose loss does not read it
+    student_logprobs: Optional[torch.Tensor]
     old_logprobs: Optional[torch.Tensor] = None     # pi_theta_old(y_t) under the loss's distribution
     advantages: Optional[torch.Tensor] = None
     per_token_loss: Optional[torch.Tensor] = None
@@ -104,6 +104,8 @@ class MicroBatchStats:
     value_targets: Optional[torch.Tensor] = None
     value_loss_sum: float = 0.0
     reference_kl: Optional[torch.Tensor] = None
+    freed_mass: Optional[torch.Tensor] = None              # route B, A_t < 0: the logit-gradient mass taken from y_t
+    freed_mass_on_support: Optional[torch.Tensor] = None   # the part of it given to the teacher's top-k
     nonfinite: bool = False       # NaN/inf logits (student or teacher): this micro-batch contributed nothing
 
     def diagnostic_tensors(self) -> dict[str, Optional[torch.Tensor]]:
@@ -113,7 +115,8 @@ class MicroBatchStats:
                 "value_targets": self.value_targets, "rkl_exact": self.rkl_exact,
                 "student_entropy": self.student_entropy, "teacher_entropy": self.teacher_entropy,
                 "top1_match": self.top1_match, "topk_overlap": self.topk_overlap,
-                "mass_on_teacher": self.mass_on_teacher, "reference_kl": self.reference_kl}
+                "mass_on_teacher": self.mass_on_teacher, "reference_kl": self.reference_kl,
+                "freed_mass": self.freed_mass, "freed_mass_on_support": self.freed_mass_on_support}
 
 
 class OpdObjective:
@@ -132,6 +135,13 @@ class OpdObjective:
         self.dense_teacher = teacher is not None and teacher.gives_full_logits
         self._loss_is_full_rkl = (self.dense_teacher and opd.loss == "divergence" and opd.route_a.support == "full"
                                   and opd.route_a.divergence == "reverse_kl")
+        # What reads the sampled tokens' log-ratio r_t (and pi(y_t)) besides the diagnostics: route B and CR-OPD
+        # (the advantages), the gates on r_t or on pi / mu, and the reference-KL regulariser. A route A step that
+        # is not logged skips it: a log-sum-exp over the vocabulary for the student and one for a dense teacher.
+        gates = opd.gates
+        self._loss_reads_log_ratio = (opd.loss != "divergence" or gates.sign is not None
+                                      or gates.log_ratio_clip is not None or gates.truncated_is is not None
+                                      or bool(opd.regularizers.reference_kl_coef))
 
     # -- the teacher's view of a micro-batch -------------------------------------------------------------------
     def teacher_scores(self, mb: RolloutBatch, logits_shard: torch.Tensor) -> TeacherScores:
@@ -182,10 +192,14 @@ class OpdObjective:
 
     # -- the loss ------------------------------------------------------------------------------------------------
     def micro_batch_loss(self, logits_shard: torch.Tensor, mb: RolloutBatch, hidden: Optional[torch.Tensor] = None,
-                         *, staleness: int) -> tuple[torch.Tensor, torch.Tensor, MicroBatchStats]:
+                         *, staleness: int, diagnostics: bool = True) -> tuple[torch.Tensor, torch.Tensor,
+                                                                              MicroBatchStats]:
         """logits_shard `[B, S, V/tp]` (S = L - 1, with gradient), mb the micro-batch (`loss_weights` set).
         hidden `[B, S, H]` (detached final hidden states) is needed only by a value head. staleness: optimizer
-        updates since the weights that sampled `mb` (0: fresh on-policy data)."""
+        updates since the weights that sampled `mb` (0: fresh on-policy data). diagnostics: False on a step the run
+        does not log: the per-token vocabulary statistics (entropies, top-k overlap, mass on the teacher's
+        support, exact reverse KL; a pass over `[B, S, V/tp]` each) are not computed, nor the sampled tokens'
+        log-ratios where the loss does not read them; the loss and its gradient are the same."""
         opd, vocab, chunk = self.opd, self.vocab, self.opd.chunk_size
         device = logits_shard.device
         mask = mb.loss_mask.to(device)
@@ -206,19 +220,23 @@ class OpdObjective:
         tau_s = opd.student_temperature
         if teacher_shard is not None:
             teacher_shard = teacher_shard.detach()
-        teacher_logp = torch.where(keep, self.teacher_token_logprobs(scores, labels), 0.0)
         sparse = None if teacher_shard is not None else _sparse_teacher(scores, keep)
+        student_logp = log_ratio = old_logp = None
+        if diagnostics or self._loss_reads_log_ratio:
+            teacher_logp = torch.where(keep, self.teacher_token_logprobs(scores, labels), 0.0)
+            student_logp = vp.vocab_parallel_token_logprobs(logits_shard, labels, tau_s, vocab, chunk_size=chunk)
+            log_ratio = torch.where(keep, teacher_logp - student_logp.detach(), 0.0)
+            sampled = mb.behaviour_logprobs is not None and bool(mb.on_policy.all())
+            old_logp = torch.where(keep, self.old_logprobs(mb, student_logp, staleness), 0.0) if sampled else None
+        stats = MicroBatchStats(mask=mask.detach(), log_ratio=None if log_ratio is None else log_ratio.detach(),
+                                student_logprobs=None if student_logp is None else student_logp.detach(),
+                                old_logprobs=old_logp)
 
-        student_logp = vp.vocab_parallel_token_logprobs(logits_shard, labels, tau_s, vocab, chunk_size=chunk)
-        log_ratio = torch.where(keep, teacher_logp - student_logp.detach(), 0.0)
-        sampled = mb.behaviour_logprobs is not None and bool(mb.on_policy.all())
-        old_logp = torch.where(keep, self.old_logprobs(mb, student_logp, staleness), 0.0) if sampled else None
-        stats = MicroBatchStats(mask=mask.detach(), log_ratio=log_ratio.detach(),
-                                student_logprobs=student_logp.detach(), old_logprobs=old_logp)
-
-        with torch.no_grad():
-            self._vocab_diagnostics(stats, logits_shard, teacher_shard, sparse, labels, keep)
-        weights = self._token_weights(mb, mask, log_ratio, student_logp, old_logp, teacher_shard, sparse, stats) * coef
+        if diagnostics:
+            with torch.no_grad():
+                self._vocab_diagnostics(stats, logits_shard, teacher_shard, sparse, labels, keep)
+        weights = self._token_weights(mb, mask, log_ratio, student_logp, old_logp, logits_shard, teacher_shard,
+                                      sparse, stats) * coef
 
         if opd.loss == "divergence":
             per_token = self._divergence(logits_shard, teacher_shard, sparse) * opd.kl_coef
@@ -234,9 +252,9 @@ class OpdObjective:
         loss_sum = self._added_terms(loss_sum, logits_shard, mb, student_logp, teacher_shard, weights, stats)
         return loss_sum, mask.sum(), stats
 
-    def _token_weights(self, mb: RolloutBatch, mask: torch.Tensor, log_ratio: torch.Tensor,
-                       student_logp: torch.Tensor, old_logp: Optional[torch.Tensor],
-                       teacher_shard: Optional[torch.Tensor], sparse: Optional[SparseTeacherLogprobs],
+    def _token_weights(self, mb: RolloutBatch, mask: torch.Tensor, log_ratio: Optional[torch.Tensor],
+                       student_logp: Optional[torch.Tensor], old_logp: Optional[torch.Tensor],
+                       logits_shard: torch.Tensor, teacher_shard: Optional[torch.Tensor], sparse: Optional[SparseTeacherLogprobs],
                        stats: MicroBatchStats) -> torch.Tensor:
         """The gates' per-token weights `w_t` `[B, S]` (their keep rates go to `stats`)."""
         opd = self.opd
@@ -244,14 +262,14 @@ class OpdObjective:
         # opd.policy_gradient.ratio=ppo the ratio carries pi_theta / pi_theta_old, so the weight is the sampler
         # mismatch pi_theta_old / mu; otherwise the weight is the whole pi_theta / mu (staleness and sampler
         # mismatch). Never both: that weighs by rho^2.
-        is_numerator = old_logp if self._ppo else student_logp.detach()
+        is_numerator = old_logp if self._ppo else None if student_logp is None else student_logp.detach()
         behaviour = None if mb.behaviour_logprobs is None else mb.behaviour_logprobs.to(mask.device)
         gate = token_weights(self.gates, mask, log_ratio=log_ratio,
                              teacher_topk_logprobs=None if sparse is None else sparse.logprobs,
                              student_logprobs=is_numerator, behaviour_logprobs=behaviour,
                              student_temperature=opd.student_temperature,
                              teacher_temperature=self.teacher_cfg.temperature,
-                             **self._gate_inputs(stats, teacher_shard))
+                             **self._gate_inputs(stats, logits_shard, teacher_shard, mask > 0))
         stats.gate_keep = {k: v for k, v in gate.keep_rates.items()}
         return gate.weights
 
@@ -287,10 +305,47 @@ class OpdObjective:
                 teacher_temperature=self.teacher_cfg.temperature, true_vocab_size=self.vocab)
             loss_sum = (torch.where(mask > 0, per_token, 0.0) * weights).sum()
             stats.routing = routing_stats
+        if stats.student_logprobs is not None:       # a logged step
+            self._freed_mass(stats, logits_shard, teacher_shard, sparse, mb.labels.to(logits_shard.device), adv,
+                             mask > 0)
         if value_loss is not None:
             stats.value_loss_sum = float(value_loss.detach())
             loss_sum = loss_sum + opd.credit.value_coef * value_loss
         return loss_sum
+
+    @torch.no_grad()
+    def _freed_mass(self, stats: MicroBatchStats, student: torch.Tensor, teacher: Optional[torch.Tensor],
+                    sparse: Optional[SparseTeacherLogprobs], labels: torch.Tensor, adv: torch.Tensor,
+                    keep: torch.Tensor) -> None:
+        """Where the mass a negative advantage takes from `y_t` goes, per token `[B, S]` (docs/opd-math.md,
+        "Vocabulary routing"): the logit gradient of `-A_t log pi(y_t)` is `|A_t| (e_{y_t} - pi)`, so descent takes
+        `|A_t| (1 - pi(y_t))` from `z_{y_t}` and gives each other token `|A_t| pi_v`; the part given to the teacher's
+        support `S` (its top `opd.cr_opd.teacher_top_k`, CR-OPD's `Supp_T`) is `|A_t| (pi(S) - pi(y_t) [y_t in S])`.
+        Where CR-OPD routed (`A_t < 0`, `C_t` non-empty), all of it (its routed mass) goes to `C_t`, inside `S`.
+        Not measured for a threshold support (`opd.cr_opd.teacher_support=threshold`)."""
+        routing = self.routing
+        k = min(routing.teacher_top_k, self.vocab if teacher is not None else sparse.ids.shape[-1])
+        if routing.teacher_support != "topk" or k < 1:
+            return
+        reference = teacher if teacher is not None else sparse
+        mass_on_support = vocab_parallel_student_mass_on_teacher_support(
+            student.detach(), reference, k, self.opd.student_temperature, self.vocab).to(adv.dtype)
+        if teacher is not None:
+            support_ids = vocab_parallel_topk(teacher, k, self.vocab)[1]
+        else:
+            support_ids = sparse.ids.gather(-1, sparse.logprobs.topk(k, dim=-1).indices)
+        sampled_in_support = (support_ids == labels.unsqueeze(-1)).any(dim=-1)
+        pi_sampled = stats.student_logprobs.exp().to(adv.dtype)
+        negative = keep & (adv < 0)
+        freed = torch.where(negative, adv.abs() * (1.0 - pi_sampled), 0.0)
+        on_support = adv.abs() * (mass_on_support - torch.where(sampled_in_support, pi_sampled, 0.0))
+        on_support = torch.where(negative, on_support.clamp(min=0.0), 0.0)
+        if stats.routing is not None:
+            routed = stats.routing.routed.bool() & negative
+            moved = stats.routing.routed_mass.to(adv.dtype)
+            freed = torch.where(routed, moved, freed)
+            on_support = torch.where(routed, moved, on_support)
+        stats.freed_mass, stats.freed_mass_on_support = freed, on_support
 
     def _added_terms(self, loss_sum: torch.Tensor, logits_shard: torch.Tensor, mb: RolloutBatch,
                      student_logp: torch.Tensor, teacher_shard: Optional[torch.Tensor], weights: torch.Tensor,
@@ -336,7 +391,7 @@ class OpdObjective:
         supported = vocab_parallel_build_support(
             student, teacher if teacher is not None else sparse, a.support, a.support_k, a.support_mode,
             student_temperature=tau_s, teacher_temperature=tau_t if teacher is not None else 1.0,
-            true_vocab_size=self.vocab, chunk_size=opd.chunk_size)
+            true_vocab_size=self.vocab, chunk_size=opd.chunk_size, keep_softmax=True)
         beta = a.jsd_beta if a.divergence == "jsd" else None
         alpha = a.skew_alpha if a.divergence.startswith("skew") else None
         return divergence_on_support(kind, supported, beta=beta, alpha=alpha)
@@ -384,16 +439,26 @@ class OpdObjective:
                                  credit.outcome_beta, reward_baseline="none")
         return adv.detach(), value_loss
 
-    def _gate_inputs(self, stats: MicroBatchStats, teacher: Optional[torch.Tensor]) -> dict:
-        """Per-position vocabulary statistics for the gates, from the shards (never a `[..., V]` tensor)."""
+    def _gate_inputs(self, stats: MicroBatchStats, student: torch.Tensor, teacher: Optional[torch.Tensor],
+                     keep: torch.Tensor) -> dict:
+        """Per-position vocabulary statistics for the gates, from the shards (never a `[..., V]` tensor): the
+        diagnostics' entropies where this step computed them, else their own (a step the run does not log)."""
         g, out = self.gates, {}
+        chunk = self.opd.chunk_size
         if g.teacher_confidence is not None and teacher is not None:
             out["teacher_confidence"] = vocab_parallel_teacher_confidence(teacher, self.teacher_cfg.temperature,
                                                                           self.vocab)
-        if g.teacher_entropy is not None:
-            out["teacher_entropy"] = stats.teacher_entropy
-        if g.student_entropy is not None:
-            out["student_entropy"] = stats.student_entropy
+        with torch.no_grad():
+            if g.teacher_entropy is not None:
+                if stats.teacher_entropy is None and teacher is not None:
+                    stats.teacher_entropy = torch.where(keep, vp.vocab_parallel_entropy(
+                        teacher, self.teacher_cfg.temperature, self.vocab, chunk_size=chunk), 0.0)
+                out["teacher_entropy"] = stats.teacher_entropy
+            if g.student_entropy is not None:
+                if stats.student_entropy is None:
+                    stats.student_entropy = torch.where(keep, vp.vocab_parallel_entropy(
+                        student.detach(), self.opd.student_temperature, self.vocab, chunk_size=chunk), 0.0)
+                out["student_entropy"] = stats.student_entropy
         return out
 
     @torch.no_grad()

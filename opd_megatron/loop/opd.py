@@ -37,7 +37,7 @@ from opd_megatron.data import build_dataset
 from opd_megatron.data.tokenizer import check_vocab_fits, load_tokenizer
 from opd_megatron.errors import NonFiniteLossError, RolloutMismatchError
 from opd_megatron.loop.common import (Checkpointer, LoadMeaning, RunDirectory, StepLoop, StopRequest, TrainResult,
-                                      run_steps, starting_point)
+                                      logged_step, run_steps, starting_point)
 from opd_megatron.loop.evaluation import Evaluator, describe
 from opd_megatron.loop.metrics import MetricsWriter, student_compute
 from opd_megatron.loop.rollouts_ahead import RolloutsAhead
@@ -49,6 +49,7 @@ from opd_megatron.math.credit import batch_mean_advantages, centred_rewards, ret
 from opd_megatron.math.diagnostics import DiagnosticsBatch, DiagnosticsSettings, batch_diagnostics
 from opd_megatron.math.mixtures import OnPolicyMixture
 from opd_megatron.parallel import divergences as vp
+from opd_megatron.parallel.finite import all_finite
 from opd_megatron.rollout.batch import RolloutBatch
 from opd_megatron.rollout.engine import MegatronRolloutEngine, RolloutEngine
 from opd_megatron.rollout.generate import SamplingConfig, sampling_token_logprobs
@@ -500,13 +501,16 @@ class OpdRun(StepLoop):
         return torch.cat(captured) if parallel_state.is_pipeline_last_stage() else None
 
     # -- the step ------------------------------------------------------------------------------------------------
-    def train_step(self, batch: RolloutBatch, teacher: Optional[TeacherScores] = None) -> tuple[Optional[dict], bool]:
+    def train_step(self, batch: RolloutBatch, teacher: Optional[TeacherScores] = None,
+                   diagnostics: bool = True) -> tuple[Optional[dict], bool]:
         """One optimizer step on `batch` (this data-parallel rank's rows) and `teacher`, its served teacher's
         scores (None: a dense teacher scores inside the loss). Returns the step's metrics (on the logging rank, None
-        elsewhere) and whether the step was applied."""
+        elsewhere) and whether the step was applied. diagnostics=False (a step the run does not log): the loss's
+        per-token vocabulary statistics are not computed (`OpdObjective.micro_batch_loss`), nor are the metrics
+        that read them; the update is the same."""
         started, waited = time.perf_counter(), self.scoring.waited_s
         batch, global_tokens = self.loss_batch(batch, teacher)
-        loss, num_tokens, stats = self._loss_and_gradients(batch)
+        loss, num_tokens, stats = self._loss_and_gradients(batch, diagnostics or self.cfg.logging.rollouts > 0)
         lr = current_lr(self.trainable.optimizer)
         applied, grad_norm = self._apply_or_skip(loss, global_tokens)
         teacher_s = self.scoring.waited_s - waited          # a dense teacher's forwards, inside the loss
@@ -521,10 +525,11 @@ class OpdRun(StepLoop):
                             "tokens": num_tokens})
         return metrics, applied
 
-    def _loss_and_gradients(self, batch: RolloutBatch) -> tuple[float, float, list[MicroBatchStats]]:
+    def _loss_and_gradients(self, batch: RolloutBatch, diagnostics: bool) -> tuple[float, float,
+                                                                                   list[MicroBatchStats]]:
         """The forward and backward of `batch` through the pipeline schedule (student and value head gradients
         zeroed first): the loss per token (NaN when a micro-batch met a non-finite logit), the token count, and
-        each micro-batch's statistics (last stage)."""
+        each micro-batch's statistics (last stage; the vocabulary statistics only with `diagnostics`)."""
         mbs = self.cfg.parallel.micro_batch_size
         staleness = self.step - batch.policy_version
         stats: list[MicroBatchStats] = []
@@ -532,7 +537,7 @@ class OpdRun(StepLoop):
         def loss_fn(logits, micro: StudentInput):
             hidden = self.value_head.hidden if self.value_head is not None else None
             loss_sum, count, mb_stats = self.objective.micro_batch_loss(logits, micro.rollout, hidden,
-                                                                        staleness=staleness)
+                                                                        staleness=staleness, diagnostics=diagnostics)
             stats.append(mb_stats)
             return loss_sum, count
 
@@ -571,12 +576,9 @@ class OpdRun(StepLoop):
     def _all_finite(self, loss_finite: bool) -> bool:
         """The loss (last stage) and every gradient (all ranks) are finite, agreed over the world."""
         bad = torch.zeros(1)
-        bad[0] = 0.0 if loss_finite else 1.0
         # megatron's DDP accumulates the gradient of each trainable parameter in its `main_grad` buffer.
-        for param in self.trainable.ddp.params_with_grad:
-            if not bool(torch.isfinite(param.main_grad).all()):
-                bad[0] = 1.0
-                break
+        finite = loss_finite and all_finite(param.main_grad for param in self.trainable.ddp.params_with_grad)
+        bad[0] = 0.0 if finite else 1.0
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         return not bool(bad.item())
 
@@ -660,6 +662,12 @@ class OpdRun(StepLoop):
             values = token(name)
             if values is not None and bool(keep.any()):
                 out[key] = float(values[keep].double().mean())
+        freed, on_support = token("freed_mass"), token("freed_mass_on_support")
+        if freed is not None and float(freed.sum()) > 0:
+            # The share of the mass negative advantages took from sampled tokens that went to the teacher's top-k
+            # (OpdObjective._freed_mass); the rest went to tokens the teacher does not support.
+            out["routing/freed_mass_to_teacher_support"] = float(on_support.double().sum() / freed.double().sum())
+            out["routing/freed_mass_mean"] = float(freed[freed > 0].double().mean())
         rewards = row("rewards")
         if rewards is not None:
             out["reward/mean"] = float(rewards.double().mean())
@@ -723,7 +731,7 @@ class OpdRun(StepLoop):
         cfg = self.cfg
         before, started = self.timing, time.perf_counter()
         batch, teacher = self.next_batch()
-        metrics, _ = self.train_step(batch, teacher)
+        metrics, _ = self.train_step(batch, teacher, diagnostics=logged_step(cfg, self.step + 1))
         self.step += 1
         if self.engine.holds_copy and self.step % cfg.rollout.sync_interval == 0 and self.step < cfg.run.train_steps:
             synced = time.perf_counter()

@@ -3,12 +3,14 @@ as `student/checkpoint.py` writes them (an `iter_XXXXXXX/metadata.json` marks a 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
-from opd_megatron.config import CheckpointSection
-from opd_megatron.loop.common import LoadMeaning, starting_point
+from opd_megatron.config import CheckpointSection, load_config
+from opd_megatron.loop.common import LoadMeaning, StepLoop, logged_step, run_steps, starting_point
+from opd_megatron.loop.metrics import MetricsWriter
 
 
 def _complete(checkpoints: Path, iteration: int) -> Path:
@@ -68,3 +70,47 @@ def test_fallbacks_are_the_older_checkpoints_of_a_directory_only_when_asked(tmp_
     warm = starting_point(CheckpointSection(load=str(checkpoints), resume=False, fallback_to_previous=True),
                           tmp_path / "other" / "checkpoints", LoadMeaning.WEIGHTS)
     assert warm.fallbacks == (checkpoints / "iter_0000003",) and not warm.own
+
+
+class _CountingLoop(StepLoop):
+    """Steps that report a loss, and an evaluation every `eval_every` steps, as OpdRun.advance does."""
+
+    def __init__(self, eval_every: int):
+        self.step, self.eval_every = 0, eval_every
+
+    def advance(self):
+        self.step += 1
+        metrics = {"loss": float(self.step)}
+        if self.step % self.eval_every == 0:
+            metrics["eval/score"] = 0.5
+        return metrics
+
+
+class _NoStop:
+    received = None
+
+    def agreed(self) -> bool:
+        return False
+
+
+class _NoSaves:
+    def __init__(self, checkpoints: Path):
+        self.checkpoints = checkpoints
+
+    def save(self, step: int) -> str:
+        raise AssertionError("no checkpoint was asked for")
+
+
+def test_steps_are_logged_every_log_interval_and_evaluations_always(tmp_path):
+    """logging.log_interval=4 writes steps 4, 8 and the last (10), and every step that evaluated (3, 6, 9), which
+    the interval would otherwise drop from metrics.jsonl; `logged_step` is the rule the loops use to skip the
+    diagnostics of the other steps."""
+    cfg = load_config(None, ["run.train_steps=10", "logging.log_interval=4", "checkpoint.save_at_end=false",
+                             "run.hang_timeout_s=0"])
+    writer = MetricsWriter(tmp_path, 10, 0, True, False, False)
+    run_steps(_CountingLoop(eval_every=3), cfg, _NoSaves(tmp_path / "checkpoints"), writer, _NoStop())
+    writer.close()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [3, 4, 6, 8, 9, 10]
+    assert [r["step"] for r in records if "eval/score" in r] == [3, 6, 9]
+    assert [s for s in range(1, 11) if logged_step(cfg, s)] == [4, 8, 10]

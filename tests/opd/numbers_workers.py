@@ -70,9 +70,9 @@ def _weights(run: OpdRun) -> dict[str, torch.Tensor]:
             if isinstance(v, torch.Tensor) and "_extra_state" not in k}
 
 
-def _step(root: str, name: str, overrides=(), batch: RolloutBatch | None = None) -> dict:
+def _step(root: str, name: str, overrides=(), batch: RolloutBatch | None = None, diagnostics: bool = True) -> dict:
     """One train_step from the student checkpoint; the metrics, the weight update and (when the batch is sampled
-    by the run) the sampled token ids."""
+    by the run) the sampled token ids. diagnostics=False: a step the run does not log."""
     cfg = config(root, name, overrides)
     ctx = init_parallel(cfg)
     try:
@@ -82,7 +82,7 @@ def _step(root: str, name: str, overrides=(), batch: RolloutBatch | None = None)
         if batch is None:
             batch, teacher = run.next_batch()
             sampled = [batch.response_ids(b) for b in range(batch.size)]
-        metrics, finite = run.train_step(batch, teacher)
+        metrics, finite = run.train_step(batch, teacher, diagnostics=diagnostics)
         after = _weights(run)
         run.teacher.close()
         logged = cfg.run.run_dir / "rollouts.jsonl"
@@ -149,3 +149,60 @@ def self_teacher_padded_embedding(root: str) -> dict:
     ids = [t for b in range(batch.size) for t in batch.response_ids(b)]
     metrics, finite = run.train_step(batch, teacher)
     return {"vocab": run.vocab, "max_id": max(ids), "finite": finite, "loss": metrics["loss"]}
+
+
+# Steps the run does not log skip the per-step vocabulary diagnostics and, where nothing in the loss reads them,
+# the sampled tokens' log-ratios: the update must not change. Route A without gates (nothing per-vocabulary
+# beyond the loss), with entropy gates (which need the entropies the diagnostics used to provide), on a top-k + tail
+# support; route B (reads the log-ratio); the log-ratio clip gate (reads it too).
+UNLOGGED = {
+    "rkl_full": ["opd.loss=divergence"],
+    "fkl_topk_tail": ["opd.loss=divergence", "opd.route_a.divergence=forward_kl", "opd.route_a.support=teacher_topk",
+                      "opd.route_a.support_k=4", "opd.route_a.support_mode=tail"],
+    "jsd_entropy_gates": ["opd.loss=divergence", "opd.route_a.divergence=jsd", "opd.gates.student_entropy=0.5",
+                          "opd.gates.teacher_entropy=3.0"],
+    "rkl_clip_gate": ["opd.loss=divergence", "opd.gates.log_ratio_clip=1.0"],
+    "pg_return_to_go": ["opd.loss=policy_gradient", "opd.credit.estimator=return_to_go"],
+}
+
+
+def unlogged_steps(root: str) -> dict:
+    """Each UNLOGGED config stepped twice from the same checkpoint on fixed_batch(): logged (diagnostics) and not;
+    with the number of vocabulary-wide entropy passes each made."""
+    from opd_megatron.parallel import divergences
+    make_checkpoints(root)
+    original = divergences.vocab_parallel_entropy
+    calls = {"n": 0}
+
+    def counted(*args, **kwargs):
+        calls["n"] += 1
+        return original(*args, **kwargs)
+
+    divergences.vocab_parallel_entropy = counted
+    try:
+        out = {}
+        for name, overrides in UNLOGGED.items():
+            for logged in (True, False):
+                calls["n"] = 0
+                result = _step(root, f"{name}_{logged}", overrides, batch=fixed_batch(), diagnostics=logged)
+                out[(name, logged)] = {"update": result["update"], "loss": result["metrics"]["loss"],
+                                       "metrics": result["metrics"], "entropy_passes": calls["n"]}
+        return out
+    finally:
+        divergences.vocab_parallel_entropy = original
+
+
+# Where a negative advantage's mass goes (routing/freed_mass_to_teacher_support): all of it when the teacher's
+# support is the whole vocabulary (14 ids); part of it with the teacher's top-1 only; under CR-OPD matched, every
+# routed token's mass goes to C_t, inside the support, so the share rises above plain PG's at the same support.
+FREED = {
+    "pg_support_all": ["opd.loss=policy_gradient", "opd.cr_opd.teacher_top_k=14"],
+    "pg_support_top2": ["opd.loss=policy_gradient", "opd.cr_opd.teacher_top_k=2"],
+    "cr_support_top2": ["opd.loss=cr_opd", "opd.cr_opd.teacher_top_k=2", "opd.cr_opd.student_reach=topk",
+                        "opd.cr_opd.student_top_k=14"],
+}
+
+
+def freed_mass_steps(root: str) -> dict:
+    make_checkpoints(root)
+    return {name: _step(root, name, overrides, batch=fixed_batch())["metrics"] for name, overrides in FREED.items()}

@@ -120,3 +120,38 @@ def test_overlap_needs_a_staleness_correction(route, ok):
     else:
         with pytest.raises(ConfigError, match=r"teacher.overlap: expected false with opd.loss="):
             load_config(None, overrides)
+
+
+@pytest.fixture(scope="module")
+def unlogged(tmp_path_factory):
+    root = tmp_path_factory.mktemp("opd_unlogged")
+    return run_distributed(w.unlogged_steps, 1, args=(str(root),), timeout_s=600)[0]
+
+
+@pytest.mark.parametrize("name", list(w.UNLOGGED))
+def test_a_step_the_run_does_not_log_makes_the_same_update(unlogged, name):
+    """A step the run does not log (logging.log_interval) skips the per-step vocabulary diagnostics (entropies,
+    top-k overlap, mass on the teacher's support) and the log-ratios nothing in its loss reads, and makes the same
+    update and loss as a logged step; only the gates' own entropies are computed."""
+    logged, quiet = unlogged[(name, True)], unlogged[(name, False)]
+    assert quiet["loss"] == pytest.approx(logged["loss"], rel=1e-6)
+    assert _max_rel(quiet["update"], logged["update"]) < 1e-6
+    gated = name == "jsd_entropy_gates"
+    assert "entropy/student" in logged["metrics"]
+    assert ("entropy/student" in quiet["metrics"]) == gated     # the gates' entropies are computed anyway
+    assert "agreement/topk_overlap" in logged["metrics"] and "agreement/topk_overlap" not in quiet["metrics"]
+    assert quiet["entropy_passes"] == (2 if gated else 0), quiet["entropy_passes"]
+    assert logged["entropy_passes"] >= 1
+
+
+def test_where_negative_advantages_send_the_mass_they_take(tmp_path):
+    """routing/freed_mass_to_teacher_support: 1 when the teacher supports every id (the plain PG term gives each
+    other token |A| pi_v, all of them supported); below 1 with the teacher's top-2; CR-OPD on the same support
+    sends each routed token's mass into it, so its share is higher (the student reaches every id, so C_t is empty
+    only where the sampled token is the one supported id besides none: a fallback to the plain PG term)."""
+    metrics = run_distributed(w.freed_mass_steps, 1, args=(str(tmp_path),), timeout_s=600)[0]
+    share = {name: m["routing/freed_mass_to_teacher_support"] for name, m in metrics.items()}
+    assert share["pg_support_all"] == pytest.approx(1.0, abs=1e-6)
+    assert 0.0 < share["pg_support_top2"] < 0.9
+    assert share["cr_support_top2"] > share["pg_support_top2"] + 0.05, share
+    assert metrics["cr_support_top2"]["routing/routed_rate"] > 0
