@@ -27,6 +27,7 @@ not offered here (its `[..., V]` result is what this module avoids): use `diverg
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Iterator, Optional
 
 import torch
@@ -48,7 +49,8 @@ def vocab_parallel_build_support(student_logits_shard: torch.Tensor,
                                  teacher: torch.Tensor | SparseTeacherLogprobs, support: str, k: int,
                                  mode: str = "renormalized", *, student_temperature: float = 1.0,
                                  teacher_temperature: float = 1.0, true_vocab_size: Optional[int] = None,
-                                 group=None, chunk_size: Optional[int] = None) -> SupportedDistributions:
+                                 group=None, chunk_size: Optional[int] = None,
+                                 keep_softmax: bool = False) -> SupportedDistributions:
     """`build_support` on TP shards: student logits `[..., V/tp]` (with gradient) and a teacher given either as
     its logits shard `[..., V/tp]` (a colocated teacher, detached) or as a `SparseTeacherLogprobs` (a server's
     answer, global ids, the same on every TP rank) -> `SupportedDistributions` with log-probs `[..., K(+1)]`,
@@ -60,7 +62,9 @@ def vocab_parallel_build_support(student_logits_shard: torch.Tensor,
     `true_vocab_size`: the unpadded vocabulary (default: tp x V/tp). chunk_size: rows at a time for the passes
     over `[chunk, V/tp]` (the top-k selections, the tail's statistics and its gradient: one chunk's buffers at a
     time, and backward keeps only `[N, K]` / `[N]` tensors and a reference to the logits, so memory does not
-    grow with N)."""
+    grow with N). keep_softmax (tail mode): the student's tail values `[N, V/tp]` are kept from forward and scaled
+    into the gradient in place (`KeptTail`; one exp pass less in backward, and the logits are not kept), as
+    megatron's cross-entropy keeps its softmax; the gradient is the same to rounding."""
     student, teacher_rows, shard, dtype = _checked_inputs(student_logits_shard, teacher, support, k, mode,
                                                           student_temperature, teacher_temperature,
                                                           true_vocab_size, group)
@@ -83,7 +87,8 @@ def vocab_parallel_build_support(student_logits_shard: torch.Tensor,
     # The student: its scaled logits at the ids (renormalised: directly, as the reference, for precision; one
     # differentiable gather), or its global log-probs there and the tail bucket (`_SupportTail`).
     if mode == "tail":
-        lp_s, tail_p = _SupportTail.apply(student, safe_ids, valid, shard, tau_s, dtype, chunk_size)
+        keep = keep_softmax and torch.is_grad_enabled() and student.requires_grad
+        lp_s, tail_p = _SupportTail.apply(student, safe_ids, valid, shard, tau_s, dtype, chunk_size, keep)
     else:
         lp_s = values_at_ids(shard, student, safe_ids).to(dtype) / tau_s
     lp_s = lp_s.masked_fill(~valid, float("-inf"))
@@ -200,8 +205,8 @@ def _owned_slots(shard: Shard, ids: torch.Tensor, valid: torch.Tensor) -> tuple[
 
 
 def support_statistics(shard: Shard, logits: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor,
-                       temperature: float, dtype: torch.dtype, chunk_size: Optional[int]
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                       temperature: float, dtype: torch.dtype, chunk_size: Optional[int],
+                       kept: Optional["KeptTail"] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """What a support's tail mode needs of one side, without gradient: with `x = logits / tau` (in `dtype`) and S
     the valid support ids `[N, K]` (distinct, clamped to 0 where not valid), returns `x` at the ids `[N, K]`
     (valid slots; 0 elsewhere), the global log-normaliser `lse = log sum_v exp(x_v)` `[N]` and the log of the
@@ -217,25 +222,40 @@ def support_statistics(shard: Shard, logits: torch.Tensor, ids: torch.Tensor, va
     all-reduce SUM of the rescaled partial sums `[2, N]` and the owners' `x` at the ids `[N, K]`, for all chunks
     at once. A complement whose shifted terms underflow (mass below `2^-100` of the row maximum's in float32) is
     recomputed for those rows with its own maximum as shift (`masked_logsumexp`: a host read of the row test, a
-    collective every rank runs alike since the test is on replicated values)."""
+    collective every rank runs alike since the test is on replicated values).
+
+    kept: where given (`_SupportTail` with `keep_softmax`), the exp values stay in `kept.exp` `[N, V/tp]` (all
+    rows, not one chunk's reused buffer; the S entries zeroed, padding columns 0) with the shift each row used in
+    `kept.shift` `[N]`: its local maximum, or where the complement is so small against it that the kept values
+    would underflow (`shift - log C` above half of the dtype's exponent range), `log C` itself, those rows
+    recomputed at the end. So `exp(x_v - log C) = kept.exp[v] * exp(kept.shift - log C)` for every v off S, each
+    factor finite, for the gradient."""
     rows, width = logits.shape[0], shard.valid_width
     device = logits.device
     local_max = torch.full((rows,), float("-inf"), dtype=dtype, device=device)
     partial = torch.zeros(2, rows, dtype=dtype, device=device)  # [complement, whole] exp-sums shifted by m_r
     at_ids = torch.zeros(ids.shape, dtype=dtype, device=device)
     owned, local = _owned_slots(shard, ids, valid)
+    if kept is not None:
+        column, _, _ = kept.columns(owned, local)
     if width > 0:
         pieces = row_chunks(rows, chunk_size)
         span = max(piece.stop - piece.start for piece in pieces)
-        buffer = torch.empty(span, width + 1, dtype=dtype, device=device)
+        buffer = torch.empty(span, width + 1, dtype=dtype, device=device) if kept is None else None
         for piece in pieces:
             n = piece.stop - piece.start
             x = logits[piece, :width]
             top = x.amax(dim=-1).to(dtype) / temperature  # max commutes with the (monotone) division
             shift = top.masked_fill(torch.isneginf(top), 0.0)
-            exp_x = buffer[:n, :width]
-            _shifted(x, shift, temperature, exp_x).exp_()
-            buffer[:n].scatter_(-1, torch.where(owned[piece], local[piece], width), 0.0)
+            if kept is None:
+                exp_x = buffer[:n, :width]
+                _shifted(x, shift, temperature, exp_x).exp_()
+                buffer[:n].scatter_(-1, torch.where(owned[piece], local[piece], width), 0.0)
+            else:
+                exp_x = kept.exp[piece, :width]
+                _shifted(x, shift, temperature, exp_x).exp_()
+                kept.zero_support(exp_x, column[piece], owned[piece])
+                kept.shift[piece] = shift
             picked = x.gather(-1, local[piece]).to(dtype) / temperature
             at_ids[piece] = torch.where(owned[piece], picked, 0.0)
             in_support = torch.where(owned[piece], (picked - shift[:, None]).exp(), 0.0).sum(dim=-1)
@@ -263,7 +283,56 @@ def support_statistics(shard: Shard, logits: torch.Tensor, ids: torch.Tensor, va
         members = torch.ones(rows_at.shape[0], shard.width + 1, dtype=torch.bool, device=device)
         members.scatter_(-1, torch.where(owned[rows_at], local[rows_at], shard.width), False)
         log_complement[rows_at] = masked_logsumexp(shard, scaled, members[:, :shard.width])
+    if kept is not None and width > 0:
+        kept.shift_rows_to_complement(shard, logits, log_complement, column, owned, temperature)
     return at_ids, lse, log_complement
+
+
+class KeptTail:
+    """The student's tail values kept from forward for backward (`_SupportTail` with `keep_softmax`): `exp`
+    `[N, V/tp]` in the compute dtype, `exp(x - shift)` with the support's entries zeroed and padding columns 0,
+    and `shift` `[N]`; `support_statistics` fills both. Backward scales `exp` in place into the gradient, so the
+    buffer the forward fills is the one returned (megatron's cross-entropy trade: one `[N, V/tp]` buffer from
+    forward to backward, instead of the logits kept and two passes recomputed)."""
+
+    def __init__(self, shard: Shard, rows: int, dtype: torch.dtype, device) -> None:
+        self.exp = torch.empty(rows, shard.width, dtype=dtype, device=device)
+        if shard.valid_width < shard.width:
+            self.exp[:, shard.valid_width:] = 0.0
+        self.shift = torch.zeros(rows, dtype=dtype, device=device)
+
+    @staticmethod
+    def columns(owned: torch.Tensor, local: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A column per support slot `[n, K]` for scatters into `[n, V/tp]` rows without a spare column: its own
+        where this rank owns the id, else the row's first owned column (written with that column's value), or
+        column 0 where the row owns none (written with its own value): duplicates always carry equal values."""
+        first = owned.to(torch.int8).argmax(dim=-1, keepdim=True)
+        any_owned = owned.any(dim=-1, keepdim=True)
+        return torch.where(owned, local, torch.where(any_owned, local.gather(-1, first), 0)), first, any_owned
+
+    @staticmethod
+    def zero_support(exp_x: torch.Tensor, column: torch.Tensor, owned: torch.Tensor) -> None:
+        """Zero the owned support entries of `exp_x` `[n, V/tp']` in place (see `columns`)."""
+        any_owned = owned.any(dim=-1, keepdim=True)
+        fill = torch.where(any_owned, 0.0, exp_x[:, :1])
+        exp_x.scatter_(-1, column, torch.where(owned, 0.0, fill))
+
+    def shift_rows_to_complement(self, shard: Shard, logits: torch.Tensor, log_complement: torch.Tensor,
+                                 column: torch.Tensor, owned: torch.Tensor, temperature: float) -> None:
+        """Rows whose complement is tiny against their maximum (`shift - log C` > half the exponent range: the
+        kept values of the tail could underflow where its gradient `exp(x_v - log C)` is not small) are recomputed
+        with `log C` as their shift (values <= 1); a rank-local choice, no communication."""
+        limit = -math.log(torch.finfo(self.exp.dtype).tiny) / 2.0
+        far = torch.isfinite(log_complement) & (self.shift - log_complement > limit)
+        if not bool(far.any()):
+            return
+        rows_at = far.nonzero().squeeze(-1)
+        width = shard.valid_width
+        values = torch.empty(rows_at.shape[0], width, dtype=self.exp.dtype, device=self.exp.device)
+        _shifted(logits[rows_at, :width], log_complement[rows_at], temperature, values).exp_()
+        self.zero_support(values, column[rows_at], owned[rows_at])
+        self.exp[rows_at, :width] = values
+        self.shift[rows_at] = log_complement[rows_at]
 
 
 def _shifted(x: torch.Tensor, shift: torch.Tensor, temperature: float, out: torch.Tensor) -> torch.Tensor:
@@ -323,17 +392,33 @@ class _SupportTail(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, ids, valid, shard: Shard, temperature: float, dtype: torch.dtype,
-                chunk_size: Optional[int]):
-        at_ids, lse, log_complement = support_statistics(shard, logits, ids, valid, temperature, dtype, chunk_size)
+                chunk_size: Optional[int], keep_softmax: bool = False):
+        kept = KeptTail(shard, logits.shape[0], dtype, logits.device) if keep_softmax else None
+        at_ids, lse, log_complement = support_statistics(shard, logits, ids, valid, temperature, dtype, chunk_size,
+                                                         kept)
         log_p = at_ids - lse[:, None]
         tail = (log_complement - lse)[:, None]
-        ctx.save_for_backward(logits, ids, valid, log_p, lse, log_complement)
+        if kept is None:
+            ctx.save_for_backward(logits, ids, valid, log_p, lse, log_complement)
+        else:       # the logits are not needed again: the kept values replace them
+            ctx.save_for_backward(kept.exp, ids, valid, log_p, lse, log_complement, kept.shift)
+            ctx.logits_dtype = logits.dtype
+        ctx.kept = kept is not None
         ctx.shard, ctx.temperature, ctx.chunk_size = shard, temperature, chunk_size
         return log_p, tail
 
     @staticmethod
     def backward(ctx, grad_log_p, grad_tail):
-        logits, ids, valid, log_p, lse, log_complement = ctx.saved_tensors
+        if ctx.kept:
+            try:
+                kept_exp, ids, valid, log_p, lse, log_complement, kept_shift = ctx.saved_tensors
+            except RuntimeError as exc:     # autograd's version check: an earlier backward scaled them in place
+                raise RuntimeError("the support's tail values kept from forward (keep_softmax=True) became the "
+                                   "gradient of an earlier backward through this graph; a second backward "
+                                   "(retain_graph, gradcheck) needs keep_softmax=False") from exc
+            logits = None
+        else:
+            logits, ids, valid, log_p, lse, log_complement = ctx.saved_tensors
         shard, tau = ctx.shard, ctx.temperature
         dtype, width = lse.dtype, shard.valid_width
         empty = torch.isneginf(log_complement)
@@ -350,9 +435,18 @@ class _SupportTail(torch.autograd.Function):
         any_owned = owned.any(dim=-1, keepdim=True)
         column = torch.where(owned, local, torch.where(any_owned, local.gather(-1, first), 0))
 
+        if ctx.kept:
+            # exp(x_v - log C) factor = kept * exp(shift - log C) factor off S (KeptTail); 0 on empty-tail rows.
+            scale = torch.where(empty, 0.0, (kept_shift - base).exp() * factor)
+            for piece in row_chunks(kept_exp.shape[0], ctx.chunk_size):
+                out = kept_exp[piece, :width]
+                out.mul_(scale[piece, None])
+                keep_first = torch.where(any_owned[piece], on_support[piece].gather(-1, first[piece]), out[:, :1])
+                out.scatter_(-1, column[piece], torch.where(owned[piece], on_support[piece], keep_first))
+            return kept_exp.to(ctx.logits_dtype), None, None, None, None, None, None, None
         grad = ChunkedGradient(logits, width, dtype, ctx.chunk_size)
         for piece, out in grad.chunks():
             _shifted(logits[piece, :width], base[piece], tau, out).exp_().mul_(factor[piece, None])
             keep_first = torch.where(any_owned[piece], on_support[piece].gather(-1, first[piece]), out[:, :1])
             out.scatter_(-1, column[piece], torch.where(owned[piece], on_support[piece], keep_first))
-        return grad.grad, None, None, None, None, None, None
+        return grad.grad, None, None, None, None, None, None, None

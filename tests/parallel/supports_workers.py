@@ -122,6 +122,16 @@ def _check_support(student_full, teacher_full, sparse: bool, support: str, k: in
         assert_close(case + " chunked loss", chunked_loss.detach(), loss.detach())
         (chunked_loss * weights).sum().backward()
         assert_close(case + " chunked grad", chunked_leaf.grad, leaf.grad)
+        if mode == "tail":
+            # keep_softmax: the tail values kept from forward and scaled into the gradient (KeptTail).
+            kept_leaf = shard_of(student_full, tp, rank).requires_grad_(True)
+            kept = vocab_parallel_build_support(kept_leaf, teacher_vp, support, k, mode, student_temperature=TAU_S,
+                                                teacher_temperature=tau_t, true_vocab_size=VOCAB, chunk_size=4,
+                                                keep_softmax=True)
+            kept_loss = divergence_on_support(kind, kept)
+            assert_close(case + " kept loss", kept_loss.detach(), loss.detach())
+            (kept_loss * weights).sum().backward()
+            assert_close(case + " kept grad", kept_leaf.grad, leaf.grad)
     return checks
 
 
@@ -144,8 +154,9 @@ def peaked_logits(student_full: torch.Tensor, teacher_full: torch.Tensor, k: int
 
 def precision_checks(tp: int, rank: int) -> int:
     """float32 inputs against the float64 reference (relative error <= 2e-5 of the scale: values and gradients),
-    every support x mode, dense and sparse teacher; and the underflowing tail (peaked logits) in float32 and
-    float64. Returns the number of checks."""
+    every support x mode (the tail also with keep_softmax), dense and sparse teacher; and the underflowing tail
+    (peaked logits: the kept values' rows shifted by the complement) in float32 and float64. Returns the number
+    of checks."""
     checks = 0
     student64, teacher64 = random_logits(4), random_logits(5)
     cases = [(torch.float32, student64, 2e-5)]
@@ -154,7 +165,7 @@ def precision_checks(tp: int, rank: int) -> int:
     for dtype, student_full, tol in cases:
         for sparse in (False, True):
             for support in SUPPORTS:
-                for mode in MODES:
+                for mode, keep in [(m, False) for m in MODES] + [("tail", True)]:
                     tau_t = 1.0 if sparse and mode == "tail" else TAU_T
                     teacher_ref = sparse_teacher(teacher64, student_full) if sparse else teacher64
                     teacher_vp = (SparseTeacherLogprobs(teacher_ref.ids, teacher_ref.logprobs.to(dtype),
@@ -162,11 +173,12 @@ def precision_checks(tp: int, rank: int) -> int:
                                   if sparse else shard_of(teacher64, tp, rank).to(dtype))
                     leaf = shard_of(student_full, tp, rank).to(dtype).requires_grad_(True)
                     got = vocab_parallel_build_support(leaf, teacher_vp, support, 5, mode, student_temperature=TAU_S,
-                                                       teacher_temperature=tau_t, true_vocab_size=VOCAB)
+                                                       teacher_temperature=tau_t, true_vocab_size=VOCAB,
+                                                       keep_softmax=keep)
                     full_leaf = student_full.clone().requires_grad_(True)
                     want = build_support(full_leaf, teacher_ref, support, 5, mode, student_temperature=TAU_S,
                                          teacher_temperature=tau_t)
-                    case = f"{dtype} {'sparse' if sparse else 'dense'} {want.name}"
+                    case = f"{dtype} {'sparse' if sparse else 'dense'} {want.name}{' kept' if keep else ''}"
                     assert torch.equal(got.ids, want.ids), case
                     assert got.student_logp.dtype == dtype, case
                     for name, mine, reference in (("student_logp", got.student_logp, want.student_logp),

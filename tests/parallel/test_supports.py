@@ -17,7 +17,7 @@ from tests.parallel import supports_workers as workers
 
 # supports x modes x divergence kinds: random logits dense (4 k) + sparse (3 k), tied logits dense + sparse (2 k)
 # + precision checks: (float32, float32 underflowing tail, float64 underflowing tail) x dense/sparse x supports x modes
-EXPECTED_SUPPORT_CHECKS = 3 * 2 * 2 * (4 + 3 + 2 + 2) + 3 * 2 * 3 * 2
+EXPECTED_SUPPORT_CHECKS = 3 * 2 * 2 * (4 + 3 + 2 + 2) + 3 * 2 * 3 * (2 + 1)
 
 
 @pytest.mark.parametrize("tp", [1, 2, 4])
@@ -84,7 +84,10 @@ def test_float32_within_1e5_relative():
 def test_tail_gradient_passes_gradcheck():
     """`_SupportTail`'s closed-form backward against finite differences (float64, tp = 1): both outputs (the
     support slots and the tail bucket), every support with a dense and a sparse teacher, ordinary and peaked
-    logits (a tail of mass ~exp(-800), recomputed with the complement's own shift), and a divergence on top."""
+    logits (a tail of mass ~exp(-800), recomputed with the complement's own shift), and a divergence on top.
+    (keep_softmax turns its kept values into the gradient in place, so it allows one backward per graph, not
+    gradcheck's several: `test_kept_tail_values_allow_one_backward`; its values are held to the reference by the
+    precision checks of `supports_workers.py`.)"""
     student, teacher = workers.random_logits(0)[:3], workers.random_logits(1)[:3]
     peaked = workers.peaked_logits(workers.random_logits(0), workers.random_logits(1), 5, 800.0)[:3]
     served = workers.sparse_teacher(workers.random_logits(1), workers.random_logits(0))
@@ -101,3 +104,21 @@ def test_tail_gradient_passes_gradcheck():
                     return (logp.masked_fill(torch.isinf(logp), 0.0),
                             divergence_on_support("forward_kl", supported))
                 assert torch.autograd.gradcheck(slots_and_tail, (logits.clone().requires_grad_(True),))
+
+
+def test_kept_tail_values_allow_one_backward():
+    """keep_softmax scales the kept tail values into the gradient in place: the gradient equals the recomputing
+    path's, and a second backward through the same graph is refused with a message, not computed from the scaled
+    buffer."""
+    student, teacher = workers.random_logits(0), workers.random_logits(1)
+    grads = []
+    for keep in (False, True):
+        leaf = student.clone().requires_grad_(True)
+        loss = divergence_on_support("forward_kl", vocab_parallel_build_support(
+            leaf, teacher, "union", 5, "tail", chunk_size=4, keep_softmax=keep)).sum()
+        loss.backward(retain_graph=True)
+        grads.append(leaf.grad.clone())
+        if keep:
+            with pytest.raises(RuntimeError, match="keep_softmax=False"):
+                loss.backward()
+    workers.assert_close("kept grad", grads[1], grads[0])
