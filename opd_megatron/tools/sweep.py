@@ -56,6 +56,9 @@ class FigureSpec:
     x: str = "step"
     arms: list[str] = field(default_factory=list)   # empty: every arm
     title: str = ""
+    # A level of y: the table also gives, per arm, the x at which each seed's y first reaches it (linear between
+    # logged points), e.g. the student compute to reach a score; seeds that never reach it are counted apart.
+    reach: Optional[float] = None
 
 
 @dataclass
@@ -265,6 +268,7 @@ class ArmRow:
     arm: str
     finals: dict[int, float]          # seed -> the last logged value of y
     cpu_s: float
+    reached: dict[int, Optional[float]] = field(default_factory=dict)   # seed -> x where y first reaches the level
 
     @property
     def mean(self) -> float:
@@ -317,6 +321,20 @@ def series(records: list[dict], x: str, y: str) -> list[tuple[float, float]]:
     return sorted(points.items())
 
 
+def first_reach(points: list[tuple[float, float]], level: float) -> Optional[float]:
+    """The x at which y first reaches `level` (>=) along `points` sorted by x, linear between consecutive points
+    (the first point's x if it starts there); None if it never does."""
+    previous = None
+    for x, y in points:
+        if y >= level:
+            if previous is None:
+                return x
+            x0, y0 = previous
+            return x0 + (level - y0) / (y - y0) * (x - x0)
+        previous = (x, y)
+    return None
+
+
 def _finished_seeds(results: Path, arm: str) -> list[int]:
     arm_dir = results / arm
     if not arm_dir.is_dir():
@@ -344,12 +362,14 @@ def figure_rows(results: Path, figure: FigureSpec, arms: list[str]) -> list[ArmR
     cpu = _cpu_by_arm(results)
     rows = []
     for arm in sorted(figure.arms or arms):
-        finals = {}
+        finals, reached = {}, {}
         for seed in _finished_seeds(results, arm):
             points = series(read_metrics(results / arm / f"seed{seed}"), figure.x, figure.y)
             if points:
                 finals[seed] = points[-1][1]
-        rows.append(ArmRow(arm, finals, cpu.get(arm, 0.0)))
+                if figure.reach is not None:
+                    reached[seed] = first_reach(points, figure.reach)
+        rows.append(ArmRow(arm, finals, cpu.get(arm, 0.0), reached))
     return rows
 
 
@@ -422,13 +442,23 @@ def render_report(results: str | Path, out: Optional[str | Path] = None) -> Path
         png = out.parent / f"{out.stem}-{figure.name}.png"
         _plot(results, figure, arms, png)
         command = sweep_command(record["sweep_file"], _shown(results), figure_arms if figure.arms else None)
+        reach = figure.reach is not None
         lines += [f"## {figure.title or figure.name}", "",
                   f"Final `{figure.y}` (the last logged value of each run) per arm: mean and sample standard "
-                  f"deviation (ddof 1) over seeds.", "",
-                  f"| arm | final {figure.y} (mean ± std) | seeds | CPU time (s) |", "|---|---|---|---|"]
+                  f"deviation (ddof 1) over seeds." + (f" `{figure.x}` at which `{figure.y}` first reaches "
+                                                       f"{_number(figure.reach)} (linear between logged points): "
+                                                       f"mean ± std over the seeds that reach it." if reach else ""),
+                  "", f"| arm | final {figure.y} (mean ± std) | seeds | CPU time (s) |"
+                  + (f" {figure.x} to reach {_number(figure.reach)} | seeds reaching it |" if reach else ""),
+                  "|---|---|---|---|" + ("---|---|" if reach else "")]
         for row in rows:
-            lines.append(f"| {row.arm} | {_number(row.mean)} ± {_number(row.std)} | {len(row.finals)} | "
-                         f"{_number(row.cpu_s)} |")
+            line = f"| {row.arm} | {_number(row.mean)} ± {_number(row.std)} | {len(row.finals)} | {_number(row.cpu_s)} |"
+            if reach:
+                hits = [x for x in row.reached.values() if x is not None]
+                spread = _number(statistics.stdev(hits)) if len(hits) > 1 else "0"
+                line += (f" {_number(statistics.fmean(hits))} ± {spread} |" if hits else " not reached |")
+                line += f" {len(hits)} of {len(row.reached)} |"
+            lines.append(line)
         lines += ["", f"![{figure.name}]({png.name})", "",
                   f"Line: the mean over seeds; band: min..max over seeds; x = `{figure.x}`. Data: `{command}` "
                   f"({_number(sum(row.cpu_s for row in rows))} s CPU summed over its runs).", ""]

@@ -184,3 +184,40 @@ def test_smoke_sweep_file_is_valid():
     sweep = load_sweep(SMOKE)
     assert sweep.name == "smoke" and len(sweep.arms) * len(sweep.seeds) == 2
     assert os.path.isfile(REPO / sweep.base)
+
+
+def test_first_reach_interpolates_between_logged_points():
+    points = [(0.0, 0.0), (10.0, 0.2), (20.0, 0.6), (30.0, 0.4)]
+    assert sweep_module.first_reach(points, 0.4) == pytest.approx(15.0)
+    assert sweep_module.first_reach(points, 0.0) == 0.0
+    assert sweep_module.first_reach(points, 0.7) is None
+
+
+def test_report_gives_the_x_at_which_each_arm_reaches_a_level(tmp_path):
+    """figures[].reach: per arm, the x at which each seed's y first reaches the level, mean ± std over the seeds
+    that do, and how many of them do."""
+    finals = _synthetic_results(tmp_path / "results")
+    record_path = tmp_path / "results" / sweep_module.SWEEP_RECORD
+    record = json.loads(record_path.read_text())
+    level = sorted(v for by_seed in finals.values() for v in by_seed.values())[2]
+    for figure in record["sweep"]["figures"]:
+        figure["reach"] = level
+    record_path.write_text(json.dumps(record))
+    text = render_report(tmp_path / "results").read_text()
+    rows = sweep_module.figure_rows(tmp_path / "results", sweep_module.FigureSpec(name="score", y="eval/score",
+                                                                                 reach=level), ["alpha", "beta"])
+    for row in rows:
+        # eval/score is final / 2 at step 5 and final at step 10: the level is crossed between them, or never.
+        expected = {seed: (None if final < level else 5.0 + (level - final / 2) / (final / 2) * 5.0)
+                    for seed, final in finals[row.arm].items()}
+        assert row.reached.keys() == expected.keys()
+        for seed, x in expected.items():
+            assert (row.reached[seed] is None) if x is None else row.reached[seed] == pytest.approx(x)
+        hits = [x for x in expected.values() if x is not None]
+        assert f"| {len(hits)} of 3 |" in text
+        if hits:
+            assert f"| {np.mean(hits):.4g} ± {np.std(hits, ddof=1) if len(hits) > 1 else 0:.4g} |" in text or \
+                f"| {np.mean(hits):.4g} ± 0 |" in text
+    assert "to reach" in text
+    with pytest.raises(ConfigError, match="reach"):
+        sweep_module.parse_sweep({**record["sweep"], "figures": [{"name": "a", "y": "b", "reach": "high"}]})
