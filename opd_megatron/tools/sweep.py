@@ -462,5 +462,38 @@ def render_report(results: str | Path, out: Optional[str | Path] = None) -> Path
         lines += ["", f"![{figure.name}]({png.name})", "",
                   f"Line: the mean over seeds; band: min..max over seeds; x = `{figure.x}`. Data: `{command}` "
                   f"({_number(sum(row.cpu_s for row in rows))} s CPU summed over its runs).", ""]
+    lines += stability_lines(results, arms)
     out.write_text("\n".join(lines))
     return out
+
+
+SPIKE_FACTOR = 10.0      # a grad-norm spike: a step's gradient norm above this multiple of its run's median
+
+
+def stability_lines(results: Path, arms: list[str]) -> list[str]:
+    """The stability table of a report: per arm, over its finished seeds, the steps skipped for a non-finite loss
+    or gradient (`step_skipped`), the largest gradient norm, and the grad-norm spikes (steps above SPIKE_FACTOR x
+    the run's median gradient norm); empty when no run logged `grad_norm`."""
+    rows = []
+    for arm in arms:
+        skipped, spikes, largest, runs = 0, 0, 0.0, 0
+        for seed in _finished_seeds(results, arm):
+            records = read_metrics(results / arm / f"seed{seed}")
+            norms = [r["grad_norm"] for r in records if isinstance(r.get("grad_norm"), (int, float))
+                     and math.isfinite(r["grad_norm"])]
+            skipped += sum(1 for r in records if r.get("step_skipped") == 1.0)
+            if norms:
+                runs += 1
+                median = statistics.median(norms)
+                spikes += sum(1 for n in norms if n > SPIKE_FACTOR * median)
+                largest = max(largest, max(norms))
+        if runs:
+            rows.append(f"| {arm} | {runs} | {skipped} | {_number(largest)} | {spikes} |")
+    if not rows:
+        return []
+    return ["## Stability", "",
+            f"Over each arm's finished runs: steps skipped for a non-finite loss or gradient (`step_skipped`), the "
+            f"largest gradient norm (before clipping), and the steps whose gradient norm exceeds "
+            f"{_number(SPIKE_FACTOR)}x its run's median.", "",
+            "| arm | runs | skipped steps | largest grad norm | grad-norm spikes |", "|---|---|---|---|---|",
+            *rows, ""]

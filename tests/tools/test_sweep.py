@@ -221,3 +221,18 @@ def test_report_gives_the_x_at_which_each_arm_reaches_a_level(tmp_path):
     assert "to reach" in text
     with pytest.raises(ConfigError, match="reach"):
         sweep_module.parse_sweep({**record["sweep"], "figures": [{"name": "a", "y": "b", "reach": "high"}]})
+
+
+def test_report_tabulates_skipped_steps_and_grad_norm_spikes(tmp_path):
+    """The stability table: skipped steps counted from `step_skipped`, the largest grad norm, and the steps above
+    10x the run's median grad norm, summed over an arm's seeds."""
+    _synthetic_results(tmp_path / "results")
+    norms = [1.0, 1.2, 0.9, 15.0, 1.1, 1.0, 11.5]
+    for seed in (1, 2, 3):
+        path = tmp_path / "results" / "alpha" / f"seed{seed}" / "metrics.jsonl"
+        extra = [{"step": 10 + i, "grad_norm": n, "step_skipped": 1.0 if (seed == 2 and i == 0) else 0.0}
+                 for i, n in enumerate(norms)]
+        path.write_text(path.read_text() + "".join(json.dumps(r) + "\n" for r in extra))
+    text = render_report(tmp_path / "results").read_text()
+    assert "| alpha | 3 | 1 | 15 | 6 |" in text, text
+    assert "| beta |" not in text.split("## Stability")[1]
