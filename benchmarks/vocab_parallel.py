@@ -305,6 +305,14 @@ def bench_worker(tp: int, tokens: int, hidden_size: int, vocab: int, chunk_size:
                         kind, vocab_parallel_build_support(z, served if sparse else teacher, "teacher_topk",
                                                            SUPPORT_K, mode, chunk_size=chunk_size), **parameters),
                     clone=False)
+                if mode == "tail":
+                    # The loop's route A setting: the tail values kept from forward into the gradient (KeptTail).
+                    support_rows[f"{row}, keep softmax"] = on_logits(
+                        lambda z, kind=kind, parameters=parameters, sparse=sparse: divergence_on_support(
+                            kind, vocab_parallel_build_support(z, served if sparse else teacher, "teacher_topk",
+                                                               SUPPORT_K, "tail", chunk_size=chunk_size,
+                                                               keep_softmax=True), **parameters),
+                        clone=False)
                 if tp == 1:
                     peer = _plain_support_peer(kind, parameters, mode)
                     support_rows[f"{row} [plain PyTorch]"] = on_logits(
