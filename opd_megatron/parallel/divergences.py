@@ -549,8 +549,54 @@ def vocab_parallel_entropy(logits_shard: torch.Tensor, temperature: float = 1.0,
     `[...]`, with gradient; twin of `regularizers.entropy`."""
     require_positive("temperature", temperature)
     flat, shard = checked_rows("logits_shard", logits_shard, true_vocab_size, group)
-    out = _autograd_path(_entropy_terms, flat, None, shard, float(temperature), 1.0, chunk_size)
+    if not (torch.is_grad_enabled() and flat.requires_grad):
+        # The diagnostics' and the gates' entropy: no graph, so one pass over each chunk suffices.
+        out = _entropy_without_grad(flat, shard, float(temperature), compute_dtype(flat), chunk_size)
+    else:
+        out = _autograd_path(_entropy_terms, flat, None, shard, float(temperature), 1.0, chunk_size)
     return out.reshape(logits_shard.shape[:-1])
+
+
+# A shifted logit below this is exp() = 0 in float32 and float64 alike; clamping there makes `exp(d) d` 0, not
+# `0 * -inf` = NaN, for masked (-inf) ids, and changes no term that is not already 0.
+_ENTROPY_FLOOR = -1e4
+
+
+@torch.no_grad()
+def _entropy_without_grad(logits: torch.Tensor, shard: Shard, temperature: float, dtype: torch.dtype,
+                          chunk_size: Optional[int]) -> torch.Tensor:
+    """`H = -sum_v pi_v log pi_v` `[N]` of `softmax(z / tau)` without gradient: with `x = z / tau`, `m` a row's
+    local maximum, `d = x - m`, `s = sum_v exp(d_v)` and `t = sum_v exp(d_v) d_v`, `H = log s - t / s` (since
+    `log pi_v = d_v - log s`). Per chunk one max, then the shifted values (clamped at `_ENTROPY_FLOOR`), their exp
+    and two row sums in two reused `[chunk, V/tp]` buffers; at TP > 1 each rank's `(s, t)` is moved to the global
+    maximum `M` (`s e^(m - M)`, `(t + (m - M) s) e^(m - M)`) by one all-reduce MAX `[N]` and one SUM `[2, N]`."""
+    rows, width = logits.shape[0], shard.valid_width
+    local_max = torch.full((rows,), float("-inf"), dtype=dtype, device=logits.device)
+    sums = torch.zeros(2, rows, dtype=dtype, device=logits.device)       # s, t at each rank's own shift
+    if width > 0:
+        pieces = row_chunks(rows, chunk_size)
+        span = max(piece.stop - piece.start for piece in pieces)
+        shifted = torch.empty(span, width, dtype=dtype, device=logits.device)
+        exp = torch.empty_like(shifted)
+        for piece in pieces:
+            n = piece.stop - piece.start
+            x = logits[piece, :width]
+            top = x.amax(dim=-1).to(dtype) / temperature
+            shift = top.masked_fill(torch.isneginf(top), 0.0)
+            d = shifted[:n]
+            torch.add(-shift[:, None], x, alpha=1.0 / temperature, out=d).clamp_(min=_ENTROPY_FLOOR)
+            e = torch.exp(d, out=exp[:n])
+            sums[0, piece] = e.sum(dim=-1)
+            sums[1, piece] = e.mul_(d).sum(dim=-1)
+            local_max[piece] = top
+    row_max = shard.all_reduce(local_max.clone(), dist.ReduceOp.MAX)
+    require_some_mass(row_max)
+    if shard.tp > 1:
+        own = local_max.masked_fill(torch.isneginf(local_max), 0.0)
+        factor = torch.where(torch.isneginf(local_max), 0.0, (local_max - row_max).exp())
+        sums = torch.stack([sums[0] * factor, (sums[1] + (own - row_max) * sums[0]) * factor])
+        shard.all_reduce(sums)
+    return sums[0].log() - sums[1] / sums[0]
 
 
 def vocab_parallel_divergence(kind: str, student_logits_shard: torch.Tensor, teacher_logits_shard: torch.Tensor,

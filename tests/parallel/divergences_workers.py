@@ -148,6 +148,22 @@ def parity_worker(tp: int) -> dict[str, float | bool]:
                                            / ref_grad32.abs().max().item())
         out[f"{name}/float32_dtype"] = value32.dtype == torch.float32 and grad32.dtype == torch.float32
 
+    # The entropy without gradient (the diagnostics' and the gates'): its own one-pass path, the same values, with
+    # masked (-inf) ids in the student as well (0 log 0 = 0).
+    masked = student.clone()
+    masked[:, ::7] = float("-inf")
+    m_shard = _pad(masked, padded, junk)[:, cols]
+    with torch.no_grad():
+        for label, logits, shard in (("plain", student, s_shard), ("masked", masked, m_shard)):
+            want = ref_entropy(logits, tau_s)
+            for chunk in (None, 5):
+                got = vp.vocab_parallel_entropy(shard, tau_s, true_vocab_size=VOCAB, chunk_size=chunk)
+                out[f"entropy_no_grad/{label}/chunk{chunk}/value"] = _err(got, want)
+            got32 = vp.vocab_parallel_entropy(shard.float(), tau_s, true_vocab_size=VOCAB, chunk_size=5)
+            out[f"entropy_no_grad/{label}/float32_value_rel"] = (_err(got32, ref_entropy(logits.float(), tau_s))
+                                                                 / want.abs().max().item())
+            out[f"entropy_no_grad/{label}/float32_dtype"] = got32.dtype == torch.float32
+
     # [B, T, V/tp] input: flattened and restored.
     fn, reference = _cases(ids, tau_s, tau_t)["forward_kl"]
     bt_value = fn(s_shard.reshape(3, 4, width), t_shard.reshape(3, 4, width), true_vocab_size=VOCAB)
