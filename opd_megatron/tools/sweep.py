@@ -313,6 +313,10 @@ def series(records: list[dict], x: str, y: str) -> list[tuple[float, float]]:
     (`with_running_sum`)."""
     if x.startswith(CUMULATIVE):
         records = with_running_sum(records, x[len(CUMULATIVE):])
+    if x != "step":
+        # A record without x (the final evaluation, logged apart from its step's metrics) takes the x of its step.
+        at_step = {r["step"]: r[x] for r in records if isinstance(r.get(x), (int, float)) and "step" in r}
+        records = [r if x in r or r.get("step") not in at_step else {**r, x: at_step[r["step"]]} for r in records]
     points: dict[float, float] = {}
     for record in records:
         xv, yv = record.get(x), record.get(y)

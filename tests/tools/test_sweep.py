@@ -236,3 +236,12 @@ def test_report_tabulates_skipped_steps_and_grad_norm_spikes(tmp_path):
     text = render_report(tmp_path / "results").read_text()
     assert "| alpha | 3 | 1 | 15 | 6 |" in text, text
     assert "| beta |" not in text.split("## Stability")[1]
+
+
+def test_a_record_without_x_takes_the_x_of_its_step():
+    """The final evaluation is logged apart from its step's metrics: against wall time it still counts, at the
+    wall time of its step."""
+    records = [{"step": 0, "eval/score": 0.0}, {"step": 5, "time/cumulative/wall_s": 2.0, "loss": 1.0},
+               {"step": 10, "time/cumulative/wall_s": 4.5, "loss": 0.5}, {"step": 10, "eval/score": 0.75}]
+    assert sweep_module.series(records, "time/cumulative/wall_s", "eval/score") == [(4.5, 0.75)]
+    assert sweep_module.series(records, "step", "eval/score") == [(0.0, 0.0), (10.0, 0.75)]
