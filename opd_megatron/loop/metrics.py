@@ -4,6 +4,7 @@ whatever ended the run. `student_compute`: a step's student FLOPs (`compute/*`),
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
 import time
@@ -96,8 +97,13 @@ def student_compute(lengths: torch.Tensor, on_policy: torch.Tensor, parameters: 
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    """The records `MetricsWriter` appended to `run_dir/metrics.jsonl`, in order (empty when there is none)."""
+    """The records `MetricsWriter` appended to `run_dir/metrics.jsonl`, in order (empty when there is none), or
+    those of `metrics.jsonl.gz`, the form a sweep keeps them in."""
     path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
+    if path.is_file():
+        text = path.read_text()
+    elif path.with_suffix(".jsonl.gz").is_file():
+        text = gzip.decompress(path.with_suffix(".jsonl.gz").read_bytes()).decode()
+    else:
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in text.splitlines() if line.strip()]

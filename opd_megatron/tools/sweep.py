@@ -9,7 +9,7 @@ one after another, each in its own process (`python -m opd_megatron train`), int
 - measured: each finished run appends one line to `results/X/runs.jsonl` (arm, seed, overrides, wall and CPU
   seconds of the child process from `getrusage(RUSAGE_CHILDREN)`, return code; a failed run also the tail of its
   log); a failed run does not stop the sweep, the sweep reports it at the end;
-- small: after a successful run only `KEPT_FILES` stay (checkpoints, TensorBoard logs and plots go), so the raw
+- small: after a successful run only `KEPT_FILES` stay (checkpoints, TensorBoard logs and plots go; metrics.jsonl gzipped), so the raw
   results can live in the repository.
 
 `render_report` reads only the files under `results/X` (`sweep.json`, `runs.jsonl`, each run's `metrics.jsonl`) and
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import gzip
 import json
 import math
 import resource
@@ -39,7 +40,9 @@ from opd_megatron.config.loader import build_dataclass, read_yaml
 from opd_megatron.loop.metrics import read_metrics
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-KEPT_FILES = frozenset({"summary.json", "metrics.jsonl", "config.yaml", "report.md"})
+# metrics.jsonl is kept gzipped (about 1/5 of its size: a run's records repeat the same keys every step);
+# `read_metrics` reads either form.
+KEPT_FILES = frozenset({"summary.json", "metrics.jsonl.gz", "config.yaml", "report.md"})
 SWEEP_RECORD = "sweep.json"      # the parsed sweep and the command that ran it, under results/X
 RUNS_LOG = "runs.jsonl"          # one line per finished run, under results/X
 RUN_LOG = "run.log"              # the child's stdout + stderr, in its run directory (kept only when it fails)
@@ -248,7 +251,9 @@ def _launch(base: Path, run: SweepRun) -> dict:
 
 
 def _prune(run_dir: Path) -> None:
-    """Everything of a finished run but KEPT_FILES (checkpoints, TensorBoard, plots, the log)."""
+    """Everything of a finished run but KEPT_FILES (checkpoints, TensorBoard, plots, the log); metrics.jsonl
+    gzipped (no name or time in its header: the same records give the same bytes)."""
+    compress_metrics(run_dir)
     for path in run_dir.iterdir():
         if path.name in KEPT_FILES:
             continue
@@ -256,6 +261,18 @@ def _prune(run_dir: Path) -> None:
             shutil.rmtree(path)
         else:
             path.unlink()
+
+
+def compress_metrics(run_dir: Path) -> None:
+    """`run_dir/metrics.jsonl` -> `metrics.jsonl.gz` (written whole, then the plain file removed)."""
+    plain = run_dir / "metrics.jsonl"
+    if not plain.is_file():
+        return
+    packed = run_dir / "metrics.jsonl.gz.tmp"
+    with packed.open("wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as out:
+        out.write(plain.read_bytes())
+    packed.replace(run_dir / "metrics.jsonl.gz")
+    plain.unlink()
 
 
 # ---------------------------------------------------------------------------------------------------------------
