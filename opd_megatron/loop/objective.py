@@ -254,8 +254,8 @@ class OpdObjective:
 
     def _token_weights(self, mb: RolloutBatch, mask: torch.Tensor, log_ratio: Optional[torch.Tensor],
                        student_logp: Optional[torch.Tensor], old_logp: Optional[torch.Tensor],
-                       logits_shard: torch.Tensor, teacher_shard: Optional[torch.Tensor], sparse: Optional[SparseTeacherLogprobs],
-                       stats: MicroBatchStats) -> torch.Tensor:
+                       logits_shard: torch.Tensor, teacher_shard: Optional[torch.Tensor],
+                       sparse: Optional[SparseTeacherLogprobs], stats: MicroBatchStats) -> torch.Tensor:
         """The gates' per-token weights `w_t` `[B, S]` (their keep rates go to `stats`)."""
         opd = self.opd
         # Truncated IS corrects what the PPO ratio does not (docs/opd-math.md, Route B): with

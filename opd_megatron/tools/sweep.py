@@ -9,8 +9,8 @@ one after another, each in its own process (`python -m opd_megatron train`), int
 - measured: each finished run appends one line to `results/X/runs.jsonl` (arm, seed, overrides, wall and CPU
   seconds of the child process from `getrusage(RUSAGE_CHILDREN)`, return code; a failed run also the tail of its
   log); a failed run does not stop the sweep, the sweep reports it at the end;
-- small: after a successful run only `KEPT_FILES` stay (checkpoints, TensorBoard logs and plots go; metrics.jsonl gzipped), so the raw
-  results can live in the repository.
+- small: after a successful run only `KEPT_FILES` stay (checkpoints, TensorBoard logs and plots go;
+  metrics.jsonl is gzipped), so the raw results can live in the repository.
 
 `render_report` reads only the files under `results/X` (`sweep.json`, `runs.jsonl`, each run's `metrics.jsonl`) and
 writes, per figure, a PNG (the mean over seeds as a line, min..max over seeds as a band, one colour per arm) and a
@@ -473,7 +473,8 @@ def render_report(results: str | Path, out: Optional[str | Path] = None) -> Path
                   + (f" {figure.x} to reach {_number(figure.reach)} | seeds reaching it |" if reach else ""),
                   "|---|---|---|---|" + ("---|---|" if reach else "")]
         for row in rows:
-            line = f"| {row.arm} | {_number(row.mean)} ± {_number(row.std)} | {len(row.finals)} | {_number(row.cpu_s)} |"
+            line = (f"| {row.arm} | {_number(row.mean)} ± {_number(row.std)} | {len(row.finals)} | "
+                    f"{_number(row.cpu_s)} |")
             if reach:
                 hits = [x for x in row.reached.values() if x is not None]
                 spread = _number(statistics.stdev(hits)) if len(hits) > 1 else "0"
