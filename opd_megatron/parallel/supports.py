@@ -438,7 +438,8 @@ class _SupportTail(torch.autograd.Function):
         if ctx.kept:
             # exp(x_v - log C) factor = kept * exp(shift - log C) factor off S (KeptTail); 0 on empty-tail rows.
             scale = torch.where(empty, 0.0, (kept_shift - base).exp() * factor)
-            for piece in row_chunks(kept_exp.shape[0], ctx.chunk_size):
+            # A rank holding only padding columns (width 0) has nothing to scale: its gradient is the zeros it kept.
+            for piece in row_chunks(kept_exp.shape[0], ctx.chunk_size) if width > 0 else ():
                 out = kept_exp[piece, :width]
                 out.mul_(scale[piece, None])
                 keep_first = torch.where(any_owned[piece], on_support[piece].gather(-1, first[piece]), out[:, :1])

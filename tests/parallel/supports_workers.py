@@ -209,3 +209,32 @@ def all_checks(tp: int) -> int:
                     for mode in MODES:
                         checks += _check_support(student_full, teacher_full, sparse, support, k, mode, tp, rank)
     return checks
+
+
+def padding_only_rank_checks(tp: int) -> int:
+    """A vocabulary of 6 ids padded to 8 per rank at TP=2: rank 1 holds only padding. The tail support with its
+    values kept (keep_softmax) and recomputed give the reference's loss and gradient, and rank 1's gradient is 0."""
+    rank = _init(tp)
+    vocab, width = 6, 8
+    gen = torch.Generator().manual_seed(9)
+    student = torch.randn(5, vocab, generator=gen, dtype=torch.float64)
+    teacher = torch.randn(5, vocab, generator=gen, dtype=torch.float64)
+    padded_student = torch.cat([student, torch.full((5, tp * width - vocab), 3.0, dtype=torch.float64)], -1)
+    padded_teacher = torch.cat([teacher, torch.full((5, tp * width - vocab), 3.0, dtype=torch.float64)], -1)
+    cols = slice(rank * width, (rank + 1) * width)
+    full_leaf = student.clone().requires_grad_(True)
+    ref_loss = divergence_on_support("forward_kl", build_support(full_leaf, teacher, "teacher_topk", 3, "tail"))
+    ref_loss.sum().backward()
+    checks = 0
+    for keep in (False, True):
+        leaf = padded_student[:, cols].clone().requires_grad_(True)
+        got = vocab_parallel_build_support(leaf, padded_teacher[:, cols], "teacher_topk", 3, "tail",
+                                           true_vocab_size=vocab, keep_softmax=keep)
+        loss = divergence_on_support("forward_kl", got)
+        assert_close(f"padding-only rank keep={keep} loss", loss.detach(), ref_loss.detach())
+        loss.sum().backward()
+        grad = gather_shards(leaf.grad, tp)
+        assert_close(f"padding-only rank keep={keep} grad", grad[:, :vocab], full_leaf.grad)
+        assert bool((grad[:, vocab:] == 0).all())
+        checks += 1
+    return checks

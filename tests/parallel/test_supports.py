@@ -122,3 +122,9 @@ def test_kept_tail_values_allow_one_backward():
             with pytest.raises(RuntimeError, match="keep_softmax=False"):
                 loss.backward()
     workers.assert_close("kept grad", grads[1], grads[0])
+
+
+def test_a_rank_holding_only_padding():
+    """TP=2 over 6 ids padded to 8 a rank: the second rank owns no real id; the tail support, kept or recomputed,
+    still equals the reference (the kept path once indexed the empty shard)."""
+    assert run_distributed(workers.padding_only_rank_checks, world_size=2, args=(2,), timeout_s=240) == [2, 2]
