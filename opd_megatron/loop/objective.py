@@ -249,6 +249,8 @@ class OpdObjective:
         else:
             loss_sum = self._route_b_loss(logits_shard, mb, log_ratio, student_logp, old_logp, teacher_shard, sparse,
                                           weights, stats, hidden)
+            if diagnostics:
+                self._freed_mass(stats, logits_shard, teacher_shard, sparse, labels, stats.advantages, keep)
         loss_sum = self._added_terms(loss_sum, logits_shard, mb, student_logp, teacher_shard, weights, stats)
         return loss_sum, mask.sum(), stats
 
@@ -305,9 +307,6 @@ class OpdObjective:
                 teacher_temperature=self.teacher_cfg.temperature, true_vocab_size=self.vocab)
             loss_sum = (torch.where(mask > 0, per_token, 0.0) * weights).sum()
             stats.routing = routing_stats
-        if stats.student_logprobs is not None:       # a logged step
-            self._freed_mass(stats, logits_shard, teacher_shard, sparse, mb.labels.to(logits_shard.device), adv,
-                             mask > 0)
         if value_loss is not None:
             stats.value_loss_sum = float(value_loss.detach())
             loss_sum = loss_sum + opd.credit.value_coef * value_loss

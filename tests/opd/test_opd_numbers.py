@@ -140,6 +140,9 @@ def test_a_step_the_run_does_not_log_makes_the_same_update(unlogged, name):
     assert "entropy/student" in logged["metrics"]
     assert ("entropy/student" in quiet["metrics"]) == gated     # the gates' entropies are computed anyway
     assert "agreement/topk_overlap" in logged["metrics"] and "agreement/topk_overlap" not in quiet["metrics"]
+    if name == "pg_return_to_go":      # route B's freed-mass split: two more vocabulary passes, logged steps only
+        key = "routing/freed_mass_to_teacher_support"
+        assert key in logged["metrics"] and key not in quiet["metrics"]
     assert quiet["entropy_passes"] == (2 if gated else 0), quiet["entropy_passes"]
     assert logged["entropy_passes"] >= 1
 
