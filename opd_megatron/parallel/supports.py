@@ -431,9 +431,7 @@ class _SupportTail(torch.autograd.Function):
         owned, local = _owned_slots(shard, ids, valid)
         # Rows with no owned slot write column 0's own value back (it is not in S on this rank): a scatter needs
         # an index for every slot, and duplicates must carry equal values.
-        first = owned.to(torch.int8).argmax(dim=-1, keepdim=True)
-        any_owned = owned.any(dim=-1, keepdim=True)
-        column = torch.where(owned, local, torch.where(any_owned, local.gather(-1, first), 0))
+        column, first, any_owned = KeptTail.columns(owned, local)
 
         if ctx.kept:
             # exp(x_v - log C) factor = kept * exp(shift - log C) factor off S (KeptTail); 0 on empty-tail rows.
